@@ -1,0 +1,157 @@
+"""Command line: ``moesim run | validate | schema | plot``.
+
+Bad input ends with one line on stderr (``error: cluster.nodes: …``) and exit status 2, never a
+traceback, and ``run`` creates no run directory unless the run completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from moesim import __version__
+from moesim.errors import MoesimError, ScenarioError
+
+SUMMARY_COLUMNS = (
+    ("step_time_s", "step s", "{:.3f}"),
+    ("balanced_step_time_s", "balanced s", "{:.3f}"),
+    ("straggler_overhead", "straggler", "{:.1%}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("mfu", "MFU", "{:.1%}"),
+    ("gpu_hours", "GPU-hours", "{:,.1f}"),
+    ("cost_usd", "cost $", "{:,.0f}"),
+    ("maxvio_batch", "MaxVio", "{:.3f}"),
+    ("task_loss", "task loss", "{:.4f}"),
+)
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    """The per-strategy summary as an aligned text table."""
+    header = ["strategy", *(label for _, label, _ in SUMMARY_COLUMNS)]
+    rows = [
+        [name, *(fmt.format(values[key]) for key, _, fmt in SUMMARY_COLUMNS)]
+        for name, values in summary.items()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _default_run_dir(scenario_name: str, out_root: str) -> Path:
+    base = Path(out_root) / scenario_name
+    if not base.exists():
+        return base
+    n = 2
+    while (Path(out_root) / f"{scenario_name}-{n}").exists():
+        n += 1
+    return Path(out_root) / f"{scenario_name}-{n}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from moesim.estimate import estimate_run
+    from moesim.results import write_run
+    from moesim.scenario import load_scenario
+
+    overrides = {"seed": args.seed} if args.seed is not None else None
+    scenario = load_scenario(args.scenario, overrides)
+    run_dir = Path(args.out) if args.out else _default_run_dir(scenario.name, scenario.output.dir)
+    if run_dir.exists():
+        raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
+    points = min(scenario.training.sample_points, scenario.total_steps)
+    total = 1 + len(scenario.strategies) * (1 + points)
+    with tqdm(
+        total=total, desc=scenario.name, unit="task", file=sys.stderr, disable=args.quiet
+    ) as bar:
+
+        def tick(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        estimate = estimate_run(scenario, progress=tick)
+    path = write_run(estimate, run_dir)
+    print(format_summary(estimate.summary))
+    print(f"\nrun directory: {path}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moesim.scenario import load_scenario
+
+    sc = load_scenario(args.scenario)
+    print(
+        f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
+        f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
+        f"{sc.micro_batches} micro-batches/step, {sc.total_steps:,} steps, "
+        f"strategies: {', '.join(s.name for s in sc.strategies)}"
+    )
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from moesim.scenario import Scenario
+
+    print(json.dumps(Scenario.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from moesim.results import load
+    from moesim.results.plots import write_plots
+
+    run = load(args.run_dir)
+    for path in write_plots(run.timeline, run.path):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moesim",
+        description="Simulate MoE training on a GPU cluster: step time, GPU-hours and cost "
+        "under each load-balancing strategy.",
+    )
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario and write a run directory")
+    run.add_argument("scenario", help="scenario YAML file")
+    run.add_argument("--out", help="run directory to create (default: output.dir/<name>)")
+    run.add_argument("--seed", type=int, help="override the scenario's seed")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+    val = sub.add_parser("validate", help="check a scenario file without running it")
+    val.add_argument("scenario")
+    val.set_defaults(func=cmd_validate)
+    sch = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
+    sch.set_defaults(func=cmd_schema)
+    plot = sub.add_parser("plot", help="redraw a run directory's plots")
+    plot.add_argument("run_dir")
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except MoesimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Compute cost model: seconds of each op on one GPU, by roofline with measured efficiencies.
+
+An op of ``F`` FLOP that moves ``B`` bytes of HBM takes
+
+    max((F + n_gemm · F_half) / (peak · eff_max),  B / (HBM bandwidth · memory efficiency))
+    + one kernel launch,
+
+where ``eff_max`` and ``F_half`` are the GPU's GEMM efficiency curve (a GEMM of ``F`` FLOP runs
+at ``eff_max · F / (F + F_half)`` of peak; see :mod:`moesim.scenario.presets` for the
+micro-benchmark). A cold expert (no tokens) still reads its weights; a hot expert is
+compute-bound. Attention's QKᵀ/PV core runs at the measured flash-attention efficiency, norms
+and element-wise work are memory-bound. Backward GEMMs cost twice the forward (input and weight
+gradients); the attention core backward costs 2.5× its forward.
+
+Op times are per micro-batch on one GPU, in seconds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from moesim import units
+from moesim.cluster.model_costs import model_costs
+from moesim.scenario.schema import Scenario
+
+# Passes of a hidden-sized BF16 activation through HBM per layer forward that are not GEMMs:
+# two RMSNorms (read + write each), two residual adds (read 2, write 1 each), RoPE and the
+# SwiGLU activation. An engineering estimate, not a measurement.
+ELEMENTWISE_PASSES = 10
+ATTENTION_CORE_BACKWARD_FACTOR = 2.5  # FlashAttention-2: backward does 2.5× the forward FLOPs
+BF16 = units.BYTES_PER_ELEMENT["bf16"]
+# Row tile of Hopper grouped-GEMM kernels (CUTLASS / DeepGEMM use 64–128-row tiles): each
+# expert's rows are padded to a multiple of it. An assumption, not a measurement.
+GEMM_TILE_ROWS = 128
+
+
+class ComputeModel:
+    """Seconds per op for one micro-batch on one GPU of the scenario's cluster.
+
+    Parameters
+    ----------
+    scenario : Scenario
+        Supplies the GPU (peaks, efficiencies), the architecture and the micro-batch size.
+    """
+
+    def __init__(self, scenario: Scenario) -> None:
+        gpu, model = scenario.cluster.gpu, scenario.model
+        self.precision = model.gemm_precision
+        self.peak = gpu.peak_flops(self.precision)
+        self.peak_bf16 = gpu.peak_flops("bf16")
+        self.eff_max = (
+            gpu.fp8_gemm_efficiency if self.precision == "fp8" else gpu.bf16_gemm_efficiency
+        )
+        self.f_half = units.GIGA * (
+            gpu.fp8_gemm_half_gflop if self.precision == "fp8" else gpu.bf16_gemm_half_gflop
+        )
+        self.eff_max_bf16 = gpu.bf16_gemm_efficiency
+        self.f_half_bf16 = units.GIGA * gpu.bf16_gemm_half_gflop
+        self.hbm = gpu.hbm_bytes_per_s * gpu.memory_efficiency
+        self.launch = units.microseconds(gpu.kernel_launch_us)
+        self.weight_bytes = units.BYTES_PER_ELEMENT[self.precision]
+        self.att_fwd_eff = gpu.attention_fwd_efficiency
+        self.att_bwd_eff = gpu.attention_bwd_efficiency
+
+        self.hidden = model.hidden
+        self.tokens = scenario.parallelism.micro_batch_size * model.seq_len
+        self.costs = model_costs(model)
+        self.expert_ffn = model.moe.expert_ffn
+        self.shared = model.moe.shared_experts
+        self.vocab = model.vocab
+        self.routed_experts = model.moe.routed_experts
+        self.dense_ffn = model.dense_ffn or 0
+
+    # ------------------------------------------------------------------ primitives
+
+    def ffn_seconds(self, rows: npt.NDArray[np.float64], ffn: int, backward: bool) -> float:
+        """Seconds of one grouped SwiGLU FFN call over several FFNs with ``rows[i]`` tokens each.
+
+        Rows are padded per FFN to the GEMM tile height (grouped GEMMs tile each expert
+        separately); the fixed GEMM overhead ``F_half`` is paid once per grouped GEMM (gate, up,
+        down; doubled in the backward for input and weight gradients). An FFN with no rows
+        still reads its weights (forward) or reads and writes them (backward).
+        """
+        rows = np.asarray(rows, dtype=np.float64)
+        d = self.hidden
+        factor = 2.0 if backward else 1.0
+        padded = np.ceil(rows / GEMM_TILE_ROWS) * GEMM_TILE_ROWS
+        flops = factor * 2.0 * float(padded.sum()) * 3.0 * d * ffn
+        n_gemm = 3.0 * factor if rows.sum() > 0 else 0.0
+        weights = factor * 3.0 * d * ffn * self.weight_bytes * rows.size
+        activations = factor * float(rows.sum()) * (2.0 * d + 3.0 * ffn) * BF16
+        compute = (flops + n_gemm * self.f_half) / (self.peak * self.eff_max)
+        return max(compute, (weights + activations) / self.hbm)
+
+    # ------------------------------------------------------------------ ops per micro-batch
+
+    def attention(self, backward: bool) -> float:
+        """Attention block of one layer: norms, projections, causal core, output projection."""
+        n, a = self.tokens, self.costs.attention
+        factor = 2.0 if backward else 1.0
+        proj_flops = factor * n * a.projection_flops
+        proj_bytes = factor * a.params * self.weight_bytes + 4 * n * self.hidden * BF16
+        proj = max(
+            (proj_flops + 4 * factor * self.f_half) / (self.peak * self.eff_max),
+            proj_bytes / self.hbm,
+        )
+        core_eff = self.att_bwd_eff if backward else self.att_fwd_eff
+        core_factor = ATTENTION_CORE_BACKWARD_FACTOR if backward else 1.0
+        core = core_factor * n * a.core_flops / (self.peak_bf16 * core_eff)
+        elementwise = factor * ELEMENTWISE_PASSES * n * self.hidden * BF16 / self.hbm
+        return proj + core + elementwise + self.launch
+
+    def router(self, backward: bool) -> float:
+        """Router logits GEMM (BF16/FP32 in practice; priced at BF16) and top-k."""
+        n = self.tokens
+        factor = 2.0 if backward else 1.0
+        flops = factor * 2.0 * n * self.hidden * self.routed_experts
+        compute = (flops + factor * self.f_half_bf16) / (self.peak_bf16 * self.eff_max_bf16)
+        memory = (
+            factor * self.hidden * self.routed_experts * 4 + 3 * n * self.routed_experts * 4
+        ) / self.hbm
+        return max(compute, memory) + self.launch
+
+    def shared_experts(self, backward: bool) -> float:
+        """Shared experts, as one FFN of width ``shared × expert_ffn`` over every token."""
+        if self.shared == 0:
+            return 0.0
+        rows = np.array([float(self.tokens)])
+        return self.ffn_seconds(rows, self.shared * self.expert_ffn, backward) + self.launch
+
+    def dense_ffn_seconds(self, backward: bool) -> float:
+        rows = np.array([float(self.tokens)])
+        return self.ffn_seconds(rows, self.dense_ffn, backward) + self.launch
+
+    def experts(self, rows: npt.NDArray[np.float64], backward: bool) -> float:
+        """One grouped GEMM over a GPU's local experts with ``rows[e]`` tokens each."""
+        return self.ffn_seconds(rows, self.expert_ffn, backward) + self.launch
+
+    def head(self, backward: bool) -> float:
+        """Output head GEMM and the cross-entropy over the vocabulary (BF16)."""
+        n = self.tokens
+        factor = 2.0 if backward else 1.0
+        flops = factor * 2.0 * n * self.hidden * self.vocab
+        compute = (flops + factor * self.f_half_bf16) / (self.peak_bf16 * self.eff_max_bf16)
+        memory = (factor * self.hidden * self.vocab * BF16 + 2 * n * self.vocab * 4) / self.hbm
+        return max(compute, memory) + self.launch
+
+    def embedding(self, backward: bool) -> float:
+        """Embedding lookup (forward) or gradient scatter (backward): memory-bound."""
+        n = self.tokens
+        return 2 * n * self.hidden * BF16 / self.hbm + self.launch

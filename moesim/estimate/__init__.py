@@ -1,0 +1,8 @@
+"""Run estimates: sample steps along the training timeline, integrate step time into
+wall-clock, GPU-hours and cost per balancing strategy, against perfectly balanced routing."""
+
+from __future__ import annotations
+
+from moesim.estimate.run import BALANCED, RunEstimate, SimulatedStep, estimate_run, sample_steps
+
+__all__ = ["BALANCED", "RunEstimate", "SimulatedStep", "estimate_run", "sample_steps"]

@@ -1,0 +1,180 @@
+"""From a scenario to a run estimate: the gate trains over the whole run, the engine simulates
+steps sampled along it, and the step times integrate into wall-clock, GPU-hours and dollars.
+
+Timeline sampling: the run's ``total_steps`` optimizer steps are cut into ``sample_points``
+equal segments; the step at each segment's midpoint is simulated with the routing the gate
+produces at that step, and stands for the whole segment (midpoint rule). The same cluster is
+also simulated once with perfectly balanced routing; the gap between the two is the straggler
+overhead that routing imbalance costs each strategy.
+
+Common random numbers: every strategy sees the same token stream, the same teacher, the same
+router initialisation and the same engine-sample sequences (all spawned from the scenario seed),
+so differences between strategies come from the strategies, not from sampling noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesim import units
+from moesim.cluster import model_flops_per_token
+from moesim.engine import StepResult, build_context, simulate_step
+from moesim.gate import balanced_sample, routing_sample, train_gate
+from moesim.scenario.schema import Scenario
+
+BALANCED = "balanced_reference"
+
+
+@dataclass(frozen=True)
+class SimulatedStep:
+    """One engine step: which strategy and point it stands for, its routing metrics, result."""
+
+    strategy: str
+    point: int
+    step: int
+    segment_steps: int
+    routing_metrics: dict[str, float]
+    result: StepResult
+
+
+@dataclass
+class RunEstimate:
+    """Everything a run produced, in plain records; :mod:`moesim.results` turns it into tables."""
+
+    scenario: Scenario
+    steps: list[SimulatedStep]
+    balanced: SimulatedStep
+    gate_records: dict[str, list[dict[str, float]]]
+    link_names: list[str]
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sample_steps(total_steps: int, points: int) -> tuple[list[int], list[int]]:
+    """Midpoint step of each of ``points`` near-equal segments, and each segment's length."""
+    edges = np.linspace(0, total_steps, min(points, total_steps) + 1).round().astype(int)
+    lengths = np.diff(edges)
+    mids = (edges[:-1] + lengths // 2).tolist()
+    return [int(m) for m in mids], [int(x) for x in lengths]
+
+
+def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = None) -> RunEstimate:
+    """Train the gate under each strategy, simulate the sampled steps, integrate the run.
+
+    Parameters
+    ----------
+    scenario : Scenario
+    progress : callable, optional
+        Called with a short label after each unit of work (gate training, each engine step).
+    """
+    tick = progress or (lambda _label: None)
+    ctx = build_context(scenario)
+    lay = ctx.layout
+    n_src, n_dest = lay.gpus_per_stage, lay.expert
+    points, lengths = sample_steps(scenario.total_steps, scenario.training.sample_points)
+    root = np.random.SeedSequence(scenario.seed)
+    gate_seed, sample_seed = root.spawn(2)
+
+    bal = balanced_sample(scenario, points[0], n_src, n_dest)
+    balanced = SimulatedStep(
+        BALANCED,
+        0,
+        points[0],
+        scenario.total_steps,
+        dict(bal.metrics),
+        simulate_step(ctx, bal.counts, bal.dest_tokens),
+    )
+    tick("balanced reference step")
+
+    point_seeds = sample_seed.spawn(len(points))  # once: every strategy gets the same seeds
+    simulated: list[SimulatedStep] = []
+    gate_records: dict[str, list[dict[str, float]]] = {}
+    for strategy in scenario.strategies:
+        trajectory = train_gate(scenario, strategy, points, gate_seed)
+        gate_records[strategy.name] = trajectory.records
+        tick(f"{strategy.name}: gate trained")
+        for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
+            rng = np.random.default_rng(point_seeds[i])
+            sample = routing_sample(
+                scenario, trajectory.states[step], trajectory.stream, step, n_src, n_dest, rng
+            )
+            result = simulate_step(ctx, sample.counts, sample.dest_tokens)
+            simulated.append(
+                SimulatedStep(strategy.name, i, step, length, dict(sample.metrics), result)
+            )
+            tick(f"{strategy.name}: step {step}")
+    links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
+    estimate = RunEstimate(scenario, simulated, balanced, gate_records, links)
+    _integrate(estimate)
+    return estimate
+
+
+def _record_at(records: list[dict[str, float]], step: int) -> dict[str, float]:
+    return records[min(step, len(records) - 1)]
+
+
+def _integrate(est: RunEstimate) -> None:
+    """Fill ``timeline`` (cumulative curves) and ``summary`` (per-strategy scalars)."""
+    sc = est.scenario
+    gpus = sc.cluster.gpus
+    price = sc.cluster.price_usd_per_gpu_hour
+    tokens_per_step = sc.tokens_per_step
+    flops_per_token = model_flops_per_token(sc.model)
+    peak = gpus * sc.cluster.gpu.peak_flops("bf16")
+    balanced_time = est.balanced.result.step_time_s
+    for name in (s.name for s in sc.strategies):
+        rows = [s for s in est.steps if s.strategy == name]
+        records = est.gate_records[name]
+        wall = 0.0
+        steps_done = 0
+        for s in rows:
+            wall += s.segment_steps * s.result.step_time_s
+            steps_done += s.segment_steps
+            gpu_hours = gpus * units.seconds_to_hours(wall)
+            balanced_hours = gpus * units.seconds_to_hours(steps_done * balanced_time)
+            rec = _record_at(records, s.step)
+            est.timeline.append(
+                {
+                    "strategy": name,
+                    "point": s.point,
+                    "step": s.step,
+                    "steps_done": steps_done,
+                    "tokens": float(min(steps_done * tokens_per_step, sc.training.total_tokens)),
+                    "step_time_s": s.result.step_time_s,
+                    "balanced_step_time_s": balanced_time,
+                    "straggler_overhead": 1.0 - balanced_time / s.result.step_time_s,
+                    "tokens_per_s": tokens_per_step / s.result.step_time_s,
+                    "mfu": flops_per_token * tokens_per_step / s.result.step_time_s / peak,
+                    "wall_s": wall,
+                    "gpu_hours": gpu_hours,
+                    "cost_usd": gpu_hours * price,
+                    "balanced_gpu_hours": balanced_hours,
+                    "balanced_cost_usd": balanced_hours * price,
+                    "maxvio_sample": s.routing_metrics["maxvio_batch"],
+                    "maxvio_micro": s.routing_metrics["maxvio_micro"],
+                    "maxvio_batch": rec["maxvio_batch"],
+                    "task_loss": rec["task_loss"],
+                }
+            )
+        total_steps = sc.total_steps
+        step_time = wall / total_steps
+        tokens = sc.training.total_tokens
+        gpu_hours = gpus * units.seconds_to_hours(wall)
+        tail = records[-max(1, len(records) // 10) :]
+        est.summary[name] = {
+            "step_time_s": step_time,
+            "balanced_step_time_s": balanced_time,
+            "straggler_overhead": 1.0 - balanced_time / step_time,
+            "tokens_per_s": tokens / wall,
+            "mfu": flops_per_token * tokens / wall / peak,
+            "gpu_hours": gpu_hours,
+            "cost_usd": gpu_hours * price,
+            "balanced_gpu_hours": gpus * units.seconds_to_hours(balanced_time * total_steps),
+            "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records])),
+            "task_loss": float(np.mean([r["task_loss"] for r in tail])),
+            "wall_days": wall / 86400.0,
+        }

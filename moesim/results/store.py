@@ -1,0 +1,126 @@
+"""The run directory: writing it whole or not at all, and loading it back for analysis.
+
+Layout::
+
+    scenario.resolved.yaml   the scenario with presets and defaults written out
+    metadata.json            moesim and package versions, seed, scenario hash
+    summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
+    timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
+    gpu_hours.png cost.png   curves against tokens trained, one line per strategy
+
+A run is written into a hidden sibling directory and renamed into place only when complete, so
+a failed run leaves no partial directory behind. Nothing written depends on the wall clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moesim import __version__
+from moesim.estimate import RunEstimate
+from moesim.results import plots, tables
+from moesim.scenario import Scenario, dump_scenario, load_scenario
+
+TABLES = ("timeline", "gate", "steps", "gpus", "experts", "links")
+_PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def scenario_hash(scenario: Scenario) -> str:
+    return hashlib.sha256(dump_scenario(scenario).encode()).hexdigest()
+
+
+def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
+    return {
+        "timeline": tables.timeline_table(est),
+        "gate": tables.gate_table(est),
+        "steps": tables.steps_table(est),
+        "gpus": tables.gpus_table(est),
+        "experts": tables.experts_table(est),
+        "links": tables.links_table(est),
+    }
+
+
+def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
+    """Write the whole run directory atomically; returns its path."""
+    target = Path(run_dir)
+    if target.exists():
+        raise FileExistsError(f"{target}: run directory already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        sc = est.scenario
+        (tmp / "scenario.resolved.yaml").write_text(dump_scenario(sc))
+        meta = {
+            "moesim_version": __version__,
+            "scenario": sc.name,
+            "seed": sc.seed,
+            "scenario_sha256": scenario_hash(sc),
+            "python": platform.python_version(),
+            "packages": _package_versions(),
+        }
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(est.summary, indent=2) + "\n")
+        frames = build_tables(est)
+        for name, df in frames.items():
+            df.to_parquet(tmp / f"{name}.parquet", index=False)
+        plots.write_plots(frames["timeline"], tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """A loaded run directory: the scenario, summary and every table as a DataFrame."""
+
+    path: Path
+    scenario: Scenario
+    metadata: dict[str, Any]
+    summary: dict[str, dict[str, float]]
+    timeline: pd.DataFrame
+    gate: pd.DataFrame
+    steps: pd.DataFrame
+    gpus: pd.DataFrame
+    experts: pd.DataFrame
+    links: pd.DataFrame
+
+    def summary_frame(self) -> pd.DataFrame:
+        """The summary as a DataFrame, one row per strategy."""
+        return pd.DataFrame(self.summary).T.rename_axis("strategy")
+
+
+def load(run_dir: str | Path) -> RunResults:
+    """Load a run directory written by ``moesim run``."""
+    path = Path(run_dir)
+    if not (path / "summary.json").is_file():
+        raise FileNotFoundError(f"{path}: not a moesim run directory (no summary.json)")
+    frames = {name: pd.read_parquet(path / f"{name}.parquet") for name in TABLES}
+    return RunResults(
+        path=path,
+        scenario=load_scenario(path / "scenario.resolved.yaml"),
+        metadata=json.loads((path / "metadata.json").read_text()),
+        summary=json.loads((path / "summary.json").read_text()),
+        **frames,
+    )

@@ -1,0 +1,134 @@
+"""Records → tidy pandas DataFrames, one row per (strategy, point, …) in every table.
+
+Tables (each becomes ``<name>.parquet`` in the run directory):
+
+- ``timeline``: per strategy and sampled point — tokens trained, step time, cumulative wall
+  time, GPU-hours and cost, MFU, MaxVio, task loss.
+- ``gate``: per strategy and gate update — MaxVio_batch, task loss, aux loss, teacher capture.
+- ``steps``: per simulated step — step time, events, flows, mean per-GPU time split.
+- ``gpus``: per simulated step and GPU — compute, expert compute, all-to-all wait, pipeline wait,
+  all-reduce, tail idle, deepest expert queue.
+- ``experts``: per simulated step and routed expert — tokens processed, mean queue wait.
+- ``links``: per simulated step and link — bytes carried, busy time and fraction.
+
+The balanced-routing reference step appears in ``steps``, ``gpus``, ``experts`` and ``links``
+under the strategy name ``balanced_reference``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from moesim.estimate import RunEstimate, SimulatedStep
+
+
+def _simulated(est: RunEstimate) -> list[SimulatedStep]:
+    return [est.balanced, *est.steps]
+
+
+def timeline_table(est: RunEstimate) -> pd.DataFrame:
+    return pd.DataFrame(est.timeline)
+
+
+def gate_table(est: RunEstimate) -> pd.DataFrame:
+    frames = [pd.DataFrame(recs).assign(strategy=name) for name, recs in est.gate_records.items()]
+    df = pd.concat(frames, ignore_index=True)
+    return df[["strategy", *[c for c in df.columns if c != "strategy"]]]
+
+
+def steps_table(est: RunEstimate) -> pd.DataFrame:
+    rows = []
+    for s in _simulated(est):
+        r = s.result
+        rows.append(
+            {
+                "strategy": s.strategy,
+                "point": s.point,
+                "step": s.step,
+                "step_time_s": r.step_time_s,
+                "compute_s": float(r.compute_s.mean()),
+                "expert_compute_s": float(r.expert_compute_s.mean()),
+                "a2a_wait_s": float(r.a2a_wait_s.mean()),
+                "pipeline_wait_s": float(r.pipeline_wait_s.mean()),
+                "allreduce_s": float(r.allreduce_s.mean()),
+                "tail_idle_s": float(r.tail_idle_s.mean()),
+                "max_expert_compute_s": float(r.expert_compute_s.max()),
+                "events": r.events,
+                "flows": r.flows,
+                **{f"routing_{k}": v for k, v in s.routing_metrics.items()},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def gpus_table(est: RunEstimate) -> pd.DataFrame:
+    frames = []
+    for s in _simulated(est):
+        r = s.result
+        n = len(r.compute_s)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "strategy": s.strategy,
+                    "point": s.point,
+                    "step": s.step,
+                    "gpu": np.arange(n),
+                    "stage": r.gpu_stage,
+                    "compute_s": r.compute_s,
+                    "expert_compute_s": r.expert_compute_s,
+                    "a2a_wait_s": r.a2a_wait_s,
+                    "pipeline_wait_s": r.pipeline_wait_s,
+                    "allreduce_s": r.allreduce_s,
+                    "tail_idle_s": r.tail_idle_s,
+                    "max_queue_chunks": r.max_queue_chunks,
+                    "expert_tokens": r.expert_tokens.sum(axis=1),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def experts_table(est: RunEstimate) -> pd.DataFrame:
+    frames = []
+    for s in _simulated(est):
+        r = s.result
+        gpus, per_rank = r.expert_tokens.shape
+        ep = est.scenario.parallelism.expert
+        gpu = np.repeat(np.arange(gpus), per_rank)
+        local = np.tile(np.arange(per_rank), gpus)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "strategy": s.strategy,
+                    "point": s.point,
+                    "step": s.step,
+                    "gpu": gpu,
+                    "stage": r.gpu_stage[gpu],
+                    "expert": (gpu % ep) * per_rank + local,
+                    "tokens": r.expert_tokens.ravel(),
+                    "mean_wait_s": r.expert_wait_s.ravel(),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def links_table(est: RunEstimate) -> pd.DataFrame:
+    frames = []
+    for s in _simulated(est):
+        r = s.result
+        frames.append(
+            pd.DataFrame(
+                {
+                    "strategy": s.strategy,
+                    "point": s.point,
+                    "step": s.step,
+                    "link": est.link_names,
+                    "bytes": r.link_bytes,
+                    "busy_s": r.link_busy_s,
+                    "busy_fraction": r.link_busy_s / r.step_time_s,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,388 @@
+"""The scenario schema: pydantic v2 models, frozen, unknown keys rejected.
+
+A scenario describes one planned training run and the balancing strategies to compare on it.
+User-facing fields carry unit suffixes (``latency_us``, ``bandwidth_gbytes_per_s``); each section
+exposes the SI values the simulator uses as properties (``latency_s``, ``bandwidth_bytes_per_s``),
+computed through :mod:`moesim.units` so the conversion lives in one place.
+
+Layout of ranks (used throughout moesim): the cluster has ``nodes × gpus_per_node`` GPUs, global
+rank ``r = node * gpus_per_node + local``. Parallel degrees multiply to the GPU count:
+``pipeline × expert × data``. Rank ``r`` belongs to pipeline stage ``r // (expert*data)``; inside a
+stage, expert-parallel rank ``r % expert`` of expert-parallel group ``(r // expert) % data``.
+Attention is data-parallel over all ``expert × data`` GPUs of a stage; each expert-parallel group
+holds one copy of every routed expert (so ``data`` is the expert-data-parallel degree).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from moesim import units
+
+
+class Frozen(BaseModel):
+    """Base of every scenario section: immutable, unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+# --------------------------------------------------------------------------- model
+
+
+class Attention(Frozen):
+    """Attention block. ``mha``/``gqa``: standard multi-head or grouped-query attention.
+    ``mla``: DeepSeek multi-head latent attention (low-rank Q and KV projections)."""
+
+    kind: Literal["mha", "gqa", "mla"] = "gqa"
+    heads: PositiveInt
+    head_dim: PositiveInt = 128
+    kv_heads: PositiveInt | None = Field(None, description="GQA key/value heads (default: heads)")
+    q_lora_rank: PositiveInt | None = Field(None, description="MLA query compression rank")
+    kv_lora_rank: PositiveInt | None = Field(None, description="MLA KV compression rank")
+    rope_head_dim: NonNegInt = Field(0, description="MLA decoupled RoPE dimension")
+    v_head_dim: PositiveInt | None = Field(None, description="value head dim (default: head_dim)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Attention:
+        if self.kind == "mla" and (self.kv_lora_rank is None):
+            raise ValueError("kv_lora_rank: required for attention kind 'mla'")
+        if self.kind == "gqa" and self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads: {self.kv_heads} does not divide heads {self.heads}")
+        return self
+
+
+class Moe(Frozen):
+    """Routed and shared experts of every MoE layer."""
+
+    routed_experts: PositiveInt
+    shared_experts: NonNegInt = 0
+    top_k: PositiveInt = Field(description="routed experts per token")
+    expert_ffn: PositiveInt = Field(description="intermediate size of one expert (SwiGLU)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Moe:
+        if self.top_k > self.routed_experts:
+            raise ValueError(
+                f"top_k: {self.top_k} is larger than routed_experts ({self.routed_experts})"
+            )
+        return self
+
+
+class Model(Frozen):
+    """Transformer architecture. FFNs are SwiGLU (three matrices)."""
+
+    layers: PositiveInt
+    dense_layers: NonNegInt = Field(0, description="leading layers with a dense FFN")
+    hidden: PositiveInt
+    attention: Attention
+    vocab: PositiveInt
+    seq_len: PositiveInt
+    dense_ffn: PositiveInt | None = Field(None, description="intermediate size of dense FFNs")
+    moe: Moe
+    gemm_precision: Literal["bf16", "fp8"] = "bf16"
+
+    @model_validator(mode="after")
+    def _check(self) -> Model:
+        if self.dense_layers >= self.layers:
+            raise ValueError(
+                f"dense_layers: {self.dense_layers} leaves no MoE layer of {self.layers}"
+            )
+        if self.dense_layers > 0 and self.dense_ffn is None:
+            raise ValueError("dense_ffn: required when dense_layers > 0")
+        return self
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class Gpu(Frozen):
+    """One GPU model. Peaks are dense tensor-core throughput (vendor spec); the efficiency
+    fields come from micro-benchmarks (see presets).
+
+    A GEMM of ``F`` FLOP runs at ``peak × eff_max × F / (F + F_half)``: equivalently it costs
+    ``(F + F_half) / (peak × eff_max)``, a fixed tile/wave overhead plus the streaming rate.
+    """
+
+    name: str
+    bf16_tflops: PositiveFloat
+    fp8_tflops: PositiveFloat | None = None
+    hbm_gib: PositiveFloat
+    hbm_tbytes_per_s: PositiveFloat
+    nvlink_gbytes_per_s: PositiveFloat = Field(description="aggregate of both directions")
+    sms: PositiveInt
+    bf16_gemm_efficiency: Fraction = Field(description="large BF16 GEMM fraction of peak")
+    fp8_gemm_efficiency: Fraction = Field(description="large FP8 GEMM fraction of peak")
+    bf16_gemm_half_gflop: PositiveFloat = Field(
+        description="GEMM work (GFLOP) at which BF16 efficiency is half its maximum"
+    )
+    fp8_gemm_half_gflop: PositiveFloat = Field(
+        description="GEMM work (GFLOP) at which FP8 efficiency is half its maximum"
+    )
+    attention_fwd_efficiency: Fraction = Field(description="causal flash-attention forward")
+    attention_bwd_efficiency: Fraction = Field(description="causal flash-attention backward")
+    memory_efficiency: Fraction = Field(description="achievable fraction of HBM bandwidth")
+    kernel_launch_us: Annotated[float, Field(ge=0)] = Field(description="fixed cost per op")
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return units.tbytes_per_s(self.hbm_tbytes_per_s)
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense tensor-core peak in FLOP/s for ``bf16`` or ``fp8``."""
+        if precision == "fp8":
+            if self.fp8_tflops is None:
+                raise ValueError(f"{self.name} has no FP8 tensor cores")
+            return units.tflops(self.fp8_tflops)
+        return units.tflops(self.bf16_tflops)
+
+
+class Link(Frozen):
+    """A point-to-point link class: bandwidth per direction, latency, and the achievable fraction
+    of nominal bandwidth (from collective micro-benchmarks)."""
+
+    latency_us: Annotated[float, Field(ge=0)]
+    efficiency: Fraction = 1.0
+
+
+class NvLink(Link):
+    bandwidth_gbytes_per_s: PositiveFloat | None = Field(
+        None, description="per GPU per direction (default: half the GPU's NVLink aggregate)"
+    )
+
+
+class Nic(Link):
+    bandwidth_gbits_per_s: PositiveFloat = Field(description="per NIC per direction, in Gb/s")
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return units.gbits_per_s(self.bandwidth_gbits_per_s) * self.efficiency
+
+
+class Cluster(Frozen):
+    gpu: Gpu
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt
+    nvlink: NvLink
+    nic: Nic
+    price_usd_per_gpu_hour: Annotated[float, Field(ge=0)]
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def nvlink_bytes_per_s(self) -> float:
+        """Usable NVLink bandwidth per GPU per direction, efficiency applied."""
+        per_direction = (
+            self.nvlink.bandwidth_gbytes_per_s
+            if self.nvlink.bandwidth_gbytes_per_s is not None
+            else self.gpu.nvlink_gbytes_per_s / 2
+        )
+        return units.gbytes_per_s(per_direction) * self.nvlink.efficiency
+
+
+# --------------------------------------------------------------------------- parallelism
+
+
+class Parallelism(Frozen):
+    pipeline: PositiveInt = 1
+    expert: PositiveInt = 1
+    data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
+    micro_batch_size: PositiveInt = Field(1, description="sequences per GPU per micro-batch")
+    schedule: Literal["1f1b"] = "1f1b"
+    grad_dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+# --------------------------------------------------------------------------- gate
+
+
+class Router(Frozen):
+    """How tokens pick experts (routing.md §1, §3, §6)."""
+
+    score: Literal["sigmoid", "softmax"] = "sigmoid"
+    normalize: bool = Field(True, description="normalise gate values over the selected experts")
+    scaling_factor: PositiveFloat = Field(1.0, description="multiplies normalised gate values")
+    node_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many nodes of its EP group"
+    )
+
+
+class NoBalancing(Frozen):
+    kind: Literal["none"]
+    name: str = "none"
+
+
+class AuxLoss(Frozen):
+    """Switch/GShard auxiliary loss α·N·Σ f_i·P_i at micro-batch scope (routing.md §5.1)."""
+
+    kind: Literal["aux_loss"]
+    name: str = "aux_loss"
+    alpha: Annotated[float, Field(ge=0)] = 1e-3
+
+
+class LossFree(Frozen):
+    """Auxiliary-loss-free bias balancing, sign rule (routing.md §2.2)."""
+
+    kind: Literal["loss_free"]
+    name: str = "loss_free"
+    gamma: Annotated[float, Field(ge=0)] = 1e-3
+
+
+Strategy = Annotated[NoBalancing | AuxLoss | LossFree, Field(discriminator="kind")]
+
+
+class Stream(Frozen):
+    """Synthetic token stream: sequences drawn from a mixture of topics.
+
+    Each topic has a random unit centroid in the gate's ``dim``-dimensional representation space;
+    topic popularity follows a Zipf law with ``zipf_exponent``; each sequence draws a topic
+    mixture from a Dirichlet with ``concentration`` (small → one dominant topic per sequence);
+    each token is its topic's centroid plus isotropic Gaussian ``noise``.
+    """
+
+    topics: PositiveInt = 64
+    zipf_exponent: Annotated[float, Field(ge=0)] = 1.0
+    concentration: PositiveFloat = 0.3
+    noise: Annotated[float, Field(ge=0)] = 0.5
+    dim: PositiveInt = 64
+
+
+class Gate(Frozen):
+    """Numerical gate training (routing.md §10). The gate trains on a subsample of each global
+    batch: ``batch_sequences`` sequences of ``tokens_per_sequence`` tokens per update."""
+
+    layers_simulated: PositiveInt = Field(
+        2, description="independent routers trained; MoE layer l uses router l mod this"
+    )
+    batch_sequences: PositiveInt = Field(
+        64, description="sequences per gate update (as many as the global batch, ideally)"
+    )
+    tokens_per_sequence: PositiveInt = 64
+    learning_rate: PositiveFloat = Field(
+        1e-3, description="Adam step on router weights (loss-free paper peak LR, §2.3)"
+    )
+    init_logit_std: PositiveFloat = Field(
+        0.19,
+        description="spread of the initial router logits: the loss-free paper's init std 0.006 "
+        "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (§2.3)",
+    )
+    teacher_temperature: PositiveFloat = Field(
+        1.0, description="softmax temperature of the teacher's weights over its top-k"
+    )
+    routed_tokens_per_sequence: PositiveInt = Field(
+        256, description="tokens routed per sequence when sampling engine load (rest resampled)"
+    )
+
+
+# --------------------------------------------------------------------------- run
+
+
+class Training(Frozen):
+    total_tokens: PositiveFloat
+    global_batch_sequences: PositiveInt
+    sample_points: PositiveInt = Field(6, description="steps simulated in the engine along the run")
+
+
+class Output(Frozen):
+    dir: str = "runs"
+
+
+class Scenario(Frozen):
+    """A validated, frozen scenario. Build it with :func:`moesim.scenario.load_scenario`."""
+
+    name: str
+    description: str = ""
+    seed: NonNegInt = 0
+    model: Model
+    cluster: Cluster
+    parallelism: Parallelism
+    router: Router = Router()
+    strategies: list[Strategy] = Field(min_length=1)
+    stream: Stream = Stream()
+    gate: Gate = Gate()
+    training: Training
+    output: Output = Output()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Scenario:
+        p, c, m = self.parallelism, self.cluster, self.model
+        product = p.pipeline * p.expert * p.data
+        if product != c.gpus:
+            raise ValueError(
+                f"parallelism: pipeline×expert×data = {p.pipeline}×{p.expert}×{p.data} = "
+                f"{product}, but the cluster has {c.nodes}×{c.gpus_per_node} = {c.gpus} GPUs"
+            )
+        if m.moe.routed_experts % p.expert:
+            raise ValueError(
+                f"parallelism.expert: {p.expert} does not divide model.moe.routed_experts "
+                f"({m.moe.routed_experts})"
+            )
+        if m.layers < p.pipeline:
+            raise ValueError(f"parallelism.pipeline: {p.pipeline} stages for {m.layers} layers")
+        if p.expert > c.gpus_per_node and p.expert % c.gpus_per_node:
+            raise ValueError(
+                f"parallelism.expert: an expert-parallel group of {p.expert} GPUs is not a whole "
+                f"number of {c.gpus_per_node}-GPU nodes"
+            )
+        if p.expert < c.gpus_per_node and c.gpus_per_node % p.expert:
+            raise ValueError(
+                f"parallelism.expert: {p.expert} does not divide gpus_per_node ({c.gpus_per_node})"
+            )
+        per_step = p.micro_batch_size * p.expert * p.data
+        if self.training.global_batch_sequences % per_step:
+            raise ValueError(
+                f"training.global_batch_sequences: {self.training.global_batch_sequences} is not "
+                f"a multiple of micro_batch_size×expert×data = {per_step}"
+            )
+        if self.router.node_limit is not None and self.router.node_limit > self.ep_nodes:
+            raise ValueError(
+                f"router.node_limit: {self.router.node_limit} exceeds the {self.ep_nodes} node(s) "
+                f"an expert-parallel group spans"
+            )
+        if m.gemm_precision == "fp8" and c.gpu.fp8_tflops is None:
+            raise ValueError(f"model.gemm_precision: fp8, but {c.gpu.name} has no FP8 peak")
+        names = [s.name for s in self.strategies]
+        duplicate = sorted({n for n in names if names.count(n) > 1})
+        if duplicate:
+            raise ValueError(f"strategies: duplicate name(s) {', '.join(duplicate)}")
+        if self.gate.routed_tokens_per_sequence > m.seq_len:
+            raise ValueError(
+                f"gate.routed_tokens_per_sequence: {self.gate.routed_tokens_per_sequence} exceeds "
+                f"model.seq_len ({m.seq_len})"
+            )
+        return self
+
+    # Derived quantities used across moesim -------------------------------------------------
+
+    @property
+    def ep_nodes(self) -> int:
+        """Nodes spanned by one expert-parallel group."""
+        return max(1, math.ceil(self.parallelism.expert / self.cluster.gpus_per_node))
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per pipeline per step (gradient-accumulation steps)."""
+        p = self.parallelism
+        return self.training.global_batch_sequences // (p.micro_batch_size * p.expert * p.data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.training.global_batch_sequences * self.model.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the run (the last partial batch counts as a step)."""
+        return max(1, math.ceil(self.training.total_tokens / self.tokens_per_step))
