@@ -36,7 +36,7 @@ from moesim.gate.router import (
     row_sum,
     top_k_indices,
 )
-from moesim.scenario.schema import AuxLoss, LossFree, NoBalancing
+from moesim.scenario.strategies import AuxLoss, LossFree, NoBalancing
 
 StrategySpec = NoBalancing | AuxLoss | LossFree
 

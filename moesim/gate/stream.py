@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from moesim.scenario.schema import Stream
+from moesim.scenario.routing import Stream
 
 NOISE_POOL = 65_536
 

@@ -14,7 +14,7 @@ from moesim.gate.balancing import (
     sign_rule_update,
 )
 from moesim.gate.router import RouterState, route
-from moesim.scenario.schema import AuxLoss, LossFree, NoBalancing
+from moesim.scenario.strategies import AuxLoss, LossFree, NoBalancing
 
 
 def test_sign_rule_moves_each_bias_the_right_way() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from moesim.gate import train_gate
-from moesim.scenario.schema import LossFree
+from moesim.scenario.strategies import LossFree
 
 
 @pytest.mark.benchmark

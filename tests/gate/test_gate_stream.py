@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.gate.stream import TokenStream
-from moesim.scenario.schema import Stream
+from moesim.scenario.routing import Stream
 
 
 def test_shapes_dtypes_and_geometry(rng: np.random.Generator) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from moesim.gate import GateTrajectory, train_gate
 from moesim.gate.training import child_seeds, gate_micro_batches
-from moesim.scenario.schema import AuxLoss, LossFree, NoBalancing
+from moesim.scenario.strategies import AuxLoss, LossFree, NoBalancing
 
 GATE_DIR = Path(__file__).resolve().parents[2] / "moesim" / "gate"
 
