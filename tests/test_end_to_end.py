@@ -48,6 +48,8 @@ def test_quickstart_run_directory(quickstart_run):
         "summary.json",
         "gpu_hours.png",
         "cost.png",
+        "step_breakdown.png",
+        "trace.json.gz",
     } <= names
     assert {f"{t}.parquet" for t in TABLES} <= names
     summary = json.loads((quickstart_run / "summary.json").read_text())

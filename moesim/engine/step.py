@@ -41,6 +41,7 @@ from moesim import units
 from moesim.cluster import ComputeModel, Layout, Topology, build_layout, build_topology
 from moesim.cluster.model_costs import model_costs
 from moesim.engine.network import FairShareNetwork
+from moesim.engine.recorder import NullRecorder, Slice
 from moesim.errors import SimulationError
 from moesim.scenario.schema import Scenario
 
@@ -129,7 +130,9 @@ class StepResult:
     step_time_s: float
     gpu_stage: npt.NDArray[np.int64]
     compute_s: npt.NDArray[np.float64]
-    """Busy time of the compute stream (every op)."""
+    """Busy time of the compute stream (every op): forward_compute_s + backward_compute_s."""
+    forward_compute_s: npt.NDArray[np.float64]
+    backward_compute_s: npt.NDArray[np.float64]
     expert_compute_s: npt.NDArray[np.float64]
     """Part of ``compute_s`` spent in routed experts."""
     a2a_wait_s: npt.NDArray[np.float64]
@@ -153,6 +156,19 @@ class StepResult:
     stage_backward_s: npt.NDArray[np.float64]
     events: int
     flows: int
+    trace: list[Slice]
+    """Recorded slices (empty unless a recorder was given)."""
+
+    @property
+    def gpu_time_s(self) -> npt.NDArray[np.float64]:
+        """Per GPU, the sum of its time split; equals ``step_time_s`` for every GPU."""
+        return (
+            self.compute_s
+            + self.a2a_wait_s
+            + self.pipeline_wait_s
+            + self.allreduce_s
+            + self.tail_idle_s
+        )
 
 
 @dataclass
@@ -169,8 +185,15 @@ class _Exchange:
 
 
 class _StepModel:
-    def __init__(self, ctx: StepContext, counts: np.ndarray, dest: np.ndarray) -> None:
+    def __init__(
+        self,
+        ctx: StepContext,
+        counts: np.ndarray,
+        dest: np.ndarray,
+        recorder: NullRecorder,
+    ) -> None:
         self.ctx = ctx
+        self.rec = recorder
         self.sc = ctx.scenario
         self.counts = counts
         self.dest = dest
@@ -182,7 +205,8 @@ class _StepModel:
         self.exchanges: dict[tuple[Any, ...], _Exchange] = {}
         self.inbox: dict[tuple[str, int, int], simpy.Event] = {}
         self.rings: dict[tuple[Any, ...], list[Any]] = {}
-        self.compute_s = np.zeros(n)
+        self.forward_s = np.zeros(n)
+        self.backward_s = np.zeros(n)
         self.expert_compute_s = np.zeros(n)
         self.a2a_wait_s = np.zeros(n)
         self.pipeline_wait_s = np.zeros(n)
@@ -210,8 +234,12 @@ class _StepModel:
 
     # -------------------------------------------------------------- helpers
 
-    def _compute(self, gpu: int, seconds: float) -> simpy.Event:
-        self.compute_s[gpu] += seconds
+    def _compute(
+        self, gpu: int, op: str, seconds: float, backward: bool, **args: Any
+    ) -> simpy.Event:
+        (self.backward_s if backward else self.forward_s)[gpu] += seconds
+        now = self.env.now
+        self.rec.slice(gpu, "compute", op, now, now + seconds, **args)
         return self.env.timeout(seconds)
 
     def _wait(self, event: simpy.Event, gpu: int, bucket: npt.NDArray[np.float64]) -> Process:
@@ -233,7 +261,35 @@ class _StepModel:
             topo.path(src, dst), self.ctx.activation_bytes, topo.latency(src, dst)
         )
         box = self._mailbox(kind, dst, micro)
-        done.callbacks.append(lambda _e: box.succeed())
+        start = self.env.now
+
+        def delivered(_event: simpy.Event) -> None:
+            box.succeed()
+            name = "send activations" if kind == "act" else "send gradients"
+            self.rec.slice(src, "pipeline", name, start, self.env.now, micro_batch=micro)
+
+        done.callbacks.append(delivered)
+
+    def _record_transfers(
+        self,
+        gpu: int,
+        track: str,
+        flows: list[simpy.Event],
+        start: float,
+        backward: bool,
+        where: dict[str, int],
+    ) -> None:
+        """Record one slice from ``start`` to the last of ``flows`` to complete."""
+        pending = [len(flows)]
+        name = f"{track} {'backward' if backward else 'forward'}"
+
+        def done(_event: simpy.Event) -> None:
+            pending[0] -= 1
+            if pending[0] == 0:
+                self.rec.slice(gpu, track, name, start, self.env.now, **where)
+
+        for ev in flows:
+            ev.callbacks.append(done)
 
     # -------------------------------------------------------------- MoE layer
 
@@ -279,6 +335,7 @@ class _StepModel:
         # Stage 2: send my tokens to every member's experts.
         group_base = stage_index - me
         tokens_out = self.dest[g_layer, micro, stage_index]
+        start = self.env.now
         flows = self.net.start(
             [topo.path(gpu, d) for d in group],
             [float(tokens_out[k]) * first_bytes for k in range(len(group))],
@@ -286,7 +343,16 @@ class _StepModel:
         )
         for k, ev in enumerate(flows):
             ev.callbacks.append(self._arrive(ex, k, me))
-        yield self._compute(gpu, self.t["shared_b" if backward else "shared_f"])
+        where = {"layer": layer, "micro_batch": micro}
+        if self.rec.wants(gpu):
+            self._record_transfers(gpu, "dispatch", flows, start, backward, where)
+        yield self._compute(
+            gpu,
+            "shared experts",
+            self.t["shared_b" if backward else "shared_f"],
+            backward,
+            **where,
+        )
         # Stage 3: serve my queues until every member's chunk is done.
         epr = lay.experts_per_rank
         my_experts = slice(me * epr, (me + 1) * epr)
@@ -308,7 +374,9 @@ class _StepModel:
                 self.expert_tokens[gpu] += rows.sum(axis=0)
             seconds = ctx.compute.experts(rows.sum(axis=0), backward)
             self.expert_compute_s[gpu] += seconds
-            yield self._compute(gpu, seconds)
+            yield self._compute(
+                gpu, "routed experts", seconds, backward, chunks=len(chunks), **where
+            )
             done += len(chunks)
         # Stage 4: return results (or input gradients) to each member.
         back = self.net.start(
@@ -321,6 +389,8 @@ class _StepModel:
         )
         for k, ev in enumerate(back):
             ev.callbacks.append(self._return(ex, k))
+        if self.rec.wants(gpu):
+            self._record_transfers(gpu, "combine", back, self.env.now, backward, where)
         yield from self._wait(ex.back[me], gpu, self.a2a_wait_s)
         ex.served[me] = 1
         if sum(ex.served) == ex.members:
@@ -331,28 +401,30 @@ class _StepModel:
     def _forward(self, gpu: int, stage: int, micro: int) -> Process:
         lay, m = self.ctx.layout, self.sc.model
         if stage == 0:
-            yield self._compute(gpu, self.t["embed"])
+            yield self._compute(gpu, "embedding", self.t["embed"], False, micro_batch=micro)
         for layer in lay.stage_layers[stage]:
+            where = {"layer": layer, "micro_batch": micro}
             if layer < m.dense_layers:
-                yield self._compute(gpu, self.t["dense_f"])
+                yield self._compute(gpu, "dense layer", self.t["dense_f"], False, **where)
             else:
-                yield self._compute(gpu, self.t["attn_f"])
+                yield self._compute(gpu, "attention + router", self.t["attn_f"], False, **where)
                 yield from self._moe(gpu, layer, micro, backward=False)
         if stage == lay.stages - 1:
-            yield self._compute(gpu, self.t["head_f"])
+            yield self._compute(gpu, "output head", self.t["head_f"], False, micro_batch=micro)
 
     def _backward(self, gpu: int, stage: int, micro: int) -> Process:
         lay, m = self.ctx.layout, self.sc.model
         if stage == lay.stages - 1:
-            yield self._compute(gpu, self.t["head_b"])
+            yield self._compute(gpu, "output head", self.t["head_b"], True, micro_batch=micro)
         for layer in reversed(lay.stage_layers[stage]):
+            where = {"layer": layer, "micro_batch": micro}
             if layer < m.dense_layers:
-                yield self._compute(gpu, self.t["dense_b"])
+                yield self._compute(gpu, "dense layer", self.t["dense_b"], True, **where)
             else:
                 yield from self._moe(gpu, layer, micro, backward=True)
-                yield self._compute(gpu, self.t["attn_b"])
+                yield self._compute(gpu, "attention + router", self.t["attn_b"], True, **where)
         if stage == 0:
-            yield self._compute(gpu, self.t["embed"])
+            yield self._compute(gpu, "embedding", self.t["embed"], True, micro_batch=micro)
 
     def _ring(self, key: tuple[Any, ...], members: list[int], nbytes: float) -> simpy.Event:
         """Join a ring all-reduce; the returned event fires when the ring has finished."""
@@ -415,6 +487,7 @@ class _StepModel:
         if len(peers) > 1:
             yield self._ring(("expert", tuple(peers)), peers, self.ctx.expert_grad_bytes[stage])
         self.allreduce_s[gpu] = self.env.now - start
+        self.rec.slice(gpu, "allreduce", "gradient all-reduce", start, self.env.now)
         self.finish[gpu] = self.env.now
 
     def run(self) -> StepResult:
@@ -430,7 +503,9 @@ class _StepModel:
         return StepResult(
             step_time_s=step_time,
             gpu_stage=np.arange(gpus) // lay.gpus_per_stage,
-            compute_s=self.compute_s,
+            compute_s=self.forward_s + self.backward_s,
+            forward_compute_s=self.forward_s,
+            backward_compute_s=self.backward_s,
             expert_compute_s=self.expert_compute_s,
             a2a_wait_s=self.a2a_wait_s,
             pipeline_wait_s=self.pipeline_wait_s,
@@ -445,10 +520,16 @@ class _StepModel:
             stage_backward_s=self.bwd_time / self.n_micro,
             events=self.env.processed,
             flows=self.net.flows_started,
+            trace=list(getattr(self.rec, "slices", [])),
         )
 
 
-def simulate_step(ctx: StepContext, counts: np.ndarray, dest_tokens: np.ndarray) -> StepResult:
+def simulate_step(
+    ctx: StepContext,
+    counts: np.ndarray,
+    dest_tokens: np.ndarray,
+    recorder: NullRecorder | None = None,
+) -> StepResult:
     """Simulate one training step.
 
     Parameters
@@ -459,6 +540,8 @@ def simulate_step(ctx: StepContext, counts: np.ndarray, dest_tokens: np.ndarray)
         Tokens each source rank of a stage routes to each expert, per micro-batch.
     dest_tokens : ndarray, shape (layers_simulated, micro_batches, gpus_per_stage, expert), int
         Distinct tokens each source rank sends to each expert-parallel rank of its group.
+    recorder : NullRecorder, optional
+        A :class:`~moesim.engine.recorder.SliceRecorder` to capture a timeline trace.
     """
     sc = ctx.scenario
     want = (sc.gate.layers_simulated, sc.micro_batches, ctx.layout.gpus_per_stage)
@@ -467,4 +550,4 @@ def simulate_step(ctx: StepContext, counts: np.ndarray, dest_tokens: np.ndarray)
             f"routing sample shape {counts.shape} / {dest_tokens.shape} does not match the "
             f"scenario's (layers_simulated, micro_batches, gpus_per_stage) = {want}"
         )
-    return _StepModel(ctx, counts, dest_tokens).run()
+    return _StepModel(ctx, counts, dest_tokens, recorder or NullRecorder()).run()

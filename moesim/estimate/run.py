@@ -23,6 +23,7 @@ import numpy as np
 from moesim import units
 from moesim.cluster import model_flops_per_token
 from moesim.engine import StepResult, build_context, simulate_step
+from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.gate import balanced_sample, routing_sample, train_gate
 from moesim.scenario.schema import Scenario
 
@@ -91,6 +92,8 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     tick("balanced reference step")
 
     point_seeds = sample_seed.spawn(len(points))  # once: every strategy gets the same seeds
+    # The trace shows one step: the first strategy's middle sample point.
+    traced = (scenario.strategies[0].name, len(points) // 2) if scenario.output.trace else None
     simulated: list[SimulatedStep] = []
     gate_records: dict[str, list[dict[str, float]]] = {}
     for strategy in scenario.strategies:
@@ -102,7 +105,12 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
             sample = routing_sample(
                 scenario, trajectory.states[step], trajectory.stream, step, n_src, n_dest, rng
             )
-            result = simulate_step(ctx, sample.counts, sample.dest_tokens)
+            recorder = (
+                SliceRecorder(scenario.traced_gpus)
+                if traced == (strategy.name, i)
+                else NullRecorder()
+            )
+            result = simulate_step(ctx, sample.counts, sample.dest_tokens, recorder)
             simulated.append(
                 SimulatedStep(strategy.name, i, step, length, dict(sample.metrics), result)
             )

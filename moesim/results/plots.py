@@ -53,3 +53,37 @@ def write_plots(timeline: pd.DataFrame, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+BREAKDOWN = (
+    ("forward_compute_s", "forward compute"),
+    ("backward_compute_s", "backward compute"),
+    ("a2a_wait_s", "all-to-all wait"),
+    ("pipeline_wait_s", "pipeline wait"),
+    ("allreduce_s", "gradient all-reduce"),
+    ("tail_idle_s", "idle at step end"),
+)
+
+
+def plot_step_breakdown(gpus: pd.DataFrame, ax: Axes) -> Axes:
+    """Stacked mean per-GPU time split of a step, one bar per strategy (averaged over the
+    simulated points); the bars' heights are the mean step times."""
+    mean = gpus.groupby("strategy", sort=False)[[c for c, _ in BREAKDOWN]].mean()
+    bottom = pd.Series(0.0, index=mean.index)
+    for column, label in BREAKDOWN:
+        ax.bar(mean.index, mean[column], bottom=bottom, label=label)
+        bottom = bottom + mean[column]
+    ax.set_ylabel("seconds per step (mean over GPUs)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return ax
+
+
+def write_step_breakdown(gpus: pd.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    plot_step_breakdown(gpus, ax)
+    ax.set_title("Where the step time goes")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path

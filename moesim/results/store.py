@@ -7,6 +7,8 @@ Layout::
     summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
     timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
     gpu_hours.png cost.png   curves against tokens trained, one line per strategy
+    step_breakdown.png       where each strategy's GPU time goes in a step
+    trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
 A run is written into a hidden sibling directory and renamed into place only when complete, so
 a failed run leaves no partial directory behind. Nothing written depends on the wall clock.
@@ -29,6 +31,7 @@ import pandas as pd
 from moesim import __version__
 from moesim.estimate import RunEstimate
 from moesim.results import plots, tables
+from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
 
 TABLES = ("timeline", "gate", "steps", "gpus", "experts", "links")
@@ -67,6 +70,7 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
         raise FileExistsError(f"{target}: run directory already exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a run directory is for sharing
     try:
         sc = est.scenario
         (tmp / "scenario.resolved.yaml").write_text(dump_scenario(sc))
@@ -84,6 +88,17 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         plots.write_plots(frames["timeline"], tmp)
+        plots.write_step_breakdown(frames["gpus"], tmp / "step_breakdown.png")
+        traced = [s for s in est.steps if s.result.trace]
+        if traced:
+            step = traced[0]
+            lay = sc.parallelism
+            labels = {
+                g: f"GPU {g} · node {g // sc.cluster.gpus_per_node} · stage "
+                f"{g // (lay.expert * lay.data)} · EP rank {g % lay.expert}"
+                for g in sc.traced_gpus
+            }
+            write_trace(tmp / "trace.json.gz", step.result.trace, labels)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -207,6 +207,10 @@ class Training(Frozen):
 
 class Output(Frozen):
     dir: str = "runs"
+    trace: bool = Field(True, description="write trace.json.gz of one simulated step")
+    trace_gpus: list[NonNegInt] | None = Field(
+        None, description="GPUs to trace (default: the first 16)"
+    )
 
 
 class Scenario(Frozen):
@@ -267,6 +271,9 @@ class Scenario(Frozen):
         duplicate = sorted({n for n in names if names.count(n) > 1})
         if duplicate:
             raise ValueError(f"strategies: duplicate name(s) {', '.join(duplicate)}")
+        bad_trace = [g for g in (self.output.trace_gpus or []) if g >= c.gpus]
+        if bad_trace:
+            raise ValueError(f"output.trace_gpus: GPU(s) {bad_trace} beyond the {c.gpus} GPUs")
         if self.gate.routed_tokens_per_sequence > m.seq_len:
             raise ValueError(
                 f"gate.routed_tokens_per_sequence: {self.gate.routed_tokens_per_sequence} exceeds "
@@ -290,6 +297,13 @@ class Scenario(Frozen):
     @property
     def tokens_per_step(self) -> int:
         return self.training.global_batch_sequences * self.model.seq_len
+
+    @property
+    def traced_gpus(self) -> list[int]:
+        """GPUs whose timeline goes into the trace."""
+        if self.output.trace_gpus is not None:
+            return sorted(set(self.output.trace_gpus))
+        return list(range(min(16, self.cluster.gpus)))
 
     @property
     def total_steps(self) -> int:

@@ -146,3 +146,10 @@ def test_resolved_dump_round_trips(tiny_scenario, tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_scenarios_validate(path):
     load_scenario(path)
+
+
+def test_trace_gpus_must_exist(tiny_dict):
+    tiny_dict["output"] = {"trace_gpus": [0, 8]}
+    err = _error(tiny_dict)
+    assert err.path == "output.trace_gpus"
+    assert "[8]" in err.message
