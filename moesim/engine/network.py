@@ -141,6 +141,9 @@ class FairShareNetwork:
         self._busy = np.zeros(cap.size, dtype=bool)
         # Flows started since the last recompute: (path, nbytes, latency, event).
         self._pending: list[tuple[tuple[int, ...], float, float, simpy.Event]] = []
+        # Links whose set of flows changed since the last recompute: only the flows connected
+        # to them (through shared links, transitively) can change rate.
+        self._dirty = np.zeros(cap.size, dtype=bool)
         self._wake_pending = False
         self._generation = 0
         self._next_dt = 0.0
@@ -237,11 +240,13 @@ class FairShareNetwork:
             new_flows = np.repeat(np.arange(first, first + len(paths)), lengths)
             self._pair_flow = np.concatenate([self._pair_flow, new_flows])
             self._pair_link = np.concatenate([self._pair_link, new_links])
+            self._dirty[new_links] = True
             new_events = np.empty(len(events), dtype=object)
             new_events[:] = events
             self._events = np.concatenate([self._events, new_events])
             self._size = np.concatenate([self._size, sizes])
             self._remaining = np.concatenate([self._remaining, sizes])
+            self._rate = np.concatenate([self._rate, np.zeros(len(sizes))])
             self._latency = np.concatenate([self._latency, lats])
         self._generation += 1
         n_flows = self._size.size
@@ -249,7 +254,7 @@ class FairShareNetwork:
             self._rate = np.empty(0)
             self._busy[:] = False
             return
-        self._rate = max_min_rates(self._pair_flow, self._pair_link, n_flows, self.capacity)
+        self._recompute_dirty(n_flows)
         self.recomputes += 1
         self._busy = np.bincount(self._pair_link, minlength=self.capacity.size) > 0
         time_left = self._remaining / self._rate
@@ -257,6 +262,34 @@ class FairShareNetwork:
         self._next_dt = max(float(time_left[self._next_first]), 0.0)
         generation = self._generation
         self.env.timeout(self._next_dt).callbacks.append(lambda _event: self._on_finish(generation))
+
+    def _recompute_dirty(self, n_flows: int) -> None:
+        """Recompute the rates of the flows connected to a dirty link, and only those.
+
+        Max-min rates in one connected component of the flow-link graph do not depend on
+        flows elsewhere, so a change only affects its own component: at scale (many
+        expert-parallel groups exchanging at once) this keeps each recompute small.
+        """
+        pair_flow, pair_link = self._pair_flow, self._pair_link
+        links = self._dirty
+        while True:
+            flows = np.zeros(n_flows, dtype=bool)
+            flows[pair_flow[links[pair_link]]] = True
+            reached = np.zeros_like(links)
+            reached[pair_link[flows[pair_flow]]] = True
+            if not (reached & ~links).any():
+                break
+            links = links | reached
+        self._dirty = np.zeros_like(self._dirty)
+        members = np.flatnonzero(flows)
+        if members.size == 0:
+            return
+        in_component = flows[pair_flow]
+        local = np.full(n_flows, -1, dtype=np.intp)
+        local[members] = np.arange(members.size)
+        self._rate[members] = max_min_rates(
+            local[pair_flow[in_component]], pair_link[in_component], members.size, self.capacity
+        )
 
     def _on_finish(self, generation: int) -> None:
         """Finish the flows due now, unless a later recompute superseded this timeout."""
@@ -271,6 +304,7 @@ class FairShareNetwork:
         done |= now + self._remaining / self._rate <= now
         done[self._next_first] = True
         done_pair = done[self._pair_flow]
+        self._dirty[self._pair_link[done_pair]] = True
         self.link_bytes += np.bincount(
             self._pair_link[done_pair],
             weights=self._remaining[self._pair_flow[done_pair]],

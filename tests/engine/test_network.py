@@ -266,3 +266,41 @@ def test_single_link_matches_processor_sharing(
             t = step
     assert done == pytest.approx(expect, rel=1e-9, abs=1e-12)
     assert net.link_bytes == pytest.approx([sum(size for _, size in flows)], rel=1e-9)
+
+
+def _finish_times(seed: int, force_global: bool, monkeypatch) -> list[float]:
+    """Random flows over four separate groups of links, started at random times."""
+    if force_global:
+        original = FairShareNetwork._recompute_dirty
+
+        def everything(self, n_flows):
+            self._dirty[:] = True
+            return original(self, n_flows)
+
+        monkeypatch.setattr(FairShareNetwork, "_recompute_dirty", everything)
+    rng = np.random.default_rng(seed)
+    env = simpy.Environment()
+    net = FairShareNetwork(env, rng.uniform(1.0, 5.0, 24))
+    times: list[float] = []
+
+    def flow(start: float, path: list[int], size: float):
+        yield env.timeout(start)
+        yield net.transfer(path, size)
+        times.append(env.now)
+
+    for _ in range(60):
+        group = int(rng.integers(0, 4))
+        path = sorted(set((6 * group + rng.integers(0, 6, 2)).tolist()))
+        env.process(flow(float(rng.uniform(0, 3)), path, float(rng.uniform(0.5, 8))))
+    env.run()
+    if force_global:
+        monkeypatch.undo()
+    return times
+
+
+def test_component_recompute_equals_global_recompute(monkeypatch):
+    """Recomputing only the connected component of a change gives the same schedule."""
+    for seed in range(3):
+        local = _finish_times(seed, False, monkeypatch)
+        full = _finish_times(seed, True, monkeypatch)
+        assert local == pytest.approx(full, rel=1e-9)
