@@ -28,11 +28,17 @@ SUMMARY_COLUMNS = (
 )
 
 
-def format_summary(summary: dict[str, dict[str, float]]) -> str:
+def format_summary(summary: dict[str, dict[str, float | None]]) -> str:
     """The per-strategy summary as an aligned text table."""
     header = ["strategy", *(label for _, label, _ in SUMMARY_COLUMNS)]
     rows = [
-        [name, *(fmt.format(values[key]) for key, _, fmt in SUMMARY_COLUMNS)]
+        [
+            name,
+            *(
+                "–" if values[key] is None else fmt.format(values[key])
+                for key, _, fmt in SUMMARY_COLUMNS
+            ),
+        ]
         for name, values in summary.items()
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -59,7 +65,7 @@ def _default_run_dir(scenario_name: str, out_root: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moesim.estimate import estimate_run
+    from moesim.estimate import estimate_run, run_names
     from moesim.results import write_run
     from moesim.scenario import load_scenario
 
@@ -69,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if run_dir.exists():
         raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
     points = min(scenario.training.sample_points, scenario.total_steps)
-    total = 1 + len(scenario.strategies) * (1 + points)
+    total = 1 + len(run_names(scenario)) * (1 + points)
     with tqdm(
         total=total, desc=scenario.name, unit="task", file=sys.stderr, disable=args.quiet
     ) as bar:

@@ -43,6 +43,7 @@ from moesim.cluster.model_costs import model_costs
 from moesim.engine.network import FairShareNetwork
 from moesim.engine.recorder import NullRecorder, Slice
 from moesim.errors import SimulationError
+from moesim.gate.sampling import gate_layer_map
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
@@ -218,7 +219,7 @@ class _StepModel:
         self.max_queue = np.zeros(n, dtype=np.int64)
         self.fwd_time = np.zeros(lay.stages)
         self.bwd_time = np.zeros(lay.stages)
-        self.gate_layers = self.sc.gate.layers_simulated
+        self.gate_layer = gate_layer_map(self.sc)
         c = ctx.compute
         self.t = {
             "attn_f": c.attention(False) + c.router(False),
@@ -329,7 +330,7 @@ class _StepModel:
         stage_index = gpu % lay.gpus_per_stage
         me = gpu % lay.expert
         group = lay.ep_group(gpu)
-        g_layer = (layer - self.sc.model.dense_layers) % self.gate_layers
+        g_layer = int(self.gate_layer[layer - self.sc.model.dense_layers])
         ex = self._exchange(("B" if backward else "F", layer, micro, group[0]))
         first_bytes = ctx.grad_bytes_per_token if backward else ctx.dispatch_bytes_per_token
         # Stage 2: send my tokens to every member's experts.

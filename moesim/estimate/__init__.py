@@ -3,6 +3,20 @@ wall-clock, GPU-hours and cost per balancing strategy, against perfectly balance
 
 from __future__ import annotations
 
-from moesim.estimate.run import BALANCED, RunEstimate, SimulatedStep, estimate_run, sample_steps
+from moesim.estimate.run import (
+    BALANCED,
+    RunEstimate,
+    SimulatedStep,
+    estimate_run,
+    run_names,
+    sample_steps,
+)
 
-__all__ = ["BALANCED", "RunEstimate", "SimulatedStep", "estimate_run", "sample_steps"]
+__all__ = [
+    "BALANCED",
+    "RunEstimate",
+    "SimulatedStep",
+    "estimate_run",
+    "run_names",
+    "sample_steps",
+]

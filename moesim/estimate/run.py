@@ -14,8 +14,9 @@ so differences between strategies come from the strategies, not from sampling no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,14 @@ from moesim import units
 from moesim.cluster import model_flops_per_token
 from moesim.engine import StepResult, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
-from moesim.gate import balanced_sample, routing_sample, train_gate
+from moesim.gate import (
+    GateTrajectory,
+    RoutingSample,
+    balanced_sample,
+    routing_sample,
+    train_gate,
+)
+from moesim.gate.trace import scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 
 BALANCED = "balanced_reference"
@@ -51,7 +59,7 @@ class RunEstimate:
     balanced: SimulatedStep
     gate_records: dict[str, list[dict[str, float]]]
     link_names: list[str]
-    summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -92,33 +100,75 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     tick("balanced reference step")
 
     point_seeds = sample_seed.spawn(len(points))  # once: every strategy gets the same seeds
-    # The trace shows one step: the first strategy's middle sample point.
-    traced = (scenario.strategies[0].name, len(points) // 2) if scenario.output.trace else None
     simulated: list[SimulatedStep] = []
     gate_records: dict[str, list[dict[str, float]]] = {}
-    for strategy in scenario.strategies:
-        trajectory = train_gate(scenario, strategy, points, gate_seed)
-        gate_records[strategy.name] = trajectory.records
-        tick(f"{strategy.name}: gate trained")
+    traced = None
+    for name, records, samples in _routing_sources(scenario, points, gate_seed, n_src, n_dest):
+        gate_records[name] = records
+        tick(f"{name}: routing ready")
+        if traced is None and scenario.output.trace:
+            traced = (name, len(points) // 2)  # the trace shows the first run's middle point
         for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
-            rng = np.random.default_rng(point_seeds[i])
-            sample = routing_sample(
-                scenario, trajectory.states[step], trajectory.stream, step, n_src, n_dest, rng
-            )
+            sample = samples(i, step, np.random.default_rng(point_seeds[i]))
             recorder = (
-                SliceRecorder(scenario.traced_gpus)
-                if traced == (strategy.name, i)
-                else NullRecorder()
+                SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
             )
             result = simulate_step(ctx, sample.counts, sample.dest_tokens, recorder)
-            simulated.append(
-                SimulatedStep(strategy.name, i, step, length, dict(sample.metrics), result)
-            )
-            tick(f"{strategy.name}: step {step}")
+            simulated.append(SimulatedStep(name, i, step, length, dict(sample.metrics), result))
+            tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     estimate = RunEstimate(scenario, simulated, balanced, gate_records, links)
     _integrate(estimate)
     return estimate
+
+
+SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
+
+
+def trace_run_name(scenario: Scenario) -> str:
+    """Name of the single run a trace replay produces."""
+    assert scenario.gate.trace is not None
+    return f"trace:{Path(scenario.gate.trace.path).stem}"
+
+
+def run_names(scenario: Scenario) -> list[str]:
+    """The runs an estimate compares: one per strategy, or the replayed trace."""
+    if scenario.gate.trace is not None:
+        return [trace_run_name(scenario)]
+    return [s.name for s in scenario.strategies]
+
+
+def _routing_sources(
+    scenario: Scenario,
+    points: list[int],
+    gate_seed: np.random.SeedSequence,
+    n_src: int,
+    n_dest: int,
+) -> Iterator[tuple[str, list[dict[str, float]], SampleAt]]:
+    """Per run: its name, the gate's per-update records, and the routing sample at a point.
+
+    With ``gate.trace`` the recorded loads replace the gate (no records, no strategies);
+    otherwise the gate trains under each strategy in turn.
+    """
+    if scenario.gate.trace is not None:
+        trace = scenario_trace(scenario)
+
+        def replay(_i: int, step: int, rng: np.random.Generator) -> RoutingSample:
+            return trace_sample(scenario, trace, step, n_src, n_dest, rng)
+
+        yield trace_run_name(scenario), [], replay
+        return
+    for strategy in scenario.strategies:
+        trajectory = train_gate(scenario, strategy, points, gate_seed)
+
+        def routed(
+            _i: int, step: int, rng: np.random.Generator, gate: GateTrajectory = trajectory
+        ) -> RoutingSample:
+            return routing_sample(
+                scenario, gate.states[step], gate.stream, step, n_src, n_dest, rng
+            )
+
+        yield strategy.name, trajectory.records, routed
 
 
 def _record_at(records: list[dict[str, float]], step: int) -> dict[str, float]:
@@ -134,7 +184,7 @@ def _integrate(est: RunEstimate) -> None:
     flops_per_token = model_flops_per_token(sc.model)
     peak = gpus * sc.cluster.gpu.peak_flops("bf16")
     balanced_time = est.balanced.result.step_time_s
-    for name in (s.name for s in sc.strategies):
+    for name in run_names(sc):
         rows = [s for s in est.steps if s.strategy == name]
         records = est.gate_records[name]
         wall = 0.0
@@ -144,7 +194,8 @@ def _integrate(est: RunEstimate) -> None:
             steps_done += s.segment_steps
             gpu_hours = gpus * units.seconds_to_hours(wall)
             balanced_hours = gpus * units.seconds_to_hours(steps_done * balanced_time)
-            rec = _record_at(records, s.step)
+            # Without a gate (trace replay) the sample itself is the only routing record.
+            rec = _record_at(records, s.step) if records else s.routing_metrics
             est.timeline.append(
                 {
                     "strategy": name,
@@ -165,7 +216,7 @@ def _integrate(est: RunEstimate) -> None:
                     "maxvio_sample": s.routing_metrics["maxvio_batch"],
                     "maxvio_micro": s.routing_metrics["maxvio_micro"],
                     "maxvio_batch": rec["maxvio_batch"],
-                    "task_loss": rec["task_loss"],
+                    "task_loss": rec.get("task_loss"),
                 }
             )
         total_steps = sc.total_steps
@@ -173,6 +224,7 @@ def _integrate(est: RunEstimate) -> None:
         tokens = sc.training.total_tokens
         gpu_hours = gpus * units.seconds_to_hours(wall)
         tail = records[-max(1, len(records) // 10) :]
+        sampled = [s.routing_metrics for s in rows]
         est.summary[name] = {
             "step_time_s": step_time,
             "balanced_step_time_s": balanced_time,
@@ -182,7 +234,7 @@ def _integrate(est: RunEstimate) -> None:
             "gpu_hours": gpu_hours,
             "cost_usd": gpu_hours * price,
             "balanced_gpu_hours": gpus * units.seconds_to_hours(balanced_time * total_steps),
-            "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records])),
-            "task_loss": float(np.mean([r["task_loss"] for r in tail])),
+            "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records or sampled])),
+            "task_loss": float(np.mean([r["task_loss"] for r in tail])) if records else None,
             "wall_days": wall / 86400.0,
         }

@@ -11,22 +11,69 @@ engine (:class:`RoutingSample`). Formulas follow ``reference/routing.md`` (ยง1โ€
 
 from __future__ import annotations
 
-from moesim.gate.metrics import max_vio
-from moesim.gate.router import RouterState, Routing, route
+from moesim.gate.baselines import (
+    ExpertChoice,
+    expert_choice,
+    expert_choice_leakage_bits,
+    sinkhorn,
+    sinkhorn_route,
+)
+from moesim.gate.metrics import (
+    dead_experts,
+    distinct_groups_per_token,
+    dropped_fraction,
+    max_vio,
+    max_vio_batch,
+    max_vio_compute_batch,
+    max_vio_global,
+    relative_load,
+    topic_expert_load,
+)
+from moesim.gate.router import CapacitySpec, RouterState, Routing, capacity_kept, route
 from moesim.gate.sample import RoutingSample
-from moesim.gate.sampling import balanced_sample, routing_sample
+from moesim.gate.sampling import (
+    balanced_sample,
+    gate_layer_map,
+    gate_layer_of,
+    routing_sample,
+    sample_metrics,
+)
 from moesim.gate.stream import TokenStream
+from moesim.gate.trace import ExpertTrace, load_trace, scenario_trace, trace_sample, trace_samples
 from moesim.gate.training import GateTrajectory, train_gate
 
 __all__ = [
+    "CapacitySpec",
+    "ExpertChoice",
+    "ExpertTrace",
     "GateTrajectory",
     "RouterState",
     "Routing",
     "RoutingSample",
     "TokenStream",
     "balanced_sample",
+    "capacity_kept",
+    "dead_experts",
+    "distinct_groups_per_token",
+    "dropped_fraction",
+    "expert_choice",
+    "expert_choice_leakage_bits",
+    "gate_layer_map",
+    "gate_layer_of",
+    "load_trace",
     "max_vio",
+    "max_vio_batch",
+    "max_vio_compute_batch",
+    "max_vio_global",
+    "relative_load",
     "route",
     "routing_sample",
+    "sample_metrics",
+    "scenario_trace",
+    "sinkhorn",
+    "sinkhorn_route",
+    "topic_expert_load",
+    "trace_sample",
+    "trace_samples",
     "train_gate",
 ]

@@ -13,6 +13,30 @@ equal groups, scores each group by the sum of its top ``k // group_topk`` select
 the ``group_topk`` best groups and picks the top-k among their experts only (routing.md §3
 "Node-limited routing", §6.2 item 3).
 
+Softmax routers come in two flavours (routing.md §6.1 ``moe_router_pre_softmax``, §10 item 3):
+softmax over all experts, then top-k — the gates are those probabilities, renormalised over the
+selection only when ``normalize`` (DeepSeek-V2 does not, routing.md §4) — or top-k first with the
+gates a softmax over the *selected logits* only (``topk_before_softmax``, Mixtral). The two
+renormalised forms agree mathematically (the all-expert denominator cancels); the second is
+computed from the logits directly, so it stays exact where the all-expert probabilities of the
+selected experts underflow. Selection is always the top-k of ``s + b`` with ``s`` the softmax over
+all experts; without a bias that is the top-k of the raw logits, as in Megatron.
+
+Group-limited routing comes from the scenario as node-limited (groups = the nodes of the
+expert-parallel group, DeepSeek-V3 M = 4), device-limited (groups = the expert-parallel ranks,
+DeepSeek-V2 M = 3) or explicit ``num_groups``/``group_topk`` (:func:`route_options`).
+
+**Capacity and token dropping** (routing.md §4, §5.1, §6.2 item 4, §10 item 7). With a
+:class:`CapacitySpec`, every router call (a *segment*: one micro-batch of one rank, ``T`` tokens)
+gives each expert a budget of ``ceil(T·K/N·CF)`` assignments — or, at device level, each
+expert-parallel rank a budget of ``ceil(T·K/D·CF)`` for its experts together (DeepSeek-V2 at
+``CF = 1``). Over budget, policy ``probs`` keeps the assignments with the highest gate values and
+``position`` the earliest positions in the sequence (the latest are dropped; Megatron's ``[s, b]``
+token layout, so the last positions of every sequence go first, earlier sequences winning ties).
+Assignments of *exempt* sequences are always kept and use the budget first. The decision is a
+mask ``Routing.dropped`` (T, k); ``selected`` and ``gates`` keep the pre-drop values. Without a
+capacity (dropless, DeepSeek-V3) ``route`` takes its original path and ``dropped`` is all False.
+
 Selection uses :func:`numpy.argpartition` (no full sort). The selected experts of a token come in
 no particular order. Exact ties are broken deterministically: the same scores always give the same
 selection, but which of several exactly tied experts wins is left to numpy's introselect.
@@ -20,6 +44,8 @@ selection, but which of several exactly tied experts wins is left to numpy's int
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -29,6 +55,8 @@ import numpy.typing as npt
 from moesim.scenario.schema import Scenario
 
 ScoreFunction = Literal["sigmoid", "softmax"]
+DropPolicy = Literal["probs", "position"]
+CapacityLevel = Literal["expert", "device"]
 FloatArray = npt.NDArray[np.floating]
 
 # Largest |argument| passed to exp when scoring (see scores_from_logits).
@@ -82,13 +110,25 @@ class Routing:
         Chosen experts per token (top-k of ``s + b``, group limits applied), in no particular order.
     gates : ndarray, shape (T, k), float32
         Gate values aligned with ``selected``: unbiased scores, optionally renormalised over the
-        selection, times the scaling factor.
+        selection, times the scaling factor (or a softmax over the selected logits). Values
+        before any dropping: a dropped assignment keeps its gate here.
+    dropped : ndarray, shape (T, k), bool
+        ``True`` where the assignment ``(t, selected[t, j])`` exceeded its capacity and was
+        dropped (the token skips that expert). All False for dropless routing (the default when
+        constructed without it).
     """
 
     logits: FloatArray
     scores: FloatArray
     selected: npt.NDArray[np.int64]
     gates: FloatArray
+    dropped: npt.NDArray[np.bool_] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.dropped is None:
+            object.__setattr__(self, "dropped", np.zeros(self.selected.shape, dtype=bool))
+        elif self.dropped.shape != self.selected.shape:
+            raise ValueError(f"dropped: shape {self.dropped.shape} is not {self.selected.shape}")
 
     @property
     def n_tokens(self) -> int:
@@ -105,6 +145,74 @@ class Routing:
         """``k``."""
         return int(self.selected.shape[1])
 
+    @property
+    def n_dropped(self) -> int:
+        """Dropped (token, expert) assignments."""
+        return int(np.count_nonzero(self.dropped))
+
+    def loads(self) -> npt.NDArray[np.int64]:
+        """Kept assignments per expert, shape (E,): the load the experts process (routing.md
+        §6.2 item 6 counts the final routing map, after dropping)."""
+        n_experts = self.n_experts
+        if not self.dropped.any():
+            return np.bincount(self.selected.ravel(), minlength=n_experts).astype(np.int64)
+        kept = self.selected[~self.dropped]
+        return np.bincount(kept, minlength=n_experts).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CapacitySpec:
+    """Expert capacity of a router call and what to drop beyond it (routing.md §4, §6.2 item 4).
+
+    Attributes
+    ----------
+    factor : float
+        Capacity factor ``CF > 0``.
+    policy : {'probs', 'position'}
+        Over budget, keep the highest gate values (``probs``) or the earliest positions
+        (``position``).
+    level : {'expert', 'device'}
+        ``expert``: one budget ``ceil(T·K/N·CF)`` per expert. ``device``: one budget
+        ``ceil(T·K/D·CF)`` per expert-parallel rank (``n_devices`` contiguous expert blocks).
+    n_devices : int
+        ``D``, ranks of an expert-parallel group (used at device level only).
+    exempt_fraction : float
+        Fraction of sequences never dropped (DeepSeek-V2: about 0.1), chosen by
+        :func:`exempt_sequences`.
+    """
+
+    factor: float
+    policy: DropPolicy = "probs"
+    level: CapacityLevel = "expert"
+    n_devices: int = 1
+    exempt_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"capacity.factor: {self.factor} is not positive")
+        if not 0.0 <= self.exempt_fraction <= 1.0:
+            raise ValueError(f"capacity.exempt_fraction: {self.exempt_fraction} not in [0, 1]")
+        if self.policy not in ("probs", "position"):
+            raise ValueError(f"capacity.policy: unknown drop policy {self.policy!r}")
+        if self.level not in ("expert", "device"):
+            raise ValueError(f"capacity.level: unknown level {self.level!r}")
+        if self.n_devices < 1:
+            raise ValueError(f"capacity.n_devices: {self.n_devices} (need at least 1)")
+
+    def n_bins(self, n_experts: int) -> int:
+        """Budgets per router call: ``N`` (expert level) or ``D`` (device level)."""
+        if self.level == "expert":
+            return n_experts
+        if n_experts % self.n_devices:
+            raise ValueError(f"capacity.n_devices: {self.n_devices} do not divide {n_experts}")
+        return self.n_devices
+
+    def budget(self, n_tokens: int, top_k: int, n_experts: int) -> int:
+        """Assignments one expert (or device) may keep in a call of ``n_tokens`` tokens:
+        ``ceil(T·K/bins·CF)`` (the product is rounded to 9 decimals first, so a float error
+        such as ``100.00000000000001`` does not add a slot)."""
+        return math.ceil(round(n_tokens * top_k / self.n_bins(n_experts) * self.factor, 9))
+
 
 class RouteOptions(TypedDict):
     """Keyword arguments of :func:`route` that a scenario fixes (see :func:`route_options`)."""
@@ -115,24 +223,64 @@ class RouteOptions(TypedDict):
     scaling_factor: float
     n_groups: int
     group_topk: int | None
+    topk_before_softmax: bool
+    capacity: CapacitySpec | None
+
+
+def group_limits(scenario: Scenario) -> tuple[int, int | None]:
+    """``(n_groups, group_topk)`` of the scenario's group-limited routing (routing.md §6.2 item 3).
+
+    - ``router.node_limit``: one group per node of the expert-parallel group (``n_groups =
+      scenario.ep_nodes``), when the group spans more than one node (DeepSeek-V3, §3);
+    - ``router.device_limit``: one group per expert-parallel rank (``n_groups =
+      parallelism.expert``), when there is more than one (DeepSeek-V2, §4);
+    - ``router.num_groups``/``group_topk``: as given (Megatron's ``moe_router_num_groups``).
+
+    ``(1, None)`` when routing is not group-limited.
+    """
+    router = scenario.router
+    if router.node_limit is not None and scenario.ep_nodes > 1:
+        return scenario.ep_nodes, router.node_limit
+    if router.device_limit is not None and scenario.parallelism.expert > 1:
+        return scenario.parallelism.expert, router.device_limit
+    if router.num_groups is not None and router.group_topk is not None:
+        return router.num_groups, router.group_topk
+    return 1, None
+
+
+def capacity_spec(scenario: Scenario) -> CapacitySpec | None:
+    """The scenario's ``router.capacity`` as a :class:`CapacitySpec` (``None``: dropless);
+    devices are the ``parallelism.expert`` ranks of an expert-parallel group."""
+    cap = scenario.router.capacity
+    if cap is None:
+        return None
+    return CapacitySpec(
+        factor=cap.factor,
+        policy=cap.policy,
+        level=cap.level,
+        n_devices=scenario.parallelism.expert,
+        exempt_fraction=cap.exempt_fraction,
+    )
 
 
 def route_options(scenario: Scenario) -> RouteOptions:
     """The routing configuration a scenario implies.
 
-    Node-limited routing (``router.node_limit``) becomes group-limited routing with one group per
-    node of the expert-parallel group (``n_groups = scenario.ep_nodes``, ``group_topk =
-    node_limit``) when that group spans more than one node (routing.md §6.2 item 3).
+    Group limits come from :func:`group_limits`, the capacity from :func:`capacity_spec`. The
+    capacity's scope is the router call: pass ``segments`` (and ``tokens_per_sequence``) to
+    :func:`route` when one call holds several micro-batches.
     """
     router = scenario.router
-    limited = router.node_limit is not None and scenario.ep_nodes > 1
+    n_groups, group_topk = group_limits(scenario)
     return RouteOptions(
         top_k=scenario.model.moe.top_k,
         score=router.score,
         normalize=router.normalize,
         scaling_factor=router.scaling_factor,
-        n_groups=scenario.ep_nodes if limited else 1,
-        group_topk=router.node_limit if limited else None,
+        n_groups=n_groups,
+        group_topk=group_topk,
+        topk_before_softmax=router.topk_before_softmax,
+        capacity=capacity_spec(scenario),
     )
 
 
@@ -228,8 +376,40 @@ def scores_from_logits(logits: FloatArray, score: ScoreFunction) -> FloatArray:
     raise ValueError(f"score: unknown score function {score!r} (sigmoid or softmax)")
 
 
+def _top_sum(grouped: FloatArray, count: int) -> FloatArray:
+    """Sum of the ``count`` largest entries along the last (short) axis of a (T, G, n) array.
+
+    numpy's reductions and partitions along a short last axis cost far more per row than the
+    arithmetic (see :func:`row_sum`), so small ``count`` keeps a running top-``count`` with
+    element-wise max/min over the ``n`` columns (an insertion network); the result is summed
+    largest first, as a sort would. Larger ``count`` sorts the groups and adds the largest.
+    """
+    n = grouped.shape[2]
+    if count > 4 or count >= n:
+        ordered = np.sort(grouped, axis=2)
+        total = ordered[:, :, n - 1].copy()
+        for i in range(2, count + 1):
+            total += ordered[:, :, n - i]
+        return total
+    tops = [np.full(grouped.shape[:2], -np.inf, dtype=grouped.dtype) for _ in range(count)]
+    for j in range(n):
+        value = grouped[:, :, j]
+        for i in range(count):
+            high = np.maximum(tops[i], value)
+            value = np.minimum(tops[i], value)
+            tops[i] = high
+    total = tops[0]
+    for i in range(1, count):
+        total = total + tops[i]
+    return total
+
+
 def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk: int) -> FloatArray:
-    """Selection scores with the experts of all but the best ``group_topk`` groups set to -inf."""
+    """Selection scores with the experts of all but the best ``group_topk`` groups set to -inf.
+
+    A group's score is the sum of its ``max(1, top_k // group_topk)`` largest selection scores
+    (routing.md §3 "node-limited routing", §6.2 item 3: Megatron's ``topk(k // group_topk)``
+    sum; the ``max(1, ·)`` keeps a score when ``group_topk > top_k``)."""
     n_tokens, n_experts = selection.shape
     if n_experts % n_groups:
         raise ValueError(f"n_groups: {n_groups} does not divide the {n_experts} experts")
@@ -240,11 +420,7 @@ def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk:
         )
     grouped = selection.reshape(n_tokens, n_groups, group_size)
     per_group = min(group_size, max(1, top_k // group_topk))
-    if per_group == 1:
-        group_score = grouped.max(axis=2)
-    else:
-        kth = group_size - per_group
-        group_score = np.partition(grouped, kth, axis=2)[:, :, kth:].sum(axis=2)
+    group_score = _top_sum(grouped, per_group)
     kept = top_k_indices(group_score, group_topk)
     keep = np.zeros((n_tokens, n_groups), dtype=bool)
     np.put_along_axis(keep, kept, True, axis=1)
@@ -284,6 +460,179 @@ def select_experts(
     return top_k_indices(selection, top_k)
 
 
+def segment_sizes(segments: int | Sequence[int], n_tokens: int) -> npt.NDArray[np.int64]:
+    """Token counts of the consecutive router calls (segments) one batch holds.
+
+    Parameters
+    ----------
+    segments : int or sequence of int
+        A number of equal segments (it must divide ``n_tokens``), or their sizes.
+    n_tokens : int
+        Rows of the batch.
+
+    Returns
+    -------
+    ndarray, shape (S,), int64
+        Positive sizes summing to ``n_tokens``.
+    """
+    if isinstance(segments, int | np.integer):
+        n = int(segments)
+        if n < 1 or n_tokens % n:
+            raise ValueError(f"segments: {n} equal segments do not split {n_tokens} tokens")
+        return np.full(n, n_tokens // n, dtype=np.int64)
+    sizes = np.asarray(segments, dtype=np.int64)
+    if sizes.ndim != 1 or sizes.size == 0 or (sizes <= 0).any() or sizes.sum() != n_tokens:
+        raise ValueError(f"segments: sizes {sizes.tolist()} do not partition {n_tokens} tokens")
+    return sizes
+
+
+def exempt_sequences(n_sequences: int, fraction: float, first: int = 0) -> npt.NDArray[np.bool_]:
+    """Which sequences are exempt from dropping (routing.md §4: about 10% in DeepSeek-V2).
+
+    Sequence ``i`` (counted from ``first``) is exempt when ``floor((i+1)·f) > floor(i·f)``: a
+    deterministic, evenly spread choice, so any ``n`` consecutive sequences starting at 0 hold
+    exactly ``floor(n·f)`` exempt ones and no random draw is spent on it.
+
+    Returns
+    -------
+    ndarray, shape (n_sequences,), bool
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"exempt_fraction: {fraction} not in [0, 1]")
+    index = np.arange(first, first + n_sequences, dtype=np.float64)
+    return np.floor((index + 1) * fraction) > np.floor(index * fraction)
+
+
+def capacity_kept(
+    selected: npt.NDArray[np.int64],
+    gates: FloatArray,
+    n_experts: int,
+    capacity: CapacitySpec,
+    *,
+    segments: int | Sequence[int] = 1,
+    weights: npt.NDArray[np.integer] | None = None,
+    positions: npt.NDArray[np.integer] | None = None,
+    exempt: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.int64]:
+    """How much of every assignment survives the capacity (routing.md §4, §6.2 item 4).
+
+    Each segment (one router call) of ``T_s = Σ weights`` tokens gives every bin — an expert, or
+    at device level a rank's block of ``N/D`` experts — the budget
+    :meth:`CapacitySpec.budget`. Within a bin the assignments are ranked: exempt tokens first,
+    then by gate value (``probs``, highest first) or by position (``position``, earliest
+    first), exact ties in a deterministic order; they are kept in that order until the budget is
+    spent. Vectorised: one sort of the ``T·k`` assignments (:func:`_capacity_order`).
+
+    Parameters
+    ----------
+    selected : ndarray, shape (T, k), int64
+        Selected experts.
+    gates : ndarray, shape (T, k)
+        Gate values (the ``probs`` ranking).
+    n_experts : int
+        ``N``.
+    capacity : CapacitySpec
+        Budget and policy.
+    segments : int or sequence of int, default 1
+        Consecutive router calls in this batch (see :func:`segment_sizes`), each with its own
+        budget.
+    weights : ndarray, shape (T,), integer, optional
+        Multiplicity of each row (a bootstrap weight: the row stands for that many identical
+        tokens); default 1. Budgets count multiplicities, and a row straddling the budget is
+        kept in part.
+    positions : ndarray, shape (T,), integer, optional
+        The ``position`` ranking key, smaller = earlier; default the row index.
+    exempt : ndarray, shape (T,), bool, optional
+        Rows never dropped; their assignments use up the budget first.
+
+    Returns
+    -------
+    ndarray, shape (T, k), int64
+        Kept multiplicity of each assignment, ``0 ≤ kept ≤ weight``; the dropped share is
+        ``weight − kept``. Unless exempt rows exceed it, no bin keeps more than its budget.
+    """
+    n_tokens, top_k = selected.shape
+    if n_tokens == 0:
+        return np.zeros(selected.shape, dtype=np.int64)
+    sizes = segment_sizes(segments, n_tokens)
+    n_seg = sizes.size
+    seg = np.repeat(np.arange(n_seg, dtype=np.int64), sizes)
+    if weights is None:
+        w = np.ones(n_tokens, dtype=np.int64)
+        seg_tokens = sizes.astype(np.float64)
+    else:
+        w = np.asarray(weights, dtype=np.int64)
+        if w.shape != (n_tokens,) or (w < 0).any():
+            raise ValueError("weights: need one non-negative multiplicity per row")
+        seg_tokens = np.bincount(seg, weights=w, minlength=n_seg)
+    n_bins = capacity.n_bins(n_experts)
+    per_bin = n_experts // n_bins
+    budget = np.ceil(np.round(seg_tokens * (top_k / n_bins * capacity.factor), 9)).astype(np.int64)
+
+    own_bin = selected // per_bin if per_bin > 1 else selected
+    bins = ((seg * n_bins)[:, None] + own_bin).ravel()
+    forced = None if exempt is None or not exempt.any() else np.repeat(exempt, top_k)
+    order = _capacity_order(bins, gates, positions, forced, capacity.policy, top_k)
+
+    w_sorted = np.repeat(w, top_k)[order]
+    bins_sorted = bins[order]
+    before = np.cumsum(w_sorted) - w_sorted  # weight ahead of each assignment, all bins
+    run_start = np.ones(bins_sorted.size, dtype=bool)
+    run_start[1:] = bins_sorted[1:] != bins_sorted[:-1]
+    run_of = np.cumsum(run_start) - 1
+    ahead = before - before[run_start][run_of]  # weight ahead of it within its bin
+    kept_sorted = np.clip(budget[bins_sorted // n_bins] - ahead, 0, w_sorted)
+    if forced is not None:
+        kept_sorted = np.where(forced[order], w_sorted, kept_sorted)
+    kept = np.empty_like(kept_sorted)
+    kept[order] = kept_sorted
+    return kept.reshape(n_tokens, top_k)
+
+
+def _capacity_order(
+    bins: npt.NDArray[np.int64],
+    gates: FloatArray,
+    positions: npt.NDArray[np.integer] | None,
+    forced: npt.NDArray[np.bool_] | None,
+    policy: DropPolicy,
+    top_k: int,
+) -> npt.NDArray[np.intp]:
+    """Order of the flattened assignments: by bin, exempt first, then best-kept first.
+
+    One sort of a composite key (a plain quicksort is several times faster than a lexicographic
+    sort here). ``probs``: ``4·bin + (0 if exempt else 2) + (1 − ĝ)`` with the gates rescaled to
+    ``ĝ ∈ [0, 1]``; gates closer than the key's float64 resolution count as tied. ``position``:
+    an exact integer key. Exact ties fall in a deterministic, implementation-defined order.
+    """
+    if policy == "probs":
+        g = gates.astype(np.float64).ravel()
+        low, high = float(g.min()), float(g.max())
+        key = bins * 4.0
+        key += 1.0
+        if high > low:
+            key -= (g - low) / (high - low)
+        if forced is not None:
+            key += np.where(forced, 0.0, 2.0)
+        return np.argsort(key)
+    n_rows = bins.size // top_k
+    pos = np.arange(n_rows, dtype=np.int64) if positions is None else np.asarray(positions)
+    pos = np.repeat(pos.astype(np.int64) - int(pos.min()), top_k)
+    high_key = bins if forced is None else 2 * bins + ~forced
+    span = int(pos.max()) + 1
+    if (int(high_key.max()) + 1) * span < 2**62:
+        return np.argsort(high_key * span + pos)
+    return np.lexsort((pos, high_key))
+
+
+def _softmax_rows(values: FloatArray) -> FloatArray:
+    """Softmax over each row of a (T, k) array with small ``k``."""
+    out = values - row_max(values)[:, None]
+    np.maximum(out, -_EXP_LIMIT, out=out)
+    np.exp(out, out=out)
+    out /= row_sum(out)[:, None]
+    return out
+
+
 def route(
     x: FloatArray,
     state: RouterState,
@@ -293,8 +642,13 @@ def route(
     scaling_factor: float,
     n_groups: int = 1,
     group_topk: int | None = None,
+    *,
+    topk_before_softmax: bool = False,
+    capacity: CapacitySpec | None = None,
+    segments: int | Sequence[int] = 1,
+    tokens_per_sequence: int | None = None,
 ) -> Routing:
-    """Route a batch of tokens (routing.md §2.1, §3, §6.2, §10 items 1–3).
+    """Route a batch of tokens (routing.md §2.1, §3, §4, §6.2, §10 items 1–3 and 7).
 
     Parameters
     ----------
@@ -314,19 +668,62 @@ def route(
         Expert groups for group-limited routing.
     group_topk : int or None, default None
         Groups a token may reach; applied only when ``< n_groups``.
+    topk_before_softmax : bool, default False
+        Softmax only: gates are the softmax over the selected logits (Mixtral, Megatron
+        ``pre_softmax=False``); ``normalize`` is then moot. False: the all-expert softmax at the
+        selection, renormalised only if ``normalize`` (DeepSeek-V2: not).
+    capacity : CapacitySpec or None, default None
+        Expert capacity; ``None`` is dropless (and the only path the dropless case takes).
+    segments : int or sequence of int, default 1
+        The router calls this batch stands for, as consecutive row blocks (e.g. the
+        micro-batches of a training batch); each gets its own capacity budget.
+    tokens_per_sequence : int or None
+        Rows per sequence (sequences consecutive, each inside one segment). With it, ``position``
+        means the position in the sequence and ``capacity.exempt_fraction`` picks whole
+        sequences (:func:`exempt_sequences`); without it every row is a sequence of its own.
 
     Returns
     -------
     Routing
-        Logits, scores, selection and gates. Computed in float32 for float32 inputs (float64
-        inputs stay float64, which the gradient checks use).
+        Logits, scores, selection, gates and the dropped mask. Computed in float32 for float32
+        inputs (float64 inputs stay float64, which the gradient checks use).
     """
     logits = x @ state.weights.T
     scores = scores_from_logits(logits, score)
     selected = select_experts(scores, state.bias, top_k, n_groups, group_topk)
-    gates = gather_rows(scores, selected)
-    if normalize:
-        gates /= (row_sum(gates) + 1e-20)[:, None]
+    if topk_before_softmax:
+        if score != "softmax":
+            raise ValueError("topk_before_softmax: needs the softmax score function")
+        gates = _softmax_rows(gather_rows(logits, selected))
+    else:
+        gates = gather_rows(scores, selected)
+        if normalize:
+            gates /= (row_sum(gates) + 1e-20)[:, None]
     if scaling_factor != 1.0:
         gates *= gates.dtype.type(scaling_factor)
-    return Routing(logits=logits, scores=scores, selected=selected, gates=gates)
+    if capacity is None:
+        return Routing(logits=logits, scores=scores, selected=selected, gates=gates)
+
+    n_tokens = selected.shape[0]
+    rows = np.arange(n_tokens, dtype=np.int64)
+    if tokens_per_sequence is None:
+        positions, sequence = rows, rows
+    else:
+        if tokens_per_sequence < 1:
+            raise ValueError(f"tokens_per_sequence: {tokens_per_sequence} (need at least 1)")
+        # Position-major order, as Megatron flattens [s, b]: the last positions go first.
+        positions = (rows % tokens_per_sequence) * n_tokens + rows
+        sequence = rows // tokens_per_sequence
+    exempt = None
+    if capacity.exempt_fraction > 0:
+        exempt = exempt_sequences(int(sequence[-1]) + 1, capacity.exempt_fraction)[sequence]
+    kept = capacity_kept(
+        selected,
+        gates,
+        state.n_experts,
+        capacity,
+        segments=segments,
+        positions=positions,
+        exempt=exempt,
+    )
+    return Routing(logits=logits, scores=scores, selected=selected, gates=gates, dropped=kept == 0)

@@ -5,9 +5,12 @@ The engine does not route tokens. For each step it simulates, it receives a
 expert-parallel group, how many (token, expert) assignments go to each expert — the work of each
 expert's GEMMs — and how many distinct tokens travel to each destination expert-parallel rank —
 the all-to-all dispatch volume (a token whose experts share a rank is sent there once). Loads are
-counted in assignments as in routing.md §1, and MaxVio is routing.md §2.4's.
+counted in assignments as in routing.md §1, and MaxVio is routing.md §2.4's. With an expert
+capacity (routing.md §4, §6.2 item 4) the counts and dispatch volumes hold the *kept* assignments
+only; the dropped ones are counted separately (they skip the expert through the residual).
 
-Shapes use ``L`` = ``gate.layers_simulated`` (MoE layer ``l`` uses sample layer ``l mod L``),
+Shapes use ``L`` = ``gate.layers_simulated`` (MoE layer ``i`` uses sample layer
+:func:`~moesim.gate.sampling.gate_layer_of` ``(scenario, i)``, set by ``gate.layer_map``),
 ``M`` = micro-batches per step, ``n_src`` source ranks, ``n_dest`` destination ranks, ``E`` experts.
 """
 
@@ -28,21 +31,35 @@ class RoutingSample:
     step : int
         The optimizer step this sample stands for.
     counts : ndarray, shape (L, M, n_src, E), int64
-        (token, expert) assignments routed from source rank ``src`` in micro-batch ``m`` of layer
-        ``l``. Sums over ``E`` to ``top_k · tokens`` of that rank's micro-batch.
+        Kept (token, expert) assignments routed from source rank ``src`` in micro-batch ``m`` of
+        layer ``l``. Sums over ``E`` to ``top_k · tokens`` of that rank's micro-batch minus
+        ``dropped``.
     dest_tokens : ndarray, shape (L, M, n_src, n_dest), int64
-        Distinct tokens ``src`` sends to expert-parallel rank ``d``; expert ``e`` lives on rank
-        ``e // (E // n_dest)``.
+        Distinct tokens ``src`` sends to expert-parallel rank ``d`` (for at least one kept
+        assignment); expert ``e`` lives on rank ``e // (E // n_dest)``.
     metrics : dict of str to float
         At least ``maxvio_batch`` (MaxVio of the per-expert loads of the whole sample, mean over
         layers) and ``maxvio_micro`` (mean over layers and micro-batches of the MaxVio of one
-        micro-batch's loads summed over source ranks).
+        micro-batch's loads summed over source ranks); samples built by moesim also carry
+        ``maxvio_compute_batch``, ``cv_batch``, ``rank_maxvio_micro``, ``dead_experts``,
+        ``dropped_fraction`` and ``nodes_per_token``
+        (:func:`~moesim.gate.sampling.sample_metrics`).
+    dropped : ndarray, shape (L, M, n_src), int64
+        (token, expert) assignments dropped by the capacity in each cell; all zero for dropless
+        routing (the default when constructed without it).
     """
 
     step: int
     counts: npt.NDArray[np.int64]
     dest_tokens: npt.NDArray[np.int64]
     metrics: dict[str, float]
+    dropped: npt.NDArray[np.int64] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.dropped is None:
+            object.__setattr__(self, "dropped", np.zeros(self.counts.shape[:3], dtype=np.int64))
+        elif self.dropped.shape != self.counts.shape[:3]:
+            raise ValueError(f"dropped: shape {self.dropped.shape} is not {self.counts.shape[:3]}")
 
     @property
     def layers(self) -> int:

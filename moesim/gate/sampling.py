@@ -10,7 +10,21 @@ are resampled uniformly from the routed ones, i.e. token weights ``w = 1 + Multi
 uniform over the R routed tokens)``. The weights sum to ``S`` per sequence, so loads are
 conserved exactly, and the sample is exact when ``R = S``. The draw of tokens and weights is shared
 by all layers (the same sequences flow through every layer), each layer routing them with its own
-router.
+router. The tokens come from the stream as it stands at the step (its drift after
+``step × tokens_per_step`` tokens) and, with domain packing, each rank's micro-batch shares a
+dominant topic.
+
+**Capacity.** With ``router.capacity`` every (micro-batch, source rank) cell is one router call
+of ``micro_batch_size × seq_len`` tokens (routing.md §6.2 item 4): budgets and drops follow
+:func:`~moesim.gate.router.capacity_kept`, counting each routed token with its bootstrap weight
+(a token's resampled copies are identical, so a token straddling the budget is kept in part).
+Routed token ``j`` of a sequence stands at position ``j`` for the ``position`` policy (its copies
+with it), and exempt sequences are chosen by :func:`~moesim.gate.router.exempt_sequences` over the
+step's sequences. ``counts`` and ``dest_tokens`` hold the kept assignments only;
+``RoutingSample.dropped`` the dropped ones.
+
+**Layers.** ``gate.layers_simulated`` routers stand for the model's MoE layers through
+``gate.layer_map``; :func:`gate_layer_of` is the mapping the engine uses.
 
 :func:`balanced_sample` is the ideal reference: perfectly even loads and the dispatch volume of
 uniformly random top-k routing.
@@ -23,14 +37,58 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-from moesim.gate.metrics import coefficient_of_variation, max_vio
-from moesim.gate.router import RouterState, route, route_options
+from moesim.gate.metrics import (
+    coefficient_of_variation,
+    dead_experts,
+    max_vio,
+    max_vio_batch,
+    max_vio_compute_batch,
+)
+from moesim.gate.router import (
+    RouterState,
+    capacity_kept,
+    exempt_sequences,
+    route,
+    route_options,
+)
 from moesim.gate.sample import RoutingSample
 from moesim.gate.stream import TokenStream
 from moesim.scenario.schema import Scenario
 
 # Upper bound on elements of one (tokens × experts) or (tokens × dim) array while sampling.
 _CHUNK_ELEMENTS = 1 << 23
+
+
+def gate_layer_of(scenario: Scenario, moe_layer_index: int) -> int:
+    """The simulated gate layer that stands for a MoE layer (``gate.layer_map``).
+
+    Parameters
+    ----------
+    scenario : Scenario
+    moe_layer_index : int
+        Index among the MoE layers, ``0 ≤ i < model.moe_layers`` (transformer layer ``l`` is
+        MoE layer ``l − model.dense_layers``).
+
+    Returns
+    -------
+    int
+        ``round_robin``: ``i mod L``; ``blocks``: ``i·L // moe_layers`` (contiguous blocks whose
+        sizes differ by at most one), with ``L = gate.layers_simulated``.
+    """
+    n_moe = scenario.model.moe_layers
+    if not 0 <= moe_layer_index < n_moe:
+        raise ValueError(f"moe_layer_index: {moe_layer_index} outside 0..{n_moe - 1}")
+    n_sim = scenario.gate.layers_simulated
+    if scenario.gate.layer_map == "blocks":
+        return moe_layer_index * n_sim // n_moe
+    return moe_layer_index % n_sim
+
+
+def gate_layer_map(scenario: Scenario) -> npt.NDArray[np.int64]:
+    """:func:`gate_layer_of` for every MoE layer, shape (model.moe_layers,), int64."""
+    return np.array(
+        [gate_layer_of(scenario, i) for i in range(scenario.model.moe_layers)], dtype=np.int64
+    )
 
 
 def _check_ranks(n_experts: int, n_src: int, n_dest: int) -> None:
@@ -74,18 +132,73 @@ def bootstrap_weights(
     return weights
 
 
-def _sample_metrics(counts: npt.NDArray[np.int64], n_dest: int) -> dict[str, float]:
-    """Summary metrics of a (L, M, n_src, E) count array (routing.md §2.4)."""
+def sample_metrics(
+    counts: npt.NDArray[np.int64],
+    n_dest: int,
+    dropped: npt.NDArray[np.int64] | None = None,
+    nodes_per_token: float = float("nan"),
+) -> dict[str, float]:
+    """Summary metrics of a (L, M, n_src, E) count array (routing.md §2.4, §10 item 8).
+
+    Keys (all averaged over layers):
+
+    - ``maxvio_batch``: MaxVio of each layer's loads over the whole sample (one step);
+    - ``maxvio_micro``: MaxVio of one micro-batch's loads summed over all source ranks, mean over
+      micro-batches;
+    - ``maxvio_compute_batch``: MaxVio of one computation batch, a micro-batch of one
+      expert-parallel group's ``n_dest`` consecutive source ranks (all sources when ``n_dest``
+      does not divide ``n_src``) — equal to ``maxvio_micro`` when the sources are one EP group;
+    - ``rank_maxvio_micro``: ``maxvio_micro`` over destination ranks' loads;
+    - ``cv_batch``: coefficient of variation of the step's loads;
+    - ``dead_experts``: experts with zero load over the step;
+    - ``dropped_fraction``: dropped over routed assignments (0 when ``dropped`` is None);
+    - ``nodes_per_token``: mean distinct nodes a token reaches (as given).
+    """
     per_layer = counts.sum(axis=(1, 2))  # (L, E)
     per_micro = counts.sum(axis=2)  # (L, M, E)
     n_layers, n_micro, n_experts = per_micro.shape
+    n_src = counts.shape[2]
     rank_load = per_micro.reshape(n_layers, n_micro, n_dest, n_experts // n_dest).sum(axis=3)
+    group = n_dest if n_src % n_dest == 0 else None
+    kept = float(counts.sum())
+    lost = 0.0 if dropped is None else float(dropped.sum())
     return {
-        "maxvio_batch": float(max_vio(per_layer).mean()),
+        "maxvio_batch": max_vio_batch(counts),
         "maxvio_micro": float(max_vio(per_micro).mean()),
+        "maxvio_compute_batch": max_vio_compute_batch(counts, group),
         "cv_batch": float(coefficient_of_variation(per_layer).mean()),
         "rank_maxvio_micro": float(max_vio(rank_load).mean()),
+        "dead_experts": float(dead_experts(per_layer).mean()),
+        "dropped_fraction": lost / (kept + lost) if kept + lost > 0 else 0.0,
+        "nodes_per_token": float(nodes_per_token),
     }
+
+
+def _first_reach(groups: npt.NDArray[np.int64], kept: npt.NDArray[np.int64]) -> tuple:
+    """Per token, each distinct group once, with the most copies that reach it.
+
+    Parameters
+    ----------
+    groups : ndarray, shape (T, k)
+        Group (rank, node) of every assignment.
+    kept : ndarray, shape (T, k), int64
+        Kept multiplicity of every assignment.
+
+    Returns
+    -------
+    sorted_groups : ndarray, shape (T, k)
+        Each row's groups in ascending order.
+    reach : ndarray, shape (T, k), int64
+        At the first entry of each group run: the largest kept multiplicity among the token's
+        assignments to that group (the copies of the token that travel there); 0 elsewhere.
+    """
+    span = int(kept.max()) + 1 if kept.size else 1
+    key = np.sort(groups * span + (span - 1 - kept), axis=1)
+    sorted_groups = key // span
+    best = span - 1 - key % span
+    first = np.ones(key.shape, dtype=bool)
+    first[:, 1:] = sorted_groups[:, 1:] != sorted_groups[:, :-1]
+    return sorted_groups, np.where(first, best, 0)
 
 
 def routing_sample(
@@ -97,14 +210,15 @@ def routing_sample(
     n_dest: int,
     rng: np.random.Generator,
 ) -> RoutingSample:
-    """Expert loads of one step, routed by the given routers (routing.md §1, §2.4, §6.2).
+    """Expert loads of one step, routed by the given routers (routing.md §1, §2.4, §4, §6.2).
 
     For every micro-batch (``scenario.micro_batches``) and source rank (``n_src``),
-    ``parallelism.micro_batch_size`` sequences are drawn from ``stream``; ``R =
-    gate.routed_tokens_per_sequence`` tokens of each are routed by every simulated layer's
-    router (group-limited when ``router.node_limit`` applies, see
-    :func:`~moesim.gate.router.route_options`) and weighted by :func:`bootstrap_weights` up to
-    ``model.seq_len``.
+    ``parallelism.micro_batch_size`` sequences are drawn from ``stream`` (drift at ``step ×
+    tokens_per_step`` tokens; domain packing per cell); ``R = gate.routed_tokens_per_sequence``
+    tokens of each are routed by every simulated layer's router (group-limited as
+    :func:`~moesim.gate.router.route_options` says) and weighted by :func:`bootstrap_weights` up
+    to ``model.seq_len``. With ``router.capacity`` each cell is one router call with its own
+    budget (module docstring).
 
     Parameters
     ----------
@@ -115,9 +229,9 @@ def routing_sample(
     stream : TokenStream
         The token source (the one the routers were trained on).
     step : int
-        Optimizer step the sample stands for (recorded only).
+        Optimizer step the sample stands for (sets the stream's drift; otherwise recorded only).
     n_src : int
-        Source ranks (normally ``parallelism.expert``).
+        Source ranks (normally ``parallelism.expert × parallelism.data``).
     n_dest : int
         Destination expert-parallel ranks; must divide the number of routed experts.
     rng : numpy.random.Generator
@@ -126,20 +240,23 @@ def routing_sample(
     Returns
     -------
     RoutingSample
-        ``counts`` (L, M, n_src, E) summing over experts to ``top_k · micro_batch_size ·
-        seq_len`` for every (layer, micro-batch, source), and ``dest_tokens`` (L, M, n_src,
-        n_dest).
+        ``counts`` (L, M, n_src, E) of kept assignments, summing over experts to ``top_k ·
+        micro_batch_size · seq_len`` minus ``dropped`` for every (layer, micro-batch, source);
+        ``dest_tokens`` (L, M, n_src, n_dest); ``dropped`` (L, M, n_src).
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_layers, n_experts, top_k = gate.layers_simulated, moe.routed_experts, moe.top_k
     _check_ranks(n_experts, n_src, n_dest)
     if len(states) != n_layers:
         raise ValueError(f"states: {len(states)} routers for {n_layers} simulated layers")
-    options = route_options(scenario)
+    options = dict(route_options(scenario))
+    capacity = options.pop("capacity")
     n_micro = scenario.micro_batches
     mbs = scenario.parallelism.micro_batch_size
     routed, seq_len = gate.routed_tokens_per_sequence, scenario.model.seq_len
     experts_per_rank = n_experts // n_dest
+    experts_per_node = n_experts // scenario.ep_nodes
+    tokens_trained = float(step) * scenario.tokens_per_step
 
     tokens_per_micro = n_src * mbs * routed
     width = max(n_experts, stream.dim, 1)
@@ -147,32 +264,123 @@ def routing_sample(
 
     counts = np.zeros((n_layers, n_micro, n_src, n_experts), dtype=np.int64)
     dest = np.zeros((n_layers, n_micro, n_src, n_dest), dtype=np.int64)
+    dropped = np.zeros((n_layers, n_micro, n_src), dtype=np.int64)
+    node_reach = np.zeros(n_layers)
     for m0 in range(0, n_micro, micro_per_chunk):
         m1 = min(n_micro, m0 + micro_per_chunk)
         n_cells = (m1 - m0) * n_src  # (micro-batch, source) cells in this chunk
         n_seq = n_cells * mbs
-        tokens, _ = stream.sample(n_seq, routed, rng)
+        tokens, _ = stream.sample(
+            n_seq, routed, rng, tokens_trained=tokens_trained, sequences_per_micro_batch=mbs
+        )
         x = tokens.reshape(n_seq * routed, stream.dim)
-        weights = bootstrap_weights(n_seq, routed, seq_len, rng).ravel().astype(np.float64)
+        weights_int = bootstrap_weights(n_seq, routed, seq_len, rng).ravel()
+        weights = weights_int.astype(np.float64)
         cell = np.repeat(np.arange(n_cells, dtype=np.int64), mbs * routed)
         pair_weights = np.repeat(weights, top_k)
+        if capacity is not None:
+            n_rows = x.shape[0]
+            rows = np.arange(n_rows, dtype=np.int64)
+            positions = (rows % routed) * n_rows + rows  # position-major, as route() does
+            sequence = rows // routed
+            exempt = None
+            if capacity.exempt_fraction > 0:
+                first = m0 * n_src * mbs
+                exempt = exempt_sequences(n_seq, capacity.exempt_fraction, first)[sequence]
         for layer, state in enumerate(states):
-            selected = route(x, state, **options).selected
+            routing = route(x, state, **options)  # type: ignore[arg-type]
+            selected = routing.selected
+            if capacity is None:
+                kept_pairs = pair_weights
+                kept = None
+            else:
+                kept = capacity_kept(
+                    selected,
+                    routing.gates,
+                    n_experts,
+                    capacity,
+                    segments=n_cells,
+                    weights=weights_int,
+                    positions=positions,
+                    exempt=exempt,
+                )
+                kept_pairs = kept.ravel().astype(np.float64)
+                lost = (weights_int[:, None] - kept).sum(axis=1)
+                dropped[layer, m0:m1] = (
+                    np.bincount(cell, weights=lost, minlength=n_cells)
+                    .astype(np.int64)
+                    .reshape(m1 - m0, n_src)
+                )
             flat = ((cell * n_experts)[:, None] + selected).ravel()
-            c = np.bincount(flat, weights=pair_weights, minlength=n_cells * n_experts)
+            c = np.bincount(flat, weights=kept_pairs, minlength=n_cells * n_experts)
             counts[layer, m0:m1] = np.rint(c).astype(np.int64).reshape(m1 - m0, n_src, n_experts)
-            # Distinct destination ranks per token: sort each token's ranks, drop repeats.
-            ranks = np.sort(selected // experts_per_rank, axis=1)
-            first = np.ones_like(ranks, dtype=bool)
-            first[:, 1:] = ranks[:, 1:] != ranks[:, :-1]
-            flat_rank = ((cell * n_dest)[:, None] + ranks)[first]
-            d = np.bincount(
-                flat_rank, weights=pair_weights[first.ravel()], minlength=n_cells * n_dest
-            )
+            if kept is None:
+                # Distinct destination ranks per token: sort each token's ranks, drop repeats.
+                ranks = np.sort(selected // experts_per_rank, axis=1)
+                first = np.ones_like(ranks, dtype=bool)
+                first[:, 1:] = ranks[:, 1:] != ranks[:, :-1]
+                flat_rank = ((cell * n_dest)[:, None] + ranks)[first]
+                d = np.bincount(
+                    flat_rank, weights=pair_weights[first.ravel()], minlength=n_cells * n_dest
+                )
+                if experts_per_node == n_experts:
+                    node_reach[layer] += float(weights.sum())
+                else:
+                    nodes = np.sort(selected // experts_per_node, axis=1)
+                    node_first = np.count_nonzero(nodes[:, 1:] != nodes[:, :-1], axis=1) + 1
+                    node_reach[layer] += float(node_first @ weights)
+            else:
+                ranks, reach = _first_reach(selected // experts_per_rank, kept)
+                flat_rank = ((cell * n_dest)[:, None] + ranks).ravel()
+                d = np.bincount(flat_rank, weights=reach.ravel(), minlength=n_cells * n_dest)
+                _, node_hits = _first_reach(selected // experts_per_node, kept)
+                node_reach[layer] += float(node_hits.sum())
             dest[layer, m0:m1] = np.rint(d).astype(np.int64).reshape(m1 - m0, n_src, n_dest)
+    total_tokens = float(n_micro * n_src * mbs * seq_len)
+    nodes_per_token = float(node_reach.mean() / total_tokens)
     return RoutingSample(
-        step=step, counts=counts, dest_tokens=dest, metrics=_sample_metrics(counts, n_dest)
+        step=step,
+        counts=counts,
+        dest_tokens=dest,
+        metrics=sample_metrics(counts, n_dest, dropped, nodes_per_token),
+        dropped=dropped,
     )
+
+
+def expected_distinct(
+    assignments: npt.ArrayLike, n_tokens: npt.ArrayLike, n_experts: int, top_k: int
+) -> npt.NDArray[np.float64]:
+    """Expected distinct tokens a group of experts receives, from its assignment count.
+
+    Under uniformly random top-k routing a token misses a group of ``g`` of the ``E`` experts
+    with probability ``C(E − g, k)/C(E, k) = Π_{j<k} (E − g − j)/(E − j)``. A group that
+    receives ``a`` of a cell's ``k·T`` assignments is treated as holding the equivalent
+    ``n = E·a/(k·T)`` experts in that formula (``max(0, ·)`` per factor), so the result is exact
+    for balanced loads (:func:`balanced_sample`) and grows with the group's share otherwise.
+    The result is clipped to ``[a / min(k, a), min(T, a)]``-style bounds by the caller.
+
+    Parameters
+    ----------
+    assignments : array_like
+        ``a`` per group (any shape).
+    n_tokens : array_like
+        ``T``, tokens of the cell the group receives from (broadcast against ``assignments``).
+    n_experts, top_k : int
+
+    Returns
+    -------
+    ndarray, float64
+        ``T·(1 − Π_{j<k} max(0, E − n − j)/(E − j))``.
+    """
+    a = np.asarray(assignments, dtype=np.float64)
+    t = np.asarray(n_tokens, dtype=np.float64)
+    equivalent = np.divide(
+        n_experts * a, top_k * t, out=np.zeros(np.broadcast(a, t).shape), where=t > 0
+    )
+    miss = np.ones_like(equivalent)
+    for j in range(top_k):
+        miss *= np.maximum(0.0, n_experts - equivalent - j) / (n_experts - j)
+    return t * (1.0 - miss)
 
 
 def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> RoutingSample:
@@ -183,6 +391,7 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     goes one each to the first experts). Each destination rank receives the expected number of
     distinct tokens under uniformly random top-k routing, ``round(T·(1 − C(E − E/n_dest, k) /
     C(E, k)))``: a token misses a rank only if all ``k`` of its experts lie on the other ranks.
+    Nothing is dropped; ``nodes_per_token`` is the same expectation over the EP group's nodes.
 
     Parameters
     ----------
@@ -198,8 +407,8 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     Returns
     -------
     RoutingSample
-        With ``maxvio_batch = maxvio_micro = 0`` (the integer remainder is not counted as
-        imbalance).
+        With ``maxvio_batch = maxvio_micro = maxvio_compute_batch = 0`` (the integer remainder is
+        not counted as imbalance) and ``dropped_fraction = 0``.
     """
     moe = scenario.model.moe
     n_layers, n_experts, top_k = scenario.gate.layers_simulated, moe.routed_experts, moe.top_k
@@ -213,5 +422,16 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     per_rank = round(tokens * (1.0 - miss))
     counts = np.broadcast_to(per_expert, (n_layers, n_micro, n_src, n_experts)).copy()
     dest = np.full((n_layers, n_micro, n_src, n_dest), per_rank, dtype=np.int64)
-    metrics = {"maxvio_batch": 0.0, "maxvio_micro": 0.0, "cv_batch": 0.0, "rank_maxvio_micro": 0.0}
+    n_nodes = scenario.ep_nodes
+    node_miss = math.comb(n_experts - n_experts // n_nodes, top_k) / math.comb(n_experts, top_k)
+    metrics = {
+        "maxvio_batch": 0.0,
+        "maxvio_micro": 0.0,
+        "maxvio_compute_batch": 0.0,
+        "cv_batch": 0.0,
+        "rank_maxvio_micro": 0.0,
+        "dead_experts": float(dead_experts(per_expert)),
+        "dropped_fraction": 0.0,
+        "nodes_per_token": n_nodes * (1.0 - node_miss),
+    }
     return RoutingSample(step=step, counts=counts, dest_tokens=dest, metrics=metrics)

@@ -8,16 +8,20 @@ a fixed random teacher (:class:`~moesim.gate.teacher.Teacher`) that defines the 
 its own Adam state. Every optimizer step of the scenario is one gate update:
 
 1. draw ``gate.batch_sequences × gate.tokens_per_sequence`` tokens from the stream — one batch,
-   shared by all layers, standing for the step's global batch;
-2. for each layer: route (bias for selection only, node/group limits as in
-   :func:`~moesim.gate.router.route_options`); the teacher's weighted choice and the task loss
-   with its gradient (:func:`~moesim.gate.teacher.task_loss_and_grad`); the strategy's loss and
-   gradient, with
-   micro-batches of ``parallelism.micro_batch_size`` consecutive sequences (routing.md §5.1);
-   weight gradient ``dW = dlogitsᵀ x``; one Adam step (β1 0.9, β2 0.999, ε 1e-8,
-   ``gate.learning_rate``); then the strategy's post-step update — for ``loss_free`` the sign
-   rule on this step's global-batch counts, which first affects the next step (routing.md §2.2,
-   §6.3).
+   shared by all layers, standing for the step's global batch (the stream's popularity at the
+   tokens trained so far, domain packing by micro-batch, :mod:`moesim.gate.stream`);
+2. for each layer: route (bias for selection only, group limits and capacity as in
+   :func:`~moesim.gate.router.route_options`, one router call per micro-batch); the teacher's
+   weighted choice and the task loss with its gradient
+   (:func:`~moesim.gate.teacher.task_loss_and_grad`); the strategy's loss and gradient
+   (:mod:`moesim.gate.balancing`), on micro-batches of ``parallelism.micro_batch_size``
+   consecutive sequences and sequences of ``gate.tokens_per_sequence`` tokens; the weight
+   gradients ``dW = dlogitsᵀ x`` of the task and of the auxiliary loss, and their interference
+   (cosine and norm ratio); one Adam step on their sum (β1 0.9, β2 0.999, ε 1e-8,
+   ``gate.learning_rate``); then the strategy's post-step bias update from this step's loads as
+   processed (routed, less any capacity drops), counted over the bias scope, with γ from its
+   schedule at the tokens trained before the step. The new bias first affects the next step
+   (routing.md §2.2, §6.3): one bias update per optimizer step of the real run, no coarsening.
 
 Runs are deterministic given the seed sequence: independent child sequences drive the stream
 geometry, the teachers, the student initialisation and the per-update token draws, so two
@@ -32,8 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from moesim.gate.balancing import StrategySpec, make_strategy
-from moesim.gate.metrics import expert_counts, max_vio
+from moesim.gate.balancing import (
+    BalanceContext,
+    StrategySpec,
+    grouped_counts,
+    interference,
+    make_strategy,
+)
+from moesim.gate.metrics import max_vio
 from moesim.gate.router import RouterState, route, route_options, row_sum
 from moesim.gate.stream import TokenStream
 from moesim.gate.teacher import Teacher, task_loss_and_grad, teacher_capture
@@ -55,9 +65,15 @@ class GateTrajectory:
     records : list of dict
         One per update, in step order: ``step``, ``tokens`` (``(step + 1) · tokens_per_step``,
         tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
-        of the update's gate-batch loads as routed, routing.md §2.4), ``task_loss`` (nats),
-        ``aux_loss`` (the strategy's loss, 0 when it has none) and ``teacher_capture``
-        (:mod:`moesim.gate.teacher`).
+        of the update's gate-batch loads as processed — routed, less any capacity drops —
+        routing.md §2.4, §10 item 4), ``task_loss`` (nats),
+        ``aux_loss`` (the strategy's loss, 0 when it has none), ``teacher_capture``
+        (:mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
+        between ``∂L_aux/∂W`` and ``∂L_task/∂W`` on the router weights and ``‖∂L_aux/∂W‖ /
+        ‖∂L_task/∂W‖``, :func:`~moesim.gate.balancing.interference`; both exactly 0 for a
+        strategy without an auxiliary loss), ``bias_abs_mean`` (mean ``|b|`` after the step's
+        update), and ``gamma`` (the bias update speed used after this step; the same for every
+        layer, 0 without a bias).
     states : dict of int to list of RouterState
         Deep copies of every layer's router taken *before* the update of each requested step
         (the step ``total_steps`` means after the last update).
@@ -125,6 +141,32 @@ def gate_micro_batches(scenario: Scenario) -> list[int]:
     return [mbs * tps] * full + ([rest * tps] if rest else [])
 
 
+def balance_context(scenario: Scenario) -> BalanceContext:
+    """The layout of the gate batch and the router settings the balancing losses need.
+
+    Micro-batches as in :func:`gate_micro_batches`; ranks are the ``parallelism.expert ×
+    parallelism.data`` data-parallel ranks of a pipeline stage; devices the ``parallelism.expert``
+    ranks of an expert-parallel group. The communication loss's device limit ``M`` is
+    ``min(top_k, devices)``, further capped by group-limited routing at the devices the kept
+    groups span: ``router.device_limit`` itself (DeepSeek-V2's M = 3, routing.md §4),
+    ``router.node_limit`` nodes' worth of devices, or ``group_topk`` groups' worth.
+    """
+    p, moe = scenario.parallelism, scenario.model.moe
+    limit = None
+    options = route_options(scenario)
+    if options["group_topk"] is not None:
+        limit = options["group_topk"] * max(1, p.expert // options["n_groups"])
+    return BalanceContext(
+        score=scenario.router.score,
+        top_k=moe.top_k,
+        tokens_per_sequence=scenario.gate.tokens_per_sequence,
+        micro_batches=tuple(gate_micro_batches(scenario)),
+        ranks=p.expert * p.data,
+        devices=p.expert,
+        device_limit=limit,
+    )
+
+
 def train_gate(
     scenario: Scenario,
     strategy: StrategySpec,
@@ -137,7 +179,7 @@ def train_gate(
     ----------
     scenario : Scenario
         Model (experts, top-k), router, stream, gate, parallelism and training settings.
-    strategy : NoBalancing | AuxLoss | LossFree
+    strategy : NoBalancing | AuxLoss | LossFree | Composite
         The balancing strategy, one of ``scenario.strategies``.
     sample_steps : sequence of int
         Steps in ``0..total_steps`` whose routers to snapshot (before that step's update).
@@ -152,7 +194,8 @@ def train_gate(
     Notes
     -----
     Cost per update is a few (tokens × experts) passes per layer plus three (tokens × experts ×
-    dim) products; everything is float32 and vectorised.
+    dim) products, and one more (the auxiliary weight gradient, kept apart for the
+    interference) when the strategy has a loss; everything is float32 and vectorised.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
@@ -181,35 +224,58 @@ def train_gate(
     options = route_options(scenario)
     grouped = options["group_topk"] is not None and options["group_topk"] < options["n_groups"]
     score = options["score"]
-    micro = gate_micro_batches(scenario)
+    context = balance_context(scenario)
     tokens_per_step = scenario.tokens_per_step
+    n_tokens = gate.batch_sequences * gate.tokens_per_sequence
+    scope = balancer.bias_scope
+    scope_sizes = None if scope in (None, "global") else context.scope_sizes(scope, n_tokens)
+    micro = context.micro_sizes(n_tokens)
 
     trajectory = GateTrajectory(strategy=balancer.name, stream=stream)
     for step in range(total_steps):
         if step in wanted:
             trajectory.states[step] = [s.copy() for s in states]
-        tokens, _ = stream.sample(gate.batch_sequences, gate.tokens_per_sequence, data_rng)
+        tokens_before = step * tokens_per_step
+        tokens, _ = stream.sample(
+            gate.batch_sequences,
+            gate.tokens_per_sequence,
+            data_rng,
+            tokens_trained=tokens_before,
+            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+        )
         x = tokens.reshape(-1, dim)
-        sums = np.zeros(4)
+        sums = np.zeros(7)
         for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
-            routing = route(x, state, **options)
+            routing = route(
+                x, state, **options, segments=micro, tokens_per_sequence=gate.tokens_per_sequence
+            )
             choice = teacher.choice(x, top_k)
             target = choice.at(routing.selected)
-            plain = None if grouped or state.bias.any() else routing.selected
-            aux, daux = balancer.loss_and_grad(
-                routing, score=score, top_k=top_k, micro_batches=micro, unbiased_selected=plain
-            )
-            task, dlogits = task_loss_and_grad(
-                routing, target, row_sum(choice.weights**2), score, add_to=daux
-            )
-            adam.step(state.weights, dlogits.T @ x)
-            counts = expert_counts(routing.selected, n_experts)
-            balancer.after_step(state, counts)
+            task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
+            grad = dtask.T @ x
+            aux, cos, ratio = 0.0, 0.0, 0.0
+            if balancer.has_loss:
+                plain = None if grouped or state.bias.any() else routing.selected
+                aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
+                if daux is not None:
+                    grad_aux = daux.T @ x
+                    cos, ratio = interference(grad_aux, grad)
+                    grad += grad_aux
+            adam.step(state.weights, grad)
+            counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
+            if scope_sizes is not None:
+                scoped = grouped_counts(routing.selected, n_experts, scope_sizes, routing.dropped)
+                balancer.after_step(state, scoped, tokens_before)
+            elif scope is not None:
+                balancer.after_step(state, counts, tokens_before)
             sums += (
                 float(max_vio(counts)),
                 task,
                 aux,
                 teacher_capture(target),
+                cos,
+                ratio,
+                float(np.abs(state.bias).mean(dtype=np.float64)),
             )
         sums /= n_layers
         trajectory.records.append(
@@ -220,6 +286,10 @@ def train_gate(
                 "task_loss": float(sums[1]),
                 "aux_loss": float(sums[2]),
                 "teacher_capture": float(sums[3]),
+                "interference_cos": float(sums[4]),
+                "interference_ratio": float(sums[5]),
+                "bias_abs_mean": float(sums[6]),
+                "gamma": balancer.gamma_at(tokens_before),
             }
         )
     if total_steps in wanted:

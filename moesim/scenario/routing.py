@@ -1,39 +1,280 @@
-"""Scenario sections for the numerical gate: router, token stream, gate training."""
+"""Scenario sections for the numerical gate: router, token stream, gate training.
+
+``router`` says how a token picks its experts (routing.md §1, §3, §4, §6): the score function,
+the gate values, group-limited routing (``node_limit``, ``device_limit`` or an explicit
+``num_groups``/``group_topk`` pair; at most one of the three) and an optional expert capacity
+with token dropping (``capacity``; absent = dropless). ``stream`` shapes the synthetic tokens the
+routers see: topics with Zipf popularity, per-sequence topic mixtures, optional domain-packed
+micro-batches and a data-mix drift over training. ``gate`` sets the gate's own training and how
+its simulated layers stand for the model's MoE layers (``layers_simulated``, ``layer_map``), or
+replaces the synthetic gate by a recorded trace of expert loads (``trace``).
+
+Cross-field checks that need the whole scenario (the parallel layout, the model's experts) live
+in :meth:`Router.check_scenario`, which :class:`~moesim.scenario.schema.Scenario` calls last; its
+errors start with the dotted field path they blame (``router.device_limit: …``).
+
+Example (DeepSeek-V2-like routing: softmax over all experts, not renormalised, 3 devices per
+token, device-level dropping at capacity 1.0 with 10% of the sequences exempt)::
+
+    router:
+      score: softmax
+      normalize: false
+      device_limit: 3
+      capacity: {factor: 1.0, level: device, policy: probs, exempt_fraction: 0.1}
+    stream: {packing: domain, domain_share: 0.9, drift_tokens: 2.0e9}
+    gate: {layers_simulated: 4, layer_map: blocks}
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moesim.scenario.base import Frozen, PositiveFloat, PositiveInt
 
+if TYPE_CHECKING:
+    from moesim.scenario.schema import Scenario
 
-class Router(Frozen):
-    """How tokens pick experts (routing.md §1, §3, §6)."""
+UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
-    score: Literal["sigmoid", "softmax"] = "sigmoid"
-    normalize: bool = Field(True, description="normalise gate values over the selected experts")
-    scaling_factor: PositiveFloat = Field(1.0, description="multiplies normalised gate values")
-    node_limit: PositiveInt | None = Field(
-        None, description="each token reaches at most this many nodes of its EP group"
+
+class Capacity(Frozen):
+    """Expert capacity and token dropping (routing.md §4 "Device-level token dropping", §5.1,
+    §6.2 item 4, §10 item 7).
+
+    Capacity is counted per router call — per micro-batch of one rank: ``T`` tokens, ``K`` experts
+    each. At ``level: expert`` every expert keeps at most ``ceil(T·K/N·factor)`` assignments; at
+    ``level: device`` every expert-parallel rank (its ``N/D`` experts together) keeps at most
+    ``ceil(T·K/D·factor)``, DeepSeek-V2's budget at ``factor: 1.0``. Assignments over the budget
+    are dropped (the token skips that expert through the residual).
+    """
+
+    factor: PositiveFloat = Field(
+        description="capacity factor: the budget is this multiple of the balanced load; "
+        "larger drops fewer tokens (1.0 = exactly the mean load)"
+    )
+    policy: Literal["probs", "position"] = Field(
+        "probs",
+        description="which assignments an over-budget expert/device drops: probs = the lowest "
+        "gate values; position = the latest positions in the sequence",
+    )
+    level: Literal["expert", "device"] = Field(
+        "expert",
+        description="expert = a budget per expert (Switch/Megatron); device = one budget per "
+        "expert-parallel rank shared by its experts (DeepSeek-V2)",
+    )
+    exempt_fraction: UnitInterval = Field(
+        0.0,
+        description="fraction of sequences whose tokens are never dropped (V2 exempts about "
+        "0.1); their assignments still use up the budget first",
     )
 
 
+class Router(Frozen):
+    """How tokens pick experts (routing.md §1, §3, §4, §6)."""
+
+    score: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid",
+        description="affinity function: element-wise sigmoid (DeepSeek-V3) or softmax over the "
+        "routed experts (DeepSeek-V2, Mixtral)",
+    )
+    normalize: bool = Field(True, description="normalise gate values over the selected experts")
+    scaling_factor: PositiveFloat = Field(1.0, description="multiplies normalised gate values")
+    topk_before_softmax: bool = Field(
+        False,
+        description="softmax only: true = top-k first, gate values = softmax over the selected "
+        "logits (Mixtral; needs normalize); false = softmax over all experts, then top-k "
+        "(with normalize: false, DeepSeek-V2's unnormalised gates)",
+    )
+    node_limit: PositiveInt | None = Field(
+        None, description="each token reaches at most this many nodes of its EP group"
+    )
+    device_limit: PositiveInt | None = Field(
+        None,
+        description="each token reaches at most this many expert-parallel ranks (DeepSeek-V2 "
+        "device-limited routing, M = 3): groups = the EP ranks",
+    )
+    num_groups: PositiveInt | None = Field(
+        None,
+        description="explicit group-limited routing: contiguous expert groups (must divide the "
+        "routed experts); set together with group_topk",
+    )
+    group_topk: PositiveInt | None = Field(
+        None, description="groups a token may use when num_groups is set (≤ num_groups)"
+    )
+    capacity: Capacity | None = Field(
+        None, description="expert capacity and token dropping; absent = dropless (DeepSeek-V3)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Router:
+        if self.topk_before_softmax and self.score != "softmax":
+            raise ValueError("topk_before_softmax: only meaningful with score: softmax")
+        if self.topk_before_softmax and not self.normalize:
+            raise ValueError(
+                "normalize: a softmax over the selected logits always sums to 1; set normalize: "
+                "true, or topk_before_softmax: false for unnormalised gates"
+            )
+        if (self.num_groups is None) != (self.group_topk is None):
+            missing = "group_topk" if self.group_topk is None else "num_groups"
+            raise ValueError(f"{missing}: num_groups and group_topk must be given together")
+        if (
+            self.group_topk is not None
+            and self.num_groups is not None
+            and self.group_topk > self.num_groups
+        ):
+            raise ValueError(
+                f"group_topk: {self.group_topk} is larger than num_groups ({self.num_groups})"
+            )
+        limits = [
+            name
+            for name, value in (
+                ("node_limit", self.node_limit),
+                ("device_limit", self.device_limit),
+                ("num_groups", self.num_groups),
+            )
+            if value is not None
+        ]
+        if len(limits) > 1:
+            raise ValueError(f"{limits[1]}: cannot be combined with {limits[0]} (one group level)")
+        return self
+
+    def check_scenario(self, scenario: Scenario) -> None:
+        """Checks that need the rest of the scenario; raises ``ValueError("path: message")``.
+
+        - ``router.num_groups`` must divide ``model.moe.routed_experts``;
+        - ``router.device_limit`` ≤ the expert-parallel ranks (``parallelism.expert``);
+        - the kept groups (nodes, devices, groups) must hold at least ``top_k`` experts;
+        - ``gate.trace`` cannot be combined with a capacity (a trace records loads as processed).
+        """
+        moe = scenario.model.moe
+        n_experts, top_k = moe.routed_experts, moe.top_k
+        ep = scenario.parallelism.expert
+        if self.num_groups is not None and self.group_topk is not None:
+            if n_experts % self.num_groups:
+                raise ValueError(
+                    f"router.num_groups: {self.num_groups} groups do not divide the {n_experts} "
+                    "routed experts"
+                )
+            _check_holds(
+                "router.group_topk", self.group_topk, n_experts // self.num_groups, top_k, "group"
+            )
+        if self.device_limit is not None:
+            if self.device_limit > ep:
+                raise ValueError(
+                    f"router.device_limit: {self.device_limit} exceeds the {ep} expert-parallel "
+                    "rank(s) of an EP group"
+                )
+            _check_holds("router.device_limit", self.device_limit, n_experts // ep, top_k, "rank")
+        if self.node_limit is not None and self.node_limit < scenario.ep_nodes:
+            per_node = n_experts // scenario.ep_nodes
+            _check_holds("router.node_limit", self.node_limit, per_node, top_k, "node")
+        if scenario.gate.trace is not None and self.capacity is not None:
+            raise ValueError(
+                "router.capacity: a gate.trace replays loads as processed; drop the capacity"
+            )
+
+
+def _check_holds(path: str, kept: int, per_group: int, top_k: int, what: str) -> None:
+    if kept * per_group < top_k:
+        raise ValueError(
+            f"{path}: {kept} {what}(s) of {per_group} experts cannot hold top_k = {top_k} experts"
+        )
+
+
 class Stream(Frozen):
-    """Synthetic token stream: sequences drawn from a mixture of topics.
+    """Synthetic token stream: sequences drawn from a mixture of topics (see
+    :mod:`moesim.gate.stream` for the generative model).
 
     Each topic has a random unit centroid in the gate's ``dim``-dimensional representation space;
     topic popularity follows a Zipf law with ``zipf_exponent``; each sequence draws a topic
     mixture from a Dirichlet with ``concentration`` (small → one dominant topic per sequence);
-    each token is its topic's centroid plus isotropic Gaussian ``noise``.
+    each token is its topic's centroid plus isotropic Gaussian ``noise``. ``packing: domain``
+    makes each rank's micro-batch share one dominant topic (packed, domain-sorted data);
+    ``drift_tokens`` rotates the popularity ranking as training proceeds.
     """
 
-    topics: PositiveInt = 64
-    zipf_exponent: Annotated[float, Field(ge=0)] = 1.0
-    concentration: PositiveFloat = 0.3
-    noise: Annotated[float, Field(ge=0)] = 0.5
-    dim: PositiveInt = 64
+    topics: PositiveInt = Field(
+        64, description="number of topics (domains); more topics spread the load more evenly"
+    )
+    zipf_exponent: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="popularity of the topic of rank r ∝ 1/r^this; 0 = all topics equally "
+        "common, larger = a few topics dominate (more expert-load skew)",
+    )
+    concentration: PositiveFloat = Field(
+        0.3,
+        description="Dirichlet concentration of a sequence's topic mixture (α = this·topics·"
+        "popularity): small = one dominant topic per sequence, large = every sequence mixes "
+        "topics by their popularity",
+    )
+    noise: Annotated[float, Field(ge=0)] = Field(
+        0.5,
+        description="RMS norm of the Gaussian noise around a topic centroid (unit norm): larger "
+        "blurs topics, so routers separate them less cleanly",
+    )
+    dim: PositiveInt = Field(64, description="dimension of the router input vectors")
+    packing: Literal["mixed", "domain"] = Field(
+        "mixed",
+        description="mixed = sequences of a micro-batch are independent; domain = all sequences "
+        "of one rank's micro-batch share a dominant topic drawn by popularity (packed, "
+        "domain-sorted data, Demons §5.7), so micro-batch loads are far less balanced",
+    )
+    domain_share: UnitInterval = Field(
+        0.9,
+        description="with packing: domain, the share of each sequence's topic mixture given to "
+        "its micro-batch's dominant topic (the rest is the usual Dirichlet mixture); "
+        "1 = single-topic micro-batches",
+    )
+    drift_tokens: PositiveFloat | None = Field(
+        None,
+        description="data-mix drift: every this many tokens trained the popularity ranking "
+        "moves one topic along (topic k takes the popularity topic k−1 had), blended linearly "
+        "in between, so the hot experts move and a balancer must track them; none = a fixed mix",
+    )
+
+
+class Trace(Frozen):
+    """A recorded per-step, per-layer expert load to replay instead of the synthetic gate
+    (:mod:`moesim.gate.trace`).
+
+    The file has columns ``step, layer, expert, tokens`` (the shape of Megatron's logged
+    ``tokens_per_expert``): ``tokens`` (token, expert) assignments expert ``expert`` received in
+    simulated layer ``layer`` (0-based, ``< gate.layers_simulated``) at optimizer step ``step``.
+    Experts without a row got 0. Extra columns are ignored.
+    """
+
+    path: str = Field(description="CSV or Parquet file (relative to the working directory)")
+    format: Literal["csv", "parquet"] = Field(
+        description="file format; defaults from the suffix (.csv, .parquet/.pq)"
+    )
+    split: Literal["multinomial", "even"] = Field(
+        "multinomial",
+        description="how a step's per-expert loads are dealt to micro-batches and source ranks: "
+        "multinomial = at random (without replacement, each cell gets exactly its share); "
+        "even = as evenly as integers allow",
+    )
+    rescale: bool = Field(
+        True,
+        description="rescale each step's loads to the scenario's global batch (top_k × tokens "
+        "per step assignments per layer), keeping their proportions",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_format(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("format") is None and isinstance(raw.get("path"), str):
+            suffix = PurePath(raw["path"]).suffix.lower()
+            known = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+            if suffix not in known:
+                raise ValueError(
+                    f"format: cannot tell the format of {raw['path']!r} from its suffix; set "
+                    "format: csv or parquet"
+                )
+            return {**raw, "format": known[suffix]}
+        return raw
 
 
 class Gate(Frozen):
@@ -41,12 +282,22 @@ class Gate(Frozen):
     batch: ``batch_sequences`` sequences of ``tokens_per_sequence`` tokens per update."""
 
     layers_simulated: PositiveInt = Field(
-        2, description="independent routers trained; MoE layer l uses router l mod this"
+        2, description="independent routers trained, each standing for some MoE layers (layer_map)"
+    )
+    layer_map: Literal["round_robin", "blocks"] = Field(
+        "round_robin",
+        description="which simulated router stands for MoE layer l (0-based among MoE layers): "
+        "round_robin = l mod layers_simulated; blocks = contiguous blocks, "
+        "l·layers_simulated // moe_layers",
     )
     batch_sequences: PositiveInt = Field(
         64, description="sequences per gate update (as many as the global batch, ideally)"
     )
-    tokens_per_sequence: PositiveInt = 64
+    tokens_per_sequence: PositiveInt = Field(
+        64,
+        description="tokens drawn per sequence for a gate update (capacity and exempt "
+        "sequences count positions within these)",
+    )
     learning_rate: PositiveFloat = Field(
         1e-3, description="Adam step on router weights (loss-free paper peak LR, §2.3)"
     )
@@ -60,4 +311,7 @@ class Gate(Frozen):
     )
     routed_tokens_per_sequence: PositiveInt = Field(
         256, description="tokens routed per sequence when sampling engine load (rest resampled)"
+    )
+    trace: Trace | None = Field(
+        None, description="replay recorded expert loads instead of training the synthetic gate"
     )

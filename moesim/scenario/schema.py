@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from moesim import units
 from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
 from moesim.scenario.routing import Gate, Router, Stream
-from moesim.scenario.strategies import Strategy
+from moesim.scenario.strategies import Strategy, check_strategies
 
 # --------------------------------------------------------------------------- model
 
@@ -279,6 +279,8 @@ class Scenario(Frozen):
                 f"gate.routed_tokens_per_sequence: {self.gate.routed_tokens_per_sequence} exceeds "
                 f"model.seq_len ({m.seq_len})"
             )
+        check_strategies(self)
+        self.router.check_scenario(self)
         return self
 
     # Derived quantities used across moesim -------------------------------------------------

@@ -1,33 +1,258 @@
-"""Scenario sections for load-balancing strategies (routing.md §2, §3, §5, §6)."""
+"""Scenario sections for load-balancing strategies (routing.md §2–§6, §10 items 5–6).
+
+A scenario lists the strategies to compare. Four kinds are accepted; the first three are
+shorthands for the general ``composite`` and build the same strategy object
+(:meth:`canonical`), so the gate has one implementation of every loss and bias rule.
+
+``none``
+    No balancing.
+``aux_loss``
+    One auxiliary loss ``α·N·Σ_i f_i·P_i``. ``scope`` picks where ``f`` and ``P`` are counted:
+    ``micro_batch`` (default; Switch/GShard, Megatron ``aux_loss``, routing.md §5.1),
+    ``sequence`` (DeepSeek-V3 Eqs. 17–20, §3) or ``global`` (f from the whole batch, Demons in
+    the Detail, §5.7). Shorthand for ``composite`` with one loss of kind ``switch``, ``sequence``
+    or ``global``.
+``loss_free``
+    The auxiliary-loss-free bias with the sign rule at global scope, ``gamma`` its step
+    (routing.md §2.2). Shorthand for ``composite`` with ``bias: {rule: sign, gamma: γ}``.
+``composite``
+    Any sum of loss terms plus an optional bias. DeepSeek-V3 (routing.md §3) is::
+
+        {name: v3, kind: composite,
+         losses: [{kind: sequence, alpha: 1.0e-4}],
+         bias: {rule: sign, gamma: 0.0, schedule: [{until_tokens: 14.3e12, gamma: 1.0e-3}]}}
+
+    (γ = 1e-3 for the first 14.3T tokens, then 0: the biases freeze for the last 500B.)
+
+Loss terms (``losses[i].kind``; all with the gradient through ``P`` only, counts held constant):
+``switch`` (micro-batch), ``sequence``, ``global`` (routing.md §5.1, §3, §5.7, §6.2 item 5),
+``device`` and ``communication`` (DeepSeek-V2, §4; devices are the ``parallelism.expert`` ranks
+of an expert-parallel group, each holding a contiguous block of experts) and ``z_loss`` (§5.3).
+
+Bias (``bias``): ``rule`` ``sign`` (``b_i += γ·sign(c̄ − c_i)``) or ``proportional`` (``b_i +=
+γ·(c̄ − c_i)/c̄``, the error normalised by the mean load so γ is dimensionless and does not
+depend on the batch size; routing.md §2.5 Table 3); ``scope`` of the counts: ``global`` (the
+whole batch of the step, default, §2.7, §6.3), ``micro_batch`` or ``rank``; ``schedule`` of γ
+by tokens trained (below). The update always uses the loads of the step just taken and first
+affects the next step (§2.2).
+
+**γ schedule.** ``schedule`` is a list of stages ``{until_tokens: X_k, gamma: γ_k}`` with
+increasing ``X_k``. The update that follows a step uses ``γ_k`` of the first stage with ``X_k``
+greater than the tokens trained *before* that step; once every ``X_k`` is passed, ``gamma``
+applies. So ``{gamma: 0, schedule: [{until_tokens: 1e9, gamma: 1e-3}]}`` updates with 1e-3 for
+the steps that start before 1e9 tokens and freezes the bias afterwards. Without a schedule γ is
+``gamma`` throughout.
+
+A bias with the sign rule needs a sigmoid router: with softmax, the gap between two experts'
+scores depends on every other expert's score, so a fixed-size step is mis-scaled (routing.md
+§2.5 App. C; Megatron refuses it, §6.1). :func:`check_strategies` enforces this across the
+scenario. The multiplicative bias of Table 4 is not offered: it needs selection on ``s·b``,
+which the router does not implement.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, WrapValidator, model_validator
 
 from moesim.scenario.base import Frozen
 
+if TYPE_CHECKING:
+    from moesim.scenario.schema import Scenario
+
+Coefficient = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+LossKind = Literal["switch", "sequence", "global", "device", "communication", "z_loss"]
+AuxScope = Literal["micro_batch", "sequence", "global"]
+BiasRule = Literal["sign", "proportional"]
+BalanceScope = Literal["global", "micro_batch", "rank"]
+
+# The aux_loss shorthand's scope → the loss term it stands for.
+AUX_SCOPE_LOSS: dict[str, LossKind] = {
+    "micro_batch": "switch",
+    "sequence": "sequence",
+    "global": "global",
+}
+
+
+class LossTerm(Frozen):
+    """One auxiliary loss and its coefficient ``α`` (routing.md §3, §4, §5.1, §5.3, §5.7).
+
+    - ``switch``: ``α·N·Σ f_i P_i`` per micro-batch, averaged over micro-batches;
+    - ``sequence``: the same per sequence, averaged over sequences (V3 Eqs. 17–20);
+    - ``global``: ``f`` from the whole batch, ``P`` per micro-batch;
+    - ``device``: ``α·Σ_d f'_d P'_d`` per sequence (V2);
+    - ``communication``: ``α·Σ_d f''_d P''_d`` per sequence (V2);
+    - ``z_loss``: ``α·mean_t LSE(z_t)²`` (ST-MoE).
+
+    Each is ``α`` at perfect balance, except ``z_loss`` (no balance point) and ``communication``
+    (``α`` when every token reaches the device limit).
+    """
+
+    kind: LossKind
+    alpha: Coefficient
+
+
+class GammaStage(Frozen):
+    """One stage of a γ schedule: ``gamma`` for the steps that start before ``until_tokens``."""
+
+    until_tokens: Annotated[float, Field(gt=0)]
+    gamma: Coefficient
+
+
+class Bias(Frozen):
+    """The auxiliary-loss-free selection bias and its update (routing.md §2.2, §2.5, §6.3)."""
+
+    rule: BiasRule = "sign"
+    gamma: Coefficient = Field(1e-3, description="update speed γ (after the schedule, if any)")
+    scope: BalanceScope = Field(
+        "global",
+        description="loads the update counts: the whole step (global), each micro-batch, or "
+        "each data-parallel rank's share; per-group updates are averaged",
+    )
+    schedule: list[GammaStage] | None = Field(
+        None, min_length=1, description="γ stages by tokens trained before the step"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Bias:
+        stages = self.schedule or []
+        for k in range(1, len(stages)):
+            if stages[k].until_tokens <= stages[k - 1].until_tokens:
+                raise ValueError(
+                    f"schedule[{k}].until_tokens: {stages[k].until_tokens:g} does not exceed the "
+                    f"previous stage's {stages[k - 1].until_tokens:g} (stages must increase)"
+                )
+        return self
+
+    def gamma_at(self, tokens: float) -> float:
+        """γ for the update after a step that starts with ``tokens`` already trained."""
+        for stage in self.schedule or ():
+            if tokens < stage.until_tokens:
+                return stage.gamma
+        return self.gamma
+
+
+class Composite(Frozen):
+    """Auxiliary losses (summed) and an optional loss-free bias, combined freely."""
+
+    kind: Literal["composite"]
+    name: str = "composite"
+    losses: list[LossTerm] = Field(default_factory=list)
+    bias: Bias | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Composite:
+        kinds = [term.kind for term in self.losses]
+        twice = sorted({k for k in kinds if kinds.count(k) > 1})
+        if twice:
+            raise ValueError(
+                f"losses: kind(s) {', '.join(twice)} listed twice (give one term per kind)"
+            )
+        return self
+
+    def canonical(self) -> Composite:
+        """This strategy (already in the general form)."""
+        return self
+
 
 class NoBalancing(Frozen):
+    """No balancing: the router follows the task loss only."""
+
     kind: Literal["none"]
     name: str = "none"
 
+    def canonical(self) -> Composite:
+        """The equivalent composite: no loss, no bias."""
+        return Composite(kind="composite", name=self.name)
+
 
 class AuxLoss(Frozen):
-    """Switch/GShard auxiliary loss α·N·Σ f_i·P_i at micro-batch scope (routing.md §5.1)."""
+    """One auxiliary loss ``α·N·Σ f_i·P_i`` (routing.md §5.1, §3, §5.7), by scope."""
 
     kind: Literal["aux_loss"]
     name: str = "aux_loss"
-    alpha: Annotated[float, Field(ge=0)] = 1e-3
+    alpha: Coefficient = 1e-3
+    scope: AuxScope = Field(
+        "micro_batch", description="where f and P are counted: micro_batch, sequence or global"
+    )
+
+    def canonical(self) -> Composite:
+        """The equivalent composite: one ``switch``, ``sequence`` or ``global`` loss term."""
+        term = LossTerm(kind=AUX_SCOPE_LOSS[self.scope], alpha=self.alpha)
+        return Composite(kind="composite", name=self.name, losses=[term])
 
 
 class LossFree(Frozen):
-    """Auxiliary-loss-free bias balancing, sign rule (routing.md §2.2)."""
+    """Auxiliary-loss-free bias balancing with the sign rule at global scope (routing.md §2.2)."""
 
     kind: Literal["loss_free"]
     name: str = "loss_free"
-    gamma: Annotated[float, Field(ge=0)] = 1e-3
+    gamma: Coefficient = 1e-3
+
+    def canonical(self) -> Composite:
+        """The equivalent composite: a global-scope sign-rule bias with constant ``γ``."""
+        return Composite(kind="composite", name=self.name, bias=Bias(rule="sign", gamma=self.gamma))
 
 
-Strategy = Annotated[NoBalancing | AuxLoss | LossFree, Field(discriminator="kind")]
+StrategySpec = NoBalancing | AuxLoss | LossFree | Composite
+
+STRATEGY_KINDS: dict[str, type[StrategySpec]] = {
+    "none": NoBalancing,
+    "aux_loss": AuxLoss,
+    "loss_free": LossFree,
+    "composite": Composite,
+}
+
+
+def _by_kind(value: Any, handler: Callable[[Any], Any], info: ValidationInfo) -> Any:
+    """Validate a strategy mapping as the model its ``kind`` names.
+
+    Dispatching here rather than through pydantic's tagged union keeps the tag out of error
+    locations, so a bad field reads ``strategies[1].bias.gamma``.
+    """
+    if not isinstance(value, dict):
+        return handler(value)
+    kind = value.get("kind")
+    model = STRATEGY_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        known = ", ".join(STRATEGY_KINDS)
+        got = "missing" if kind is None else f"unknown strategy kind {kind!r}"
+        raise ValueError(f"kind: {got}; expected one of {known}")
+    return model.model_validate(value, context=info.context)
+
+
+Strategy = Annotated[StrategySpec, Field(discriminator="kind"), WrapValidator(_by_kind)]
+
+
+def check_strategies(scenario: Scenario) -> None:
+    """Cross-field checks of ``scenario.strategies`` against the router.
+
+    Raises
+    ------
+    ValueError
+        ``"strategies[i].bias.rule: …"`` (or ``strategies[i].kind`` for the ``loss_free``
+        shorthand) when a sign-rule bias meets a softmax router: the score gap between two
+        experts then depends on all other experts' scores, so a fixed-size sign step is
+        mis-scaled (routing.md §2.5 App. C, which uses the proportional rule for softmax;
+        Megatron forbids the bias with softmax, §6.1).
+    """
+    if scenario.router.score != "softmax":
+        return
+    for i, spec in enumerate(scenario.strategies):
+        bias = spec.canonical().bias
+        if bias is None or bias.rule != "sign":
+            continue
+        field = "kind" if spec.kind == "loss_free" else "bias.rule"
+        where = f"strategies[{i}].{field}"
+        fix = (
+            "use kind: composite with bias: {rule: proportional}"
+            if spec.kind == "loss_free"
+            else "use rule: proportional"
+        )
+        raise ValueError(
+            f"{where}: the sign rule needs router.score sigmoid; with softmax the score gap "
+            f"between two experts depends on every other expert's score, so a fixed-size sign "
+            f"step is mis-scaled (routing.md §2.5 App. C, Megatron forbids it); {fix}"
+        )

@@ -13,9 +13,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from moesim.gate.balancing import aux_loss_and_grad
+from moesim.gate.balancing import (
+    BalanceContext,
+    aux_loss_and_grad,
+    combined_loss_and_grad,
+    z_loss_and_grad,
+)
 from moesim.gate.router import Routing, gather_rows, scores_from_logits, top_k_indices
 from moesim.gate.teacher import Teacher, TeacherChoice, task_loss_and_grad, teacher_capture
+from moesim.scenario.strategies import LossTerm
 
 EPS = 1e-6
 RTOL = 1e-4
@@ -187,3 +193,162 @@ def test_teacher_capture_extremes(rng: np.random.Generator) -> None:
     one = others.copy()
     one[:, 0] = choice.experts[:, 0]
     assert teacher_capture(choice.at(one)) == pytest.approx(choice.weights[:, 0].mean())
+
+
+# --------------------------------------------------------------------------- every loss term
+
+LOSS_KINDS = ["switch", "sequence", "global", "device", "communication", "z_loss"]
+
+
+def _context(score: str, top_k: int, **kw: object) -> BalanceContext:
+    defaults: dict[str, object] = {"tokens_per_sequence": 4, "micro_batches": (4, 8), "devices": 4}
+    return BalanceContext(score=score, top_k=top_k, **{**defaults, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_every_loss_gradient_matches_finite_differences(
+    rng: np.random.Generator, score: str, kind: str
+) -> None:
+    """12 tokens, 3 sequences of 4, micro-batches of 4 and 8 tokens, 8 experts on 4 devices."""
+    n_tokens, n_experts, top_k = 12, 8, 3
+    z = _logits(rng, n_tokens, n_experts)
+    selected = top_k_indices(scores_from_logits(z, score), top_k)  # type: ignore[arg-type]
+    ctx = _context(score, top_k)
+    terms = [LossTerm(kind=kind, alpha=0.37)]  # type: ignore[arg-type]
+
+    def loss(logits: np.ndarray) -> float:
+        return combined_loss_and_grad(terms, _routing(logits, score, selected), ctx, selected)[0]
+
+    value, analytic = combined_loss_and_grad(terms, _routing(z, score, selected), ctx)
+    assert analytic.dtype == np.float64
+    assert value == pytest.approx(loss(z), rel=1e-12)
+    assert value > 0
+    _assert_gradient_close(analytic, _finite_difference(loss, z))
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_switch_term_is_the_micro_batch_aux_loss(rng: np.random.Generator, score: str) -> None:
+    z = _logits(rng, 12, 8)
+    routing = _routing(z, score, top_k_indices(z, 2))
+    term = combined_loss_and_grad(
+        [LossTerm(kind="switch", alpha=0.2)], routing, _context(score, 2, micro_batches=(5, 2, 5))
+    )
+    direct = aux_loss_and_grad(routing, score, 2, 0.2, [5, 2, 5])  # type: ignore[arg-type]
+    assert term[0] == pytest.approx(direct[0], rel=1e-12)
+    np.testing.assert_allclose(term[1], direct[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+def test_composite_is_the_sum_of_its_terms(rng: np.random.Generator, score: str) -> None:
+    """Losses and gradients add, also when the terms' token groups do not line up."""
+    z = _logits(rng, 12, 8)
+    routing = _routing(z, score, top_k_indices(z, 3))
+    ctx = _context(score, 3, micro_batches=(5, 7))  # micro-batches cut through sequences
+    terms = [LossTerm(kind=k, alpha=0.1 * (i + 1)) for i, k in enumerate(LOSS_KINDS)]  # type: ignore[arg-type]
+    total, grad = combined_loss_and_grad(terms, routing, ctx)
+    parts = [combined_loss_and_grad([t], routing, ctx) for t in terms]
+    assert total == pytest.approx(sum(p[0] for p in parts), rel=1e-12)
+    np.testing.assert_allclose(grad, sum(p[1] for p in parts), rtol=1e-10, atol=1e-14)
+    for a, b in zip(parts[:-1], parts[1:], strict=True):
+        assert not np.allclose(a[1], b[1])  # the terms really differ
+
+
+def _balanced_selection(n_tokens: int) -> np.ndarray:
+    """8 experts, top-2, every 4 consecutive tokens use each expert once and reach two of the four
+    2-expert devices each, each device twice: balanced per sequence, micro-batch and device."""
+    return np.array([[(2 * t) % 8, (2 * t + 3) % 8] for t in range(n_tokens)], dtype=np.int64)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("kind", ["switch", "sequence", "global", "device", "communication"])
+def test_every_balance_loss_is_alpha_at_perfect_balance(score: str, kind: str) -> None:
+    selected = _balanced_selection(12)
+    z = np.zeros((12, 8))  # uniform probabilities P_i = 1/N
+    ctx = _context(score, 2)
+    assert ctx.comm_limit == 2  # every token reaches M = min(K, D) = 2 devices
+    loss, grad = combined_loss_and_grad(
+        [LossTerm(kind=kind, alpha=0.03)],  # type: ignore[arg-type]
+        _routing(z, score, selected),
+        ctx,
+        selected,
+    )
+    assert loss == pytest.approx(0.03, rel=1e-12)
+    np.testing.assert_allclose(grad, 0.0, atol=1e-15)
+
+
+def test_z_loss_value_and_gradient_formula(rng: np.random.Generator) -> None:
+    """α·mean LSE², gradient (2α/T)·LSE·softmax (routing.md §5.3), whatever the scores."""
+    z = np.zeros((6, 8))
+    loss, grad = z_loss_and_grad(z, 0.5)
+    assert loss == pytest.approx(0.5 * np.log(8) ** 2)
+    np.testing.assert_allclose(grad, 2 * 0.5 / 6 * np.log(8) / 8)
+    z = _logits(rng, 5, 8) + 30.0  # large logits: no overflow
+    loss, grad = z_loss_and_grad(z, 1e-3)
+    lse = np.log(np.exp(z - 30).sum(axis=1)) + 30
+    assert loss == pytest.approx(1e-3 * np.mean(lse**2))
+    softmax = np.exp(z - z.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(grad, 2e-3 / 5 * lse[:, None] * softmax)
+
+
+def test_global_loss_uses_the_whole_batch_counts() -> None:
+    """Micro-batch 1 routes to experts {0, 1} and favours them, micro-batch 2 likewise {2, 3}:
+    each micro-batch is maximally imbalanced, the whole batch is balanced. The switch loss sees
+    the local imbalance (N·Σ f·P = 2e²/(e² + 1) > 1); the global loss sees balanced counts, so its
+    coefficients are equal across experts: value α and no gradient at all."""
+    z = np.array([[2.0, 2.0, 0.0, 0.0]] * 4 + [[0.0, 0.0, 2.0, 2.0]] * 4)
+    selected = np.array([[0, 1]] * 4 + [[2, 3]] * 4, dtype=np.int64)
+    routing = _routing(z, "softmax", selected)
+    ctx = BalanceContext(score="softmax", top_k=2, tokens_per_sequence=4, micro_batches=2)
+    switch = combined_loss_and_grad([LossTerm(kind="switch", alpha=0.1)], routing, ctx, selected)
+    whole = combined_loss_and_grad([LossTerm(kind="global", alpha=0.1)], routing, ctx, selected)
+    e2 = np.exp(2.0)
+    assert switch[0] == pytest.approx(0.1 * 2 * e2 / (e2 + 1))
+    assert whole[0] == pytest.approx(0.1)
+    np.testing.assert_allclose(whole[1], 0.0, atol=1e-15)
+    # The micro-batch loss pushes each micro-batch's own experts down, the others up.
+    assert (switch[1][:4, :2] > 0).all()
+    assert (switch[1][:4, 2:] < 0).all()
+    assert (switch[1][4:, 2:] > 0).all()
+
+
+def _probabilities(z: np.ndarray, score: str) -> np.ndarray:
+    s = scores_from_logits(z, score)  # type: ignore[arg-type]
+    return s / s.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("score", ["sigmoid", "softmax"])
+@pytest.mark.parametrize(("devices", "limit", "m"), [(4, None, 3), (2, None, 2), (4, 2, 2)])
+def test_loss_values_against_the_papers_formulas(
+    rng: np.random.Generator, score: str, devices: int, limit: int | None, m: int
+) -> None:
+    """Plain loops over V3 Eqs. 17–20 and V2's device and communication losses (routing.md §3,
+    §4): 3 sequences of 4 tokens, 8 experts on D devices, K = 3, device limit M = min(K, D) or
+    the node limit's devices."""
+    n_experts, top_k, tps, alpha = 8, 3, 4, 0.3
+    z = _logits(rng, 12, n_experts)
+    selected = top_k_indices(scores_from_logits(z, score), top_k)  # type: ignore[arg-type]
+    p = _probabilities(z, score)
+    ctx = _context(score, top_k, devices=devices, device_limit=limit)
+    per_device = n_experts // devices
+    expected = {"sequence": 0.0, "device": 0.0, "communication": 0.0}
+    for seq in range(3):
+        rows = range(seq * tps, (seq + 1) * tps)
+        f = np.zeros(n_experts)
+        reach = np.zeros(devices)
+        for t in rows:
+            for i in selected[t]:
+                f[i] += n_experts / (top_k * tps)
+            for d in {int(i) // per_device for i in selected[t]}:
+                reach[d] += devices / (m * tps)
+        big_p = p[list(rows)].mean(axis=0)
+        expected["sequence"] += alpha * (f * big_p).sum() / 3
+        f_dev = f.reshape(devices, per_device).mean(axis=1)
+        p_dev = big_p.reshape(devices, per_device).sum(axis=1)
+        expected["device"] += alpha * (f_dev * p_dev).sum() / 3
+        expected["communication"] += alpha * (reach * p_dev).sum() / 3
+    routing = _routing(z, score, selected)
+    for kind, value in expected.items():
+        got = combined_loss_and_grad([LossTerm(kind=kind, alpha=alpha)], routing, ctx, selected)  # type: ignore[arg-type]
+        assert got[0] == pytest.approx(value, rel=1e-12), kind
