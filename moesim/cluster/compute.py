@@ -33,6 +33,7 @@ BF16 = units.BYTES_PER_ELEMENT["bf16"]
 # Row tile of Hopper grouped-GEMM kernels (CUTLASS / DeepGEMM use 64–128-row tiles): each
 # expert's rows are padded to a multiple of it. An assumption, not a measurement.
 GEMM_TILE_ROWS = 128
+ADAM_BYTES_PER_PARAM = 28
 
 
 class ComputeModel:
@@ -45,10 +46,13 @@ class ComputeModel:
     """
 
     def __init__(self, scenario: Scenario) -> None:
-        gpu, model = scenario.cluster.gpu, scenario.model
+        gpu, model, par = scenario.cluster.gpu, scenario.model, scenario.parallelism
         self.precision = model.gemm_precision
-        self.peak = gpu.peak_flops(self.precision)
-        self.peak_bf16 = gpu.peak_flops("bf16")
+        # SMs reserved for communication kernels are lost to compute, in proportion.
+        sm_share = (gpu.sms - par.comm_sms) / gpu.sms
+        self.peak = gpu.peak_flops(self.precision) * sm_share
+        self.peak_bf16 = gpu.peak_flops("bf16") * sm_share
+        self.recompute = par.recompute
         self.eff_max = (
             gpu.fp8_gemm_efficiency if self.precision == "fp8" else gpu.bf16_gemm_efficiency
         )
@@ -70,6 +74,7 @@ class ComputeModel:
         self.shared = model.moe.shared_experts
         self.vocab = model.vocab
         self.routed_experts = model.moe.routed_experts
+        self.top_k = model.moe.top_k
         self.dense_ffn = model.dense_ffn or 0
 
     # ------------------------------------------------------------------ primitives
@@ -95,8 +100,26 @@ class ComputeModel:
 
     # ------------------------------------------------------------------ ops per micro-batch
 
+    def _recomputed(self, backward: bool, forward: float, elementwise: float) -> float:
+        """Extra backward time of activation recomputation: the whole forward (``full``) or its
+        element-wise part only (``selective``)."""
+        if not backward or self.recompute == "none":
+            return 0.0
+        return forward if self.recompute == "full" else elementwise
+
     def attention(self, backward: bool) -> float:
-        """Attention block of one layer: norms, projections, causal core, output projection."""
+        """Attention block of one layer: norms, projections, causal core, output projection
+        (plus its recomputation in the backward, if any)."""
+        time = self._attention(backward)
+        if backward:
+            time += self._recomputed(True, self._attention(False), self._elementwise(False))
+        return time
+
+    def _elementwise(self, backward: bool) -> float:
+        factor = 2.0 if backward else 1.0
+        return factor * ELEMENTWISE_PASSES * self.tokens * self.hidden * BF16 / self.hbm
+
+    def _attention(self, backward: bool) -> float:
         n, a = self.tokens, self.costs.attention
         factor = 2.0 if backward else 1.0
         proj_flops = factor * n * a.projection_flops
@@ -108,8 +131,7 @@ class ComputeModel:
         core_eff = self.att_bwd_eff if backward else self.att_fwd_eff
         core_factor = ATTENTION_CORE_BACKWARD_FACTOR if backward else 1.0
         core = core_factor * n * a.core_flops / (self.peak_bf16 * core_eff)
-        elementwise = factor * ELEMENTWISE_PASSES * n * self.hidden * BF16 / self.hbm
-        return proj + core + elementwise + self.launch
+        return proj + core + self._elementwise(backward) + self.launch
 
     def router(self, backward: bool) -> float:
         """Router logits GEMM (BF16/FP32 in practice; priced at BF16) and top-k."""
@@ -127,15 +149,21 @@ class ComputeModel:
         if self.shared == 0:
             return 0.0
         rows = np.array([float(self.tokens)])
-        return self.ffn_seconds(rows, self.shared * self.expert_ffn, backward) + self.launch
+        width = self.shared * self.expert_ffn
+        time = self.ffn_seconds(rows, width, backward) + self.launch
+        return time + self._recomputed(backward, self.ffn_seconds(rows, width, False), 0.0)
 
     def dense_ffn_seconds(self, backward: bool) -> float:
         rows = np.array([float(self.tokens)])
-        return self.ffn_seconds(rows, self.dense_ffn, backward) + self.launch
+        time = self.ffn_seconds(rows, self.dense_ffn, backward) + self.launch
+        return time + self._recomputed(backward, self.ffn_seconds(rows, self.dense_ffn, False), 0.0)
 
     def experts(self, rows: npt.NDArray[np.float64], backward: bool) -> float:
         """One grouped GEMM over a GPU's local experts with ``rows[e]`` tokens each."""
-        return self.ffn_seconds(rows, self.expert_ffn, backward) + self.launch
+        time = self.ffn_seconds(rows, self.expert_ffn, backward) + self.launch
+        return time + self._recomputed(
+            backward, self.ffn_seconds(rows, self.expert_ffn, False), 0.0
+        )
 
     def head(self, backward: bool) -> float:
         """Output head GEMM and the cross-entropy over the vocabulary (BF16)."""
@@ -150,3 +178,22 @@ class ComputeModel:
         """Embedding lookup (forward) or gradient scatter (backward): memory-bound."""
         n = self.tokens
         return 2 * n * self.hidden * BF16 / self.hbm + self.launch
+
+    def mtp_module(self, backward: bool) -> float:
+        """One multi-token-prediction module (DeepSeek-V3 §2.2): a projection of the 2·hidden
+        concatenation back to hidden, a transformer block, and the shared output head. Its MoE
+        block is priced at its activated width (shared + top-k experts as one FFN over every
+        token): the module's routing is not simulated."""
+        n = self.tokens
+        factor = 2.0 if backward else 1.0
+        proj_flops = factor * 2.0 * n * 2 * self.hidden * self.hidden
+        proj = (proj_flops + factor * self.f_half) / (self.peak * self.eff_max)
+        width = (self.shared + self.top_k) * self.expert_ffn
+        ffn = self.ffn_seconds(np.array([float(n)]), width, backward)
+        return proj + self._attention(backward) + ffn + self.head(backward) + self.launch
+
+    def optimizer_step(self, params: float) -> float:
+        """Adam update of ``params`` parameters, memory-bound: per parameter it reads the BF16
+        gradient and the FP32 master weight and two moments (14 bytes) and writes the three
+        FP32 tensors and the BF16 weight (14 bytes)."""
+        return ADAM_BYTES_PER_PARAM * params / self.hbm + self.launch

@@ -63,6 +63,7 @@ class ModelCosts:
     router_params: int
     embedding_params: int
     head_params: int
+    hidden: int
 
     def moe_layer_forward_flops(self, top_k: int, shared: int) -> float:
         """Forward FLOP per token of one MoE layer (attention + router + activated experts)."""
@@ -72,6 +73,24 @@ class ModelCosts:
             + a.core_flops
             + 2.0 * self.router_params
             + 2.0 * self.expert_params * (top_k + shared)
+        )
+
+    def mtp_params(self, top_k: int, shared: int) -> int:
+        """Weights of one multi-token-prediction module as simulated: the 2·hidden → hidden
+        projection and a transformer block at its activated width (the output head is shared
+        with the main model)."""
+        return (
+            2 * self.hidden * self.hidden
+            + self.attention.params
+            + self.expert_params * (top_k + shared)
+        )
+
+    def mtp_forward_flops(self, top_k: int, shared: int) -> float:
+        """Forward FLOP per token of one MTP module, including its pass through the head."""
+        return (
+            2.0 * self.mtp_params(top_k, shared)
+            + self.attention.core_flops
+            + 2.0 * self.head_params
         )
 
     def dense_layer_forward_flops(self) -> float:
@@ -87,6 +106,7 @@ def model_costs(model: Model) -> ModelCosts:
         router_params=model.hidden * model.moe.routed_experts,
         embedding_params=model.vocab * model.hidden,
         head_params=model.vocab * model.hidden,
+        hidden=model.hidden,
     )
 
 
@@ -100,6 +120,7 @@ def model_flops_per_token(model: Model) -> float:
         model.dense_layers * c.dense_layer_forward_flops()
         + model.moe_layers * c.moe_layer_forward_flops(model.moe.top_k, model.moe.shared_experts)
         + 2.0 * c.head_params
+        + model.mtp_depth * c.mtp_forward_flops(model.moe.top_k, model.moe.shared_experts)
     )
     return 3.0 * forward
 

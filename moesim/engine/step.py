@@ -83,10 +83,20 @@ class StepContext:
     dispatch_bytes_per_token: float
     grad_bytes_per_token: float
     activation_bytes: float
-    dense_grad_bytes: npt.NDArray[np.float64]
-    """Per stage: bytes of gradients replicated over every GPU of the stage."""
-    expert_grad_bytes: npt.NDArray[np.float64]
-    """Per stage: bytes of one GPU's routed-expert gradients."""
+    dense_params: npt.NDArray[np.float64]
+    """Per stage: parameters replicated over every GPU of the stage (attention, router,
+    shared experts, dense FFNs, embedding, head, MTP modules)."""
+    expert_params: npt.NDArray[np.float64]
+    """Per stage: one GPU's routed-expert parameters."""
+    grad_bytes_per_param: float
+
+    @property
+    def dense_grad_bytes(self) -> npt.NDArray[np.float64]:
+        return self.dense_params * self.grad_bytes_per_param
+
+    @property
+    def expert_grad_bytes(self) -> npt.NDArray[np.float64]:
+        return self.expert_params * self.grad_bytes_per_param
 
 
 def build_context(scenario: Scenario) -> StepContext:
@@ -105,7 +115,9 @@ def build_context(scenario: Scenario) -> StepContext:
                 dense[s] += costs.router_params + costs.expert_params * m.moe.shared_experts
                 expert[s] += costs.expert_params * layout.experts_per_rank
     dense[0] += costs.embedding_params
-    dense[-1] += costs.head_params
+    dense[-1] += costs.head_params + m.mtp_depth * costs.mtp_params(
+        m.moe.top_k, m.moe.shared_experts
+    )
     bf16 = units.BYTES_PER_ELEMENT["bf16"]
     return StepContext(
         scenario=scenario,
@@ -115,8 +127,9 @@ def build_context(scenario: Scenario) -> StepContext:
         dispatch_bytes_per_token=m.hidden * units.BYTES_PER_ELEMENT[m.gemm_precision],
         grad_bytes_per_token=m.hidden * bf16,
         activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16),
-        dense_grad_bytes=dense * grad_bytes,
-        expert_grad_bytes=expert * grad_bytes,
+        dense_params=dense,
+        expert_params=expert,
+        grad_bytes_per_param=float(grad_bytes),
     )
 
 
@@ -141,7 +154,10 @@ class StepResult:
     pipeline_wait_s: npt.NDArray[np.float64]
     """Idle waiting for activations or gradients from a neighbouring stage (bubble + P2P)."""
     allreduce_s: npt.NDArray[np.float64]
-    """Gradient all-reduce at the end of the step, including waiting for the ring to form."""
+    """Gradient and parameter synchronisation at the end of the step (all-reduce, or ZeRO-1's
+    reduce-scatter and all-gather), including waiting for the ring to form."""
+    optimizer_s: npt.NDArray[np.float64]
+    """The optimizer step (on this GPU's shard under ZeRO-1)."""
     tail_idle_s: npt.NDArray[np.float64]
     """Idle after this GPU finished, until the slowest GPU finished."""
     expert_tokens: npt.NDArray[np.float64]
@@ -168,6 +184,7 @@ class StepResult:
             + self.a2a_wait_s
             + self.pipeline_wait_s
             + self.allreduce_s
+            + self.optimizer_s
             + self.tail_idle_s
         )
 
@@ -212,6 +229,7 @@ class _StepModel:
         self.a2a_wait_s = np.zeros(n)
         self.pipeline_wait_s = np.zeros(n)
         self.allreduce_s = np.zeros(n)
+        self.optimizer_s = np.zeros(n)
         self.finish = np.zeros(n)
         self.expert_tokens = np.zeros((n, lay.experts_per_rank))
         self.expert_wait_token_s = np.zeros((n, lay.experts_per_rank))
@@ -231,6 +249,8 @@ class _StepModel:
             "head_f": c.head(False),
             "head_b": c.head(True),
             "embed": c.embedding(False),
+            "mtp_f": c.mtp_module(False),
+            "mtp_b": c.mtp_module(True),
         }
 
     # -------------------------------------------------------------- helpers
@@ -412,10 +432,14 @@ class _StepModel:
                 yield from self._moe(gpu, layer, micro, backward=False)
         if stage == lay.stages - 1:
             yield self._compute(gpu, "output head", self.t["head_f"], False, micro_batch=micro)
+            for depth in range(m.mtp_depth):
+                yield self._compute(gpu, "MTP module", self.t["mtp_f"], False, depth=depth)
 
     def _backward(self, gpu: int, stage: int, micro: int) -> Process:
         lay, m = self.ctx.layout, self.sc.model
         if stage == lay.stages - 1:
+            for depth in reversed(range(m.mtp_depth)):
+                yield self._compute(gpu, "MTP module", self.t["mtp_b"], True, depth=depth)
             yield self._compute(gpu, "output head", self.t["head_b"], True, micro_batch=micro)
         for layer in reversed(lay.stage_layers[stage]):
             where = {"layer": layer, "micro_batch": micro}
@@ -427,8 +451,16 @@ class _StepModel:
         if stage == 0:
             yield self._compute(gpu, "embedding", self.t["embed"], True, micro_batch=micro)
 
-    def _ring(self, key: tuple[Any, ...], members: list[int], nbytes: float) -> simpy.Event:
-        """Join a ring all-reduce; the returned event fires when the ring has finished."""
+    def _ring(
+        self, key: tuple[Any, ...], members: list[int], nbytes: float, phases: int
+    ) -> simpy.Event:
+        """Join a ring collective over ``members``; the event fires when the ring has finished.
+
+        A ring all-reduce of ``nbytes`` is 2 phases (reduce-scatter, then all-gather), each of
+        ``n − 1`` steps moving ``nbytes / n`` to the next member; ``phases = 1`` is either half
+        alone. Every step moves the same bytes over the same links, so the steps of a phase are
+        simulated as one flow per member of ``phases·(n − 1)/n·nbytes`` with the hops' latency.
+        """
         entry = self.rings.get(key)
         if entry is None:
             entry = self.rings[key] = [0, self.env.event()]
@@ -439,8 +471,8 @@ class _StepModel:
             pairs = [(members[i], members[(i + 1) % n]) for i in range(n)]
             flows = self.net.start(
                 [topo.path(a, b) for a, b in pairs],
-                [2.0 * (n - 1) / n * nbytes] * n,
-                [2.0 * (n - 1) * topo.latency(a, b) for a, b in pairs],
+                [phases * (n - 1) / n * nbytes] * n,
+                [phases * (n - 1) * topo.latency(a, b) for a, b in pairs],
             )
             done = entry[1]
             remaining = [n]
@@ -480,16 +512,45 @@ class _StepModel:
                 self.bwd_time[stage] += (self.env.now - start) / lay.gpus_per_stage
                 if stage > 0:
                     self._send("grad", gpu, prev_gpu, micro)
-        start = self.env.now
-        stage_gpus = list(lay.stage_gpus(stage))
-        if len(stage_gpus) > 1:
-            yield self._ring(("dense", stage), stage_gpus, self.ctx.dense_grad_bytes[stage])
-        peers = lay.dp_peers(gpu)
-        if len(peers) > 1:
-            yield self._ring(("expert", tuple(peers)), peers, self.ctx.expert_grad_bytes[stage])
-        self.allreduce_s[gpu] = self.env.now - start
-        self.rec.slice(gpu, "allreduce", "gradient all-reduce", start, self.env.now)
+        yield from self._update_weights(gpu, stage)
         self.finish[gpu] = self.env.now
+
+    def _update_weights(self, gpu: int, stage: int) -> Process:
+        """Gradient synchronisation and the optimizer step.
+
+        Dense parameters are replicated over the whole stage, routed experts over the
+        expert-data-parallel peers. Plain data parallelism all-reduces the gradients and every
+        GPU updates every parameter it holds; ZeRO-1 reduce-scatters the gradients, each GPU
+        updates its 1/n shard, and the updated BF16 parameters are all-gathered.
+        """
+        ctx, lay = self.ctx, self.ctx.layout
+        groups = [
+            ("dense", list(lay.stage_gpus(stage)), ctx.dense_params[stage]),
+            ("expert", lay.dp_peers(gpu), ctx.expert_params[stage]),
+        ]
+        groups = [(name, members, params) for name, members, params in groups if params > 0]
+        zero1 = self.sc.parallelism.zero1
+        start = self.env.now
+        for name, members, params in groups:
+            if len(members) > 1:
+                key = (name, "reduce", tuple(members))
+                yield self._ring(key, members, params * ctx.grad_bytes_per_param, 1 if zero1 else 2)
+        self.allreduce_s[gpu] += self.env.now - start
+        self.rec.slice(gpu, "allreduce", "gradient reduce", start, self.env.now)
+        shard = sum(params / (len(members) if zero1 else 1) for _, members, params in groups)
+        seconds = ctx.compute.optimizer_step(shard)
+        self.optimizer_s[gpu] += seconds
+        self.rec.slice(gpu, "compute", "optimizer step", self.env.now, self.env.now + seconds)
+        yield self.env.timeout(seconds)
+        if zero1:
+            start = self.env.now
+            bf16 = units.BYTES_PER_ELEMENT["bf16"]
+            for name, members, params in groups:
+                if len(members) > 1:
+                    key = (name, "gather", tuple(members))
+                    yield self._ring(key, members, params * bf16, 1)
+            self.allreduce_s[gpu] += self.env.now - start
+            self.rec.slice(gpu, "allreduce", "parameter all-gather", start, self.env.now)
 
     def run(self) -> StepResult:
         lay = self.ctx.layout
@@ -511,6 +572,7 @@ class _StepModel:
             a2a_wait_s=self.a2a_wait_s,
             pipeline_wait_s=self.pipeline_wait_s,
             allreduce_s=self.allreduce_s,
+            optimizer_s=self.optimizer_s,
             tail_idle_s=step_time - self.finish,
             expert_tokens=self.expert_tokens,
             expert_wait_s=self.expert_wait_token_s / served,

@@ -60,7 +60,8 @@ BREAKDOWN = (
     ("backward_compute_s", "backward compute"),
     ("a2a_wait_s", "all-to-all wait"),
     ("pipeline_wait_s", "pipeline wait"),
-    ("allreduce_s", "gradient all-reduce"),
+    ("allreduce_s", "gradient/parameter sync"),
+    ("optimizer_s", "optimizer step"),
     ("tail_idle_s", "idle at step end"),
 )
 

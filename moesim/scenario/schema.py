@@ -79,6 +79,9 @@ class Model(Frozen):
     dense_ffn: PositiveInt | None = Field(None, description="intermediate size of dense FFNs")
     moe: Moe
     gemm_precision: Literal["bf16", "fp8"] = "bf16"
+    mtp_depth: NonNegInt = Field(
+        0, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Model:
@@ -194,6 +197,21 @@ class Parallelism(Frozen):
     micro_batch_size: PositiveInt = Field(1, description="sequences per GPU per micro-batch")
     schedule: Literal["1f1b"] = "1f1b"
     grad_dtype: Literal["bf16", "fp32"] = "bf16"
+    zero1: bool = Field(
+        True,
+        description="shard optimizer states over the data-parallel group (ZeRO-1): gradients "
+        "reduce-scatter, each GPU updates its shard, parameters all-gather",
+    )
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none",
+        description="activation recomputation in the backward: selective = norms and "
+        "element-wise ops (DeepSeek-V3), full = the whole forward compute of each layer",
+    )
+    comm_sms: NonNegInt = Field(
+        0,
+        description="streaming multiprocessors reserved for communication kernels (DeepSeek-V3: "
+        "20 of 132); compute runs on the rest",
+    )
 
 
 # --------------------------------------------------------------------------- run
@@ -264,6 +282,11 @@ class Scenario(Frozen):
             raise ValueError(
                 f"router.node_limit: {self.router.node_limit} exceeds the {self.ep_nodes} node(s) "
                 f"an expert-parallel group spans"
+            )
+        if p.comm_sms >= c.gpu.sms:
+            raise ValueError(
+                f"parallelism.comm_sms: {p.comm_sms} reserved of the {c.gpu.sms} SMs of a "
+                f"{c.gpu.name} leaves none for compute"
             )
         if m.gemm_precision == "fp8" and c.gpu.fp8_tflops is None:
             raise ValueError(f"model.gemm_precision: fp8, but {c.gpu.name} has no FP8 peak")

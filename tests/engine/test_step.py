@@ -59,7 +59,11 @@ def test_balanced_1f1b_step_matches_closed_form(tiny_dict):
     assert r.step_time_s == pytest.approx(closed, rel=0.01)
 
 
-def test_allreduce_is_a_ring(tiny_dict):
+@pytest.mark.parametrize("zero1", [False, True])
+def test_gradient_sync_is_a_ring_and_zero1_shards_the_optimizer(tiny_dict, zero1):
+    """All-reduce = reduce-scatter + all-gather in bytes and time (BF16 gradients and
+    parameters); ZeRO-1 updates a 1/n shard of the parameters instead of all of them."""
+    tiny_dict["parallelism"]["zero1"] = zero1
     sc = _uniform_pipeline(tiny_dict)
     ctx = build_context(sc)
     r = simulate_step(ctx, *_balanced(ctx))
@@ -69,6 +73,9 @@ def test_allreduce_is_a_ring(tiny_dict):
     ring = 2 * (n - 1) / n * ctx.dense_grad_bytes / bw + 2 * (n - 1) * lat
     # The last stage to finish its backward forms its ring last; its ring time is exact.
     assert r.allreduce_s.min() == pytest.approx(ring.min(), rel=1e-6)
+    params = ctx.dense_params[0] + ctx.expert_params[0]  # EP-data degree 1: experts unshared
+    shard = ctx.dense_params[0] / n + ctx.expert_params[0] if zero1 else params
+    assert r.optimizer_s[0] == pytest.approx(ctx.compute.optimizer_step(shard), rel=1e-12)
 
 
 def test_data_parallel_forward_is_the_sum_of_ops(tiny_dict):
@@ -167,7 +174,7 @@ def test_recorder_captures_a_consistent_timeline(tiny_scenario):
             (s.start_s, s.end_s) for s in r.trace if s.gpu == gpu and s.track == "compute"
         )
         busy = sum(e - s for s, e in compute)
-        assert busy == pytest.approx(r.compute_s[gpu], rel=1e-9)
+        assert busy == pytest.approx(r.compute_s[gpu] + r.optimizer_s[gpu], rel=1e-9)
         for (_, end), (start, _) in zip(compute, compute[1:], strict=False):
             assert start >= end - 1e-12  # one compute stream: slices never overlap
     tracks = {s.track for s in r.trace}
