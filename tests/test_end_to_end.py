@@ -27,6 +27,10 @@ SUMMARY_KEYS = {
     "cost_usd",
     "maxvio_batch",
     "task_loss",
+    "maxvio_global",
+    "maxvio_compute_batch",
+    "teacher_capture",
+    "interference_cos",
 }
 
 
@@ -60,6 +64,18 @@ def test_quickstart_run_directory(quickstart_run):
         assert 0 <= values["straggler_overhead"] < 1
         assert 0 < values["mfu"] < 1
         assert values["cost_usd"] == pytest.approx(values["gpu_hours"] * 4.92)
+
+
+def test_quickstart_routing_quality_lands_in_the_run(quickstart_run):
+    run = load(quickstart_run)
+    spec = run.specialisation
+    assert set(spec["strategy"]) == {"aux_loss", "loss_free"}
+    assert len(spec) == 2 * run.scenario.stream.topics * run.scenario.model.moe.routed_experts
+    assert (spec.groupby("strategy")["tokens"].sum() > 0).all()
+    # Loss-free balances the global load better and has no gradient interference.
+    assert run.summary["loss_free"]["maxvio_global"] < run.summary["aux_loss"]["maxvio_global"]
+    assert run.summary["loss_free"]["interference_cos"] == 0.0
+    assert run.summary["aux_loss"]["interference_cos"] != 0.0
 
 
 def test_quickstart_physical_plausibility(quickstart_run):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from moesim import units
 from moesim.cluster import model_flops_per_token
@@ -32,6 +33,8 @@ from moesim.gate import (
     routing_sample,
     train_gate,
 )
+from moesim.gate.metrics import max_vio, topic_expert_load
+from moesim.gate.router import route, route_options
 from moesim.gate.trace import scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 
@@ -48,6 +51,8 @@ class SimulatedStep:
     segment_steps: int
     routing_metrics: dict[str, float]
     result: StepResult
+    expert_load: npt.NDArray[np.int64]
+    """Routed assignments per (simulated layer, expert) over the step, shape (L, E)."""
 
 
 @dataclass
@@ -59,6 +64,9 @@ class RunEstimate:
     balanced: SimulatedStep
     gate_records: dict[str, list[dict[str, float]]]
     link_names: list[str]
+    specialisation: dict[str, npt.NDArray[np.int64]]
+    """Per run with a gate: the topic × expert load of its final routers (first layer) on a
+    fresh batch of the stream (routing.md §3 Fig. 9; the R8 specialisation)."""
     summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,6 +104,7 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
         scenario.total_steps,
         dict(bal.metrics),
         simulate_step(ctx, bal.counts, bal.dest_tokens),
+        bal.counts.sum(axis=(1, 2)),
     )
     tick("balanced reference step")
 
@@ -103,7 +112,9 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     simulated: list[SimulatedStep] = []
     gate_records: dict[str, list[dict[str, float]]] = {}
     traced = None
-    for name, records, samples in _routing_sources(scenario, points, gate_seed, n_src, n_dest):
+    specialisation: dict[str, npt.NDArray[np.int64]] = {}
+    sources = _routing_sources(scenario, points, gate_seed, n_src, n_dest, specialisation)
+    for name, records, samples in sources:
         gate_records[name] = records
         tick(f"{name}: routing ready")
         if traced is None and scenario.output.trace:
@@ -114,10 +125,20 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
                 SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
             )
             result = simulate_step(ctx, sample.counts, sample.dest_tokens, recorder)
-            simulated.append(SimulatedStep(name, i, step, length, dict(sample.metrics), result))
+            simulated.append(
+                SimulatedStep(
+                    name,
+                    i,
+                    step,
+                    length,
+                    dict(sample.metrics),
+                    result,
+                    sample.counts.sum(axis=(1, 2)),
+                )
+            )
             tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
-    estimate = RunEstimate(scenario, simulated, balanced, gate_records, links)
+    estimate = RunEstimate(scenario, simulated, balanced, gate_records, links, specialisation)
     _integrate(estimate)
     return estimate
 
@@ -144,11 +165,13 @@ def _routing_sources(
     gate_seed: np.random.SeedSequence,
     n_src: int,
     n_dest: int,
+    specialisation: dict[str, npt.NDArray[np.int64]],
 ) -> Iterator[tuple[str, list[dict[str, float]], SampleAt]]:
     """Per run: its name, the gate's per-update records, and the routing sample at a point.
 
     With ``gate.trace`` the recorded loads replace the gate (no records, no strategies);
-    otherwise the gate trains under each strategy in turn.
+    otherwise the gate trains under each strategy in turn, and its final routers' topic ×
+    expert load goes into ``specialisation``.
     """
     if scenario.gate.trace is not None:
         trace = scenario_trace(scenario)
@@ -160,6 +183,7 @@ def _routing_sources(
         return
     for strategy in scenario.strategies:
         trajectory = train_gate(scenario, strategy, points, gate_seed)
+        specialisation[strategy.name] = _topic_load(scenario, trajectory)
 
         def routed(
             _i: int, step: int, rng: np.random.Generator, gate: GateTrajectory = trajectory
@@ -171,8 +195,59 @@ def _routing_sources(
         yield strategy.name, trajectory.records, routed
 
 
+def _topic_load(scenario: Scenario, trajectory: GateTrajectory) -> npt.NDArray[np.int64]:
+    """Topic × expert assignments of the final first-layer router on one fresh gate batch."""
+    gate = scenario.gate
+    rng = np.random.default_rng(np.random.SeedSequence(scenario.seed).spawn(3)[2])
+    tokens, topics = trajectory.stream.sample(
+        gate.batch_sequences,
+        gate.tokens_per_sequence,
+        rng,
+        tokens_trained=scenario.training.total_tokens,
+        sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+    )
+    routing = route(
+        tokens.reshape(-1, tokens.shape[-1]), trajectory.final[0], **route_options(scenario)
+    )
+    return topic_expert_load(
+        routing.selected,
+        topics.ravel(),
+        scenario.stream.topics,
+        scenario.model.moe.routed_experts,
+        routing.dropped,
+    )
+
+
 def _record_at(records: list[dict[str, float]], step: int) -> dict[str, float]:
     return records[min(step, len(records) - 1)]
+
+
+def _routing_summary(
+    rows: list[SimulatedStep], records: list[dict[str, float]]
+) -> dict[str, float | None]:
+    """Routing quality over the run: MaxVio_global pools the sampled steps' loads; the other
+    sample metrics are means over the sampled steps; gate metrics are means over all updates
+    (teacher capture over the last tenth, like the task loss)."""
+    pooled = np.sum([s.expert_load for s in rows], axis=0)
+    out: dict[str, float | None] = {"maxvio_global": float(max_vio(pooled).mean())}
+    for key in (
+        "maxvio_compute_batch",
+        "cv_batch",
+        "dead_experts",
+        "dropped_fraction",
+        "nodes_per_token",
+    ):
+        values = [s.routing_metrics[key] for s in rows if key in s.routing_metrics]
+        out[key] = float(np.mean(values)) if values else None
+    tail = records[-max(1, len(records) // 10) :]
+    for key, window in (
+        ("teacher_capture", tail),
+        ("interference_cos", records),
+        ("interference_ratio", records),
+    ):
+        values = [r[key] for r in window if key in r and np.isfinite(r[key])]
+        out[key] = float(np.mean(values)) if values else None
+    return out
 
 
 def _integrate(est: RunEstimate) -> None:
@@ -237,4 +312,5 @@ def _integrate(est: RunEstimate) -> None:
             "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records or sampled])),
             "task_loss": float(np.mean([r["task_loss"] for r in tail])) if records else None,
             "wall_days": wall / 86400.0,
+            **_routing_summary(rows, records),
         }

@@ -6,6 +6,7 @@ Layout::
     metadata.json            moesim and package versions, seed, scenario hash
     summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
     timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
+    specialisation.parquet
     gpu_hours.png cost.png   curves against tokens trained, one line per strategy
     step_breakdown.png       where each strategy's GPU time goes in a step
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
@@ -34,7 +35,7 @@ from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
 
-TABLES = ("timeline", "gate", "steps", "gpus", "experts", "links")
+TABLES = ("timeline", "gate", "steps", "gpus", "experts", "links", "specialisation")
 _PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
 
 
@@ -60,6 +61,7 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
         "gpus": tables.gpus_table(est),
         "experts": tables.experts_table(est),
         "links": tables.links_table(est),
+        "specialisation": tables.specialisation_table(est),
     }
 
 
@@ -120,6 +122,7 @@ class RunResults:
     gpus: pd.DataFrame
     experts: pd.DataFrame
     links: pd.DataFrame
+    specialisation: pd.DataFrame
 
     def summary_frame(self) -> pd.DataFrame:
         """The summary as a DataFrame, one row per strategy."""

@@ -10,6 +10,7 @@ Tables (each becomes ``<name>.parquet`` in the run directory):
   all-reduce, tail idle, deepest expert queue.
 - ``experts``: per simulated step and routed expert — tokens processed, mean queue wait.
 - ``links``: per simulated step and link — bytes carried, busy time and fraction.
+- ``specialisation``: per strategy, topic and expert — the final routers' load (R8, V3 Fig. 9).
 
 The balanced-routing reference step appears in ``steps``, ``gpus``, ``experts`` and ``links``
 under the strategy name ``balanced_reference``.
@@ -138,3 +139,26 @@ def links_table(est: RunEstimate) -> pd.DataFrame:
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def specialisation_table(est: RunEstimate) -> pd.DataFrame:
+    """Per run with a gate: assignments of each topic's tokens to each expert at the end of
+    training, and that load relative to the topic's uniform share (1 = no specialisation)."""
+    frames = []
+    for name, load in est.specialisation.items():
+        topics, experts = load.shape
+        per_topic = load.sum(axis=1, keepdims=True)
+        uniform = np.where(per_topic > 0, per_topic / experts, 1.0)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "strategy": name,
+                    "topic": np.repeat(np.arange(topics), experts),
+                    "expert": np.tile(np.arange(experts), topics),
+                    "tokens": load.ravel(),
+                    "relative_load": (load / uniform).ravel(),
+                }
+            )
+        )
+    columns = ["strategy", "topic", "expert", "tokens", "relative_load"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
