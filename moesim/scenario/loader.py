@@ -19,13 +19,11 @@ from moesim.scenario.schema import Scenario
 
 
 def _error_path(loc: tuple[int | str, ...]) -> str:
-    """('strategies', 1, 'loss_free', 'gamma') → 'strategies[1].gamma'."""
+    """('strategies', 1, 'gamma') → 'strategies[1].gamma'."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("none", "aux_loss", "loss_free") and out.endswith("]"):
-            continue  # pydantic's discriminator tag, not a field the user wrote
         else:
             out += f".{part}" if out else str(part)
     return out
