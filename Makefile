@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/gate_speed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check moesim tests benchmarks

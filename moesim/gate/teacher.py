@@ -33,8 +33,22 @@ derivative in ``w_j``) and ``ḡ_t = Σ_{S_t} w g``, for ``j ∈ S_t``:
 
 and zero for unselected experts. The selection bias ``b`` never receives a gradient (§2.1).
 
-**Teacher capture** = ``mean_t Σ_{S_t ∩ T_t} q_t``: the share of the teacher's weighted choice the
-student's selection covers (1 when ``S_t = T_t``).
+**Capacity drops.** Under a capacity (``router.capacity``) some assignments of ``S_t`` are dropped
+(``Routing.dropped``): the token skips that expert through the residual, so the expert adds
+nothing to the layer's output. The student's output is then its gate values renormalised over the
+*kept* experts ``K_t ⊆ S_t`` (``w_t`` is 0 at a dropped expert), and everything above holds with
+``K_t`` in place of ``S_t``:
+
+    L_task = (1/T) Σ_t [½ Σ_{K_t} w² − Σ_{K_t ∩ T_t} w q + ½ Σ_{T_t} q²],
+
+gradients only at kept experts, with the sums ``Σ σ`` and ``ḡ_t`` over ``K_t``. A token whose
+every assignment was dropped outputs 0: it costs ``½ Σ_{T_t} q²`` and passes no gradient. A drop
+is a decision of the capacity, piecewise constant in the logits like the selection, so it passes
+no gradient either. Without drops (dropless routing, the default) the computation is the one
+above, bit for bit.
+
+**Teacher capture** = ``mean_t Σ_{K_t ∩ T_t} q_t``: the share of the teacher's weighted choice the
+student's kept experts cover (1 when ``K_t = T_t``; ``K_t = S_t`` when dropless).
 """
 
 from __future__ import annotations
@@ -122,7 +136,9 @@ def task_loss_and_grad(
     Parameters
     ----------
     routing : Routing
-        The student's routing; uses ``scores`` (T, E) and ``selected`` (T, k).
+        The student's routing; uses ``scores`` (T, E), ``selected`` (T, k) and ``dropped``
+        (T, k): dropped assignments carry no weight, the weights are renormalised over the kept
+        ones, and a token with every assignment dropped outputs 0 (module docstring).
     target : ndarray, shape (T, k)
         The teacher's weight ``q`` at each selected expert (:meth:`TeacherChoice.at`).
     target_sq : ndarray, shape (T,)
@@ -137,13 +153,23 @@ def task_loss_and_grad(
     loss : float
         ``L_task`` per token.
     dlogits : ndarray, shape (T, E)
-        ``∂L_task/∂z`` (plus ``add_to``); zero outside the selection.
+        ``∂L_task/∂z`` (plus ``add_to``); zero outside the kept selection.
     """
     n_tokens, n_experts = routing.scores.shape
     selected = routing.selected
     s_sel = gather_rows(routing.scores, selected)
     q_sel = target.astype(s_sel.dtype, copy=False)
-    total = row_sum(s_sel)[:, None]
+    kept = None if not routing.dropped.any() else ~routing.dropped
+    if kept is None:
+        total = row_sum(s_sel)[:, None]
+    else:
+        # Dropped assignments leave the output: zero score there gives them no weight and, in
+        # both gradient forms below, no gradient; their target is not reachable either.
+        s_sel = np.where(kept, s_sel, s_sel.dtype.type(0))
+        q_sel = np.where(kept, q_sel, q_sel.dtype.type(0))
+        total = row_sum(s_sel)[:, None]
+        # A token with every assignment dropped outputs 0: w = 0 (loss ½Σq², no gradient).
+        total[~kept.any(axis=1)] = 1
     w = s_sel / total
     per_token = 0.5 * row_sum(w * w) - row_sum(w * q_sel) + 0.5 * target_sq
     loss = float(per_token.mean(dtype=np.float64))
@@ -162,6 +188,12 @@ def task_loss_and_grad(
     return loss, dlogits
 
 
-def teacher_capture(target: FloatArray) -> float:
-    """``mean_t Σ_{S_t ∩ T_t} q_t`` from the teacher weights at the selected experts (T, k)."""
+def teacher_capture(target: FloatArray, dropped: npt.NDArray[np.bool_] | None = None) -> float:
+    """``mean_t Σ_{K_t ∩ T_t} q_t`` from the teacher weights at the selected experts (T, k).
+
+    ``dropped`` (T, k), optional: assignments dropped by a capacity (``Routing.dropped``); they
+    cover nothing of the teacher's choice. Without it every selected expert counts.
+    """
+    if dropped is not None and dropped.any():
+        target = np.where(dropped, target.dtype.type(0), target)
     return float(row_sum(target).mean(dtype=np.float64))

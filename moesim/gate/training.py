@@ -21,17 +21,60 @@ its own Adam state. Every optimizer step of the scenario is one gate update:
    ``gate.learning_rate``); then the strategy's post-step bias update from this step's loads as
    processed (routed, less any capacity drops), counted over the bias scope, with γ from its
    schedule at the tokens trained before the step. The new bias first affects the next step
-   (routing.md §2.2, §6.3): one bias update per optimizer step of the real run, no coarsening.
+   (routing.md §2.2, §6.3): one bias update per optimizer step of the real run.
+
+**Coarsening** (``gate.steps_per_update = k > 1``). The bias dynamics depend on the number of
+updates, not on the tokens (routing.md §2.2, §2.7: the sign rule moves every bias by ``±γ`` per
+step), so every optimizer step of the run still takes one bias update and one Adam step. What
+runs only every k-th step is the expensive part: the teacher, the task and balance losses and
+their weight gradients on the full gate batch.
+
+- Steps ``0, k, 2k, …`` are *full* updates, exactly the steps above. The n-th full update draws
+  the tokens a ``k = 1`` run draws at its n-th step (the same random sequence, consumed the same
+  way).
+- Every other step is a *bias step*: ``gate.bias_batch_sequences`` fresh sequences (default
+  ``gate.batch_sequences``, so the bias reads loads as noisy as at ``k = 1``) are routed by every
+  layer with its current weights and bias — group limits and capacity as in a full update, the
+  batch cut into micro-batches of ``parallelism.micro_batch_size`` sequences — and the strategy's
+  bias rule reads their loads as processed over its scope, with γ at the tokens trained before
+  the step. Then each layer takes an Adam step with the gradient of the last full update. No
+  teacher, no loss, no new gradient. Without a bias (or while γ is 0) the routing is skipped.
+
+``gate.learning_rate`` thus keeps its meaning, the step of every optimizer step, and the weights
+move at the pace of a ``k = 1`` run; Adam's moments see each gradient k times in a row. What
+changes is that the gradient is up to k − 1 steps old: the router answers the bias's moves (the
+task gradient pulls diverted tokens back to the teacher's experts) only at full updates, and the
+load imbalance comes out lower than at ``k = 1``. How much depends on the router's speed
+relative to the bias's. With DeepSeek-V3's ratio (peak learning rate 2.2e-4, γ = 1e-3) the
+time-averaged MaxVio_batch of a 16-expert top-2 gate over 3000 steps dropped by 2, 3, 6 and 10 %
+at k = 4, 8, 16 and 32 (twelve seeds pooled; ``tests/gate/test_training_coarsening.py`` checks
+k = 16); with the gate's default learning rate 1e-3 = γ it dropped by about 4–10 % at k = 4 and
+14–16 % at k = 8, so k must stay small there. (The other
+choice, the same step per gradient update and k times fewer Adam steps, slows the routers k-fold
+and halved MaxVio_batch at k = 4; it was rejected.) A smaller ``gate.bias_batch_sequences``
+makes a bias step cheaper but the loads it reads noisier, and the bias wanders more: at
+DeepSeek-V3 size, 8, 4 and 2 sequences instead of 32 raised MaxVio_batch by about 13, 28 and
+45 %.
+
+The bias batches come from their own random sequence (a fifth child of the seed). They are
+drawn in chunks of consecutive bias steps (at most ``_BIAS_CHUNK_TOKENS`` tokens, never past the
+next full update), and a chunk takes the stream's popularity at its first step: a data-mix
+drift moves once per chunk.
+
+Records: one per full update — every step for ``k = 1``, every k-th step from step 0 otherwise
+— each with its real ``step`` (:meth:`GateTrajectory.record_at` looks a step up). Snapshots
+(``sample_steps``) may fall on any step.
 
 Runs are deterministic given the seed sequence: independent child sequences drive the stream
-geometry, the teachers, the student initialisation and the per-update token draws, so two
-strategies trained from the same seed see the same teachers and the same token batches.
+geometry, the teachers, the student initialisation, the per-update token draws and the bias-step
+draws, so two strategies trained from the same seed see the same teachers and the same token
+batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -44,7 +87,17 @@ from moesim.gate.balancing import (
     make_strategy,
 )
 from moesim.gate.metrics import max_vio
-from moesim.gate.router import RouterState, route, route_options, row_sum
+from moesim.gate.router import (
+    FloatArray,
+    RouteOptions,
+    RouterState,
+    ScoreFunction,
+    route,
+    route_options,
+    row_sum,
+    scores_from_logits,
+    select_experts,
+)
 from moesim.gate.stream import TokenStream
 from moesim.gate.teacher import Teacher, task_loss_and_grad, teacher_capture
 from moesim.scenario.schema import Scenario
@@ -52,6 +105,10 @@ from moesim.scenario.schema import Scenario
 _BETA1 = 0.9
 _BETA2 = 0.999
 _EPS = 1e-8
+# |argument| bound of exp in the sigmoid, as moesim.gate.router's.
+_EXP_LIMIT = np.float32(80.0)
+# Bias-step tokens drawn and scored at once (the scores of one chunk are kept for every layer).
+_BIAS_CHUNK_TOKENS = 1 << 16
 
 
 @dataclass
@@ -63,7 +120,9 @@ class GateTrajectory:
     strategy : str
         Name of the strategy trained.
     records : list of dict
-        One per update, in step order: ``step``, ``tokens`` (``(step + 1) · tokens_per_step``,
+        One per full update, in step order (every step for ``gate.steps_per_update = 1``, every
+        k-th step from step 0 otherwise): ``step`` (the real optimizer step), ``tokens``
+        (``(step + 1) · tokens_per_step``,
         tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
         of the update's gate-batch loads as processed — routed, less any capacity drops —
         routing.md §2.4, §10 item 4), ``task_loss`` (nats),
@@ -82,6 +141,8 @@ class GateTrajectory:
     stream : TokenStream
         The token stream the routers were trained on: route samples from this one, since a
         stream built from another seed has another topic geometry.
+    steps_per_update : int
+        ``gate.steps_per_update``: optimizer steps between two records.
     """
 
     strategy: str
@@ -89,10 +150,20 @@ class GateTrajectory:
     records: list[dict[str, float]] = field(default_factory=list)
     states: dict[int, list[RouterState]] = field(default_factory=dict)
     final: list[RouterState] = field(default_factory=list)
+    steps_per_update: int = 1
 
     def column(self, key: str) -> npt.NDArray[np.float64]:
         """One record field over all updates, shape (updates,)."""
         return np.array([r[key] for r in self.records], dtype=np.float64)
+
+    def record_at(self, step: int) -> dict[str, float]:
+        """The record of the last full update at or before ``step`` (the first record for a
+        step before it, the last one past the end); ``records[step]`` when every step is
+        recorded."""
+        if not self.records:
+            raise ValueError("record_at: the trajectory has no records")
+        index = max(0, step) // self.steps_per_update
+        return self.records[min(index, len(self.records) - 1)]
 
 
 class _Adam:
@@ -103,17 +174,37 @@ class _Adam:
         self.v = np.zeros(shape, dtype=np.float32)
         self.t = 0
         self.learning_rate = learning_rate
+        self._first = self._second = np.zeros(shape, dtype=np.float32)
+        self._buffer = np.empty(shape, dtype=np.float32)
 
     def step(self, weights: npt.NDArray[np.float32], grad: npt.NDArray[np.float32]) -> None:
+        """One Adam update with ``grad``; its scaled moments are kept for :meth:`repeat`."""
         self.t += 1
         self.m *= _BETA1
-        self.m += (1 - _BETA1) * grad
+        self._first = (1 - _BETA1) * grad
+        self.m += self._first
         self.v *= _BETA2
-        self.v += (1 - _BETA2) * grad * grad
+        self._second = (1 - _BETA2) * grad * grad
+        self.v += self._second
         step_size = self.learning_rate * np.sqrt(1 - _BETA2**self.t) / (1 - _BETA1**self.t)
         # Bias-corrected update lr·m̂/(√v̂ + ε), with the corrections folded into the step size.
         denom = np.sqrt(self.v) + np.float32(_EPS * np.sqrt(1 - _BETA2**self.t))
         weights -= np.float32(step_size) * self.m / denom
+
+    def repeat(self, weights: npt.NDArray[np.float32]) -> None:
+        """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
+        reused, the update computed in place (a coarsened gate's bias steps)."""
+        self.t += 1
+        self.m *= _BETA1
+        self.m += self._first
+        self.v *= _BETA2
+        self.v += self._second
+        step_size = self.learning_rate * np.sqrt(1 - _BETA2**self.t) / (1 - _BETA1**self.t)
+        buffer = np.sqrt(self.v, out=self._buffer)
+        buffer += np.float32(_EPS * np.sqrt(1 - _BETA2**self.t))
+        np.divide(self.m, buffer, out=buffer)
+        buffer *= np.float32(step_size)
+        weights -= buffer
 
 
 def child_seeds(seed_seq: np.random.SeedSequence, n: int) -> list[np.random.SeedSequence]:
@@ -130,15 +221,111 @@ def child_seeds(seed_seq: np.random.SeedSequence, n: int) -> list[np.random.Seed
     ]
 
 
-def gate_micro_batches(scenario: Scenario) -> list[int]:
+def gate_micro_batches(scenario: Scenario, sequences: int | None = None) -> list[int]:
     """Token counts of the gate batch's micro-batches: ``micro_batch_size`` sequences each.
 
-    A last, smaller micro-batch takes any remainder of ``gate.batch_sequences``.
+    A last, smaller micro-batch takes any remainder of ``gate.batch_sequences`` (or of
+    ``sequences``, for a batch of another size such as a bias step's).
     """
     mbs = scenario.parallelism.micro_batch_size
-    batch, tps = scenario.gate.batch_sequences, scenario.gate.tokens_per_sequence
+    batch = scenario.gate.batch_sequences if sequences is None else sequences
+    tps = scenario.gate.tokens_per_sequence
     full, rest = divmod(batch, mbs)
     return [mbs * tps] * full + ([rest * tps] if rest else [])
+
+
+def bias_batch_sequences(scenario: Scenario) -> int:
+    """Sequences a bias step routes: ``gate.bias_batch_sequences``, or ``gate.batch_sequences``
+    when unset."""
+    gate = scenario.gate
+    return gate.batch_sequences if gate.bias_batch_sequences is None else gate.bias_batch_sequences
+
+
+def routed_loads(
+    selection: FloatArray,
+    top_k: int,
+    n_groups: int = 1,
+    group_topk: int | None = None,
+    sizes: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.int64]:
+    """Expert loads of the top-k routing :func:`~moesim.gate.router.select_experts` makes on
+    ``selection`` (scores plus bias), counted without listing each token's experts.
+
+    Group-limited (``group_topk < n_groups``): a group's score is the sum of its ``max(1,
+    top_k // group_topk)`` largest selection scores added largest first, as there; the groups
+    scoring at least the ``group_topk``-th best are kept. Then every kept expert scoring at
+    least the token's threshold — the ``top_k``-th largest score among the kept groups, read from
+    each kept group's sorted top values — is counted. Sorting the short rows of a group, or
+    partitioning a row for one threshold, costs far less than :func:`numpy.argpartition`'s index
+    bookkeeping over all experts. An exact tie at a threshold (saturated sigmoids, biases on the
+    sign rule's lattice) would keep more groups or count more experts than asked: the totals
+    show it, and the tied tokens take :func:`~moesim.gate.router.select_experts`' own choice,
+    so the result is always its selection.
+
+    Parameters
+    ----------
+    selection : ndarray, shape (T, E)
+        Selection scores ``s + b``.
+    top_k : int
+        Experts per token.
+    n_groups, group_topk : int, int or None
+        Group-limited routing as in :func:`~moesim.gate.router.select_experts`.
+    sizes : array_like of int, optional
+        Consecutive token groups to count apart (summing to ``T``); default one group.
+
+    Returns
+    -------
+    ndarray, int64
+        Shape (G, E) with ``sizes``, else (E,).
+    """
+    n_tokens, n_experts = selection.shape
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k: {top_k} is not in 1..{n_experts}")
+    grouped = group_topk is not None and group_topk < n_groups
+    keep = None
+    if not grouped:
+        threshold = np.partition(selection, n_experts - top_k, axis=1)[:, n_experts - top_k]
+        chosen = selection >= threshold[:, None]
+    else:
+        assert group_topk is not None
+        group_size = n_experts // n_groups
+        if n_experts % n_groups or group_topk * group_size < top_k:
+            raise ValueError(
+                f"n_groups: {group_topk} of {n_groups} groups cannot route top_k={top_k} of "
+                f"{n_experts} experts"
+            )
+        by_group = selection.reshape(n_tokens, n_groups, group_size)
+        ordered = np.sort(by_group, axis=2)
+        per_group = min(group_size, max(1, top_k // group_topk))
+        group_score = ordered[:, :, group_size - 1].copy()
+        for i in range(2, per_group + 1):
+            group_score = group_score + ordered[:, :, group_size - i]
+        cut = np.partition(group_score, n_groups - group_topk, axis=1)[:, n_groups - group_topk]
+        keep = group_score >= cut[:, None]
+        depth = min(top_k, group_size)  # a token's top-k lie in its kept groups' tops
+        dropped_groups = np.where(keep, np.float32(0), np.float32(-np.inf))
+        tops = ordered[:, :, group_size - depth :] + dropped_groups[:, :, None]
+        tops = tops.reshape(n_tokens, n_groups * depth)
+        rank = n_groups * depth - top_k
+        threshold = np.partition(tops, rank, axis=1)[:, rank]
+        limit = np.where(keep, threshold[:, None], np.inf).astype(selection.dtype, copy=False)
+        chosen = (by_group >= limit[:, :, None]).reshape(n_tokens, n_experts)
+    # Every row keeps at least group_topk groups and counts at least top_k experts; more means
+    # an exact tie. Those rows take select_experts' own choice (row by row, as it decides).
+    tied = keep is not None and int(np.count_nonzero(keep)) != n_tokens * (group_topk or 0)
+    if tied or int(np.count_nonzero(chosen)) != n_tokens * top_k:
+        bad = np.add.reduce(chosen.view(np.uint8), axis=1) != top_k
+        if keep is not None:
+            bad |= np.count_nonzero(keep, axis=1) != group_topk
+        rows = np.flatnonzero(bad)
+        chosen[rows] = False
+        exact = select_experts(selection[rows], None, top_k, n_groups, group_topk)
+        chosen[rows[:, None], exact] = True
+    if sizes is None:
+        return np.add.reduce(chosen.view(np.uint8), axis=0, dtype=np.int64)
+    bounds = np.asarray(sizes, dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(bounds)[:-1]))
+    return np.add.reduceat(chosen.view(np.uint8), starts, axis=0, dtype=np.int64)
 
 
 def balance_context(scenario: Scenario) -> BalanceContext:
@@ -167,13 +354,105 @@ def balance_context(scenario: Scenario) -> BalanceContext:
     )
 
 
+def _scores(logits: FloatArray, score: ScoreFunction) -> FloatArray:
+    """:func:`~moesim.gate.router.scores_from_logits`, in place on ``logits``; the sigmoid by
+    the same operations with the clip spelled as minimum/maximum (the same values, without
+    :func:`numpy.clip`'s call overhead on a bias step's small arrays)."""
+    if score != "sigmoid":
+        return scores_from_logits(logits, score)
+    out = np.negative(logits, out=logits)
+    np.minimum(out, _EXP_LIMIT, out=out)
+    np.maximum(out, -_EXP_LIMIT, out=out)
+    np.exp(out, out=out)
+    out += 1
+    return np.reciprocal(out, out=out)
+
+
+class _BiasSteps:
+    """The bias steps between full updates (module docstring, *Coarsening*): the current chunk of
+    bias-batch tokens, and every layer's loads on one step's share of it."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        stream: TokenStream,
+        rng: np.random.Generator,
+        options: RouteOptions,
+        scope: str,
+    ) -> None:
+        gate = scenario.gate
+        self.scenario, self.stream, self.rng, self.options = scenario, stream, rng, options
+        self.sequences = bias_batch_sequences(scenario)
+        self.tokens = self.sequences * gate.tokens_per_sequence
+        micro = gate_micro_batches(scenario, self.sequences)
+        self.micro = micro
+        context = replace(balance_context(scenario), micro_batches=tuple(micro))
+        self.scope_sizes = None if scope == "global" else context.scope_sizes(scope, self.tokens)
+        self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
+        self.left = 0
+        self.used = 0
+
+    def invalidate(self) -> None:
+        """Forget the rest of the chunk (at a full update: chunks never span one)."""
+        self.left = 0
+
+    def _draw(self, step: int, period_end: int) -> None:
+        scenario = self.scenario
+        gate = scenario.gate
+        n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
+        tokens, _ = self.stream.sample(
+            n_steps * self.sequences,
+            gate.tokens_per_sequence,
+            self.rng,
+            tokens_trained=step * scenario.tokens_per_step,
+            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+        )
+        self.chunk = tokens.reshape(-1, scenario.stream.dim)
+        self.left, self.used = n_steps, 0
+
+    def loads(
+        self, step: int, period_end: int, states: Sequence[RouterState]
+    ) -> list[npt.NDArray[np.int64]]:
+        """Every layer's loads on this step's bias batch, as processed, per bias-scope group."""
+        if self.left == 0:
+            self._draw(step, period_end)
+        rows = slice(self.used * self.tokens, (self.used + 1) * self.tokens)
+        self.used += 1
+        self.left -= 1
+        options = self.options
+        sizes = self.scope_sizes
+        x = self.chunk[rows]
+        out = []
+        for state in states:
+            if options["capacity"] is not None:
+                routing = route(
+                    x,
+                    state,
+                    **options,
+                    segments=self.micro,
+                    tokens_per_sequence=self.scenario.gate.tokens_per_sequence,
+                )
+                if sizes is None:
+                    out.append(routing.loads())
+                else:
+                    n_experts = state.n_experts
+                    out.append(grouped_counts(routing.selected, n_experts, sizes, routing.dropped))
+                continue
+            selection = _scores(x @ state.weights.T, options["score"])
+            if state.bias.any():
+                selection += state.bias
+            n_groups, group_topk = options["n_groups"], options["group_topk"]
+            out.append(routed_loads(selection, options["top_k"], n_groups, group_topk, sizes))
+        return out
+
+
 def train_gate(
     scenario: Scenario,
     strategy: StrategySpec,
     sample_steps: Sequence[int],
     seed_seq: np.random.SeedSequence,
 ) -> GateTrajectory:
-    """Train every simulated layer's router for ``scenario.total_steps`` updates.
+    """Train every simulated layer's router over ``scenario.total_steps`` optimizer steps.
 
     Parameters
     ----------
@@ -189,23 +468,28 @@ def train_gate(
     Returns
     -------
     GateTrajectory
-        Per-update records, the requested snapshots and the final routers.
+        Per-update records (one per full update: every step, or every
+        ``gate.steps_per_update``-th), the requested snapshots and the final routers.
 
     Notes
     -----
-    Cost per update is a few (tokens × experts) passes per layer plus three (tokens × experts ×
-    dim) products, and one more (the auxiliary weight gradient, kept apart for the
-    interference) when the strategy has a loss; everything is float32 and vectorised.
+    Cost per full update is a few (tokens × experts) passes per layer plus three (tokens ×
+    experts × dim) products, and one more (the auxiliary weight gradient, kept apart for the
+    interference) when the strategy has a loss; everything is float32 and vectorised. A bias
+    step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
+    bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
+    step.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
+    every = gate.steps_per_update
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
         raise ValueError(f"sample_steps: {bad} outside 0..{total_steps}")
 
-    stream_seed, teacher_seed, init_seed, data_seed = child_seeds(seed_seq, 4)
+    stream_seed, teacher_seed, init_seed, data_seed, bias_seed = child_seeds(seed_seq, 5)
     stream = TokenStream(scenario.stream, np.random.default_rng(stream_seed))
     teacher_rng = np.random.default_rng(teacher_seed)
     teachers = [
@@ -230,12 +514,26 @@ def train_gate(
     scope = balancer.bias_scope
     scope_sizes = None if scope in (None, "global") else context.scope_sizes(scope, n_tokens)
     micro = context.micro_sizes(n_tokens)
+    bias_steps = None
+    if every > 1 and scope is not None:
+        bias_steps = _BiasSteps(scenario, stream, np.random.default_rng(bias_seed), options, scope)
 
-    trajectory = GateTrajectory(strategy=balancer.name, stream=stream)
+    trajectory = GateTrajectory(strategy=balancer.name, stream=stream, steps_per_update=every)
     for step in range(total_steps):
         if step in wanted:
             trajectory.states[step] = [s.copy() for s in states]
         tokens_before = step * tokens_per_step
+        if step % every:
+            # A bias step (steps_per_update > 1): the bias rule on a fresh batch's loads, then
+            # an Adam step with the last full update's gradient.
+            if bias_steps is not None and balancer.gamma_at(tokens_before) > 0:
+                period_end = min(total_steps, step - step % every + every)
+                loads = bias_steps.loads(step, period_end, states)
+                for state, counts in zip(states, loads, strict=True):
+                    balancer.after_step(state, counts, tokens_before)
+            for state, adam in zip(states, optimizers, strict=True):
+                adam.repeat(state.weights)
+            continue
         tokens, _ = stream.sample(
             gate.batch_sequences,
             gate.tokens_per_sequence,
@@ -272,11 +570,13 @@ def train_gate(
                 float(max_vio(counts)),
                 task,
                 aux,
-                teacher_capture(target),
+                teacher_capture(target, routing.dropped),
                 cos,
                 ratio,
                 float(np.abs(state.bias).mean(dtype=np.float64)),
             )
+        if bias_steps is not None:
+            bias_steps.invalidate()  # the next bias steps draw for the new period
         sums /= n_layers
         trajectory.records.append(
             {

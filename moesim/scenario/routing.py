@@ -279,7 +279,16 @@ class Trace(Frozen):
 
 class Gate(Frozen):
     """Numerical gate training (routing.md §10). The gate trains on a subsample of each global
-    batch: ``batch_sequences`` sequences of ``tokens_per_sequence`` tokens per update."""
+    batch: ``batch_sequences`` sequences of ``tokens_per_sequence`` tokens per update.
+
+    **Coarsening** (``steps_per_update: k > 1``, for long runs; see :mod:`moesim.gate.training`).
+    Every optimizer step of the run still takes one bias update and one Adam step (the balancing
+    dynamics depend on the number of updates), but only every k-th step (0, k, 2k, …) computes
+    a new gradient on ``batch_sequences`` sequences. The other steps route
+    ``bias_batch_sequences`` fresh sequences with the current weights and bias, update the bias
+    from their loads, and step Adam with the last gradient. ``learning_rate`` stays the step of
+    every optimizer step. The gate then records every k-th step only (one record per gradient).
+    """
 
     layers_simulated: PositiveInt = Field(
         2, description="independent routers trained, each standing for some MoE layers (layer_map)"
@@ -299,7 +308,21 @@ class Gate(Frozen):
         "sequences count positions within these)",
     )
     learning_rate: PositiveFloat = Field(
-        1e-3, description="Adam step on router weights (loss-free paper peak LR, §2.3)"
+        1e-3,
+        description="Adam step on router weights at every optimizer step (loss-free paper peak "
+        "LR, §2.3)",
+    )
+    steps_per_update: PositiveInt = Field(
+        1,
+        description="optimizer steps per router gradient: 1 = every step is a full update; "
+        "k > 1 = a new gradient every k-th step, Adam reusing it in between, the bias still "
+        "updated every step from bias_batch_sequences fresh sequences; records every k-th step",
+    )
+    bias_batch_sequences: PositiveInt | None = Field(
+        None,
+        description="with steps_per_update > 1: sequences (of tokens_per_sequence tokens) routed "
+        "for the bias update of each step between gradients; none = batch_sequences (fewer is "
+        "faster, but the bias reads noisier loads)",
     )
     init_logit_std: PositiveFloat = Field(
         0.19,
