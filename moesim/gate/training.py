@@ -59,7 +59,8 @@ DeepSeek-V3 size, 8, 4 and 2 sequences instead of 32 raised MaxVio_batch by abou
 The bias batches come from their own random sequence (a fifth child of the seed). They are
 drawn in chunks of consecutive bias steps (at most ``_BIAS_CHUNK_TOKENS`` tokens, never past the
 next full update), and a chunk takes the stream's popularity at its first step: a data-mix
-drift moves once per chunk.
+drift moves once per chunk. With domain packing, a bias batch whose sequences are not a whole
+number of micro-batches shares its last micro-batch's dominant topic with the next one.
 
 Records: one per full update — every step for ``k = 1``, every k-th step from step 0 otherwise
 — each with its real ``step`` (:meth:`GateTrajectory.record_at` looks a step up). Snapshots
