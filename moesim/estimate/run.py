@@ -14,6 +14,7 @@ so differences between strategies come from the strategies, not from sampling no
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +220,10 @@ def _topic_load(scenario: Scenario, trajectory: GateTrajectory) -> npt.NDArray[n
 
 
 def _record_at(records: list[dict[str, float]], step: int) -> dict[str, float]:
-    return records[min(step, len(records) - 1)]
+    """The gate record of the last update at or before ``step`` (records may come every k-th
+    step when the gate is coarsened)."""
+    index = bisect.bisect_right([r["step"] for r in records], step) - 1
+    return records[max(index, 0)]
 
 
 def _routing_summary(
