@@ -15,12 +15,21 @@
     ``gate.steps_per_update``, and its first steps compared with a k = 1 run.
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
+
+BLAS runs single-threaded unless ``OPENBLAS_NUM_THREADS`` is set: the gate's products are far
+too small to gain from a second thread (uncontended, two threads gave the same wall time at
+twice the CPU), and on a shared machine OpenBLAS's spinning threads made (b) about ten times
+slower (5.4 ms instead of 0.55 ms per step).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# Before numpy loads OpenBLAS (module docstring).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
 import time
 from collections.abc import Callable
 from typing import Any

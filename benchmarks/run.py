@@ -40,7 +40,7 @@ def main() -> None:
     result, wall = _timed(lambda: simulate_step(ctx, bal.counts, bal.dest_tokens))
     print(
         f"engine, balanced step:  {wall * 1e3:8.1f} ms wall, {result.events:7d} events, "
-        f"{result.flows:6d} flows, {result.events / wall / 1e3:6.0f} k events/s"
+        f"{result.exchanges:6d} exchanges, {result.events / wall / 1e3:6.0f} k events/s"
     )
 
     strategy = sc.strategies[-1]
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"routing sample:         {wall_s * 1e3:8.1f} ms")
     print(
         f"engine, routed step:    {wall * 1e3:8.1f} ms wall, {result.events:7d} events, "
-        f"{result.flows:6d} flows, {result.events / wall / 1e3:6.0f} k events/s"
+        f"{result.exchanges:6d} exchanges, {result.events / wall / 1e3:6.0f} k events/s"
     )
 
     _, wall = _timed(lambda: estimate_run(sc))

@@ -79,8 +79,9 @@ class ComputeModel:
 
     # ------------------------------------------------------------------ primitives
 
-    def ffn_seconds(self, rows: npt.NDArray[np.float64], ffn: int, backward: bool) -> float:
-        """Seconds of one grouped SwiGLU FFN call over several FFNs with ``rows[i]`` tokens each.
+    def ffn_seconds(self, rows: npt.ArrayLike, ffn: int, backward: bool) -> npt.NDArray[np.float64]:
+        """Seconds of one grouped SwiGLU FFN call over several FFNs with ``rows[..., i]`` tokens
+        each (leading axes: independent calls, e.g. one per GPU).
 
         Rows are padded per FFN to the GEMM tile height (grouped GEMMs tile each expert
         separately); the fixed GEMM overhead ``F_half`` is paid once per grouped GEMM (gate, up,
@@ -91,12 +92,13 @@ class ComputeModel:
         d = self.hidden
         factor = 2.0 if backward else 1.0
         padded = np.ceil(rows / GEMM_TILE_ROWS) * GEMM_TILE_ROWS
-        flops = factor * 2.0 * float(padded.sum()) * 3.0 * d * ffn
-        n_gemm = 3.0 * factor if rows.sum() > 0 else 0.0
-        weights = factor * 3.0 * d * ffn * self.weight_bytes * rows.size
-        activations = factor * float(rows.sum()) * (2.0 * d + 3.0 * ffn) * BF16
+        total = rows.sum(axis=-1)
+        flops = factor * 2.0 * padded.sum(axis=-1) * 3.0 * d * ffn
+        n_gemm = np.where(total > 0, 3.0 * factor, 0.0)
+        weights = factor * 3.0 * d * ffn * self.weight_bytes * rows.shape[-1]
+        activations = factor * total * (2.0 * d + 3.0 * ffn) * BF16
         compute = (flops + n_gemm * self.f_half) / (self.peak * self.eff_max)
-        return max(compute, (weights + activations) / self.hbm)
+        return np.maximum(compute, (weights + activations) / self.hbm)
 
     # ------------------------------------------------------------------ ops per micro-batch
 
@@ -121,17 +123,21 @@ class ComputeModel:
 
     def _attention(self, backward: bool) -> float:
         n, a = self.tokens, self.costs.attention
-        factor = 2.0 if backward else 1.0
-        proj_flops = factor * n * a.projection_flops
-        proj_bytes = factor * a.params * self.weight_bytes + 4 * n * self.hidden * BF16
-        proj = max(
-            (proj_flops + 4 * factor * self.f_half) / (self.peak * self.eff_max),
-            proj_bytes / self.hbm,
-        )
+        proj = self._attention_projections(backward)
         core_eff = self.att_bwd_eff if backward else self.att_fwd_eff
         core_factor = ATTENTION_CORE_BACKWARD_FACTOR if backward else 1.0
         core = core_factor * n * a.core_flops / (self.peak_bf16 * core_eff)
         return proj + core + self._elementwise(backward) + self.launch
+
+    def _attention_projections(self, backward: bool) -> float:
+        n, a = self.tokens, self.costs.attention
+        factor = 2.0 if backward else 1.0
+        proj_flops = factor * n * a.projection_flops
+        proj_bytes = factor * a.params * self.weight_bytes + 4 * n * self.hidden * BF16
+        return max(
+            (proj_flops + 4 * factor * self.f_half) / (self.peak * self.eff_max),
+            proj_bytes / self.hbm,
+        )
 
     def router(self, backward: bool) -> float:
         """Router logits GEMM (BF16/FP32 in practice; priced at BF16) and top-k."""
@@ -150,20 +156,57 @@ class ComputeModel:
             return 0.0
         rows = np.array([float(self.tokens)])
         width = self.shared * self.expert_ffn
-        time = self.ffn_seconds(rows, width, backward) + self.launch
-        return time + self._recomputed(backward, self.ffn_seconds(rows, width, False), 0.0)
+        time = float(self.ffn_seconds(rows, width, backward)[()]) + self.launch
+        return time + self._recomputed(
+            backward, float(self.ffn_seconds(rows, width, False)[()]), 0.0
+        )
 
     def dense_ffn_seconds(self, backward: bool) -> float:
         rows = np.array([float(self.tokens)])
-        time = self.ffn_seconds(rows, self.dense_ffn, backward) + self.launch
-        return time + self._recomputed(backward, self.ffn_seconds(rows, self.dense_ffn, False), 0.0)
+        time = float(self.ffn_seconds(rows, self.dense_ffn, backward)[()]) + self.launch
+        forward = float(self.ffn_seconds(rows, self.dense_ffn, False)[()])
+        return time + self._recomputed(backward, forward, 0.0)
 
-    def experts(self, rows: npt.NDArray[np.float64], backward: bool) -> float:
-        """One grouped GEMM over a GPU's local experts with ``rows[e]`` tokens each."""
+    def experts(self, rows: npt.ArrayLike, backward: bool) -> npt.NDArray[np.float64]:
+        """One grouped GEMM over a GPU's local experts with ``rows[..., e]`` tokens each
+        (leading axes: one GPU each)."""
         time = self.ffn_seconds(rows, self.expert_ffn, backward) + self.launch
         return time + self._recomputed(
             backward, self.ffn_seconds(rows, self.expert_ffn, False), 0.0
         )
+
+    def experts_weight_gradient(self, rows: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """The weight-gradient part of :meth:`experts` backward: its GEMMs cost what the
+        forward's do (a split backward's ``W``)."""
+        return self.ffn_seconds(rows, self.expert_ffn, False)
+
+    def weight_gradient(self, op: str) -> float:
+        """The weight-gradient part of an op's backward (``attention``, ``router``,
+        ``shared_experts``, ``dense_ffn``, ``head``, ``mtp_module``; ``embedding``: 0): each
+        weight GEMM's gradient costs its forward. The rest of the backward (input gradients,
+        the attention core, element-wise work, recomputation) is the input-gradient part."""
+        if op == "attention":
+            return self._attention_projections(False)
+        if op == "router":
+            return self.router(False) - self.launch
+        if op == "shared_experts":
+            if self.shared == 0:
+                return 0.0
+            rows = np.array([float(self.tokens)])
+            return float(self.ffn_seconds(rows, self.shared * self.expert_ffn, False)[()])
+        if op == "dense_ffn":
+            rows = np.array([float(self.tokens)])
+            return float(self.ffn_seconds(rows, self.dense_ffn, False)[()])
+        if op == "head":
+            return self.head(False) - self.launch
+        if op == "mtp_module":
+            core = (
+                self.tokens * self.costs.attention.core_flops / (self.peak_bf16 * self.att_fwd_eff)
+            )
+            return self.mtp_module(False) - core - self._elementwise(False) - 3 * self.launch
+        if op == "embedding":
+            return 0.0
+        raise ValueError(f"unknown op {op!r}")
 
     def head(self, backward: bool) -> float:
         """Output head GEMM and the cross-entropy over the vocabulary (BF16)."""
@@ -189,7 +232,7 @@ class ComputeModel:
         proj_flops = factor * 2.0 * n * 2 * self.hidden * self.hidden
         proj = (proj_flops + factor * self.f_half) / (self.peak * self.eff_max)
         width = (self.shared + self.top_k) * self.expert_ffn
-        ffn = self.ffn_seconds(np.array([float(n)]), width, backward)
+        ffn = float(self.ffn_seconds(np.array([float(n)]), width, backward)[()])
         return proj + self._attention(backward) + ffn + self.head(backward) + self.launch
 
     def optimizer_step(self, params: float) -> float:

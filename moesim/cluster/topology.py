@@ -1,11 +1,21 @@
 """Static cluster description: GPUs, links, paths, and where ranks and experts live.
 
-Each GPU has four directed ports: NVLink out/in to its node's NVSwitch and NIC out/in to the
-InfiniBand fabric. A transfer inside a node crosses the sender's NVLink-out and the receiver's
-NVLink-in; between nodes it crosses the sender's NIC-out and the receiver's NIC-in, the fabric
-itself being non-blocking (a two-layer fat-tree at full bisection). Contention therefore appears
-where it does on real machines with a non-blocking fabric: at the ports (incast at a hot
-receiver, fan-out at a busy sender). Link capacities already include the link efficiency.
+Links. Each GPU has four directed ports: NVLink out/in to its NVLink domain's switch (a node of
+8 GPUs, or a larger domain such as NVL72) and NIC out/in to the InfiniBand fabric. The fabric is
+a two-layer fat-tree of leaf switches under a spine; each leaf has an uplink and a downlink port
+(aggregates of its spine links) whose capacity is its NICs' bandwidth divided by the
+oversubscription. Three wirings (``cluster.network.topology``):
+
+- ``fat_tree``: NIC ``g`` (global rank) sits under leaf ``g // leaf_nics``.
+- ``rail_optimized``: NIC ``i`` of every node belongs to rail ``i``, whose leaves hold rail
+  ``i``'s NICs of ``leaf_nics`` consecutive nodes; traffic between rails crosses the spine.
+- ``multi_plane``: rail ``i`` is an independent fat-tree (a plane). A transfer to a GPU of
+  another in-node index is first forwarded over NVLink to the sender's node-mate with the
+  destination's index, then crosses that plane (arXiv 2505.09343).
+
+Contention appears where it does on real machines: at the ports (incast at a hot receiver,
+fan-out at a busy sender) and, with oversubscription, at leaf uplinks. Link capacities already
+include the link efficiency.
 
 Rank layout (see :mod:`moesim.scenario.schema`): GPU ``g`` is global rank ``g``; stage
 ``g // (expert·data)``; inside the stage, index ``i = g % (expert·data)``, expert-parallel rank
@@ -25,6 +35,7 @@ from moesim.scenario.schema import Scenario
 
 PORTS = ("nvlink_out", "nvlink_in", "nic_out", "nic_in")
 NVLINK_OUT, NVLINK_IN, NIC_OUT, NIC_IN = range(4)
+LEAF_PORTS = ("uplink", "downlink")
 
 
 @dataclass(frozen=True)
@@ -34,54 +45,123 @@ class Topology:
     gpus: int
     gpus_per_node: int
     capacity: npt.NDArray[np.float64]
-    """Usable bandwidth per link, bytes/s, shape (4 · gpus,)."""
+    """Usable bandwidth per link, bytes/s: ``4 · gpus`` GPU ports, then an uplink and a
+    downlink per leaf switch."""
     nvlink_latency_s: float
     nic_latency_s: float
+    kind: str = "fat_tree"
+    domain_gpus: int = 0
+    """GPUs per NVLink domain (0: one node)."""
+    leaf_nics: int = 1 << 30
+    cross_leaf_latency_s: float | None = None
 
     @property
     def links(self) -> int:
         return len(self.capacity)
 
+    @property
+    def domain(self) -> int:
+        return self.domain_gpus or self.gpus_per_node
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.gpus_per_node
+
+    @property
+    def leaves(self) -> int:
+        return (self.links - 4 * self.gpus) // 2
+
+    @property
+    def nvlink_bytes_per_s(self) -> float:
+        return float(self.capacity[NVLINK_OUT])
+
+    @property
+    def nic_bytes_per_s(self) -> float:
+        return float(self.capacity[NIC_OUT])
+
     def link_id(self, gpu: int, port: int) -> int:
         return 4 * gpu + port
 
+    def leaf_link(self, leaf: int, downlink: bool) -> int:
+        return 4 * self.gpus + 2 * leaf + int(downlink)
+
     def link_name(self, link: int) -> str:
-        return f"gpu{link // 4}.{PORTS[link % 4]}"
+        if link < 4 * self.gpus:
+            return f"gpu{link // 4}.{PORTS[link % 4]}"
+        leaf = (link - 4 * self.gpus) // 2
+        return f"leaf{leaf}.{LEAF_PORTS[link % 2]}"
 
     def node_of(self, gpu: int) -> int:
         return gpu // self.gpus_per_node
+
+    def domain_of(self, gpus: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        return np.asarray(gpus) // self.domain
+
+    def leaf_of(self, gpus: npt.ArrayLike) -> npt.NDArray[np.int64]:
+        """Leaf switch of each GPU's NIC."""
+        g = np.asarray(gpus)
+        if self.kind == "fat_tree":
+            return g // self.leaf_nics
+        per_rail = -(-self.nodes // self.leaf_nics)
+        return (g % self.gpus_per_node) * per_rail + (g // self.gpus_per_node) // self.leaf_nics
 
     def path(self, src: int, dst: int) -> list[int]:
         """Links crossed from ``src`` to ``dst`` (empty for a GPU to itself)."""
         if src == dst:
             return []
-        if self.node_of(src) == self.node_of(dst):
+        if src // self.domain == dst // self.domain:
             return [4 * src + NVLINK_OUT, 4 * dst + NVLINK_IN]
-        return [4 * src + NIC_OUT, 4 * dst + NIC_IN]
+        links: list[int] = []
+        hop = src
+        if self.kind == "multi_plane" and src % self.gpus_per_node != dst % self.gpus_per_node:
+            # Forward over NVLink to the node-mate on the destination's plane.
+            hop = src - src % self.gpus_per_node + dst % self.gpus_per_node
+            links += [4 * src + NVLINK_OUT, 4 * hop + NVLINK_IN]
+        links += [4 * hop + NIC_OUT, 4 * dst + NIC_IN]
+        a, b = int(self.leaf_of(hop)), int(self.leaf_of(dst))
+        if a != b:
+            links += [self.leaf_link(a, False), self.leaf_link(b, True)]
+        return links
 
     def latency(self, src: int, dst: int) -> float:
         if src == dst:
             return 0.0
-        same_node = self.node_of(src) == self.node_of(dst)
-        return self.nvlink_latency_s if same_node else self.nic_latency_s
+        if src // self.domain == dst // self.domain:
+            return self.nvlink_latency_s
+        crosses = int(self.leaf_of(src)) != int(self.leaf_of(dst))
+        nic = self.cross_leaf_latency_s if crosses and self.cross_leaf_latency_s else None
+        extra = (
+            self.nvlink_latency_s
+            if self.kind == "multi_plane" and (src % self.gpus_per_node != dst % self.gpus_per_node)
+            else 0.0
+        )
+        return (nic if nic is not None else self.nic_latency_s) + extra
 
 
 def build_topology(scenario: Scenario) -> Topology:
     c = scenario.cluster
-    per_gpu = np.array(
-        [
-            c.nvlink_bytes_per_s,
-            c.nvlink_bytes_per_s,
-            c.nic.bandwidth_bytes_per_s,
-            c.nic.bandwidth_bytes_per_s,
-        ]
-    )
+    net = c.network
+    nic = c.nic.bandwidth_bytes_per_s
+    per_gpu = np.array([c.nvlink_bytes_per_s, c.nvlink_bytes_per_s, nic, nic])
+    leaf_nics = net.leaf_nics
+    if net.topology == "fat_tree":
+        leaves = -(-c.gpus // leaf_nics)
+        nics_per_leaf = min(leaf_nics, c.gpus)
+    else:
+        leaves = c.gpus_per_node * -(-c.nodes // leaf_nics)
+        nics_per_leaf = min(leaf_nics, c.nodes)
+    uplink = nics_per_leaf * nic / net.oversubscription
+    cross = net.cross_leaf_latency_us
     return Topology(
         gpus=c.gpus,
         gpus_per_node=c.gpus_per_node,
-        capacity=np.tile(per_gpu, c.gpus),
+        capacity=np.concatenate([np.tile(per_gpu, c.gpus), np.full(2 * leaves, uplink)]),
         nvlink_latency_s=units.microseconds(c.nvlink.latency_us),
         nic_latency_s=units.microseconds(c.nic.latency_us),
+        kind=net.topology,
+        domain_gpus=c.nvlink_domain_gpus,
+        leaf_nics=leaf_nics,
+        cross_leaf_latency_s=None if cross is None else units.microseconds(cross),
     )
 
 

@@ -1,36 +1,40 @@
-"""One training step of the cluster as a SimPy model: 1F1B pipeline × expert parallelism.
+"""One training step of the cluster as a SimPy model: a pipeline schedule × expert parallelism.
 
-Every GPU is one SimPy process: its compute stream. It walks its pipeline stage's 1F1B order of
-forward and backward micro-batches; for each layer it computes (a timeout priced by
-:class:`~moesim.cluster.ComputeModel`) and communicates through the fair-share network
-(:class:`~moesim.engine.network.FairShareNetwork`), whose flows run concurrently with compute.
+Granularity (DESIGN.md). Each pipeline rank is one SimPy process that walks its schedule
+(:mod:`moesim.engine.schedules`: 1F1B, interleaved, ZB-H1, DualPipe). A rank stands for all
+``expert × data`` GPUs of its stage, which run the same ops on different tokens: its state is
+a NumPy vector of per-GPU times, so a hot GPU finishes its experts late while its peers wait in
+the combine, GPU by GPU. Ranks exchange activations and gradients as SimPy events that carry
+those vectors; SimPy orders the ranks' work and the data-parallel synchronisation at the end.
 
-An MoE layer, forward, on GPU ``g`` of an expert-parallel group:
+Each GPU has a compute stream (``free``: when it is next idle) and communication that runs
+beside it. An MoE layer, forward, on every GPU of a stage:
 
 1. attention and router (compute);
-2. dispatch: ``g`` sends each member of its group the distinct tokens routed to that member's
-   experts (the :class:`RoutingSample` says how many); meanwhile ``g`` computes its shared
-   experts, overlapping the transfer;
-3. expert queues: a chunk joins ``g``'s queues when its transfer completes; ``g`` serves what
-   has arrived as one grouped GEMM, then what arrived meanwhile, until every member's chunk is
-   done — so a late sender delays only the work that waits for it;
-4. combine: ``g`` returns each member its results; the layer ends for ``g`` when all of its
-   own tokens are back.
+2. dispatch: each GPU sends each member of its expert-parallel group the distinct tokens routed
+   to that member's experts (:mod:`moesim.engine.alltoall` prices the exchange per port, plain
+   or node-limited), while the GPU computes its shared experts;
+3. routed experts: one grouped GEMM over the GPU's experts once its tokens have arrived;
+4. combine: results go back; the next op that needs them waits for the last one.
 
-The backward mirrors it: output gradients go to the experts (combine backward), the experts run
-their backward, input gradients come back (dispatch backward), then router and attention
-backward. A hot GPU (more tokens) finishes its experts late and every member of its group waits
-for its combine: the straggler effect of routing imbalance, visible per GPU as ``a2a_wait_s``.
+The backward mirrors it (gradients to the experts, expert backward, input gradients back,
+router and attention backward). A split backward (ZB-H1, DualPipe) leaves each op's weight
+gradients to a later ``W`` op. DualPipe's paired ``FB`` op runs a forward and a backward chunk
+interleaved on one compute stream, switching chunk whenever one waits for an all-to-all, so
+each chunk's communication hides behind the other's compute (DeepSeek-V3 §3.2.1).
 
-Activations and gradients cross stage boundaries as network flows. After its last backward each
-GPU joins a ring all-reduce of its stage's dense gradients, then of its experts' gradients with
-its expert-data-parallel peers.
+Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
+(pipeline bubble and transfers), waiting for an all-to-all split into the part before the
+exchange's last sender was ready (a straggler: routing imbalance upstream) and the rest
+(exposed communication). After its last op each rank synchronises gradients with its
+data-parallel peers (ring or hierarchical; ZeRO-1 reduce-scatter, sharded optimizer step,
+parameter all-gather).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,13 +44,17 @@ import simpy
 from moesim import units
 from moesim.cluster import ComputeModel, Layout, Topology, build_layout, build_topology
 from moesim.cluster.model_costs import model_costs
-from moesim.engine.network import FairShareNetwork
+from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
+from moesim.engine.alltoall import ExchangePricer, LinkLoad
+from moesim.engine.exchange_tables import ExchangeTables, structure_key
 from moesim.engine.recorder import NullRecorder, Slice
-from moesim.errors import SimulationError
+from moesim.engine.schedules import OpKey, Schedule, build_schedule
+from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
+Vector = npt.NDArray[np.float64]
 
 
 class CountingEnvironment(simpy.Environment):
@@ -61,17 +69,6 @@ class CountingEnvironment(simpy.Environment):
         super().step()
 
 
-def one_f_one_b(stage: int, stages: int, micro_batches: int) -> list[tuple[str, int]]:
-    """Order of ('F' | 'B', micro-batch) a stage runs under non-interleaved 1F1B."""
-    warmup = min(stages - stage - 1, micro_batches)
-    order = [("F", j) for j in range(warmup)]
-    for j in range(micro_batches - warmup):
-        order.append(("F", warmup + j))
-        order.append(("B", j))
-    order.extend(("B", j) for j in range(micro_batches - warmup, micro_batches))
-    return order
-
-
 @dataclass
 class StepContext:
     """What a step needs that does not change between steps of one scenario."""
@@ -80,15 +77,23 @@ class StepContext:
     topology: Topology
     layout: Layout
     compute: ComputeModel
+    schedule: Schedule
+    piece_layers: list[list[int]]
+    rank_gpus: list[npt.NDArray[np.int64]]
+    """Per pipeline rank: its GPUs, expert-parallel groups in rows (data, expert)."""
+    sync_ranks: list[tuple[int, ...]]
+    """Ranks that hold the same parameters (DualPipe: r and PP − 1 − r) and sync together."""
     dispatch_bytes_per_token: float
     grad_bytes_per_token: float
     activation_bytes: float
     dense_params: npt.NDArray[np.float64]
-    """Per stage: parameters replicated over every GPU of the stage (attention, router,
-    shared experts, dense FFNs, embedding, head, MTP modules)."""
+    """Per rank: parameters replicated over every GPU of the rank (attention, router, shared
+    experts, dense FFNs, embedding, head, MTP modules), over all the pieces it holds."""
     expert_params: npt.NDArray[np.float64]
-    """Per stage: one GPU's routed-expert parameters."""
+    """Per rank: one GPU's routed-expert parameters over all the pieces it holds."""
     grad_bytes_per_param: float
+    op_s: dict[str, float]
+    """Seconds per micro-batch on one GPU of the ops whose cost does not depend on routing."""
 
     @property
     def dense_grad_bytes(self) -> npt.NDArray[np.float64]:
@@ -99,37 +104,156 @@ class StepContext:
         return self.expert_params * self.grad_bytes_per_param
 
 
+def _op_seconds(c: ComputeModel) -> dict[str, float]:
+    """Forward (``_f``), full backward (``_b``) and weight-gradient part (``_w``) per op."""
+    ops = {
+        "attn": (c.attention, ("attention", "router"), c.router),
+        "shared": (c.shared_experts, ("shared_experts",), None),
+        "dense": (c.dense_ffn_seconds, ("dense_ffn",), None),
+        "head": (c.head, ("head",), None),
+        "embed": (c.embedding, ("embedding",), None),
+        "mtp": (c.mtp_module, ("mtp_module",), None),
+    }
+    out: dict[str, float] = {}
+    for name, (fn, weight_ops, extra) in ops.items():
+        out[f"{name}_f"] = fn(False) + (extra(False) if extra else 0.0)
+        out[f"{name}_b"] = fn(True) + (extra(True) if extra else 0.0)
+        out[f"{name}_w"] = sum(c.weight_gradient(op) for op in weight_ops)
+    # A dense layer is attention + dense FFN.
+    for suffix in ("f", "b", "w"):
+        out[f"dense_{suffix}"] += c.attention(suffix == "b") if suffix != "w" else 0.0
+    out["dense_w"] += c.weight_gradient("attention")
+    out["embed_b"] = c.embedding(True)
+    return out
+
+
+def balanced_split(
+    scenario: Scenario, compute: ComputeModel, op_s: dict[str, float], pieces: int
+) -> list[list[int]]:
+    """Cut the layers into ``pieces`` contiguous pieces minimising the largest piece's forward
+    + backward compute under balanced routing; the first piece also embeds, the last one runs
+    the output head and the MTP modules (what a tuned pipeline layout does by hand)."""
+    m = scenario.model
+    tokens = scenario.parallelism.micro_batch_size * m.seq_len
+    per_rank = m.moe.routed_experts // scenario.parallelism.expert
+    rows = np.full(per_rank, tokens * m.moe.top_k / scenario.parallelism.expert / per_rank)
+    moe = (
+        op_s["attn_f"]
+        + op_s["attn_b"]
+        + op_s["shared_f"]
+        + op_s["shared_b"]
+        + float(compute.experts(rows, False))
+        + float(compute.experts(rows, True))
+    )
+    layer_cost = np.array(
+        [op_s["dense_f"] + op_s["dense_b"] if i < m.dense_layers else moe for i in range(m.layers)]
+    )
+    first = op_s["embed_f"] + op_s["embed_b"]
+    last = op_s["head_f"] + op_s["head_b"] + m.mtp_depth * (op_s["mtp_f"] + op_s["mtp_b"])
+    prefix = np.concatenate([[0.0], np.cumsum(layer_cost)])
+    n = m.layers
+    # best[k][i]: least max piece cost cutting layers[:i] into k pieces; cut[k][i]: last cut.
+    best = np.full((pieces + 1, n + 1), np.inf)
+    cut = np.zeros((pieces + 1, n + 1), dtype=np.int64)
+    best[0][0] = 0.0
+    for k in range(1, pieces + 1):
+        for i in range(k, n - (pieces - k) + 1):
+            j = np.arange(k - 1, i)
+            cost = prefix[i] - prefix[j] + np.where(j == 0, first, 0.0)
+            if i == n:
+                cost = cost + last
+            total = np.maximum(best[k - 1][j], cost)
+            a = int(np.argmin(total))
+            best[k][i], cut[k][i] = total[a], j[a]
+    bounds = [n]
+    for k in range(pieces, 0, -1):
+        bounds.append(int(cut[k][bounds[-1]]))
+    bounds.reverse()
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(pieces)]
+
+
+def memory_estimate_bytes(scenario: Scenario) -> float:
+    """Peak bytes of one step's simulation state: the routing sample (counts, per-rank and
+    per-node dispatch volumes, as int64) and the per-GPU records."""
+    p, g = scenario.parallelism, scenario.gate
+    cells = g.layers_simulated * scenario.micro_batches * p.expert * p.data
+    sample = cells * (scenario.model.moe.routed_experts + p.expert + scenario.ep_nodes) * 8
+    per_gpu = scenario.cluster.gpus * (16 + scenario.model.moe.routed_experts // p.expert) * 8
+    return float(sample + per_gpu)
+
+
 def build_context(scenario: Scenario) -> StepContext:
     m, p = scenario.model, scenario.parallelism
+    need = memory_estimate_bytes(scenario)
+    limit = scenario.engine.memory_limit_gib * units.GiB
+    if need > limit:
+        raise ScenarioError(
+            "engine.memory_limit_gib",
+            f"simulating one step needs about {need / units.GiB:.1f} GiB (routing samples "
+            f"of {scenario.gate.layers_simulated} layers × {scenario.micro_batches} micro-batches "
+            f"× {p.expert * p.data} ranks × {m.moe.routed_experts} experts), more than the "
+            f"{scenario.engine.memory_limit_gib:g} GiB allowed; lower gate.layers_simulated or "
+            f"raise the limit",
+        )
     layout = build_layout(scenario)
+    try:
+        schedule = build_schedule(p.schedule, p.pipeline, scenario.micro_batches, p.virtual_stages)
+    except ValueError as err:
+        raise ScenarioError("parallelism.schedule", str(err)) from None
+    compute = ComputeModel(scenario)
+    op_s = _op_seconds(compute)
+    if p.layer_split == "balanced":
+        pieces = balanced_split(scenario, compute, op_s, schedule.n_pieces)
+    else:
+        pieces = schedule.piece_layers(m.layers)
     costs = model_costs(m)
-    grad_bytes = units.BYTES_PER_ELEMENT[p.grad_dtype]
-    dense = np.zeros(layout.stages)
-    expert = np.zeros(layout.stages)
-    for s, layers in enumerate(layout.stage_layers):
-        for layer in layers:
-            dense[s] += costs.attention.params
-            if layer < m.dense_layers:
-                dense[s] += costs.dense_ffn_params
-            else:
-                dense[s] += costs.router_params + costs.expert_params * m.moe.shared_experts
-                expert[s] += costs.expert_params * layout.experts_per_rank
-    dense[0] += costs.embedding_params
-    dense[-1] += costs.head_params + m.mtp_depth * costs.mtp_params(
-        m.moe.top_k, m.moe.shared_experts
-    )
+    held: list[set[int]] = [set() for _ in range(p.pipeline)]
+    for rank, order in enumerate(schedule.orders):
+        for op in order:
+            held[rank].update(piece for _, _, piece in op.halves)
+    if p.schedule == "dualpipe":
+        # Rank r holds piece r of one copy and piece PP − 1 − r of the other.
+        held = [{r, p.pipeline - 1 - r} for r in range(p.pipeline)]
+        sync = [tuple(sorted({r, p.pipeline - 1 - r})) for r in range(p.pipeline)]
+    else:
+        sync = [(r,) for r in range(p.pipeline)]
+    dense = np.zeros(p.pipeline)
+    expert = np.zeros(p.pipeline)
+    last = len(pieces) - 1
+    for rank in range(p.pipeline):
+        for piece in held[rank]:
+            for layer in pieces[piece]:
+                dense[rank] += costs.attention.params
+                if layer < m.dense_layers:
+                    dense[rank] += costs.dense_ffn_params
+                else:
+                    dense[rank] += costs.router_params + costs.expert_params * m.moe.shared_experts
+                    expert[rank] += costs.expert_params * layout.experts_per_rank
+            if piece == 0:
+                dense[rank] += costs.embedding_params
+            if piece == last:
+                dense[rank] += costs.head_params + m.mtp_depth * costs.mtp_params(
+                    m.moe.top_k, m.moe.shared_experts
+                )
     bf16 = units.BYTES_PER_ELEMENT["bf16"]
     return StepContext(
         scenario=scenario,
         topology=build_topology(scenario),
         layout=layout,
-        compute=ComputeModel(scenario),
+        compute=compute,
+        schedule=schedule,
+        piece_layers=pieces,
+        rank_gpus=[
+            np.asarray(layout.stage_gpus(r)).reshape(p.data, p.expert) for r in range(p.pipeline)
+        ],
+        sync_ranks=sync,
         dispatch_bytes_per_token=m.hidden * units.BYTES_PER_ELEMENT[m.gemm_precision],
         grad_bytes_per_token=m.hidden * bf16,
         activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16),
         dense_params=dense,
         expert_params=expert,
-        grad_bytes_per_param=float(grad_bytes),
+        grad_bytes_per_param=float(units.BYTES_PER_ELEMENT[p.grad_dtype]),
+        op_s=op_s,
     )
 
 
@@ -144,35 +268,46 @@ class StepResult:
     step_time_s: float
     gpu_stage: npt.NDArray[np.int64]
     compute_s: npt.NDArray[np.float64]
-    """Busy time of the compute stream (every op): forward_compute_s + backward_compute_s."""
+    """Busy time of the compute stream in forward and backward ops:
+    forward_compute_s + backward_compute_s."""
     forward_compute_s: npt.NDArray[np.float64]
     backward_compute_s: npt.NDArray[np.float64]
+    """Input and weight gradients (and recomputation)."""
+    weight_grad_s: npt.NDArray[np.float64]
+    """Part of ``backward_compute_s`` spent in weight gradients."""
     expert_compute_s: npt.NDArray[np.float64]
     """Part of ``compute_s`` spent in routed experts."""
     a2a_wait_s: npt.NDArray[np.float64]
-    """Compute stream idle inside MoE layers, waiting for dispatch chunks or combine results."""
+    """Compute stream idle inside MoE layers, waiting for an all-to-all:
+    ``comm_wait_s + straggler_wait_s``."""
+    comm_wait_s: npt.NDArray[np.float64]
+    """Exposed communication: waiting for bytes in flight after every sender was ready."""
+    straggler_wait_s: npt.NDArray[np.float64]
+    """Waiting for the exchange's last sender to become ready (a slower peer upstream)."""
     pipeline_wait_s: npt.NDArray[np.float64]
     """Idle waiting for activations or gradients from a neighbouring stage (bubble + P2P)."""
     allreduce_s: npt.NDArray[np.float64]
     """Gradient and parameter synchronisation at the end of the step (all-reduce, or ZeRO-1's
-    reduce-scatter and all-gather), including waiting for the ring to form."""
+    reduce-scatter and all-gather), including waiting for the slowest member."""
     optimizer_s: npt.NDArray[np.float64]
     """The optimizer step (on this GPU's shard under ZeRO-1)."""
     tail_idle_s: npt.NDArray[np.float64]
     """Idle after this GPU finished, until the slowest GPU finished."""
+    ops_end_s: npt.NDArray[np.float64]
+    """When this GPU's last forward or backward op ended (before gradient synchronisation)."""
     expert_tokens: npt.NDArray[np.float64]
     """Tokens each local expert processed (forward), over the step."""
     expert_wait_s: npt.NDArray[np.float64]
-    """Token-weighted mean time a token waited in its expert's queue (forward and backward)."""
-    max_queue_chunks: npt.NDArray[np.int64]
-    """Most chunks waiting in a GPU's queues when it started a grouped GEMM."""
+    """Token-weighted mean time a token waited between arriving and its expert starting."""
     link_bytes: npt.NDArray[np.float64]
     link_busy_s: npt.NDArray[np.float64]
     stage_forward_s: npt.NDArray[np.float64]
-    """Mean duration of one micro-batch forward per stage (excluding waiting for inputs)."""
+    """Per rank: mean compute seconds of one forward op (one micro-batch through its piece)."""
     stage_backward_s: npt.NDArray[np.float64]
+    """Per rank: mean compute seconds of one backward (input and weight gradients)."""
     events: int
-    flows: int
+    exchanges: int
+    """All-to-all exchanges priced (one per MoE layer pass and rank)."""
     trace: list[Slice]
     """Recorded slices (empty unless a recorder was given)."""
 
@@ -189,17 +324,20 @@ class StepResult:
         )
 
 
+# Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its
+# rank's executor, which runs each on the compute stream and replies with its end times.
 @dataclass
-class _Exchange:
-    """One all-to-all round trip (dispatch → experts → combine) of one expert-parallel group."""
+class _Compute:
+    seconds: Vector | float
+    ready: Vector
+    name: str
+    bucket: str  # "forward", "backward" or "weight"
+    cause: str = "pipeline"  # what an idle gap before it waits for: "pipeline" or "a2a"
+    last_sender: Vector | None = None
+    expert: bool = False
 
-    members: int
-    queues: list[list[tuple[float, int]]]
-    """Per member: arrived chunks (arrival time, source member) not yet served."""
-    wakes: list[simpy.Event]
-    returned: list[int]
-    back: list[simpy.Event]
-    served: list[int] = field(default_factory=list)
+
+Chain = Generator[Any, Any, Vector]
 
 
 class _StepModel:
@@ -208,381 +346,564 @@ class _StepModel:
         ctx: StepContext,
         counts: np.ndarray,
         dest: np.ndarray,
+        node_tokens: np.ndarray | None,
         recorder: NullRecorder,
     ) -> None:
         self.ctx = ctx
+        self.sc = sc = ctx.scenario
         self.rec = recorder
-        self.sc = ctx.scenario
         self.counts = counts
         self.dest = dest
+        self.node_tokens = node_tokens
         self.env = CountingEnvironment()
-        self.net = FairShareNetwork(self.env, ctx.topology.capacity)
-        lay = ctx.layout
-        n = ctx.topology.gpus
-        self.n_micro = self.sc.micro_batches
-        self.exchanges: dict[tuple[Any, ...], _Exchange] = {}
-        self.inbox: dict[tuple[str, int, int], simpy.Event] = {}
-        self.rings: dict[tuple[Any, ...], list[Any]] = {}
-        self.forward_s = np.zeros(n)
-        self.backward_s = np.zeros(n)
-        self.expert_compute_s = np.zeros(n)
-        self.a2a_wait_s = np.zeros(n)
-        self.pipeline_wait_s = np.zeros(n)
-        self.allreduce_s = np.zeros(n)
-        self.optimizer_s = np.zeros(n)
-        self.finish = np.zeros(n)
-        self.expert_tokens = np.zeros((n, lay.experts_per_rank))
-        self.expert_wait_token_s = np.zeros((n, lay.experts_per_rank))
-        self.expert_served = np.zeros((n, lay.experts_per_rank))
-        self.max_queue = np.zeros(n, dtype=np.int64)
-        self.fwd_time = np.zeros(lay.stages)
-        self.bwd_time = np.zeros(lay.stages)
-        self.gate_layer = gate_layer_map(self.sc)
-        c = ctx.compute
-        self.t = {
-            "attn_f": c.attention(False) + c.router(False),
-            "attn_b": c.attention(True) + c.router(True),
-            "shared_f": c.shared_experts(False),
-            "shared_b": c.shared_experts(True),
-            "dense_f": c.attention(False) + c.dense_ffn_seconds(False),
-            "dense_b": c.attention(True) + c.dense_ffn_seconds(True),
-            "head_f": c.head(False),
-            "head_b": c.head(True),
-            "embed": c.embedding(False),
-            "mtp_f": c.mtp_module(False),
-            "mtp_b": c.mtp_module(True),
+        self.schedule = ctx.schedule
+        lay, topo = ctx.layout, ctx.topology
+        n = topo.gpus
+        self.g_stage = lay.gpus_per_stage
+        self.data, self.expert = lay.data, lay.expert
+        self.epr = lay.experts_per_rank
+        self.n_experts = sc.model.moe.routed_experts
+        self.node_limited = sc.parallelism.dispatch == "node_limited"
+        self.load = LinkLoad.zeros(topo.links)
+        self.pricers = [ExchangePricer(topo, gpus, self.load) for gpus in ctx.rank_gpus]
+        # A rank's GPUs are consecutive ranks: slices index per-GPU arrays without copies.
+        self.span = [slice(int(g.min()), int(g.max()) + 1) for g in ctx.rank_gpus]
+        self.tables = self._exchange_tables()
+        self.cells_per_layer = sc.micro_batches
+        self.uses = [np.zeros((dest.shape[0] * dest.shape[1], 2)) for _ in ctx.rank_gpus]
+        self.free = [np.zeros(self.g_stage) for _ in range(lay.stages)]
+        self.done: dict[OpKey, simpy.Event] = {}
+        self.acc = {
+            name: np.zeros(n)
+            for name in (
+                "forward",
+                "backward",
+                "weight",
+                "expert",
+                "comm",
+                "straggler",
+                "pipeline",
+                "allreduce",
+                "optimizer",
+            )
         }
+        self.finish = np.zeros(n)
+        self.ops_end = np.zeros(n)
+        self.expert_tokens = np.zeros((n, self.epr))
+        self.expert_wait_token_s = np.zeros((n, self.epr))
+        self.expert_served = np.zeros((n, self.epr))
+        self.exchanges = 0
+        self._rings: dict[tuple, tuple[float, float]] = {}
+        self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
+        self._expert_cache: dict[tuple[int, int], tuple[Vector, Vector, Vector, Vector]] = {}
+        self.gate_layer = gate_layer_map(sc)
+        self.dense_layers = sc.model.dense_layers
+        self.traced = [
+            [(i, int(g)) for i, g in enumerate(gpus.ravel()) if recorder.wants(int(g))]
+            for gpus in ctx.rank_gpus
+        ]
+        self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = {}
+        self.rank_of: dict[tuple[int, int], int] = {}  # (micro, piece) → rank, lazily
 
     # -------------------------------------------------------------- helpers
 
-    def _compute(
-        self, gpu: int, op: str, seconds: float, backward: bool, **args: Any
-    ) -> simpy.Event:
-        (self.backward_s if backward else self.forward_s)[gpu] += seconds
-        now = self.env.now
-        self.rec.slice(gpu, "compute", op, now, now + seconds, **args)
-        return self.env.timeout(seconds)
+    def _p2p(self, a: int, b: int) -> tuple[Vector, npt.NDArray[np.int64]]:
+        """Activation transfer time from GPU i of rank a to GPU i of rank b (alpha-beta) and
+        the links those transfers cross (cached per pair of ranks)."""
+        cached = self.p2p.get((a, b))
+        if cached is not None:
+            return cached
+        topo, ctx = self.ctx.topology, self.ctx
+        src, dst = ctx.rank_gpus[a].ravel(), ctx.rank_gpus[b].ravel()
+        secs = np.empty(src.size)
+        links: list[int] = []
+        for i, (s, d) in enumerate(zip(src, dst, strict=True)):
+            path = topo.path(int(s), int(d))
+            links += path
+            bw = topo.capacity[path].min()
+            secs[i] = topo.latency(int(s), int(d)) + ctx.activation_bytes / bw
+        self.p2p[(a, b)] = secs, np.asarray(links, dtype=np.int64)
+        return self.p2p[(a, b)]
 
-    def _wait(self, event: simpy.Event, gpu: int, bucket: npt.NDArray[np.float64]) -> Process:
-        start = self.env.now
-        if not event.triggered or not event.processed:
-            yield event
-        bucket[gpu] += self.env.now - start
-
-    def _mailbox(self, kind: str, gpu: int, micro: int) -> simpy.Event:
-        key = (kind, gpu, micro)
-        ev = self.inbox.get(key)
+    def _event(self, key: OpKey) -> simpy.Event:
+        ev = self.done.get(key)
         if ev is None:
-            ev = self.inbox[key] = self.env.event()
+            ev = self.done[key] = self.env.event()
         return ev
 
-    def _send(self, kind: str, src: int, dst: int, micro: int) -> None:
-        topo = self.ctx.topology
-        done = self.net.transfer(
-            topo.path(src, dst), self.ctx.activation_bytes, topo.latency(src, dst)
-        )
-        box = self._mailbox(kind, dst, micro)
-        start = self.env.now
+    def _rank(self, micro: int, piece: int) -> int:
+        key = (micro, piece)
+        r = self.rank_of.get(key)
+        if r is None:
+            r = self.rank_of[key] = self.schedule.rank_of(micro, piece)
+        return r
 
-        def delivered(_event: simpy.Event) -> None:
-            box.succeed()
-            name = "send activations" if kind == "act" else "send gradients"
-            self.rec.slice(src, "pipeline", name, start, self.env.now, micro_batch=micro)
-
-        done.callbacks.append(delivered)
-
-    def _record_transfers(
-        self,
-        gpu: int,
-        track: str,
-        flows: list[simpy.Event],
-        start: float,
-        backward: bool,
-        where: dict[str, int],
-    ) -> None:
-        """Record one slice from ``start`` to the last of ``flows`` to complete."""
-        pending = [len(flows)]
-        name = f"{track} {'backward' if backward else 'forward'}"
-
-        def done(_event: simpy.Event) -> None:
-            pending[0] -= 1
-            if pending[0] == 0:
-                self.rec.slice(gpu, track, name, start, self.env.now, **where)
-
-        for ev in flows:
-            ev.callbacks.append(done)
-
-    # -------------------------------------------------------------- MoE layer
-
-    def _exchange(self, key: tuple[Any, ...]) -> _Exchange:
-        ex = self.exchanges.get(key)
-        if ex is None:
-            e = self.ctx.layout.expert
-            ex = _Exchange(
-                members=e,
-                queues=[[] for _ in range(e)],
-                wakes=[self.env.event() for _ in range(e)],
-                returned=[0] * e,
-                back=[self.env.event() for _ in range(e)],
-                served=[0] * e,
-            )
-            self.exchanges[key] = ex
-        return ex
-
-    def _arrive(self, ex: _Exchange, dst: int, src: int) -> Callable[[simpy.Event], None]:
-        def on_arrival(_event: simpy.Event) -> None:
-            ex.queues[dst].append((self.env.now, src))
-            if not ex.wakes[dst].triggered:
-                ex.wakes[dst].succeed()
-
-        return on_arrival
-
-    def _return(self, ex: _Exchange, src: int) -> Callable[[simpy.Event], None]:
-        def on_return(_event: simpy.Event) -> None:
-            ex.returned[src] += 1
-            if ex.returned[src] == ex.members:
-                ex.back[src].succeed()
-
-        return on_return
-
-    def _moe(self, gpu: int, layer: int, micro: int, backward: bool) -> Process:
-        lay, topo, ctx = self.ctx.layout, self.ctx.topology, self.ctx
-        stage_index = gpu % lay.gpus_per_stage
-        me = gpu % lay.expert
-        group = lay.ep_group(gpu)
-        g_layer = int(self.gate_layer[layer - self.sc.model.dense_layers])
-        ex = self._exchange(("B" if backward else "F", layer, micro, group[0]))
-        first_bytes = ctx.grad_bytes_per_token if backward else ctx.dispatch_bytes_per_token
-        # Stage 2: send my tokens to every member's experts.
-        group_base = stage_index - me
-        tokens_out = self.dest[g_layer, micro, stage_index]
-        start = self.env.now
-        flows = self.net.start(
-            [topo.path(gpu, d) for d in group],
-            [float(tokens_out[k]) * first_bytes for k in range(len(group))],
-            [topo.latency(gpu, d) for d in group],
-        )
-        for k, ev in enumerate(flows):
-            ev.callbacks.append(self._arrive(ex, k, me))
-        where = {"layer": layer, "micro_batch": micro}
-        if self.rec.wants(gpu):
-            self._record_transfers(gpu, "dispatch", flows, start, backward, where)
-        yield self._compute(
-            gpu,
-            "shared experts",
-            self.t["shared_b" if backward else "shared_f"],
-            backward,
-            **where,
-        )
-        # Stage 3: serve my queues until every member's chunk is done.
-        epr = lay.experts_per_rank
-        my_experts = slice(me * epr, (me + 1) * epr)
-        done = 0
-        while done < ex.members:
-            if not ex.queues[me]:
-                ex.wakes[me] = self.env.event()
-                yield from self._wait(ex.wakes[me], gpu, self.a2a_wait_s)
-                continue
-            chunks, ex.queues[me] = ex.queues[me], []
-            self.max_queue[gpu] = max(self.max_queue[gpu], len(chunks))
-            sources = [group_base + src for _, src in chunks]
-            rows = self.counts[g_layer, micro, sources, my_experts].astype(np.float64)
-            arrivals = np.array([t for t, _ in chunks])
-            waited = self.env.now - arrivals
-            self.expert_wait_token_s[gpu] += waited @ rows
-            self.expert_served[gpu] += rows.sum(axis=0)
-            if not backward:
-                self.expert_tokens[gpu] += rows.sum(axis=0)
-            seconds = ctx.compute.experts(rows.sum(axis=0), backward)
-            self.expert_compute_s[gpu] += seconds
-            yield self._compute(
-                gpu, "routed experts", seconds, backward, chunks=len(chunks), **where
-            )
-            done += len(chunks)
-        # Stage 4: return results (or input gradients) to each member.
-        back = self.net.start(
-            [topo.path(gpu, d) for d in group],
-            [
-                float(self.dest[g_layer, micro, group_base + k, me]) * ctx.grad_bytes_per_token
-                for k in range(len(group))
-            ],
-            [topo.latency(gpu, d) for d in group],
-        )
-        for k, ev in enumerate(back):
-            ev.callbacks.append(self._return(ex, k))
-        if self.rec.wants(gpu):
-            self._record_transfers(gpu, "combine", back, self.env.now, backward, where)
-        yield from self._wait(ex.back[me], gpu, self.a2a_wait_s)
-        ex.served[me] = 1
-        if sum(ex.served) == ex.members:
-            del self.exchanges[("B" if backward else "F", layer, micro, group[0])]
-
-    # -------------------------------------------------------------- passes
-
-    def _forward(self, gpu: int, stage: int, micro: int) -> Process:
-        lay, m = self.ctx.layout, self.sc.model
-        if stage == 0:
-            yield self._compute(gpu, "embedding", self.t["embed"], False, micro_batch=micro)
-        for layer in lay.stage_layers[stage]:
-            where = {"layer": layer, "micro_batch": micro}
-            if layer < m.dense_layers:
-                yield self._compute(gpu, "dense layer", self.t["dense_f"], False, **where)
+    def _compute(self, rank: int, req: _Compute) -> Vector:
+        free = self.free[rank]
+        gpus = self.span[rank]
+        start = np.maximum(free, req.ready)
+        gap = start - free
+        acc = self.acc
+        if req.cause == "a2a":
+            if req.last_sender is not None:
+                # The part of the gap before the exchange's last sender was ready.
+                waited = np.minimum(np.maximum(np.minimum(req.last_sender, start) - free, 0), gap)
+                acc["straggler"][gpus] += waited
+                acc["comm"][gpus] += gap - waited
             else:
-                yield self._compute(gpu, "attention + router", self.t["attn_f"], False, **where)
-                yield from self._moe(gpu, layer, micro, backward=False)
-        if stage == lay.stages - 1:
-            yield self._compute(gpu, "output head", self.t["head_f"], False, micro_batch=micro)
-            for depth in range(m.mtp_depth):
-                yield self._compute(gpu, "MTP module", self.t["mtp_f"], False, depth=depth)
+                acc["comm"][gpus] += gap
+        else:
+            acc["pipeline"][gpus] += gap
+        end = start + req.seconds
+        self.free[rank] = end
+        acc[req.bucket][gpus] += req.seconds
+        if req.expert:
+            acc["expert"][gpus] += req.seconds
+        for i, gpu in self.traced[rank]:
+            self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
+        return end
 
-    def _backward(self, gpu: int, stage: int, micro: int) -> Process:
-        lay, m = self.ctx.layout, self.sc.model
-        if stage == lay.stages - 1:
-            for depth in reversed(range(m.mtp_depth)):
-                yield self._compute(gpu, "MTP module", self.t["mtp_b"], True, depth=depth)
-            yield self._compute(gpu, "output head", self.t["head_b"], True, micro_batch=micro)
-        for layer in reversed(lay.stage_layers[stage]):
-            where = {"layer": layer, "micro_batch": micro}
-            if layer < m.dense_layers:
-                yield self._compute(gpu, "dense layer", self.t["dense_b"], True, **where)
-            else:
-                yield from self._moe(gpu, layer, micro, backward=True)
-                yield self._compute(gpu, "attention + router", self.t["attn_b"], True, **where)
-        if stage == 0:
-            yield self._compute(gpu, "embedding", self.t["embed"], True, micro_batch=micro)
+    def _record(self, rank: int, track: str, name: str, start: Vector, end: Vector) -> None:
+        for i, gpu in self.traced[rank]:
+            if end[i] > start[i]:
+                self.rec.slice(gpu, track, name, float(start[i]), float(end[i]))
 
-    def _ring(
-        self, key: tuple[Any, ...], members: list[int], nbytes: float, phases: int
-    ) -> simpy.Event:
-        """Join a ring collective over ``members``; the event fires when the ring has finished.
+    # -------------------------------------------------------------- MoE exchanges
 
-        A ring all-reduce of ``nbytes`` is 2 phases (reduce-scatter, then all-gather), each of
-        ``n − 1`` steps moving ``nbytes / n`` to the next member; ``phases = 1`` is either half
-        alone. Every step moves the same bytes over the same links, so the steps of a phase are
-        simulated as one flow per member of ``phases·(n − 1)/n·nbytes`` with the hops' latency.
-        """
-        entry = self.rings.get(key)
-        if entry is None:
-            entry = self.rings[key] = [0, self.env.event()]
-        entry[0] += 1
-        if entry[0] == len(members):
-            n = len(members)
-            topo = self.ctx.topology
-            pairs = [(members[i], members[(i + 1) % n]) for i in range(n)]
-            flows = self.net.start(
-                [topo.path(a, b) for a, b in pairs],
-                [phases * (n - 1) / n * nbytes] * n,
-                [phases * (n - 1) * topo.latency(a, b) for a, b in pairs],
-            )
-            done = entry[1]
-            remaining = [n]
-
-            def one_done(_e: simpy.Event) -> None:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    done.succeed()
-
-            for ev in flows:
-                ev.callbacks.append(one_done)
-        event: simpy.Event = entry[1]
-        return event
-
-    def _gpu(self, gpu: int) -> Process:
+    def _exchange_tables(self) -> list[ExchangeTables]:
+        """One table set per distinct rank structure (ranks placed alike share them)."""
         lay = self.ctx.layout
-        stage = gpu // lay.gpus_per_stage
-        prev_gpu, next_gpu = gpu - lay.gpus_per_stage, gpu + lay.gpus_per_stage
-        for kind, micro in one_f_one_b(stage, lay.stages, self.n_micro):
-            if kind == "F":
-                if stage > 0:
-                    yield from self._wait(
-                        self._mailbox("act", gpu, micro), gpu, self.pipeline_wait_s
-                    )
-                start = self.env.now
-                yield from self._forward(gpu, stage, micro)
-                self.fwd_time[stage] += (self.env.now - start) / lay.gpus_per_stage
-                if stage < lay.stages - 1:
-                    self._send("act", gpu, next_gpu, micro)
+        n_layers, n_micro = self.dest.shape[:2]
+        cells = n_layers * n_micro
+        rank_tokens = self.dest.reshape(cells, self.data, self.expert, self.expert).astype(float)
+        node_tokens = None
+        if self.node_limited:
+            assert self.node_tokens is not None
+            node_tokens = self.node_tokens.reshape(cells, self.data, self.expert, -1)
+            node_tokens = node_tokens.astype(float)
+        shared: dict[tuple, ExchangeTables] = {}
+        out = []
+        for rank in range(lay.stages):
+            key = structure_key(self.ctx.topology, self.ctx.rank_gpus[rank])
+            if key not in shared:
+                shared[key] = ExchangeTables(self.pricers[rank], rank_tokens, node_tokens)
+            out.append(shared[key])
+        return out
+
+    def _exchange(
+        self, rank: int, ready: Vector, layer: int, micro: int, toward_experts: bool, bf16: bool
+    ) -> tuple[Vector, Vector]:
+        """Arrival times at the receivers and, per receiver, its last sender's ready time."""
+        per_token = self.ctx.grad_bytes_per_token if bf16 else self.ctx.dispatch_bytes_per_token
+        g = int(self.gate_layer[layer - self.dense_layers])
+        cell = g * self.cells_per_layer + micro
+        self.exchanges += 1
+        self.uses[rank][cell, 0 if toward_experts else 1] += per_token
+        done, last = self.tables[rank].exchange(
+            ready.reshape(self.data, self.expert), cell, toward_experts, per_token
+        )
+        return done.ravel(), last.ravel()
+
+    def _experts(self, layer: int, micro: int) -> tuple[Vector, Vector, Vector, Vector]:
+        """Per GPU of a stage: its local experts' tokens (gpus, experts per rank) and the
+        grouped GEMM's forward, full backward and weight-gradient seconds (cached: layers that
+        share a simulated router share their loads)."""
+        g = int(self.gate_layer[layer - self.dense_layers])
+        cached = self._expert_cache.get((g, micro))
+        if cached is None:
+            c = self.counts[g, micro].reshape(self.data, self.expert, self.n_experts).sum(axis=1)
+            rows = c.reshape(self.data * self.expert, self.epr).astype(np.float64)
+            model = self.ctx.compute
+            cached = (
+                rows,
+                model.experts(rows, False),
+                model.experts(rows, True),
+                model.experts_weight_gradient(rows),
+            )
+            self._expert_cache[(g, micro)] = cached
+        return cached
+
+    # -------------------------------------------------------------- chains
+
+    def _moe_forward(
+        self, rank: int, layer: int, micro: int, t: Vector, cause: str, last_in: Vector | None
+    ) -> Chain:
+        op = self.ctx.op_s
+        t = yield _Compute(op["attn_f"], t, "attention + router", "forward", cause, last_in)
+        arrive, last = self._exchange(rank, t, layer, micro, toward_experts=True, bf16=False)
+        self._record(rank, "dispatch", "dispatch forward", t, arrive)
+        t = yield _Compute(op["shared_f"], t, "shared experts", "forward")
+        rows, seconds, _, _ = self._experts(layer, micro)
+        t_exp = yield _Compute(
+            seconds, np.maximum(t, arrive), "routed experts", "forward", "a2a", last, True
+        )
+        gpus = self.span[rank]
+        self.expert_tokens[gpus] += rows
+        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
+        self.expert_served[gpus] += rows
+        back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=True)
+        self._record(rank, "combine", "combine forward", t_exp, back)
+        return np.maximum(t_exp, back), last
+
+    def _moe_backward(
+        self,
+        rank: int,
+        layer: int,
+        micro: int,
+        t: Vector,
+        split: bool,
+        cause: str,
+        last_in: Vector | None,
+    ) -> Chain:
+        op = self.ctx.op_s
+        arrive, last = self._exchange(rank, t, layer, micro, toward_experts=True, bf16=True)
+        self._record(rank, "combine", "combine backward", t, arrive)
+        shared = op["shared_b"] - (op["shared_w"] if split else 0.0)
+        t_sh = yield _Compute(shared, t, "shared experts", "backward", cause, last_in)
+        rows, _, backward, weight = self._experts(layer, micro)
+        seconds = backward - weight if split else backward
+        t_exp = yield _Compute(
+            seconds, np.maximum(t_sh, arrive), "routed experts", "backward", "a2a", last, True
+        )
+        gpus = self.span[rank]
+        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
+        self.expert_served[gpus] += rows
+        back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=False)
+        self._record(rank, "dispatch", "dispatch backward", t_exp, back)
+        attn = op["attn_b"] - (op["attn_w"] if split else 0.0)
+        t = yield _Compute(
+            attn, np.maximum(t_exp, back), "attention + router", "backward", "a2a", last
+        )
+        return t
+
+    def _forward(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
+        op = self.ctx.op_s
+        m = self.sc.model
+        cause, last = "pipeline", None
+        if piece == 0:
+            t = yield _Compute(op["embed_f"], t, "embedding", "forward")
+        for layer in self.ctx.piece_layers[piece]:
+            if layer < m.dense_layers:
+                t = yield _Compute(op["dense_f"], t, "dense layer", "forward", cause, last)
+                cause, last = "pipeline", None
             else:
-                if stage < lay.stages - 1:
-                    yield from self._wait(
-                        self._mailbox("grad", gpu, micro), gpu, self.pipeline_wait_s
-                    )
-                start = self.env.now
-                yield from self._backward(gpu, stage, micro)
-                self.bwd_time[stage] += (self.env.now - start) / lay.gpus_per_stage
-                if stage > 0:
-                    self._send("grad", gpu, prev_gpu, micro)
-        yield from self._update_weights(gpu, stage)
-        self.finish[gpu] = self.env.now
+                t, last = yield from self._moe_forward(rank, layer, micro, t, cause, last)
+                cause = "a2a"
+        if piece == self.schedule.n_pieces - 1:
+            t = yield _Compute(op["head_f"], t, "output head", "forward", cause, last)
+            for _ in range(m.mtp_depth):
+                t = yield _Compute(op["mtp_f"], t, "MTP module", "forward")
+        return t
 
-    def _update_weights(self, gpu: int, stage: int) -> Process:
-        """Gradient synchronisation and the optimizer step.
+    def _backward(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
+        op = self.ctx.op_s
+        m = self.sc.model
+        split = self.schedule.is_split(micro, piece)
+        w = 1.0 if split else 0.0
+        if piece == self.schedule.n_pieces - 1:
+            for _ in range(m.mtp_depth):
+                t = yield _Compute(op["mtp_b"] - w * op["mtp_w"], t, "MTP module", "backward")
+            t = yield _Compute(op["head_b"] - w * op["head_w"], t, "output head", "backward")
+        cause, last = "pipeline", None
+        for layer in reversed(self.ctx.piece_layers[piece]):
+            if layer < m.dense_layers:
+                t = yield _Compute(
+                    op["dense_b"] - w * op["dense_w"], t, "dense layer", "backward", cause, last
+                )
+            else:
+                t = yield from self._moe_backward(rank, layer, micro, t, split, cause, last)
+            cause, last = "pipeline", None
+        if piece == 0:
+            t = yield _Compute(op["embed_b"], t, "embedding", "backward")
+        return t
 
-        Dense parameters are replicated over the whole stage, routed experts over the
+    def _weight(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
+        """The deferred weight gradients of a split backward: no communication."""
+        op, m = self.ctx.op_s, self.sc.model
+        seconds = np.zeros(self.g_stage)
+        for layer in self.ctx.piece_layers[piece]:
+            if layer < m.dense_layers:
+                seconds += op["dense_w"]
+            else:
+                weight = self._experts(layer, micro)[3]
+                seconds += op["attn_w"] + op["shared_w"] + weight
+        if piece == self.schedule.n_pieces - 1:
+            seconds += op["head_w"] + m.mtp_depth * op["mtp_w"]
+        t = yield _Compute(seconds, t, "weight gradients", "weight")
+        return t
+
+    def _chain(self, rank: int, key: OpKey, ready: Vector) -> Chain:
+        kind, micro, piece = key
+        if kind == "F":
+            return self._forward(rank, micro, piece, ready)
+        if kind == "B":
+            return self._backward(rank, micro, piece, ready)
+        return self._weight(rank, micro, piece, ready)
+
+    def _input(self, rank: int, key: OpKey) -> Vector:
+        """When the input of ``key`` is available at ``rank``'s GPUs (its dependency's output
+        plus the stage-to-stage transfer)."""
+        deps = self.schedule.dependencies(key)
+        if not deps:
+            return np.zeros(self.g_stage)
+        (dep,) = deps
+        value: Vector = self.done[dep].value
+        src = self._rank(dep[1], dep[2])
+        if src == rank:
+            return value
+        seconds, links = self._p2p(src, rank)
+        arrive = value + seconds
+        nbytes = self.ctx.activation_bytes
+        np.add.at(self.load.bytes, links, nbytes)
+        np.add.at(self.load.busy_s, links, nbytes / self.ctx.topology.capacity[links])
+        name = "send activations" if dep[0] == "F" else "send gradients"
+        self._record(src, "pipeline", name, value, arrive)
+        return arrive
+
+    def _run_chains(self, rank: int, chains: list[Chain]) -> list[Vector]:
+        """Run chains on one compute stream. With several (an overlapped pair), the stream
+        takes next whichever chain's next op can start first, so one chain's compute fills the
+        time the other waits for its all-to-all (on the GPUs' mean clocks: every GPU of a rank
+        runs the same program)."""
+        results: list[Vector] = [np.zeros(0)] * len(chains)
+        pending: dict[int, _Compute] = {}
+        for i, chain in enumerate(chains):
+            try:
+                pending[i] = chain.send(None)
+            except StopIteration as stop:
+                results[i] = stop.value
+        free = self.free[rank]
+        while pending:
+            if len(pending) == 1:
+                (i,) = pending
+            else:
+                i = min(pending, key=lambda j: float(np.maximum(free, pending[j].ready).sum()))
+            end = self._compute(rank, pending.pop(i))
+            free = end
+            try:
+                pending[i] = chains[i].send(end)
+            except StopIteration as stop:
+                results[i] = stop.value
+        return results
+
+    # -------------------------------------------------------------- processes
+
+    def _rank_process(self, rank: int) -> Process:
+        env = self.env
+        for op in self.schedule.orders[rank]:
+            keys = op.halves
+            for dep in self.schedule.dependencies(op):
+                ev = self._event(dep)
+                if not ev.processed:
+                    yield ev
+            chains = [self._chain(rank, key, self._input(rank, key)) for key in keys]
+            ends = self._run_chains(rank, chains)
+            # The halves of an overlapped pair interleave to the end: both outputs leave then.
+            end = ends[0] if len(ends) == 1 else np.maximum.reduce(ends)
+            yield env.timeout(max(0.0, float(end.max()) - env.now))
+            for key in keys:
+                self._event(key).succeed(end)
+        gpus = self.span[rank]
+        self.finish[gpus] = self.ops_end[gpus] = self.free[rank]
+        self._event(("done", rank, 0)).succeed(self.free[rank])
+        group = self.ctx.sync_ranks[rank]
+        if rank == group[0]:
+            for other in group[1:]:
+                ev = self._event(("done", other, 0))
+                if not ev.processed:
+                    yield ev
+            self._synchronise(group)
+
+    def _synchronise(self, ranks: tuple[int, ...]) -> None:
+        """Gradient synchronisation and the optimizer step of ranks holding the same
+        parameters (closed-form collectives; they start when the last member is ready).
+
+        Dense parameters are replicated over every GPU of the ranks, routed experts over the
         expert-data-parallel peers. Plain data parallelism all-reduces the gradients and every
-        GPU updates every parameter it holds; ZeRO-1 reduce-scatters the gradients, each GPU
-        updates its 1/n shard, and the updated BF16 parameters are all-gathered.
+        GPU updates every parameter it holds; ZeRO-1 reduce-scatters, each GPU updates its 1/n
+        shard, and the updated BF16 parameters are all-gather.
         """
-        ctx, lay = self.ctx, self.ctx.layout
-        groups = [
-            ("dense", list(lay.stage_gpus(stage)), ctx.dense_params[stage]),
-            ("expert", lay.dp_peers(gpu), ctx.expert_params[stage]),
-        ]
-        groups = [(name, members, params) for name, members, params in groups if params > 0]
+        ctx = self.ctx
         zero1 = self.sc.parallelism.zero1
-        start = self.env.now
-        for name, members, params in groups:
-            if len(members) > 1:
-                key = (name, "reduce", tuple(members))
-                yield self._ring(key, members, params * ctx.grad_bytes_per_param, 1 if zero1 else 2)
-        self.allreduce_s[gpu] += self.env.now - start
-        self.rec.slice(gpu, "allreduce", "gradient reduce", start, self.env.now)
-        shard = sum(params / (len(members) if zero1 else 1) for _, members, params in groups)
+        gpus = np.stack([ctx.rank_gpus[r] for r in ranks])  # (ranks, data, expert)
+        clock = np.stack([self.free[r].reshape(self.data, self.expert) for r in ranks])
+        start = clock.copy()
+        dense = ctx.dense_params[ranks[0]]
+        expert = ctx.expert_params[ranks[0]]
+        groups = []
+        if dense > 0:
+            groups.append((gpus.reshape(1, -1), dense, (0, 1, 2)))
+        if expert > 0:
+            # Expert-data-parallel peers: same expert-parallel rank, every group and rank.
+            groups.append((gpus.transpose(2, 0, 1).reshape(self.expert, -1), expert, (0, 1)))
+        bf16 = units.BYTES_PER_ELEMENT["bf16"]
+
+        def run(phases: int, per_param: float) -> None:
+            nonlocal clock
+            for members, params, axes in groups:
+                if members.shape[1] < 2:
+                    continue
+                seconds = np.array(
+                    [self._collective(row, params * per_param, phases) for row in members]
+                )
+                if axes == (0, 1, 2):
+                    clock = np.full_like(clock, clock.max() + seconds[0])
+                else:
+                    clock = clock.max(axis=(0, 1), keepdims=True) + seconds[None, None, :]
+                    clock = np.broadcast_to(clock, gpus.shape).copy()
+
+        run(1 if zero1 else 2, ctx.grad_bytes_per_param)
+        flat = gpus.ravel()
+        self.acc["allreduce"][flat] += (clock - start).ravel()
+        shard = 0.0
+        for members, params, _ in groups:
+            shard += params / (members.shape[1] if zero1 else 1)
+        if not groups:
+            shard = dense + expert
         seconds = ctx.compute.optimizer_step(shard)
-        self.optimizer_s[gpu] += seconds
-        self.rec.slice(gpu, "compute", "optimizer step", self.env.now, self.env.now + seconds)
-        yield self.env.timeout(seconds)
+        self.acc["optimizer"][flat] += seconds
+        for i, r in enumerate(ranks):
+            self._record(r, "allreduce", "gradient reduce", start[i].ravel(), clock[i].ravel())
+            begin = clock[i].ravel()
+            self._record(r, "compute", "optimizer step", begin, begin + seconds)
+        clock = clock + seconds
         if zero1:
-            start = self.env.now
-            bf16 = units.BYTES_PER_ELEMENT["bf16"]
-            for name, members, params in groups:
-                if len(members) > 1:
-                    key = (name, "gather", tuple(members))
-                    yield self._ring(key, members, params * bf16, 1)
-            self.allreduce_s[gpu] += self.env.now - start
-            self.rec.slice(gpu, "allreduce", "parameter all-gather", start, self.env.now)
+            gathered = clock.copy()
+            run(1, bf16)
+            self.acc["allreduce"][flat] += (clock - gathered).ravel()
+            for i, r in enumerate(ranks):
+                self._record(
+                    r, "allreduce", "parameter all-gather", gathered[i].ravel(), clock[i].ravel()
+                )
+        self.finish[flat] = clock.ravel()
+
+    def _collective(self, members: npt.NDArray[np.int64], nbytes: float, phases: int) -> float:
+        """Seconds of a ring (or hierarchical) reduce-scatter / all-gather (``phases = 1``) or
+        all-reduce (``phases = 2``) of ``nbytes`` over ``members``; bytes go on the links."""
+        topo = self.ctx.topology
+        n = len(members)
+        domains = topo.domain_of(members)
+        per_domain = int(np.sum(domains == domains[0]))
+        n_domains = n // per_domain
+        hierarchical = (
+            self.sc.parallelism.dp_collective == "hierarchical"
+            and per_domain > 1
+            and n_domains > 1
+            and n_domains * per_domain == n
+        )
+        if hierarchical:
+            inner = self._ring(members.reshape(n_domains, per_domain)[0], nbytes, phases)
+            outer = self._ring(
+                members.reshape(n_domains, per_domain)[:, 0], nbytes / per_domain, phases
+            )
+            self._ring_bytes(members, nbytes, phases, hierarchical=True, per_domain=per_domain)
+            return inner + outer
+        self._ring_bytes(members, nbytes, phases)
+        return self._ring(members, nbytes, phases)
+
+    def _ring(self, members: npt.NDArray[np.int64], nbytes: float, phases: int) -> float:
+        n = len(members)
+        if n < 2:
+            return 0.0
+        bw, lat = self._ring_links(members)
+        return phases * ((n - 1) / n * nbytes / bw + (n - 1) * lat)
+
+    def _ring_links(self, members: npt.NDArray[np.int64]) -> tuple[float, float]:
+        """Bottleneck bandwidth and slowest hop latency of a ring over ``members`` (cached by
+        the members' placement relative to the first)."""
+        topo = self.ctx.topology
+        key = structure_key(topo, members)
+        cached = self._rings.get(key)
+        if cached is None:
+            nxt = np.roll(members, -1)
+            pairs = list(zip(members.tolist(), nxt.tolist(), strict=True))
+            bw = min(float(topo.capacity[topo.path(a, b)].min()) for a, b in pairs)
+            lat = max(topo.latency(a, b) for a, b in pairs)
+            cached = self._rings[key] = (bw, lat)
+        return cached
+
+    def _ring_bytes(
+        self,
+        members: npt.NDArray[np.int64],
+        nbytes: float,
+        phases: int,
+        hierarchical: bool = False,
+        per_domain: int = 1,
+    ) -> None:
+        topo, load = self.ctx.topology, self.load
+        n = len(members)
+        if hierarchical:
+            inner = phases * (per_domain - 1) / per_domain * nbytes
+            n_dom = n // per_domain
+            outer = phases * (n_dom - 1) / n_dom * nbytes / per_domain
+            for port, amount in (
+                (NVLINK_OUT, inner),
+                (NVLINK_IN, inner),
+                (NIC_OUT, outer),
+                (NIC_IN, outer),
+            ):
+                cap = topo.capacity[port]
+                load.bytes[4 * members + port] += amount
+                load.busy_s[4 * members + port] += amount / cap
+            return
+        amount = phases * (n - 1) / n * nbytes
+        links = self._ring_paths.get(tuple(members.tolist()))
+        if links is None:
+            nxt = np.roll(members, -1)
+            hops = [topo.path(a, b) for a, b in zip(members.tolist(), nxt.tolist(), strict=True)]
+            links = np.asarray([link for hop in hops for link in hop], dtype=np.int64)
+            self._ring_paths[tuple(members.tolist())] = links
+        np.add.at(load.bytes, links, amount)
+        np.add.at(load.busy_s, links, amount / topo.capacity[links])
 
     def run(self) -> StepResult:
-        lay = self.ctx.layout
-        gpus = self.ctx.topology.gpus
-        for g in range(gpus):
-            self.env.process(self._gpu(g))
+        ctx, lay = self.ctx, self.ctx.layout
+        for rank in range(lay.stages):
+            self.env.process(self._rank_process(rank))
         self.env.run()
-        if np.any(self.finish == 0.0) or self.exchanges:
-            raise SimulationError("the step did not complete: a schedule deadlock")
+        for rank in range(lay.stages):
+            self.tables[rank].charge(self.pricers[rank], self.uses[rank])
+        missing = [r for r in range(lay.stages) if not self._event(("done", r, 0)).processed]
+        if missing:
+            raise SimulationError(f"the step did not complete: ranks {missing} deadlocked")
         step_time = float(self.finish.max())
+        gpus = ctx.topology.gpus
+        acc = self.acc
+        backward = acc["backward"] + acc["weight"]
         served = np.maximum(self.expert_served, 1.0)
+        stage = np.arange(gpus) // lay.gpus_per_stage
+        f_ops = np.zeros(lay.stages)
+        b_ops = np.zeros(lay.stages)
+        for rank, order in enumerate(self.schedule.orders):
+            for op in order:
+                for kind, _, _ in op.halves:
+                    f_ops[rank] += kind == "F"
+                    b_ops[rank] += kind == "B"
+        per_stage = lambda v: np.bincount(stage, weights=v) / lay.gpus_per_stage  # noqa: E731
         return StepResult(
             step_time_s=step_time,
-            gpu_stage=np.arange(gpus) // lay.gpus_per_stage,
-            compute_s=self.forward_s + self.backward_s,
-            forward_compute_s=self.forward_s,
-            backward_compute_s=self.backward_s,
-            expert_compute_s=self.expert_compute_s,
-            a2a_wait_s=self.a2a_wait_s,
-            pipeline_wait_s=self.pipeline_wait_s,
-            allreduce_s=self.allreduce_s,
-            optimizer_s=self.optimizer_s,
+            gpu_stage=stage,
+            compute_s=acc["forward"] + backward,
+            forward_compute_s=acc["forward"],
+            backward_compute_s=backward,
+            weight_grad_s=acc["weight"],
+            expert_compute_s=acc["expert"],
+            a2a_wait_s=acc["comm"] + acc["straggler"],
+            comm_wait_s=acc["comm"],
+            straggler_wait_s=acc["straggler"],
+            pipeline_wait_s=acc["pipeline"],
+            allreduce_s=acc["allreduce"],
+            optimizer_s=acc["optimizer"],
             tail_idle_s=step_time - self.finish,
+            ops_end_s=self.ops_end,
             expert_tokens=self.expert_tokens,
             expert_wait_s=self.expert_wait_token_s / served,
-            max_queue_chunks=self.max_queue,
-            link_bytes=self.net.link_bytes.copy(),
-            link_busy_s=self.net.link_busy_s.copy(),
-            stage_forward_s=self.fwd_time / self.n_micro,
-            stage_backward_s=self.bwd_time / self.n_micro,
+            link_bytes=self.load.bytes.copy(),
+            link_busy_s=self.load.busy_s.copy(),
+            stage_forward_s=per_stage(acc["forward"]) / f_ops,
+            stage_backward_s=per_stage(backward) / b_ops,
             events=self.env.processed,
-            flows=self.net.flows_started,
+            exchanges=self.exchanges,
             trace=list(getattr(self.rec, "slices", [])),
         )
 
@@ -592,6 +913,7 @@ def simulate_step(
     counts: np.ndarray,
     dest_tokens: np.ndarray,
     recorder: NullRecorder | None = None,
+    node_tokens: np.ndarray | None = None,
 ) -> StepResult:
     """Simulate one training step.
 
@@ -605,6 +927,9 @@ def simulate_step(
         Distinct tokens each source rank sends to each expert-parallel rank of its group.
     recorder : NullRecorder, optional
         A :class:`~moesim.engine.recorder.SliceRecorder` to capture a timeline trace.
+    node_tokens : ndarray, shape (layers_simulated, micro_batches, gpus_per_stage, nodes), int
+        Distinct tokens each source rank sends to each node of its group; required by
+        node-limited dispatch.
     """
     sc = ctx.scenario
     want = (sc.gate.layers_simulated, sc.micro_batches, ctx.layout.gpus_per_stage)
@@ -613,4 +938,9 @@ def simulate_step(
             f"routing sample shape {counts.shape} / {dest_tokens.shape} does not match the "
             f"scenario's (layers_simulated, micro_batches, gpus_per_stage) = {want}"
         )
-    return _StepModel(ctx, counts, dest_tokens, recorder or NullRecorder()).run()
+    nodes_wanted = (*want, sc.ep_nodes)
+    if sc.parallelism.dispatch == "node_limited" and (
+        node_tokens is None or node_tokens.shape != nodes_wanted
+    ):
+        raise SimulationError(f"node-limited dispatch needs node_tokens of shape {nodes_wanted}")
+    return _StepModel(ctx, counts, dest_tokens, node_tokens, recorder or NullRecorder()).run()

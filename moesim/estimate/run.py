@@ -104,7 +104,7 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
         points[0],
         scenario.total_steps,
         dict(bal.metrics),
-        simulate_step(ctx, bal.counts, bal.dest_tokens),
+        simulate_step(ctx, bal.counts, bal.dest_tokens, node_tokens=bal.node_tokens),
         bal.counts.sum(axis=(1, 2)),
     )
     tick("balanced reference step")
@@ -125,7 +125,9 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
             recorder = (
                 SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
             )
-            result = simulate_step(ctx, sample.counts, sample.dest_tokens, recorder)
+            result = simulate_step(
+                ctx, sample.counts, sample.dest_tokens, recorder, sample.node_tokens
+            )
             simulated.append(
                 SimulatedStep(
                     name,

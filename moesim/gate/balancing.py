@@ -58,9 +58,13 @@ linear in the counts, so with equal groups its local scopes equal the global one
 are not. The bias is float32; the new value first affects the next step. γ may follow a schedule
 (:meth:`~moesim.scenario.strategies.Bias.gamma_at`).
 
-The multiplicative bias of routing.md §2.5 Table 4 (selection by ``s·b``) needs the router to
-select on a product, which :func:`~moesim.gate.router.route` does not offer; its update rule is
-here (:func:`multiplicative_rule_update`) but no scenario can ask for it.
+The multiplicative bias of routing.md §2.5 Table 4 (``bias.mode: mul``): the router selects by
+``s·b`` (``RouterState.bias_mode``), the factors start at 1 and move by
+:func:`multiplicative_rule_update`, ``b_i ← b_i·(1 + γ·mean_g sign(c̄_g − c_{g,i}))``.
+
+Re-centring (``bias.recenter``, additive bias only): after the rule, the mean bias is subtracted
+(:func:`recenter_bias`). A common shift leaves every top-k and group-limited selection as it was
+(:mod:`moesim.scenario.strategies`, *Re-centring*) and stops the sign rule's common drift.
 
 **Interference** (routing.md §2.6): :func:`interference` compares ``∂L_aux/∂W`` and
 ``∂L_task/∂W`` on the router weights. The bias never enters a gradient, so a loss-free strategy
@@ -83,9 +87,9 @@ from moesim.gate.router import (
     ScoreFunction,
     row_sum,
     segment_sizes,
-    top_k_indices,
+    top_k_mask,
 )
-from moesim.scenario.strategies import Bias, Composite, LossTerm, StrategySpec
+from moesim.scenario.strategies import Bias, BiasMode, Composite, LossTerm, StrategySpec
 
 IntArray = npt.NDArray[np.int64]
 
@@ -103,6 +107,7 @@ __all__ = [
     "micro_batch_sizes",
     "multiplicative_rule_update",
     "proportional_rule_update",
+    "recenter_bias",
     "sign_rule_update",
     "weighted_probability_loss_and_grad",
     "z_loss_and_grad",
@@ -368,9 +373,8 @@ def aux_loss_and_grad(
     sizes = micro_batch_sizes(micro_batches, n_tokens)
     if score not in ("sigmoid", "softmax"):
         raise ValueError(f"score: unknown score function {score!r}")
-    if selected is None:
-        selected = top_k_indices(s, top_k)
-    counts = grouped_counts(selected, n_experts, sizes)
+    plain = top_k_mask(s, top_k) if selected is None else selected
+    counts = _plain_counts(plain, n_experts, sizes)
     coef = _mean_of_group_losses(counts, sizes, top_k, alpha, n_experts)
     return weighted_probability_loss_and_grad(s, score, coef, sizes)
 
@@ -407,14 +411,27 @@ def _device_of_expert(n_experts: int, devices: int) -> int:
     return n_experts // devices
 
 
+def _plain_counts(
+    plain: IntArray | npt.NDArray[np.bool_], n_experts: int, sizes: IntArray
+) -> IntArray:
+    """Loads (G, E) of consecutive token groups from the plain top-k: indices (T, K), or the
+    boolean mask (T, E) of :func:`~moesim.gate.router.top_k_mask` (the same set, counted
+    without indices)."""
+    if plain.dtype != np.bool_:
+        return grouped_counts(plain, n_experts, sizes)
+    return np.add.reduceat(plain.view(np.uint8), _group_starts(sizes), axis=0, dtype=np.int64)
+
+
 def _loss_coefficients(
     term: LossTerm,
-    selected: IntArray,
+    selected: IntArray | npt.NDArray[np.bool_],
     n_experts: int,
     ctx: BalanceContext,
 ) -> tuple[FloatArray, IntArray]:
-    """``(C, group sizes)`` of one balance term (not ``z_loss``) for ``selected`` (T, K)."""
+    """``(C, group sizes)`` of one balance term (not ``z_loss``) for the plain top-k:
+    ``selected`` (T, K) indices, or its (T, E) boolean mask."""
     n_tokens = selected.shape[0]
+    mask = selected.dtype == np.bool_
     top_k, alpha = ctx.top_k, term.alpha
     if term.kind in ("switch", "global"):
         sizes = ctx.micro_sizes(n_tokens)
@@ -423,20 +440,27 @@ def _loss_coefficients(
     n_groups = sizes.size
     t_g = sizes[:, None].astype(np.float64)
     if term.kind in ("switch", "sequence"):
-        counts = grouped_counts(selected, n_experts, sizes)
+        counts = _plain_counts(selected, n_experts, sizes)
         return _mean_of_group_losses(counts, sizes, top_k, alpha, n_experts), sizes
     if term.kind == "global":
-        total = np.bincount(selected.ravel(), minlength=n_experts)
+        if mask:
+            total = np.add.reduce(selected.view(np.uint8), axis=0, dtype=np.int64)
+        else:
+            total = np.bincount(selected.ravel(), minlength=n_experts)
         f_bar = total / (top_k * n_tokens)
         return (alpha * n_experts / n_groups) * f_bar[None, :] / t_g, sizes
     per_device = _device_of_expert(n_experts, ctx.devices)
     if term.kind == "device":
-        counts = grouped_counts(selected, n_experts, sizes)
+        counts = _plain_counts(selected, n_experts, sizes)
         f = n_experts * counts / (top_k * t_g)
         f_dev = f.reshape(n_groups, ctx.devices, per_device).mean(axis=2)
     elif term.kind == "communication":
-        reached = np.zeros((n_tokens, ctx.devices), dtype=np.int64)
-        np.put_along_axis(reached, selected // per_device, 1, axis=1)
+        if mask:
+            by_device = selected.reshape(n_tokens, ctx.devices, per_device)
+            reached = by_device.any(axis=2).astype(np.int64)
+        else:
+            reached = np.zeros((n_tokens, ctx.devices), dtype=np.int64)
+            np.put_along_axis(reached, selected // per_device, 1, axis=1)
         hits = np.add.reduceat(reached, _group_starts(sizes), axis=0)
         f_dev = ctx.devices * hits / (ctx.comm_limit * t_g)
     else:
@@ -478,9 +502,9 @@ def combined_loss_and_grad(
     z_terms = [t for t in terms if t.kind == "z_loss"]
     loss, grad = 0.0, None
     if balance:
-        if selected is None:
-            selected = top_k_indices(s, ctx.top_k)
-        parts = [_loss_coefficients(t, selected, n_experts, ctx) for t in balance]
+        # Only the set matters to the losses: without the caller's indices, a mask (cheaper).
+        plain = top_k_mask(s, ctx.top_k) if selected is None else selected
+        parts = [_loss_coefficients(t, plain, n_experts, ctx) for t in balance]
         if len(parts) == 1:
             coef, sizes = parts[0]
         else:
@@ -520,7 +544,14 @@ def sign_rule_update(bias: npt.NDArray[np.float32], counts: npt.ArrayLike, gamma
         Update speed ``γ``. An overloaded expert moves down by exactly ``γ``, an underloaded one up
         by ``γ``; an expert exactly at the mean keeps its bias (``sign(0) = 0``).
     """
-    error, _ = _load_error(counts)
+    c = np.asarray(counts)
+    if c.ndim == 1 and c.dtype.kind in "iu":
+        # One group of integer loads (the common case, once per step): sign(c̄ − c_i) is
+        # sign(Σc − E·c_i) in exact integer arithmetic — the same signs, without float passes.
+        direction = np.sign(int(c.sum()) - c.size * c.astype(np.int64, copy=False))
+        bias += direction.astype(np.float32) * np.float32(gamma)
+        return
+    error, _ = _load_error(c)
     direction = np.sign(error)
     if direction.shape[0] == 1:
         step = direction[0].astype(np.float32) * np.float32(gamma)
@@ -557,10 +588,9 @@ def multiplicative_rule_update(
 ) -> None:
     """Multiplicative bias update, in place: ``b_i ← b_i·(1 + γ·sign(c̄ − c_i))``.
 
-    For selection on ``s·b`` with ``b`` initialised to 1 (routing.md §2.5 Table 4). The paper
-    gives the rate but not the form; a relative step keeps every factor positive, and near
-    ``b = 1`` it is the additive sign step. Not reachable from a scenario: the router selects on
-    ``s + b`` only.
+    For selection on ``s·b`` with ``b`` initialised to 1 (routing.md §2.5 Table 4; a strategy
+    with ``bias.mode: mul``). The paper gives the rate but not the form; a relative step keeps
+    every factor positive, and near ``b = 1`` it is the additive sign step.
 
     Parameters
     ----------
@@ -573,6 +603,18 @@ def multiplicative_rule_update(
     """
     error, _ = _load_error(counts)
     factors *= (1 + gamma * np.sign(error).mean(axis=0)).astype(np.float32)
+
+
+def recenter_bias(bias: npt.NDArray[np.float32]) -> None:
+    """Subtract the mean from an additive bias, in place (``bias.recenter``).
+
+    Selection is invariant under a shift common to all experts — top-k of ``s + b`` and the
+    group scores of group-limited routing alike (:mod:`moesim.scenario.strategies`,
+    *Re-centring*) — so this only removes the sign rule's common drift and keeps ``s + b``
+    near the scores' magnitude, where float32 resolves it best. The mean is taken in float64;
+    the result has mean 0 up to float32 rounding.
+    """
+    bias -= np.float32(bias.mean(dtype=np.float64))
 
 
 BIAS_RULES: dict[str, Callable[[npt.NDArray[np.float32], npt.ArrayLike, float], None]] = {
@@ -658,6 +700,11 @@ class BalancingStrategy:
         return bool(self.losses)
 
     @property
+    def bias_mode(self) -> BiasMode:
+        """How the bias enters selection: ``add`` (also without a bias) or ``mul``."""
+        return "add" if self.bias is None else self.bias.mode
+
+    @property
     def bias_scope(self) -> str | None:
         """Scope of the counts the bias update reads; ``None`` without a bias."""
         return None if self.bias is None else self.bias.scope
@@ -688,23 +735,36 @@ class BalancingStrategy:
         return combined_loss_and_grad(self.losses, routing, context, unbiased_selected)
 
     def after_step(self, state: RouterState, counts: npt.ArrayLike, tokens: float = 0.0) -> None:
-        """Move ``state.bias`` after the optimizer step (nothing without a bias).
+        """Move ``state.bias`` after the optimizer step (nothing without a bias): the bias rule,
+        then any re-centring; the multiplicative step for ``bias.mode: mul``.
 
         Parameters
         ----------
         state : RouterState
-            The layer's router; its bias is updated in place.
+            The layer's router; its bias is updated in place. Its ``bias_mode`` must be the
+            strategy's (``ValueError`` otherwise).
         counts : array_like, shape (E,) or (G, E)
             The step's loads as routed: over the whole batch, or per count group of the bias
             scope (:meth:`BalanceContext.scope_sizes`).
         tokens : float
             Tokens trained before this step (selects γ from the schedule).
         """
-        if self.bias is None:
+        bias = self.bias
+        if bias is None:
             return
-        gamma = self.bias.gamma_at(tokens)
+        if state.bias_mode != bias.mode:
+            raise ValueError(
+                f"bias_mode: the router selects with bias mode {state.bias_mode!r}, the strategy "
+                f"updates a {bias.mode!r} bias"
+            )
+        gamma = bias.gamma_at(tokens)
         if gamma > 0:
-            BIAS_RULES[self.bias.rule](state.bias, counts, gamma)
+            if bias.mode == "mul":
+                multiplicative_rule_update(state.bias, counts, gamma)
+            else:
+                BIAS_RULES[bias.rule](state.bias, counts, gamma)
+                if bias.recenter:
+                    recenter_bias(state.bias)
 
 
 STRATEGIES: dict[str, type[BalancingStrategy]] = {}
@@ -733,7 +793,8 @@ class AuxLossStrategy(BalancingStrategy):
 
 @register("loss_free")
 class LossFreeStrategy(BalancingStrategy):
-    """Auxiliary-loss-free balancing: sign-rule bias update after each step (routing.md §2.2)."""
+    """Auxiliary-loss-free balancing: sign-rule bias update after each step (routing.md §2.2),
+    additive or multiplicative (§2.5 Table 4)."""
 
 
 @register("composite")

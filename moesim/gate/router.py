@@ -4,9 +4,11 @@ A router maps a token ``u_t`` to logits ``z_t = W u_t`` over the ``E`` routed ex
 §1), turns them into affinity scores ``s_t = G(z_t)`` — an element-wise sigmoid (DeepSeek-V3,
 routing.md §3) or a softmax over the experts — and selects the ``k`` experts with the largest
 *selection* scores ``s_t + b``. The per-expert bias ``b`` is the auxiliary-loss-free balancing knob
-(routing.md §2.1): it only steers selection. The gate values that weight the experts' outputs are
-the **unbiased** scores at the selected experts, optionally renormalised to sum to one over the
-selection and multiplied by a scaling factor (routing.md §3, §6.2 item 3, §10 item 3).
+(routing.md §2.1): it only steers selection. A router whose ``bias_mode`` is ``mul`` selects by
+``s_t·b`` instead, ``b`` starting at 1 (the multiplicative variant, routing.md §2.5 Table 4).
+The gate values that weight the experts' outputs are the **unbiased** scores at the selected
+experts, optionally renormalised to sum to one over the selection and multiplied by a scaling
+factor (routing.md §3, §6.2 item 3, §10 item 3).
 
 Group-limited (device- or node-limited) routing splits the experts into ``n_groups`` contiguous,
 equal groups, scores each group by the sum of its top ``k // group_topk`` selection scores, keeps
@@ -53,6 +55,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moesim.scenario.schema import Scenario
+from moesim.scenario.strategies import BiasMode
 
 ScoreFunction = Literal["sigmoid", "softmax"]
 DropPolicy = Literal["probs", "position"]
@@ -73,27 +76,78 @@ class RouterState:
         Router matrix ``W``; row ``i`` is expert ``i``'s centroid ``e_i`` (routing.md §1).
     bias : ndarray, shape (E,), float32
         Selection-only expert bias ``b`` (routing.md §2.1). Never a gradient target.
+    bias_mode : {'add', 'mul'}
+        How ``b`` enters selection: ``s + b`` (neutral value 0) or ``s·b`` (neutral value 1,
+        routing.md §2.5 Table 4). :func:`route` reads it unless told otherwise.
     """
 
     weights: npt.NDArray[np.float32]
     bias: npt.NDArray[np.float32]
+    bias_mode: BiasMode = "add"
+
+    def __post_init__(self) -> None:
+        if self.bias_mode not in ("add", "mul"):
+            raise ValueError(f"bias_mode: unknown bias mode {self.bias_mode!r} (add or mul)")
 
     @classmethod
     def initial(
-        cls, n_experts: int, dim: int, init_std: float, rng: np.random.Generator
+        cls,
+        n_experts: int,
+        dim: int,
+        init_std: float,
+        rng: np.random.Generator,
+        bias_mode: BiasMode = "add",
     ) -> RouterState:
-        """A fresh router: weights ``N(0, init_std²)``, bias zero (routing.md §2.2 step 1)."""
+        """A fresh router: weights ``N(0, init_std²)``, bias neutral — zero (routing.md §2.2
+        step 1), or one for ``bias_mode='mul'`` (§2.5 Table 4). The bias draws nothing, so both
+        modes get the same weights from the same ``rng``."""
         weights = (rng.standard_normal((n_experts, dim)) * init_std).astype(np.float32)
-        return cls(weights=weights, bias=np.zeros(n_experts, dtype=np.float32))
+        bias = np.full(n_experts, neutral_bias(bias_mode), dtype=np.float32)
+        return cls(weights=weights, bias=bias, bias_mode=bias_mode)
 
     @property
     def n_experts(self) -> int:
         """Number of routed experts ``E``."""
         return int(self.weights.shape[0])
 
+    @property
+    def biased(self) -> bool:
+        """Whether the bias can change selection (some entry differs from the neutral value)."""
+        if self.bias_mode == "add":
+            return bool(self.bias.any())
+        return bool((self.bias != 1).any())
+
     def copy(self) -> RouterState:
         """A deep copy (the arrays are copied)."""
-        return RouterState(weights=self.weights.copy(), bias=self.bias.copy())
+        return RouterState(
+            weights=self.weights.copy(), bias=self.bias.copy(), bias_mode=self.bias_mode
+        )
+
+
+def neutral_bias(bias_mode: BiasMode) -> float:
+    """The bias value that leaves selection alone: 0 for ``add``, 1 for ``mul``."""
+    if bias_mode == "add":
+        return 0.0
+    if bias_mode == "mul":
+        return 1.0
+    raise ValueError(f"bias_mode: unknown bias mode {bias_mode!r} (add or mul)")
+
+
+def apply_bias(
+    scores: FloatArray, bias: FloatArray | None, bias_mode: BiasMode = "add"
+) -> FloatArray:
+    """Selection scores: ``s + b`` or ``s·b`` (routing.md §2.1 Eq. 3, §2.5 Table 4).
+
+    Returns ``scores`` itself (no copy) when the bias is ``None`` or neutral, a new array
+    otherwise.
+    """
+    if bias is None:
+        return scores
+    if bias_mode == "add":
+        return scores + bias if bias.any() else scores
+    if bias_mode == "mul":
+        return scores * bias if (bias != 1).any() else scores
+    raise ValueError(f"bias_mode: unknown bias mode {bias_mode!r} (add or mul)")
 
 
 @dataclass(frozen=True, eq=False)
@@ -344,6 +398,27 @@ def top_k_indices(values: FloatArray, k: int) -> npt.NDArray[np.int64]:
     return np.ascontiguousarray(part[:, n_cols - k :], dtype=np.int64)
 
 
+def top_k_mask(values: FloatArray, k: int) -> npt.NDArray[np.bool_]:
+    """The entries :func:`top_k_indices` selects, as a (T, n) boolean mask.
+
+    Each row's ``k``-th largest value is read from a sorted copy (numpy's SIMD sort is several
+    times faster than :func:`numpy.argpartition` on short rows) and the entries at or above it
+    are marked. A row with more than ``k`` marks has an exact tie at its threshold; it takes
+    :func:`top_k_indices`' own choice (rows are selected independently, so that is the same as
+    on the whole array). For callers that need the set, not an order.
+    """
+    n_cols = values.shape[1]
+    if not 1 <= k <= n_cols:
+        raise ValueError(f"top_k: {k} is not in 1..{n_cols}")
+    threshold = np.sort(values, axis=1)[:, n_cols - k]
+    mask = values >= threshold[:, None]
+    if int(np.count_nonzero(mask)) != values.shape[0] * k:
+        rows = np.flatnonzero(np.count_nonzero(mask, axis=1) != k)
+        mask[rows] = False
+        mask[rows[:, None], top_k_indices(values[rows], k)] = True
+    return mask
+
+
 def scores_from_logits(logits: FloatArray, score: ScoreFunction) -> FloatArray:
     """Affinity scores ``G(z)`` (routing.md §1).
 
@@ -380,12 +455,15 @@ def _top_sum(grouped: FloatArray, count: int) -> FloatArray:
     """Sum of the ``count`` largest entries along the last (short) axis of a (T, G, n) array.
 
     numpy's reductions and partitions along a short last axis cost far more per row than the
-    arithmetic (see :func:`row_sum`), so small ``count`` keeps a running top-``count`` with
-    element-wise max/min over the ``n`` columns (an insertion network); the result is summed
-    largest first, as a sort would. Larger ``count`` sorts the groups and adds the largest.
+    arithmetic (see :func:`row_sum`), so for groups of up to 8 experts and small ``count`` a
+    running top-``count`` is kept with element-wise max/min over the ``n`` columns (an insertion
+    network); the result is summed largest first, as a sort would. Groups of 16 or more (the
+    network's ``2·n·count`` passes cost more than numpy's SIMD sort of the short rows at every
+    batch size measured, 3–11× at 8 groups of 32) and larger ``count`` sort the groups and add
+    the largest; both give the same values.
     """
     n = grouped.shape[2]
-    if count > 4 or count >= n:
+    if count > 4 or count >= n or n >= 16:
         ordered = np.sort(grouped, axis=2)
         total = ordered[:, :, n - 1].copy()
         for i in range(2, count + 1):
@@ -421,9 +499,7 @@ def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk:
     grouped = selection.reshape(n_tokens, n_groups, group_size)
     per_group = min(group_size, max(1, top_k // group_topk))
     group_score = _top_sum(grouped, per_group)
-    kept = top_k_indices(group_score, group_topk)
-    keep = np.zeros((n_tokens, n_groups), dtype=bool)
-    np.put_along_axis(keep, kept, True, axis=1)
+    keep = top_k_mask(group_score, group_topk)
     masked = np.where(keep[:, :, None], grouped, -np.inf).astype(selection.dtype, copy=False)
     return masked.reshape(n_tokens, n_experts)
 
@@ -434,27 +510,32 @@ def select_experts(
     top_k: int,
     n_groups: int = 1,
     group_topk: int | None = None,
+    bias_mode: BiasMode = "add",
 ) -> npt.NDArray[np.int64]:
-    """Top-k selection on ``scores + bias``, group-limited if asked (routing.md §2.1, §6.2).
+    """Top-k selection on ``scores + bias`` (or ``scores·bias``), group-limited if asked
+    (routing.md §2.1, §2.5 Table 4, §6.2).
 
     Parameters
     ----------
     scores : ndarray, shape (T, E)
         Unbiased affinity scores.
     bias : ndarray, shape (E,), or None
-        Selection bias; ``None`` or all zeros means plain top-k on the scores.
+        Selection bias; ``None`` or neutral (all 0 for ``add``, all 1 for ``mul``) means plain
+        top-k on the scores.
     top_k : int
         Experts per token.
     n_groups : int
         Contiguous, equal expert groups (nodes or devices).
     group_topk : int or None
         Groups a token may use; ``None`` or ``≥ n_groups`` disables the limit.
+    bias_mode : {'add', 'mul'}
+        Selection by ``scores + bias`` or ``scores·bias`` (:func:`apply_bias`).
 
     Returns
     -------
     ndarray, shape (T, top_k), int64
     """
-    selection = scores + bias if bias is not None and bias.any() else scores
+    selection = apply_bias(scores, bias, bias_mode)
     if group_topk is not None and group_topk < n_groups:
         selection = _group_limited(selection, top_k, n_groups, group_topk)
     return top_k_indices(selection, top_k)
@@ -647,6 +728,7 @@ def route(
     capacity: CapacitySpec | None = None,
     segments: int | Sequence[int] = 1,
     tokens_per_sequence: int | None = None,
+    bias_mode: BiasMode | None = None,
 ) -> Routing:
     """Route a batch of tokens (routing.md §2.1, §3, §4, §6.2, §10 items 1–3 and 7).
 
@@ -655,7 +737,7 @@ def route(
     x : ndarray, shape (T, dim), float32
         Router inputs ``u_t``.
     state : RouterState
-        Router weights ``W`` (E, dim) and selection bias ``b`` (E,).
+        Router weights ``W`` (E, dim), selection bias ``b`` (E,) and its mode.
     top_k : int
         Experts per token ``k``.
     score : {'sigmoid', 'softmax'}
@@ -681,6 +763,9 @@ def route(
         Rows per sequence (sequences consecutive, each inside one segment). With it, ``position``
         means the position in the sequence and ``capacity.exempt_fraction`` picks whole
         sequences (:func:`exempt_sequences`); without it every row is a sequence of its own.
+    bias_mode : {'add', 'mul'} or None
+        Select by ``s + b`` (``add``, routing.md §2.1 Eq. 3) or ``s·b`` (``mul``, §2.5 Table 4);
+        default ``state.bias_mode``. The bias steers selection only, in either mode.
 
     Returns
     -------
@@ -690,7 +775,8 @@ def route(
     """
     logits = x @ state.weights.T
     scores = scores_from_logits(logits, score)
-    selected = select_experts(scores, state.bias, top_k, n_groups, group_topk)
+    mode = state.bias_mode if bias_mode is None else bias_mode
+    selected = select_experts(scores, state.bias, top_k, n_groups, group_topk, mode)
     if topk_before_softmax:
         if score != "softmax":
             raise ValueError("topk_before_softmax: needs the softmax score function")

@@ -20,14 +20,15 @@ of ``micro_batch_size × seq_len`` tokens (routing.md §6.2 item 4): budgets and
 (a token's resampled copies are identical, so a token straddling the budget is kept in part).
 Routed token ``j`` of a sequence stands at position ``j`` for the ``position`` policy (its copies
 with it), and exempt sequences are chosen by :func:`~moesim.gate.router.exempt_sequences` over the
-step's sequences. ``counts`` and ``dest_tokens`` hold the kept assignments only;
-``RoutingSample.dropped`` the dropped ones.
+step's sequences. ``counts``, ``dest_tokens`` and ``node_tokens`` hold the kept assignments
+only (a token reaches a rank or node with the most of its copies kept by any of its assignments
+there); ``RoutingSample.dropped`` the dropped ones.
 
 **Layers.** ``gate.layers_simulated`` routers stand for the model's MoE layers through
 ``gate.layer_map``; :func:`gate_layer_of` is the mapping the engine uses.
 
-:func:`balanced_sample` is the ideal reference: perfectly even loads and the dispatch volume of
-uniformly random top-k routing.
+:func:`balanced_sample` is the ideal reference: perfectly even loads and the dispatch volumes
+(to ranks and to nodes) of uniformly random top-k routing.
 """
 
 from __future__ import annotations
@@ -201,6 +202,40 @@ def _first_reach(groups: npt.NDArray[np.int64], kept: npt.NDArray[np.int64]) -> 
     return sorted_groups, np.where(first, best, 0)
 
 
+def _distinct_per_group(
+    groups: npt.NDArray[np.int64],
+    cell: npt.NDArray[np.int64],
+    n_cells: int,
+    n_groups: int,
+    pair_weights: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Weighted distinct tokens per (cell, group), dropless: each token counts once for every
+    group (rank, node) its assignments reach.
+
+    Parameters
+    ----------
+    groups : ndarray, shape (T, k), int64
+        Group of every assignment.
+    cell : ndarray, shape (T,), int64
+        Cell of every token, ``0 ≤ cell < n_cells``.
+    n_cells : int
+        Cells.
+    n_groups : int
+        Groups per cell.
+    pair_weights : ndarray, shape (T·k,), float64
+        Token weight repeated per assignment.
+
+    Returns
+    -------
+    ndarray, shape (cells · n_groups,), float64
+    """
+    ordered = np.sort(groups, axis=1)
+    first = np.ones_like(ordered, dtype=bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    flat = ((cell * n_groups)[:, None] + ordered)[first]
+    return np.bincount(flat, weights=pair_weights[first.ravel()], minlength=n_cells * n_groups)
+
+
 def routing_sample(
     scenario: Scenario,
     states: list[RouterState],
@@ -242,7 +277,9 @@ def routing_sample(
     RoutingSample
         ``counts`` (L, M, n_src, E) of kept assignments, summing over experts to ``top_k ·
         micro_batch_size · seq_len`` minus ``dropped`` for every (layer, micro-batch, source);
-        ``dest_tokens`` (L, M, n_src, n_dest); ``dropped`` (L, M, n_src).
+        ``dest_tokens`` (L, M, n_src, n_dest); ``node_tokens`` (L, M, n_src, ep_nodes),
+        counted like ``dest_tokens`` over the nodes of the expert-parallel group (node ``j``
+        hosts experts ``[j·E/ep_nodes, (j+1)·E/ep_nodes)``); ``dropped`` (L, M, n_src).
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_layers, n_experts, top_k = gate.layers_simulated, moe.routed_experts, moe.top_k
@@ -255,7 +292,8 @@ def routing_sample(
     mbs = scenario.parallelism.micro_batch_size
     routed, seq_len = gate.routed_tokens_per_sequence, scenario.model.seq_len
     experts_per_rank = n_experts // n_dest
-    experts_per_node = n_experts // scenario.ep_nodes
+    n_nodes = scenario.ep_nodes
+    experts_per_node = n_experts // n_nodes
     tokens_trained = float(step) * scenario.tokens_per_step
 
     tokens_per_micro = n_src * mbs * routed
@@ -265,7 +303,7 @@ def routing_sample(
     counts = np.zeros((n_layers, n_micro, n_src, n_experts), dtype=np.int64)
     dest = np.zeros((n_layers, n_micro, n_src, n_dest), dtype=np.int64)
     dropped = np.zeros((n_layers, n_micro, n_src), dtype=np.int64)
-    node_reach = np.zeros(n_layers)
+    node = np.zeros((n_layers, n_micro, n_src, n_nodes), dtype=np.int64)
     for m0 in range(0, n_micro, micro_per_chunk):
         m1 = min(n_micro, m0 + micro_per_chunk)
         n_cells = (m1 - m0) * n_src  # (micro-batch, source) cells in this chunk
@@ -315,35 +353,34 @@ def routing_sample(
             c = np.bincount(flat, weights=kept_pairs, minlength=n_cells * n_experts)
             counts[layer, m0:m1] = np.rint(c).astype(np.int64).reshape(m1 - m0, n_src, n_experts)
             if kept is None:
-                # Distinct destination ranks per token: sort each token's ranks, drop repeats.
-                ranks = np.sort(selected // experts_per_rank, axis=1)
-                first = np.ones_like(ranks, dtype=bool)
-                first[:, 1:] = ranks[:, 1:] != ranks[:, :-1]
-                flat_rank = ((cell * n_dest)[:, None] + ranks)[first]
-                d = np.bincount(
-                    flat_rank, weights=pair_weights[first.ravel()], minlength=n_cells * n_dest
+                d = _distinct_per_group(
+                    selected // experts_per_rank, cell, n_cells, n_dest, pair_weights
                 )
-                if experts_per_node == n_experts:
-                    node_reach[layer] += float(weights.sum())
+                if n_nodes == 1:
+                    # Every token reaches the one node (dropless: all k experts are kept).
+                    n = np.bincount(cell, weights=weights, minlength=n_cells)
                 else:
-                    nodes = np.sort(selected // experts_per_node, axis=1)
-                    node_first = np.count_nonzero(nodes[:, 1:] != nodes[:, :-1], axis=1) + 1
-                    node_reach[layer] += float(node_first @ weights)
+                    n = _distinct_per_group(
+                        selected // experts_per_node, cell, n_cells, n_nodes, pair_weights
+                    )
             else:
                 ranks, reach = _first_reach(selected // experts_per_rank, kept)
                 flat_rank = ((cell * n_dest)[:, None] + ranks).ravel()
                 d = np.bincount(flat_rank, weights=reach.ravel(), minlength=n_cells * n_dest)
-                _, node_hits = _first_reach(selected // experts_per_node, kept)
-                node_reach[layer] += float(node_hits.sum())
+                nodes, node_hits = _first_reach(selected // experts_per_node, kept)
+                flat_node = ((cell * n_nodes)[:, None] + nodes).ravel()
+                n = np.bincount(flat_node, weights=node_hits.ravel(), minlength=n_cells * n_nodes)
             dest[layer, m0:m1] = np.rint(d).astype(np.int64).reshape(m1 - m0, n_src, n_dest)
+            node[layer, m0:m1] = np.rint(n).astype(np.int64).reshape(m1 - m0, n_src, n_nodes)
     total_tokens = float(n_micro * n_src * mbs * seq_len)
-    nodes_per_token = float(node_reach.mean() / total_tokens)
+    nodes_per_token = float(node.sum(axis=(1, 2, 3)).mean() / total_tokens)
     return RoutingSample(
         step=step,
         counts=counts,
         dest_tokens=dest,
         metrics=sample_metrics(counts, n_dest, dropped, nodes_per_token),
         dropped=dropped,
+        node_tokens=node,
     )
 
 
@@ -391,7 +428,10 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     goes one each to the first experts). Each destination rank receives the expected number of
     distinct tokens under uniformly random top-k routing, ``round(T·(1 − C(E − E/n_dest, k) /
     C(E, k)))``: a token misses a rank only if all ``k`` of its experts lie on the other ranks.
-    Nothing is dropped; ``nodes_per_token`` is the same expectation over the EP group's nodes.
+    Each of the ``n = scenario.ep_nodes`` nodes likewise receives ``round(T·(1 − C(E − E/n, k)
+    / C(E, k)))`` distinct tokens (``node_tokens``; ``T`` for one node). Nothing is dropped;
+    ``nodes_per_token`` is the same expectation over the EP group's nodes, unrounded. Group
+    limits (``router.node_limit`` …) are not modelled: this is unconstrained uniform routing.
 
     Parameters
     ----------
@@ -424,6 +464,8 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     dest = np.full((n_layers, n_micro, n_src, n_dest), per_rank, dtype=np.int64)
     n_nodes = scenario.ep_nodes
     node_miss = math.comb(n_experts - n_experts // n_nodes, top_k) / math.comb(n_experts, top_k)
+    per_node = round(tokens * (1.0 - node_miss))
+    node = np.full((n_layers, n_micro, n_src, n_nodes), per_node, dtype=np.int64)
     metrics = {
         "maxvio_batch": 0.0,
         "maxvio_micro": 0.0,
@@ -434,4 +476,6 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
         "dropped_fraction": 0.0,
         "nodes_per_token": n_nodes * (1.0 - node_miss),
     }
-    return RoutingSample(step=step, counts=counts, dest_tokens=dest, metrics=metrics)
+    return RoutingSample(
+        step=step, counts=counts, dest_tokens=dest, metrics=metrics, node_tokens=node
+    )

@@ -170,6 +170,8 @@ class TokenStream:
         np.clip(topic_ids, 0, n_topics - 1, out=topic_ids)
         topic_ids = topic_ids.astype(np.int64, copy=False)
 
-        noise = self._noise_pool[rng.integers(0, NOISE_POOL, (n_sequences, tokens_per_sequence))]
-        noise += self.topics[topic_ids]
+        picks = rng.integers(0, NOISE_POOL, (n_sequences, tokens_per_sequence))
+        # np.take gathers rows about twice as fast as fancy indexing (same values).
+        noise = np.take(self._noise_pool, picks, axis=0)
+        noise += np.take(self.topics, topic_ids, axis=0)
         return noise, topic_ids

@@ -39,7 +39,11 @@ for CSV also the file line) and the column. Extra columns are ignored.
    :func:`~moesim.gate.sampling.expected_distinct`, the balanced sample's
    expected-distinct-tokens formula generalised to uneven loads (exact when balanced), clipped
    to the hard bounds ``⌈a/min(k, E/n_dest)⌉ ≤ dest ≤ min(T, a)`` for a rank receiving ``a``
-   assignments. ``nodes_per_token`` is the same estimate over nodes.
+   assignments. ``node_tokens`` is the same estimate over the ``scenario.ep_nodes`` nodes, with
+   the same bounds for a node's ``a`` and ``E/ep_nodes`` experts and then held between the
+   largest ``dest_tokens`` of the node's ranks and their sum (a token sent to one of its ranks
+   reaches it; none reaches it but through a rank). ``nodes_per_token`` is the unrounded node
+   estimate per token.
 
 Nothing is dropped in a replay (a trace records loads as processed). The per-cell constraint
 that a token picks an expert at most once (an expert's cell load ``≤ T``) is not enforced.
@@ -372,17 +376,34 @@ def trace_sample(
     dest = np.clip(estimate, low, high).astype(np.int64)
 
     n_nodes = scenario.ep_nodes
+    per_node = n_experts // n_nodes
+    node_load = counts.reshape(n_layers, n_micro, n_src, n_nodes, per_node).sum(axis=4)
+    reach = expected_distinct(node_load, cell_tokens, n_experts, top_k)
+    node = np.clip(
+        np.rint(reach),
+        np.ceil(node_load / min(top_k, per_node)),
+        np.minimum(np.ceil(cell_tokens), node_load),
+    )
+    # A node receives every token one of its ranks does, and none that none of them does
+    # (when its ranks nest in it: n_dest a multiple of the nodes).
+    if n_dest % n_nodes == 0:
+        ranks = dest.reshape(n_layers, n_micro, n_src, n_nodes, n_dest // n_nodes)
+        node = np.maximum(np.minimum(node, ranks.sum(axis=4)), ranks.max(axis=4))
     if n_nodes == 1:
         nodes_per_token = 1.0
     else:
-        per_node = n_experts // n_nodes
-        node_load = counts.reshape(n_layers, n_micro, n_src, n_nodes, per_node).sum(axis=4)
-        reach = expected_distinct(node_load, cell_tokens, n_experts, top_k).sum(axis=3)
         weight = cell_tokens[..., 0]
-        nodes_per_token = float(reach.sum() / weight.sum()) if weight.sum() > 0 else 0.0
+        total = reach.sum(axis=3)
+        nodes_per_token = float(total.sum() / weight.sum()) if weight.sum() > 0 else 0.0
     metrics = sample_metrics(counts, n_dest, None, nodes_per_token)
     metrics["trace_step"] = float(recorded)
-    return RoutingSample(step=step, counts=counts, dest_tokens=dest, metrics=metrics)
+    return RoutingSample(
+        step=step,
+        counts=counts,
+        dest_tokens=dest,
+        metrics=metrics,
+        node_tokens=node.astype(np.int64),
+    )
 
 
 def scenario_trace(scenario: Scenario) -> ExpertTrace:

@@ -3,7 +3,7 @@
 The gate stands in for the routers of a real training run. Each simulated layer has a student
 router (:class:`~moesim.gate.router.RouterState`, initialised ``N(0, σ²)`` with
 σ = ``init_logit_std / √(1 + noise²)`` so initial logits spread by ``init_logit_std`` whatever the
-token norm, bias zero),
+token norm, bias neutral: zero, or one for a multiplicative bias),
 a fixed random teacher (:class:`~moesim.gate.teacher.Teacher`) that defines the task loss, and
 its own Adam state. Every optimizer step of the scenario is one gate update:
 
@@ -74,6 +74,7 @@ batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -93,6 +94,7 @@ from moesim.gate.router import (
     RouteOptions,
     RouterState,
     ScoreFunction,
+    neutral_bias,
     route,
     route_options,
     row_sum,
@@ -131,9 +133,10 @@ class GateTrajectory:
         (:mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
         between ``∂L_aux/∂W`` and ``∂L_task/∂W`` on the router weights and ``‖∂L_aux/∂W‖ /
         ‖∂L_task/∂W‖``, :func:`~moesim.gate.balancing.interference`; both exactly 0 for a
-        strategy without an auxiliary loss), ``bias_abs_mean`` (mean ``|b|`` after the step's
-        update), and ``gamma`` (the bias update speed used after this step; the same for every
-        layer, 0 without a bias).
+        strategy without an auxiliary loss), ``bias_abs_mean`` (mean ``|b − b₀|`` after the
+        step's update, ``b₀`` the neutral bias: 0, or 1 for a multiplicative one), and
+        ``gamma`` (the bias update speed used after this step; the same for every layer, 0
+        without a bias).
     states : dict of int to list of RouterState
         Deep copies of every layer's router taken *before* the update of each requested step
         (the step ``total_steps`` means after the last update).
@@ -200,9 +203,11 @@ class _Adam:
         self.m += self._first
         self.v *= _BETA2
         self.v += self._second
-        step_size = self.learning_rate * np.sqrt(1 - _BETA2**self.t) / (1 - _BETA1**self.t)
+        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
+        root = math.sqrt(1 - _BETA2**self.t)
+        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
         buffer = np.sqrt(self.v, out=self._buffer)
-        buffer += np.float32(_EPS * np.sqrt(1 - _BETA2**self.t))
+        buffer += np.float32(_EPS * root)
         np.divide(self.m, buffer, out=buffer)
         buffer *= np.float32(step_size)
         weights -= buffer
@@ -256,9 +261,9 @@ def routed_loads(
     top_k // group_topk)`` largest selection scores added largest first, as there; the groups
     scoring at least the ``group_topk``-th best are kept. Then every kept expert scoring at
     least the token's threshold — the ``top_k``-th largest score among the kept groups, read from
-    each kept group's sorted top values — is counted. Sorting the short rows of a group, or
-    partitioning a row for one threshold, costs far less than :func:`numpy.argpartition`'s index
-    bookkeeping over all experts. An exact tie at a threshold (saturated sigmoids, biases on the
+    each kept group's sorted top values — is counted. Sorting the short rows of a group, or a
+    row for one threshold, costs far less than :func:`numpy.argpartition`'s index bookkeeping
+    over all experts. An exact tie at a threshold (saturated sigmoids, biases on the
     sign rule's lattice) would keep more groups or count more experts than asked: the totals
     show it, and the tied tokens take :func:`~moesim.gate.router.select_experts`' own choice,
     so the result is always its selection.
@@ -280,53 +285,134 @@ def routed_loads(
         Shape (G, E) with ``sizes``, else (E,).
     """
     n_tokens, n_experts = selection.shape
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k: {top_k} is not in 1..{n_experts}")
-    grouped = group_topk is not None and group_topk < n_groups
-    keep = None
-    if not grouped:
-        threshold = np.partition(selection, n_experts - top_k, axis=1)[:, n_experts - top_k]
-        chosen = selection >= threshold[:, None]
-    else:
-        assert group_topk is not None
-        group_size = n_experts // n_groups
-        if n_experts % n_groups or group_topk * group_size < top_k:
-            raise ValueError(
-                f"n_groups: {group_topk} of {n_groups} groups cannot route top_k={top_k} of "
-                f"{n_experts} experts"
+    counter = LoadCounter(n_tokens, n_experts, top_k, n_groups, group_topk, sizes)
+    return counter(selection)
+
+
+class LoadCounter:
+    """:func:`routed_loads` for one batch shape, with its group structure worked out once and
+    its work arrays kept (a coarsened gate calls it at every bias step).
+
+    Parameters
+    ----------
+    n_tokens, n_experts : int
+        Shape ``(T, E)`` of the selection scores it will count.
+    top_k, n_groups, group_topk, sizes
+        As :func:`routed_loads`.
+
+    Notes
+    -----
+    Order statistics of short rows come from in-place :meth:`numpy.ndarray.sort` (SIMD sorting
+    networks), several times faster than :func:`numpy.partition`'s per-row selection on rows
+    this short; the value at a rank is the same. Loads are summed in ``uint16`` while a column
+    total fits (summing bytes into ``int64`` costs several times more). Calls are not
+    re-entrant: the work arrays are shared.
+    """
+
+    def __init__(
+        self,
+        n_tokens: int,
+        n_experts: int,
+        top_k: int,
+        n_groups: int = 1,
+        group_topk: int | None = None,
+        sizes: npt.ArrayLike | None = None,
+    ) -> None:
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k: {top_k} is not in 1..{n_experts}")
+        self.shape = (n_tokens, n_experts)
+        self.top_k, self.n_groups, self.group_topk = top_k, n_groups, group_topk
+        self.grouped = group_topk is not None and group_topk < n_groups
+        if self.grouped:
+            assert group_topk is not None
+            group_size = n_experts // n_groups
+            if n_experts % n_groups or group_topk * group_size < top_k:
+                raise ValueError(
+                    f"n_groups: {group_topk} of {n_groups} groups cannot route top_k={top_k} of "
+                    f"{n_experts} experts"
+                )
+            self.group_size = group_size
+            self.per_group = min(group_size, max(1, top_k // group_topk))
+            self.depth = min(top_k, group_size)  # a token's top-k lie in its kept groups' tops
+            self.ordered = np.empty((n_tokens, n_groups, group_size), dtype=np.float32)
+            self.tops = np.empty((n_tokens, n_groups, self.depth), dtype=np.float32)
+            self.chosen = np.empty((n_tokens, n_groups, group_size), dtype=bool)
+        else:
+            self.ordered = np.empty((n_tokens, n_experts), dtype=np.float32)
+            self.chosen = np.empty((n_tokens, n_experts), dtype=bool)
+        self.acc = np.uint16 if n_tokens < 1 << 16 else np.int64
+        self.starts: npt.NDArray[np.int64] | None = None
+        self.equal_groups = 0
+        if sizes is not None:
+            bounds = np.asarray(sizes, dtype=np.int64)
+            if bounds.ndim != 1 or bounds.sum() != n_tokens or (bounds <= 0).any():
+                raise ValueError(f"sizes: {bounds.tolist()} do not split {n_tokens} tokens")
+            if (bounds == bounds[0]).all():
+                self.equal_groups = int(bounds.size)
+            self.starts = np.concatenate(([0], np.cumsum(bounds)[:-1])).astype(np.int64)
+
+    def __call__(self, selection: FloatArray) -> npt.NDArray[np.int64]:
+        """Loads (E,), or (G, E) with ``sizes``, of the top-k selection on ``selection``."""
+        if selection.shape != self.shape:
+            raise ValueError(f"selection: shape {selection.shape} is not {self.shape}")
+        n_tokens, n_experts = self.shape
+        top_k, n_groups, group_topk = self.top_k, self.n_groups, self.group_topk
+        if selection.dtype != np.float32:
+            # The work arrays are float32; other dtypes take fresh ones of their own dtype.
+            ordered = np.empty(self.ordered.shape, dtype=selection.dtype)
+        else:
+            ordered = self.ordered
+        chosen = self.chosen
+        keep = None
+        if not self.grouped:
+            np.copyto(ordered, selection)
+            ordered.sort(axis=1)
+            threshold = ordered[:, n_experts - top_k]
+            np.greater_equal(selection, threshold[:, None], out=chosen)
+        else:
+            assert group_topk is not None
+            n, depth = self.group_size, self.depth
+            by_group = selection.reshape(n_tokens, n_groups, n)
+            np.copyto(ordered, by_group)
+            ordered.sort(axis=2)
+            group_score = ordered[:, :, n - 1]
+            for i in range(2, self.per_group + 1):
+                group_score = group_score + ordered[:, :, n - i]
+            ranked = np.sort(group_score, axis=1)
+            keep = group_score >= ranked[:, n_groups - group_topk, None]
+            zero, minus = selection.dtype.type(0), selection.dtype.type(-np.inf)
+            tops = (
+                self.tops
+                if ordered.dtype == np.float32
+                else np.empty_like(self.tops, ordered.dtype)
             )
-        by_group = selection.reshape(n_tokens, n_groups, group_size)
-        ordered = np.sort(by_group, axis=2)
-        per_group = min(group_size, max(1, top_k // group_topk))
-        group_score = ordered[:, :, group_size - 1].copy()
-        for i in range(2, per_group + 1):
-            group_score = group_score + ordered[:, :, group_size - i]
-        cut = np.partition(group_score, n_groups - group_topk, axis=1)[:, n_groups - group_topk]
-        keep = group_score >= cut[:, None]
-        depth = min(top_k, group_size)  # a token's top-k lie in its kept groups' tops
-        dropped_groups = np.where(keep, np.float32(0), np.float32(-np.inf))
-        tops = ordered[:, :, group_size - depth :] + dropped_groups[:, :, None]
-        tops = tops.reshape(n_tokens, n_groups * depth)
-        rank = n_groups * depth - top_k
-        threshold = np.partition(tops, rank, axis=1)[:, rank]
-        limit = np.where(keep, threshold[:, None], np.inf).astype(selection.dtype, copy=False)
-        chosen = (by_group >= limit[:, :, None]).reshape(n_tokens, n_experts)
-    # Every row keeps at least group_topk groups and counts at least top_k experts; more means
-    # an exact tie. Those rows take select_experts' own choice (row by row, as it decides).
-    tied = keep is not None and int(np.count_nonzero(keep)) != n_tokens * (group_topk or 0)
-    if tied or int(np.count_nonzero(chosen)) != n_tokens * top_k:
-        bad = np.add.reduce(chosen.view(np.uint8), axis=1) != top_k
-        if keep is not None:
-            bad |= np.count_nonzero(keep, axis=1) != group_topk
-        rows = np.flatnonzero(bad)
-        chosen[rows] = False
-        exact = select_experts(selection[rows], None, top_k, n_groups, group_topk)
-        chosen[rows[:, None], exact] = True
-    if sizes is None:
-        return np.add.reduce(chosen.view(np.uint8), axis=0, dtype=np.int64)
-    bounds = np.asarray(sizes, dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(bounds)[:-1]))
-    return np.add.reduceat(chosen.view(np.uint8), starts, axis=0, dtype=np.int64)
+            np.add(ordered[:, :, n - depth :], np.where(keep, zero, minus)[:, :, None], out=tops)
+            flat_tops = tops.reshape(n_tokens, n_groups * depth)
+            flat_tops.sort(axis=1)
+            threshold = flat_tops[:, n_groups * depth - top_k]
+            limit = np.where(keep, threshold[:, None], selection.dtype.type(np.inf))
+            np.greater_equal(by_group, limit[:, :, None], out=chosen)
+            chosen = chosen.reshape(n_tokens, n_experts)
+        # Every row keeps at least group_topk groups and counts at least top_k experts; more
+        # means an exact tie. Those rows take select_experts' own choice (row by row, as it
+        # decides).
+        tied = keep is not None and int(np.count_nonzero(keep)) != n_tokens * (group_topk or 0)
+        if tied or int(np.count_nonzero(chosen)) != n_tokens * top_k:
+            bad = np.add.reduce(chosen.view(np.uint8), axis=1) != top_k
+            if keep is not None:
+                bad |= np.count_nonzero(keep, axis=1) != group_topk
+            rows = np.flatnonzero(bad)
+            chosen[rows] = False
+            exact = select_experts(selection[rows], None, top_k, n_groups, group_topk)
+            chosen[rows[:, None], exact] = True
+        flags = chosen.view(np.uint8)
+        if self.starts is None:
+            return np.add.reduce(flags, axis=0, dtype=self.acc).astype(np.int64)
+        if self.equal_groups:
+            # Equal groups: one reduction over a (G, T/G, E) view, cheaper than reduceat.
+            by_size = flags.reshape(self.equal_groups, -1, n_experts)
+            return np.add.reduce(by_size, axis=1, dtype=self.acc).astype(np.int64)
+        return np.add.reduceat(flags, self.starts, axis=0, dtype=self.acc).astype(np.int64)
 
 
 def balance_context(scenario: Scenario) -> BalanceContext:
@@ -357,13 +443,18 @@ def balance_context(scenario: Scenario) -> BalanceContext:
 
 def _scores(logits: FloatArray, score: ScoreFunction) -> FloatArray:
     """:func:`~moesim.gate.router.scores_from_logits`, in place on ``logits``; the sigmoid by
-    the same operations with the clip spelled as minimum/maximum (the same values, without
-    :func:`numpy.clip`'s call overhead on a bias step's small arrays)."""
+    the same operations, the clip at ``±_EXP_LIMIT`` applied only when some logit is beyond it
+    (two reductions cost less than two element-wise passes, and an in-range clip changes
+    nothing, so the values are the same)."""
     if score != "sigmoid":
         return scores_from_logits(logits, score)
     out = np.negative(logits, out=logits)
-    np.minimum(out, _EXP_LIMIT, out=out)
-    np.maximum(out, -_EXP_LIMIT, out=out)
+    # ``not (a <= b)`` also takes the clip path when a NaN hides in the logits.
+    if not (np.maximum.reduce(out, axis=None) <= _EXP_LIMIT) or not (
+        np.minimum.reduce(out, axis=None) >= -_EXP_LIMIT
+    ):
+        np.minimum(out, _EXP_LIMIT, out=out)
+        np.maximum(out, -_EXP_LIMIT, out=out)
     np.exp(out, out=out)
     out += 1
     return np.reciprocal(out, out=out)
@@ -392,6 +483,19 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
+        n_experts = scenario.model.moe.routed_experts
+        # One logits buffer and one load counter, reused by every layer and step.
+        self.logits = np.empty((self.tokens, n_experts), dtype=np.float32)
+        self.counter = None
+        if options["capacity"] is None:
+            self.counter = LoadCounter(
+                self.tokens,
+                n_experts,
+                options["top_k"],
+                options["n_groups"],
+                options["group_topk"],
+                self.scope_sizes,
+            )
 
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
@@ -439,11 +543,15 @@ class _BiasSteps:
                     n_experts = state.n_experts
                     out.append(grouped_counts(routing.selected, n_experts, sizes, routing.dropped))
                 continue
-            selection = _scores(x @ state.weights.T, options["score"])
-            if state.bias.any():
-                selection += state.bias
-            n_groups, group_topk = options["n_groups"], options["group_topk"]
-            out.append(routed_loads(selection, options["top_k"], n_groups, group_topk, sizes))
+            logits = np.matmul(x, state.weights.T, out=self.logits)
+            selection = _scores(logits, options["score"])
+            if state.biased:
+                if state.bias_mode == "mul":
+                    selection *= state.bias
+                else:
+                    selection += state.bias
+            assert self.counter is not None
+            out.append(self.counter(selection))
         return out
 
 
@@ -501,11 +609,15 @@ def train_gate(
     # Tokens have E‖x‖² = 1 + noise² (unit centroid plus noise), so this weight std gives the
     # initial logits a standard deviation of init_logit_std.
     init_std = gate.init_logit_std / float(np.sqrt(1.0 + scenario.stream.noise**2))
-    states = [RouterState.initial(n_experts, dim, init_std, init_rng) for _ in range(n_layers)]
+    balancer = make_strategy(strategy)
+    mode = balancer.bias_mode
+    neutral = np.float32(neutral_bias(mode))
+    states = [
+        RouterState.initial(n_experts, dim, init_std, init_rng, mode) for _ in range(n_layers)
+    ]
     optimizers = [_Adam((n_experts, dim), gate.learning_rate) for _ in range(n_layers)]
     data_rng = np.random.default_rng(data_seed)
 
-    balancer = make_strategy(strategy)
     options = route_options(scenario)
     grouped = options["group_topk"] is not None and options["group_topk"] < options["n_groups"]
     score = options["score"]
@@ -554,7 +666,7 @@ def train_gate(
             grad = dtask.T @ x
             aux, cos, ratio = 0.0, 0.0, 0.0
             if balancer.has_loss:
-                plain = None if grouped or state.bias.any() else routing.selected
+                plain = None if grouped or state.biased else routing.selected
                 aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
                 if daux is not None:
                     grad_aux = daux.T @ x
@@ -574,7 +686,7 @@ def train_gate(
                 teacher_capture(target, routing.dropped),
                 cos,
                 ratio,
-                float(np.abs(state.bias).mean(dtype=np.float64)),
+                float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
             )
         if bias_steps is not None:
             bias_steps.invalidate()  # the next bias steps draw for the new period

@@ -56,20 +56,22 @@ def write_plots(timeline: pd.DataFrame, out_dir: Path) -> list[Path]:
 
 
 BREAKDOWN = (
-    ("forward_compute_s", "forward compute"),
-    ("backward_compute_s", "backward compute"),
-    ("a2a_wait_s", "all-to-all wait"),
-    ("pipeline_wait_s", "pipeline wait"),
-    ("allreduce_s", "gradient/parameter sync"),
+    ("forward_s", "forward"),
+    ("backward_input_s", "backward (input grads)"),
+    ("backward_weight_s", "backward (weight grads)"),
+    ("bubble_s", "pipeline bubble"),
+    ("exposed_comm_s", "exposed all-to-all"),
+    ("straggler_wait_s", "waiting on stragglers"),
+    ("sync_s", "gradient/parameter sync"),
     ("optimizer_s", "optimizer step"),
     ("tail_idle_s", "idle at step end"),
 )
 
 
-def plot_step_breakdown(gpus: pd.DataFrame, ax: Axes) -> Axes:
-    """Stacked mean per-GPU time split of a step, one bar per strategy (averaged over the
-    simulated points); the bars' heights are the mean step times."""
-    mean = gpus.groupby("strategy", sort=False)[[c for c, _ in BREAKDOWN]].mean()
+def plot_step_breakdown(stages: pd.DataFrame, ax: Axes) -> Axes:
+    """Stacked mean per-GPU time split of a step, one bar per strategy (averaged over stages
+    and simulated points); the bars' heights are the mean step times."""
+    mean = stages.groupby("strategy", sort=False)[[c for c, _ in BREAKDOWN]].mean()
     bottom = pd.Series(0.0, index=mean.index)
     for column, label in BREAKDOWN:
         ax.bar(mean.index, mean[column], bottom=bottom, label=label)
@@ -80,9 +82,9 @@ def plot_step_breakdown(gpus: pd.DataFrame, ax: Axes) -> Axes:
     return ax
 
 
-def write_step_breakdown(gpus: pd.DataFrame, path: Path) -> Path:
+def write_step_breakdown(stages: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    plot_step_breakdown(gpus, ax)
+    plot_step_breakdown(stages, ax)
     ax.set_title("Where the step time goes")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})

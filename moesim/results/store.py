@@ -35,7 +35,7 @@ from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
 
-TABLES = ("timeline", "gate", "steps", "gpus", "experts", "links", "specialisation")
+TABLES = ("timeline", "gate", "steps", "stages", "gpus", "experts", "links", "specialisation")
 _PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
 
 
@@ -58,6 +58,7 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
         "timeline": tables.timeline_table(est),
         "gate": tables.gate_table(est),
         "steps": tables.steps_table(est),
+        "stages": tables.stages_table(est),
         "gpus": tables.gpus_table(est),
         "experts": tables.experts_table(est),
         "links": tables.links_table(est),
@@ -90,7 +91,7 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         plots.write_plots(frames["timeline"], tmp)
-        plots.write_step_breakdown(frames["gpus"], tmp / "step_breakdown.png")
+        plots.write_step_breakdown(frames["stages"], tmp / "step_breakdown.png")
         traced = [s for s in est.steps if s.result.trace]
         if traced:
             step = traced[0]
@@ -119,6 +120,7 @@ class RunResults:
     timeline: pd.DataFrame
     gate: pd.DataFrame
     steps: pd.DataFrame
+    stages: pd.DataFrame
     gpus: pd.DataFrame
     experts: pd.DataFrame
     links: pd.DataFrame

@@ -5,9 +5,12 @@ Tables (each becomes ``<name>.parquet`` in the run directory):
 - ``timeline``: per strategy and sampled point — tokens trained, step time, cumulative wall
   time, GPU-hours and cost, MFU, MaxVio, task loss.
 - ``gate``: per strategy and gate update — MaxVio_batch, task loss, aux loss, teacher capture.
-- ``steps``: per simulated step — step time, events, flows, mean per-GPU time split.
-- ``gpus``: per simulated step and GPU — compute, expert compute, all-to-all wait, pipeline wait,
-  all-reduce, tail idle, deepest expert queue.
+- ``steps``: per simulated step — step time, SimPy events, all-to-all exchanges, mean per-GPU
+  time split.
+- ``stages``: per simulated step and pipeline stage — mean time of its GPUs in forward,
+  backward-input, backward-weight, pipeline bubble, exposed communication, waiting on stragglers,
+  gradient sync, optimizer, idle at the end.
+- ``gpus``: per simulated step and GPU — the same split per GPU, plus expert compute.
 - ``experts``: per simulated step and routed expert — tokens processed, mean queue wait.
 - ``links``: per simulated step and link — bytes carried, busy time and fraction.
 - ``specialisation``: per strategy, topic and expert — the final routers' load (R8, V3 Fig. 9).
@@ -51,19 +54,57 @@ def steps_table(est: RunEstimate) -> pd.DataFrame:
                 "compute_s": float(r.compute_s.mean()),
                 "forward_compute_s": float(r.forward_compute_s.mean()),
                 "backward_compute_s": float(r.backward_compute_s.mean()),
+                "weight_grad_s": float(r.weight_grad_s.mean()),
                 "expert_compute_s": float(r.expert_compute_s.mean()),
                 "a2a_wait_s": float(r.a2a_wait_s.mean()),
+                "comm_wait_s": float(r.comm_wait_s.mean()),
+                "straggler_wait_s": float(r.straggler_wait_s.mean()),
                 "pipeline_wait_s": float(r.pipeline_wait_s.mean()),
                 "allreduce_s": float(r.allreduce_s.mean()),
                 "optimizer_s": float(r.optimizer_s.mean()),
                 "tail_idle_s": float(r.tail_idle_s.mean()),
                 "max_expert_compute_s": float(r.expert_compute_s.max()),
                 "events": r.events,
-                "flows": r.flows,
+                "exchanges": r.exchanges,
                 **{f"routing_{k}": v for k, v in s.routing_metrics.items()},
             }
         )
     return pd.DataFrame(rows)
+
+
+STAGE_SPLIT = (
+    "forward_s",
+    "backward_input_s",
+    "backward_weight_s",
+    "bubble_s",
+    "exposed_comm_s",
+    "straggler_wait_s",
+    "sync_s",
+    "optimizer_s",
+    "tail_idle_s",
+)
+
+
+def stages_table(est: RunEstimate) -> pd.DataFrame:
+    """Mean time split of each pipeline stage's GPUs; a row's columns add up to the step."""
+    frames = []
+    for s in _simulated(est):
+        r = s.result
+        split = {
+            "forward_s": r.forward_compute_s,
+            "backward_input_s": r.backward_compute_s - r.weight_grad_s,
+            "backward_weight_s": r.weight_grad_s,
+            "bubble_s": r.pipeline_wait_s,
+            "exposed_comm_s": r.comm_wait_s,
+            "straggler_wait_s": r.straggler_wait_s,
+            "sync_s": r.allreduce_s,
+            "optimizer_s": r.optimizer_s,
+            "tail_idle_s": r.tail_idle_s,
+        }
+        df = pd.DataFrame({"stage": r.gpu_stage, **split}).groupby("stage").mean().reset_index()
+        frames.append(df.assign(strategy=s.strategy, point=s.point, step=s.step))
+    df = pd.concat(frames, ignore_index=True)
+    return df[["strategy", "point", "step", "stage", *STAGE_SPLIT]]
 
 
 def gpus_table(est: RunEstimate) -> pd.DataFrame:
@@ -88,7 +129,9 @@ def gpus_table(est: RunEstimate) -> pd.DataFrame:
                     "allreduce_s": r.allreduce_s,
                     "optimizer_s": r.optimizer_s,
                     "tail_idle_s": r.tail_idle_s,
-                    "max_queue_chunks": r.max_queue_chunks,
+                    "weight_grad_s": r.weight_grad_s,
+                    "comm_wait_s": r.comm_wait_s,
+                    "straggler_wait_s": r.straggler_wait_s,
                     "expert_tokens": r.expert_tokens.sum(axis=1),
                 }
             )

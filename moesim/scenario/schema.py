@@ -15,6 +15,7 @@ holds one copy of every routed expert (so ``data`` is the expert-data-parallel d
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated, Literal
 
@@ -164,13 +165,53 @@ class Nic(Link):
         return units.gbits_per_s(self.bandwidth_gbits_per_s) * self.efficiency
 
 
+class Network(Frozen):
+    """How the NICs are wired (see :mod:`moesim.cluster.topology`).
+
+    ``fat_tree``: a two-layer fat-tree, NIC ``g`` under leaf ``g // leaf_nics``.
+    ``rail_optimized``: NIC ``i`` of every node on rail ``i``'s leaves; traffic between rails
+    crosses the spine. ``multi_plane``: one independent fat-tree per in-node index (DeepSeek's
+    cluster, arXiv 2505.09343); traffic to another plane is first forwarded over NVLink to the
+    GPU of the destination's in-node index.
+    """
+
+    topology: Literal["fat_tree", "rail_optimized", "multi_plane"] = "fat_tree"
+    leaf_nics: PositiveInt = Field(
+        32, description="NICs under one leaf switch (half the ports of a 64-port switch)"
+    )
+    oversubscription: Annotated[float, Field(ge=1)] = Field(
+        1.0, description="leaf downlink to uplink bandwidth ratio (1 = full bisection)"
+    )
+    cross_leaf_latency_us: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="IB latency between leaves (default: nic.latency_us)"
+    )
+    nvlink_domain_gpus: PositiveInt | None = Field(
+        None, description="GPUs that share one NVLink domain (default: gpus_per_node; NVL72: 72)"
+    )
+
+
 class Cluster(Frozen):
     gpu: Gpu
     nodes: PositiveInt
     gpus_per_node: PositiveInt
     nvlink: NvLink
     nic: Nic
+    network: Network = Network()
     price_usd_per_gpu_hour: Annotated[float, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _check(self) -> Cluster:
+        domain = self.nvlink_domain_gpus
+        if domain % self.gpus_per_node or self.gpus % domain:
+            raise ValueError(
+                f"network.nvlink_domain_gpus: {domain} must be a multiple of gpus_per_node "
+                f"({self.gpus_per_node}) that divides the {self.gpus} GPUs"
+            )
+        return self
+
+    @property
+    def nvlink_domain_gpus(self) -> int:
+        return self.network.nvlink_domain_gpus or self.gpus_per_node
 
     @property
     def gpus(self) -> int:
@@ -195,7 +236,29 @@ class Parallelism(Frozen):
     expert: PositiveInt = 1
     data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
     micro_batch_size: PositiveInt = Field(1, description="sequences per GPU per micro-batch")
-    schedule: Literal["1f1b"] = "1f1b"
+    schedule: Literal["1f1b", "interleaved", "zb1p", "dualpipe"] = Field(
+        "1f1b",
+        description="pipeline schedule: 1f1b, interleaved (virtual_stages pieces per rank), "
+        "zb1p (zero-bubble ZB-H1, split backward), dualpipe (DeepSeek-V3, bidirectional)",
+    )
+    virtual_stages: PositiveInt = Field(1, description="model pieces per rank (interleaved)")
+    layer_split: Literal["even", "balanced"] = Field(
+        "even",
+        description="how layers are cut into pipeline pieces: even = equal layer counts "
+        "(earlier pieces take the remainder); balanced = contiguous pieces of near-equal "
+        "compute, counting the embedding, output head and MTP modules",
+    )
+    dispatch: Literal["all_to_all", "node_limited"] = Field(
+        "all_to_all",
+        description="all_to_all: every GPU sends to every GPU hosting its tokens' experts; "
+        "node_limited: a token crosses InfiniBand once per destination node, to the GPU of the "
+        "same in-node index, which forwards it over NVLink (DeepSeek-V3 / DeepEP)",
+    )
+    dp_collective: Literal["ring", "hierarchical"] = Field(
+        "ring",
+        description="data-parallel collectives: one ring over all members, or hierarchical "
+        "(inside the NVLink domain, then across domains on 1/n of the data, then inside)",
+    )
     grad_dtype: Literal["bf16", "fp32"] = "bf16"
     zero1: bool = Field(
         True,
@@ -217,10 +280,31 @@ class Parallelism(Frozen):
 # --------------------------------------------------------------------------- run
 
 
+class BatchRamp(Frozen):
+    """A global batch that grows linearly in tokens trained, from ``start_sequences`` to
+    ``training.global_batch_sequences`` over the first ``over_tokens`` (DeepSeek-V3: 3,072 →
+    15,360 over 469B tokens). Each step's batch is rounded down to a whole number of
+    micro-batches per pipeline (an even number under DualPipe, a multiple of the stages when
+    interleaved) and raised to the fewest the schedule can run (DualPipe: 2·(PP − 1) per
+    pipeline), so a ramp may start above ``start_sequences``."""
+
+    start_sequences: PositiveInt
+    over_tokens: PositiveFloat
+
+
 class Training(Frozen):
     total_tokens: PositiveFloat
     global_batch_sequences: PositiveInt
+    batch_ramp: BatchRamp | None = None
     sample_points: PositiveInt = Field(6, description="steps simulated in the engine along the run")
+
+
+class Engine(Frozen):
+    memory_limit_gib: PositiveFloat = Field(
+        4.0,
+        description="refuse up front a scenario whose simulation state (routing samples and "
+        "per-GPU records of one step) would exceed this",
+    )
 
 
 class Output(Frozen):
@@ -245,6 +329,7 @@ class Scenario(Frozen):
     stream: Stream = Stream()
     gate: Gate = Gate()
     training: Training
+    engine: Engine = Engine()
     output: Output = Output()
 
     @model_validator(mode="after")
@@ -278,6 +363,13 @@ class Scenario(Frozen):
                 f"training.global_batch_sequences: {self.training.global_batch_sequences} is not "
                 f"a multiple of micro_batch_size×expert×data = {per_step}"
             )
+        ramp = self.training.batch_ramp
+        if ramp is not None and ramp.start_sequences > self.training.global_batch_sequences:
+            raise ValueError(
+                f"training.batch_ramp.start_sequences: {ramp.start_sequences} exceeds "
+                f"global_batch_sequences ({self.training.global_batch_sequences})"
+            )
+
         if self.router.node_limit is not None and self.router.node_limit > self.ep_nodes:
             raise ValueError(
                 f"router.node_limit: {self.router.node_limit} exceeds the {self.ep_nodes} node(s) "
@@ -302,9 +394,52 @@ class Scenario(Frozen):
                 f"gate.routed_tokens_per_sequence: {self.gate.routed_tokens_per_sequence} exceeds "
                 f"model.seq_len ({m.seq_len})"
             )
+        self._check_schedule()
         check_strategies(self)
         self.router.check_scenario(self)
         return self
+
+    def _check_schedule(self) -> None:
+        p, c, m = self.parallelism, self.cluster, self.model
+        if p.dispatch == "node_limited" and p.expert % c.gpus_per_node:
+            raise ValueError(
+                f"parallelism.dispatch: node_limited needs an expert-parallel group of whole "
+                f"{c.gpus_per_node}-GPU nodes, but expert = {p.expert}"
+            )
+        mb = self.micro_batches
+        if p.schedule == "dualpipe":
+            if p.pipeline % 2:
+                raise ValueError(
+                    f"parallelism.schedule: dualpipe needs an even number of stages, "
+                    f"pipeline = {p.pipeline}"
+                )
+            # Rank 0's warm-up needs PP − 1 micro-batches of each direction.
+            least = max(2, 2 * (p.pipeline - 1))
+            if mb % 2 or mb < least:
+                raise ValueError(
+                    f"parallelism.schedule: dualpipe needs an even number of micro-batches, at "
+                    f"least {least} for {p.pipeline} stages, got {mb} "
+                    f"(training.global_batch_sequences / (micro_batch_size×expert×data))"
+                )
+        if p.schedule == "interleaved":
+            if p.virtual_stages < 2:
+                raise ValueError("parallelism.virtual_stages: interleaved needs at least 2")
+            if mb % p.pipeline:
+                raise ValueError(
+                    f"parallelism.schedule: interleaved needs micro-batches ({mb}) to be a "
+                    f"multiple of pipeline ({p.pipeline})"
+                )
+        elif p.virtual_stages != 1:
+            raise ValueError(
+                f"parallelism.virtual_stages: {p.virtual_stages} is only meaningful with "
+                f"schedule interleaved, not {p.schedule}"
+            )
+        pieces = p.pipeline * p.virtual_stages
+        if m.layers < pieces:
+            raise ValueError(
+                f"parallelism: {p.pipeline} stages × {p.virtual_stages} virtual stages = {pieces} "
+                f"model pieces for {m.layers} layers"
+            )
 
     # Derived quantities used across moesim -------------------------------------------------
 
@@ -331,6 +466,61 @@ class Scenario(Frozen):
         return list(range(min(16, self.cluster.gpus)))
 
     @property
+    def _batch_quantum(self) -> int:
+        """Smallest batch (sequences) the layout can run; ramped batches are multiples of
+        the per-micro-batch sequences and never smaller than this."""
+        p = self.parallelism
+        per_micro = p.micro_batch_size * p.expert * p.data
+        least = 1
+        if p.schedule == "dualpipe":
+            least = max(2, 2 * (p.pipeline - 1))
+        elif p.schedule == "interleaved":
+            least = p.pipeline
+        return per_micro * least
+
+    @functools.cached_property
+    def _ramp_batches(self) -> tuple[int, ...]:
+        """Batch (sequences) of each step of the ramp, in order; empty without a ramp."""
+        ramp = self.training.batch_ramp
+        if ramp is None:
+            return ()
+        p = self.parallelism
+        per_micro = p.micro_batch_size * p.expert * p.data
+        step_quantum = 2 * per_micro if p.schedule == "dualpipe" else per_micro
+        if p.schedule == "interleaved":
+            step_quantum = per_micro * p.pipeline
+        end = self.training.global_batch_sequences
+        limit = min(ramp.over_tokens, self.training.total_tokens)
+        batches: list[int] = []
+        tokens = 0.0
+        while tokens < limit:
+            want = ramp.start_sequences + (end - ramp.start_sequences) * tokens / ramp.over_tokens
+            batch = max(self._batch_quantum, int(want) // step_quantum * step_quantum)
+            batch = min(batch, end)
+            batches.append(batch)
+            tokens += batch * self.model.seq_len
+        return tuple(batches)
+
+    def batch_sequences_at(self, step: int) -> int:
+        """Global batch (sequences) of optimizer step ``step`` (0-based)."""
+        ramp = self._ramp_batches
+        return ramp[step] if step < len(ramp) else self.training.global_batch_sequences
+
+    def micro_batches_at(self, step: int) -> int:
+        """Micro-batches per pipeline in optimizer step ``step``."""
+        p = self.parallelism
+        return self.batch_sequences_at(step) // (p.micro_batch_size * p.expert * p.data)
+
+    def tokens_before(self, step: int) -> float:
+        """Tokens trained before optimizer step ``step``."""
+        ramp = self._ramp_batches
+        ramped = min(step, len(ramp))
+        tokens = float(sum(ramp[:ramped])) * self.model.seq_len
+        return tokens + float(step - ramped) * self.tokens_per_step
+
+    @property
     def total_steps(self) -> int:
         """Optimizer steps in the run (the last partial batch counts as a step)."""
-        return max(1, math.ceil(self.training.total_tokens / self.tokens_per_step))
+        ramp = self._ramp_batches
+        rest = self.training.total_tokens - float(sum(ramp)) * self.model.seq_len
+        return max(1, len(ramp) + max(0, math.ceil(rest / self.tokens_per_step)))

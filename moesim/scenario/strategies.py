@@ -14,7 +14,9 @@ shorthands for the general ``composite`` and build the same strategy object
     or ``global``.
 ``loss_free``
     The auxiliary-loss-free bias with the sign rule at global scope, ``gamma`` its step
-    (routing.md §2.2). Shorthand for ``composite`` with ``bias: {rule: sign, gamma: γ}``.
+    (routing.md §2.2). ``bias_mode: mul`` selects the multiplicative variant of routing.md §2.5
+    Table 4 and ``recenter: true`` re-centres the additive bias (both below). Shorthand for
+    ``composite`` with ``bias: {rule: sign, gamma: γ, mode: …, recenter: …}``.
 ``composite``
     Any sum of loss terms plus an optional bias. DeepSeek-V3 (routing.md §3) is::
 
@@ -36,6 +38,24 @@ whole batch of the step, default, §2.7, §6.3), ``micro_batch`` or ``rank``; ``
 by tokens trained (below). The update always uses the loads of the step just taken and first
 affects the next step (§2.2).
 
+**Bias mode.** ``mode: add`` (default) selects experts by ``s + b`` with ``b`` starting at 0
+(routing.md §2.1, Eq. 3); ``mode: mul`` by ``s·b`` with ``b`` starting at 1, updated by the
+relative sign step ``b_i ← b_i·(1 + γ·sign(c̄ − c_i))`` (routing.md §2.5 Table 4; the paper gives
+the rates, not the form — a relative step keeps every factor positive). Either way the bias steers
+selection only; the gates are the unbiased scores. ``mul`` takes the sign rule only and ``γ < 1``
+(at ``γ ≥ 1`` an overloaded expert's factor would reach zero or below).
+
+**Re-centring** (``recenter: true``, additive bias only). The sign rule's steps need not sum to
+zero, so all biases can drift together (≈12 after 100k steps at γ = 1e-3), and at that size
+float32 resolves ``s + b`` only to about 1e-6. After each update the mean bias is subtracted. A
+shift common to all experts does not change any token's top-k, nor a group-limited choice: every
+group's score, a sum of its ``max(1, k // group_topk)`` top biased scores, moves by the same
+amount (routing.md §6.2 item 3). So selection is unchanged in exact arithmetic; in float32 the
+re-centred sums are the *more* precise ones, and the two can differ only for tokens whose
+selection scores tie to within the uncentred rounding. It also leaves the loads, losses and
+gates alone (none reads the bias). Off by default, as in Megatron and DeepSeek-V3, whose float32
+biases drift (§6.3); the mean then stays at 0 up to rounding.
+
 **γ schedule.** ``schedule`` is a list of stages ``{until_tokens: X_k, gamma: γ_k}`` with
 increasing ``X_k``. The update that follows a step uses ``γ_k`` of the first stage with ``X_k``
 greater than the tokens trained *before* that step; once every ``X_k`` is passed, ``gamma``
@@ -46,8 +66,8 @@ the steps that start before 1e9 tokens and freezes the bias afterwards. Without 
 A bias with the sign rule needs a sigmoid router: with softmax, the gap between two experts'
 scores depends on every other expert's score, so a fixed-size step is mis-scaled (routing.md
 §2.5 App. C; Megatron refuses it, §6.1). :func:`check_strategies` enforces this across the
-scenario. The multiplicative bias of Table 4 is not offered: it needs selection on ``s·b``,
-which the router does not implement.
+scenario. The multiplicative bias is exempt: ``s_i·b_i`` over a softmax is ``∝ exp(z_i + ln
+b_i)``, so its relative step moves one expert's logit by ``ln(1 ± γ)`` whatever the others' scores.
 """
 
 from __future__ import annotations
@@ -66,6 +86,7 @@ Coefficient = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 LossKind = Literal["switch", "sequence", "global", "device", "communication", "z_loss"]
 AuxScope = Literal["micro_batch", "sequence", "global"]
 BiasRule = Literal["sign", "proportional"]
+BiasMode = Literal["add", "mul"]
 BalanceScope = Literal["global", "micro_batch", "rank"]
 
 # The aux_loss shorthand's scope → the loss term it stands for.
@@ -114,6 +135,16 @@ class Bias(Frozen):
     schedule: list[GammaStage] | None = Field(
         None, min_length=1, description="γ stages by tokens trained before the step"
     )
+    mode: BiasMode = Field(
+        "add",
+        description="selection by s + b with b from 0 (add) or by s·b with b from 1 (mul, "
+        "routing.md §2.5 Table 4; sign rule, relative step γ < 1)",
+    )
+    recenter: bool = Field(
+        False,
+        description="subtract the mean bias after each update (additive bias only): the same "
+        "selections, without the common drift that costs float32 resolution",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Bias:
@@ -124,6 +155,8 @@ class Bias(Frozen):
                     f"schedule[{k}].until_tokens: {stages[k].until_tokens:g} does not exceed the "
                     f"previous stage's {stages[k - 1].until_tokens:g} (stages must increase)"
                 )
+        if self.mode == "mul":
+            _check_multiplicative(self.rule, self.gamma, stages, self.recenter, "mode")
         return self
 
     def gamma_at(self, tokens: float) -> float:
@@ -132,6 +165,29 @@ class Bias(Frozen):
             if tokens < stage.until_tokens:
                 return stage.gamma
         return self.gamma
+
+
+def _check_multiplicative(
+    rule: str, gamma: float, stages: list[GammaStage], recenter: bool, mode_field: str
+) -> None:
+    """Refuse what the multiplicative bias cannot do; each message starts with its field."""
+    if rule != "sign":
+        raise ValueError(
+            f"rule: the multiplicative bias ({mode_field} mul, routing.md §2.5 Table 4) takes "
+            f"the sign rule only, not {rule!r}"
+        )
+    if recenter:
+        raise ValueError(
+            f"recenter: re-centring shifts an additive bias; a multiplicative one has no common "
+            f"shift to remove (use {mode_field} add, or recenter false)"
+        )
+    gammas = [("gamma", gamma)] + [(f"schedule[{k}].gamma", g.gamma) for k, g in enumerate(stages)]
+    for path, value in gammas:
+        if value >= 1:
+            raise ValueError(
+                f"{path}: {value:g} is not below 1; the multiplicative step b·(1 − γ) would take "
+                "an overloaded expert's factor to zero or below"
+            )
 
 
 class Composite(Frozen):
@@ -185,15 +241,27 @@ class AuxLoss(Frozen):
 
 
 class LossFree(Frozen):
-    """Auxiliary-loss-free bias balancing with the sign rule at global scope (routing.md §2.2)."""
+    """Auxiliary-loss-free bias balancing with the sign rule at global scope (routing.md §2.2),
+    additive (default) or multiplicative (§2.5 Table 4)."""
 
     kind: Literal["loss_free"]
     name: str = "loss_free"
     gamma: Coefficient = 1e-3
+    bias_mode: BiasMode = Field(
+        "add", description="select by s + b (add) or by s·b with b from 1 (mul; γ < 1)"
+    )
+    recenter: bool = Field(False, description="subtract the mean bias after each update (add)")
+
+    @model_validator(mode="after")
+    def _check(self) -> LossFree:
+        if self.bias_mode == "mul":
+            _check_multiplicative("sign", self.gamma, [], self.recenter, "bias_mode")
+        return self
 
     def canonical(self) -> Composite:
         """The equivalent composite: a global-scope sign-rule bias with constant ``γ``."""
-        return Composite(kind="composite", name=self.name, bias=Bias(rule="sign", gamma=self.gamma))
+        bias = Bias(rule="sign", gamma=self.gamma, mode=self.bias_mode, recenter=self.recenter)
+        return Composite(kind="composite", name=self.name, bias=bias)
 
 
 StrategySpec = NoBalancing | AuxLoss | LossFree | Composite
@@ -236,13 +304,14 @@ def check_strategies(scenario: Scenario) -> None:
         shorthand) when a sign-rule bias meets a softmax router: the score gap between two
         experts then depends on all other experts' scores, so a fixed-size sign step is
         mis-scaled (routing.md §2.5 App. C, which uses the proportional rule for softmax;
-        Megatron forbids the bias with softmax, §6.1).
+        Megatron forbids the bias with softmax, §6.1). The multiplicative bias is exempt (module
+        docstring).
     """
     if scenario.router.score != "softmax":
         return
     for i, spec in enumerate(scenario.strategies):
         bias = spec.canonical().bias
-        if bias is None or bias.rule != "sign":
+        if bias is None or bias.rule != "sign" or bias.mode == "mul":
             continue
         field = "kind" if spec.kind == "loss_free" else "bias.rule"
         where = f"strategies[{i}].{field}"

@@ -1,4 +1,4 @@
-"""The training-step model: 1F1B composition, all-to-all traffic, straggler effect."""
+"""The training-step model: schedule composition, all-to-all traffic, straggler effect."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moesim.engine import build_context, simulate_step
-from moesim.engine.step import one_f_one_b
+from moesim.engine.schedules import evaluate
 from moesim.scenario import scenario_from_dict
 
 
@@ -21,7 +21,7 @@ def _balanced(ctx, dest_fraction=0.5):
     return counts, dest
 
 
-def _uniform_pipeline(tiny_dict):
+def _uniform_pipeline(tiny_dict, **parallelism):
     """One 8-GPU node, PP2 × EP4, MoE layers only, a tiny vocabulary: stages are identical."""
     d = tiny_dict
     d["cluster"]["nodes"] = 1
@@ -30,33 +30,100 @@ def _uniform_pipeline(tiny_dict):
     d["model"]["vocab"] = 8
     d["model"]["seq_len"] = 4096  # enough work per layer that embedding and head are noise
     d["training"]["global_batch_sequences"] = 32  # 8 micro-batches
+    d["parallelism"].update(parallelism)
     return scenario_from_dict(d)
 
 
-def test_one_f_one_b_order():
-    order = one_f_one_b(stage=0, stages=4, micro_batches=6)
-    assert order[:3] == [("F", 0), ("F", 1), ("F", 2)]  # PP − s − 1 warm-up forwards
-    assert sorted(order) == sorted([("F", j) for j in range(6)] + [("B", j) for j in range(6)])
-    for j in range(6):
-        assert order.index(("F", j)) < order.index(("B", j))
-    last = one_f_one_b(stage=3, stages=4, micro_batches=6)
-    assert last[:4] == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+def _free_communication(d):
+    """Links so fast, with no latency, that communication costs nothing measurable."""
+    d["cluster"]["nvlink"] = {"latency_us": 0.0, "bandwidth_gbytes_per_s": 1e9}
+    d["cluster"]["nic"] = {"bandwidth_gbits_per_s": 8e9, "latency_us": 0.0}
 
 
-def test_balanced_1f1b_step_matches_closed_form(tiny_dict):
-    """(m + PP − 1)(F + B) + all-reduce. Stage-to-stage transfers sit on the 1F1B critical
-    path (about 2 transfers per micro-batch in steady state), so the closed form holds when
-    they are cheap: NVLink is made 20× faster here."""
-    tiny_dict["cluster"]["nvlink"]["bandwidth_gbytes_per_s"] = 9000
-    sc = _uniform_pipeline(tiny_dict)
+def _bubble_case(tiny_dict, schedule, pp, micro, virtual=1):
+    """Balanced routing, free communication, identical pieces (layers divisible by pieces)."""
+    d = tiny_dict
+    _free_communication(d)
+    d["cluster"]["nodes"] = pp
+    d["cluster"]["gpus_per_node"] = 2
+    d["model"].update(dense_layers=0, vocab=8, seq_len=2048, layers=2 * pp * virtual)
+    d["model"]["moe"]["shared_experts"] = 0
+    d["parallelism"] = {
+        "pipeline": pp,
+        "expert": 2,
+        "data": 1,
+        "micro_batch_size": 1,
+        "schedule": schedule,
+        "virtual_stages": virtual,
+    }
+    d["training"]["global_batch_sequences"] = 2 * micro
+    sc = scenario_from_dict(d)
     ctx = build_context(sc)
-    r = simulate_step(ctx, *_balanced(ctx))
-    f, b = r.stage_forward_s, r.stage_backward_s
-    assert f[0] == pytest.approx(f[1], rel=0.01)
-    assert b[0] == pytest.approx(b[1], rel=0.01)
-    m, pp = sc.micro_batches, sc.parallelism.pipeline
-    closed = (m + pp - 1) * (f.max() + b.max()) + r.allreduce_s.max()
-    assert r.step_time_s == pytest.approx(closed, rel=0.01)
+    counts, dest = _balanced(ctx)
+    r = simulate_step(ctx, counts, dest)
+    ops_end = r.ops_end_s.max()
+    busy = np.bincount(r.gpu_stage, weights=r.compute_s) / ctx.layout.gpus_per_stage
+    bubble = ops_end - busy
+    # Per-op times as the engine priced them (every piece is the same work).
+    weight = np.bincount(r.gpu_stage, weights=r.weight_grad_s) / ctx.layout.gpus_per_stage
+    return sc, ctx, r, bubble, weight
+
+
+def _op_prices(ctx, counts):
+    """Seconds of each schedule op from the compute model (balanced rows, no communication):
+    an independent oracle of what the engine should charge."""
+    c, op_s, sched = ctx.compute, ctx.op_s, ctx.schedule
+    rows = counts[0, 0, : ctx.layout.expert].sum(axis=0).reshape(ctx.layout.expert, -1)[0]
+    rows = rows.astype(float)
+    last = sched.n_pieces - 1
+
+    def layers(p):
+        return len(ctx.piece_layers[p])
+
+    def forward(p):
+        t = layers(p) * (op_s["attn_f"] + op_s["shared_f"] + float(c.experts(rows, False)))
+        return t + (op_s["embed_f"] if p == 0 else 0.0) + (op_s["head_f"] if p == last else 0.0)
+
+    def weight(p):
+        t = layers(p) * (op_s["attn_w"] + op_s["shared_w"] + float(c.experts_weight_gradient(rows)))
+        return t + (op_s["head_w"] if p == last else 0.0)
+
+    def backward(m, p):
+        t = layers(p) * (op_s["attn_b"] + op_s["shared_b"] + float(c.experts(rows, True)))
+        t += (op_s["embed_b"] if p == 0 else 0.0) + (op_s["head_b"] if p == last else 0.0)
+        return t - (weight(p) if sched.is_split(m, p) else 0.0)
+
+    def duration(op):
+        if op.kind == "F":
+            return forward(op.piece)
+        if op.kind == "B":
+            return backward(op.micro, op.piece)
+        if op.kind == "W":
+            return weight(op.piece)
+        return forward(op.piece) + backward(op.b_micro, op.b_piece)
+
+    return duration
+
+
+@pytest.mark.parametrize(
+    ("schedule", "pp", "micro", "virtual"),
+    [
+        ("1f1b", 4, 8, 1),
+        ("1f1b", 8, 12, 1),
+        ("interleaved", 4, 8, 2),
+        ("zb1p", 4, 8, 1),
+        ("dualpipe", 4, 8, 1),
+        ("dualpipe", 8, 16, 1),
+    ],
+)
+def test_engine_runs_each_schedule_exactly_as_the_oracle(tiny_dict, schedule, pp, micro, virtual):
+    """With balanced routing and free communication the engine's per-rank bubbles equal the
+    max-plus evaluation of the same schedule priced by the compute model."""
+    sc, ctx, r, bubble, _ = _bubble_case(tiny_dict, schedule, pp, micro, virtual)
+    counts, _ = _balanced(ctx)
+    oracle = evaluate(ctx.schedule, 0.0, 0.0, duration=_op_prices(ctx, counts))
+    np.testing.assert_allclose(bubble, oracle.bubble, rtol=1e-6)
+    assert r.ops_end_s.max() == pytest.approx(oracle.makespan, rel=1e-6)
 
 
 @pytest.mark.parametrize("zero1", [False, True])
@@ -71,8 +138,9 @@ def test_gradient_sync_is_a_ring_and_zero1_shards_the_optimizer(tiny_dict, zero1
     bw = sc.cluster.nvlink_bytes_per_s
     lat = ctx.topology.nvlink_latency_s
     ring = 2 * (n - 1) / n * ctx.dense_grad_bytes / bw + 2 * (n - 1) * lat
-    # The last stage to finish its backward forms its ring last; its ring time is exact.
-    assert r.allreduce_s.min() == pytest.approx(ring.min(), rel=1e-6)
+    # Every GPU of a balanced stage finishes together: no waiting for the ring to form.
+    stage_sync = np.array([r.allreduce_s[ctx.rank_gpus[s].ravel()].min() for s in range(2)])
+    np.testing.assert_allclose(stage_sync, ring, rtol=1e-6)
     params = ctx.dense_params[0] + ctx.expert_params[0]  # EP-data degree 1: experts unshared
     shard = ctx.dense_params[0] / n + ctx.expert_params[0] if zero1 else params
     assert r.optimizer_s[0] == pytest.approx(ctx.compute.optimizer_step(shard), rel=1e-12)
@@ -103,7 +171,7 @@ def test_all_to_all_bytes_on_links(tiny_dict):
     # GPU 0 sends its dest tokens to 3 peers per MoE layer and micro-batch: dispatch (forward,
     # BF16 here) + combine-backward (BF16), and returns the same to each peer as combine +
     # dispatch-backward; stage 0 also sends activations to stage 1.
-    layers_on_stage = len(ctx.layout.stage_layers[0])
+    layers_on_stage = len(ctx.piece_layers[0])
     per_pass = 3 * dest[0, 0, 0, 1] * sc.model.hidden * 2
     a2a = 4 * per_pass * layers_on_stage * sc.micro_batches
     acts = ctx.activation_bytes * sc.micro_batches
@@ -122,9 +190,11 @@ def test_hot_expert_makes_its_group_wait(tiny_dict):
     r = simulate_step(ctx, hot, dest)
     assert r.step_time_s > base.step_time_s
     assert r.expert_compute_s[0] > r.expert_compute_s[1]
-    # Everyone else in GPU 0's group waits for it longer than it waits for them.
+    # Everyone else in GPU 0's group waits for it, and the wait is the straggler's.
     assert np.all(r.a2a_wait_s[1:4] > r.a2a_wait_s[0] + 1e-4)
-    assert r.expert_tokens[0, 0] == hot[0, :, :, 0].sum() * len(ctx.layout.stage_layers[0]) / 1
+    assert np.all(r.straggler_wait_s[1:4] > r.comm_wait_s[1:4])
+    layers_on_stage = len(ctx.piece_layers[0])
+    assert r.expert_tokens[0, 0] == hot[0, :, :4, 0].sum() * layers_on_stage
 
 
 def test_step_is_deterministic(tiny_scenario):
@@ -155,6 +225,7 @@ def test_gpu_time_split_adds_up_to_the_step(tiny_scenario):
     r = simulate_step(ctx, counts, dest)
     np.testing.assert_allclose(r.gpu_time_s, r.step_time_s, rtol=1e-12)
     np.testing.assert_allclose(r.compute_s, r.forward_compute_s + r.backward_compute_s)
+    np.testing.assert_allclose(r.a2a_wait_s, r.comm_wait_s + r.straggler_wait_s)
     assert r.a2a_wait_s.sum() > 0
     assert r.pipeline_wait_s.sum() > 0
 
@@ -179,3 +250,37 @@ def test_recorder_captures_a_consistent_timeline(tiny_scenario):
             assert start >= end - 1e-12  # one compute stream: slices never overlap
     tracks = {s.track for s in r.trace}
     assert tracks == {"compute", "dispatch", "combine", "pipeline", "allreduce"}
+
+
+def test_memory_hungry_scenario_is_refused_up_front(tiny_dict):
+    from moesim.errors import ScenarioError
+
+    tiny_dict["engine"] = {"memory_limit_gib": 1e-6}
+    sc = scenario_from_dict(tiny_dict)
+    with pytest.raises(ScenarioError, match="needs about") as err:
+        build_context(sc)
+    assert err.value.path == "engine.memory_limit_gib"
+
+
+def test_balanced_layer_split_evens_out_the_pieces(tiny_dict):
+    """The last piece carries the output head: a balanced split gives it fewer layers, and its
+    costliest piece is no costlier than the even split's."""
+    d = tiny_dict
+    d["model"].update(layers=12, vocab=128000, dense_layers=0)
+    d["cluster"].update(nodes=4, gpus_per_node=2)
+    d["parallelism"] = {"pipeline": 4, "expert": 2, "data": 1}
+    d["training"]["global_batch_sequences"] = 16
+    even = build_context(scenario_from_dict(d))
+    d["parallelism"]["layer_split"] = "balanced"
+    balanced = build_context(scenario_from_dict(d))
+    assert sum(balanced.piece_layers, []) == list(range(12))
+    assert len(balanced.piece_layers[-1]) < len(even.piece_layers[-1])
+
+    def worst(ctx):
+        counts, dest = _balanced(ctx)
+        r = simulate_step(ctx, counts, dest)
+        return (r.stage_forward_s + r.stage_backward_s).max(), r.step_time_s
+
+    (even_piece, even_step), (bal_piece, bal_step) = worst(even), worst(balanced)
+    assert bal_piece < even_piece
+    assert bal_step < even_step

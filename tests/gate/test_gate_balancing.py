@@ -140,7 +140,7 @@ def test_multiplicative_rule_moves_factors_relatively() -> None:
     for _ in range(200):  # a persistently overloaded expert decays but stays positive
         multiplicative_rule_update(factors, [0, 40, 0, 0], 0.1)
     assert 0 < factors[1] < 1e-8
-    assert "multiplicative" not in BIAS_RULES  # the router cannot select on s·b yet
+    assert "multiplicative" not in BIAS_RULES  # a bias mode (bias.mode: mul), not a rule
 
 
 def test_grouped_sign_rule_averages_the_groups() -> None:

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesim.gate.router import RouterState, group_limits, route, route_options, select_experts
+from moesim.gate.router import (
+    RouterState,
+    group_limits,
+    route,
+    route_options,
+    select_experts,
+    top_k_indices,
+    top_k_mask,
+)
 from moesim.scenario import Scenario, scenario_from_dict
 
 
@@ -172,3 +180,17 @@ def test_explicit_groups_and_no_limit(make_scenario) -> None:  # type: ignore[no
     options = route_options(softmax_scenario(make_scenario, router={"topk_before_softmax": True}))
     assert options["topk_before_softmax"] is True
     assert options["capacity"] is None
+
+
+def test_top_k_mask_is_the_top_k_indices_set() -> None:
+    """The sort-based mask marks exactly what argpartition selects, ties (and NaN) included."""
+    rng = np.random.default_rng(12)
+    values = rng.random((400, 24)).astype(np.float32)
+    values[:50] = np.round(values[:50] * 4) / 4  # many exact ties at the threshold
+    values[50, 3] = np.nan
+    for k in (1, 3, 8, 24):
+        expected = np.zeros(values.shape, dtype=bool)
+        np.put_along_axis(expected, top_k_indices(values, k), True, axis=1)
+        np.testing.assert_array_equal(top_k_mask(values, k), expected)
+    with pytest.raises(ValueError, match="top_k"):
+        top_k_mask(values, 25)

@@ -1,0 +1,118 @@
+"""Engine speed at DeepSeek-V3 scale and beyond (``make bench``). Prints; asserts nothing.
+
+(a) One training step of ``scenarios/deepseek_v3.yaml`` at full detail (2,048 GPUs, PP16
+    DualPipe × EP64 × DP2, 120 micro-batches, 58 MoE layers, node-limited dispatch): wall time,
+    peak traced Python memory, SimPy events and all-to-all exchanges, with a routing sample of
+    the scenario's simulated layers under balanced routing and under a skewed (Zipf) routing.
+(b) Scaling: the same model from 256 to 16,384 GPUs (PP4 → PP16 at EP64, then data-parallel
+    replicas DP1 → DP16), 120 micro-batches per pipeline, one step each; the fitted exponent of
+    wall time against GPUs.
+
+Run ``python benchmarks/engine_scale.py`` (``--quick`` skips the 8,192 and 16,384 points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from moesim.engine import build_context, simulate_step
+from moesim.gate import balanced_sample
+from moesim.gate.sample import RoutingSample
+from moesim.scenario import scenario_from_dict
+from moesim.scenario.schema import Scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO_BATCHES = 120
+SCALES = ((4, 1), (8, 1), (16, 1), (16, 2), (16, 4), (16, 8), (16, 16))  # (PP, DP) at EP64
+
+
+def v3_dict() -> dict:
+    return yaml.safe_load((ROOT / "scenarios" / "deepseek_v3.yaml").read_text())
+
+
+def skewed(sample: RoutingSample, rng: np.random.Generator) -> RoutingSample:
+    """The balanced sample's tokens re-routed with Zipf-skewed expert popularity (exponent 0.6),
+    per-node volumes scaled the same way: a straggler-heavy load for timing."""
+    experts = sample.counts.shape[-1]
+    weights = 1.0 / np.arange(1, experts + 1) ** 0.6
+    weights = rng.permutation(weights / weights.sum())
+    totals = sample.counts.sum(axis=-1, keepdims=True)
+    counts = np.floor(totals * weights).astype(np.int64)
+    ranks = sample.dest_tokens.shape[-1]
+    rank_share = weights.reshape(ranks, -1).sum(axis=1)
+    dest = np.floor(sample.dest_tokens * rank_share * ranks).astype(np.int64)
+    return RoutingSample(
+        sample.step, counts, dest, dict(sample.metrics), node_tokens=sample.node_tokens
+    )
+
+
+def time_step(sc: Scenario, sample: RoutingSample) -> tuple[float, float, object]:
+    ctx = build_context(sc)
+    tracemalloc.start()
+    start = time.perf_counter()
+    result = simulate_step(ctx, sample.counts, sample.dest_tokens, node_tokens=sample.node_tokens)
+    wall = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return wall, peak, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="stop at 4,096 GPUs")
+    args = parser.parse_args()
+
+    sc = scenario_from_dict(v3_dict())
+    lay = build_context(sc).layout
+    bal = balanced_sample(sc, 0, lay.gpus_per_stage, lay.expert)
+    sample_bytes = bal.counts.nbytes + bal.dest_tokens.nbytes + bal.node_tokens.nbytes
+    print(
+        f"deepseek_v3: {sc.cluster.gpus} GPUs, PP{sc.parallelism.pipeline} "
+        f"{sc.parallelism.schedule}, EP{sc.parallelism.expert}, DP{sc.parallelism.data}, "
+        f"{sc.micro_batches} micro-batches, {sc.gate.layers_simulated} simulated routers "
+        f"(sample {sample_bytes / 2**20:.0f} MiB)"
+    )
+    for label, sample in (
+        ("balanced", bal),
+        ("skewed", skewed(bal, np.random.default_rng(0))),
+    ):
+        wall, peak, r = time_step(sc, sample)
+        print(
+            f"  {label:8s} step: {wall:6.2f} s wall, peak {peak / 2**20:6.1f} MiB traced, "
+            f"{r.events:6d} SimPy events, {r.exchanges:6d} exchanges; simulated step "
+            f"{r.step_time_s:.2f} s"
+        )
+
+    print("scaling (EP64, 120 micro-batches per pipeline, balanced routing, 1 simulated router):")
+    gpus, walls = [], []
+    for pp, dp in SCALES:
+        if args.quick and pp * 64 * dp > 4096:
+            break
+        d = v3_dict()
+        d["cluster"]["nodes"] = pp * 64 * dp // 8
+        d["parallelism"].update(pipeline=pp, data=dp)
+        d["training"]["global_batch_sequences"] = MICRO_BATCHES * 64 * dp
+        d["gate"]["layers_simulated"] = 1
+        sc = scenario_from_dict(d)
+        lay = build_context(sc).layout
+        sample = balanced_sample(sc, 0, lay.gpus_per_stage, lay.expert)
+        wall, peak, r = time_step(sc, sample)
+        gpus.append(sc.cluster.gpus)
+        walls.append(wall)
+        print(
+            f"  {sc.cluster.gpus:6d} GPUs (PP{pp} × EP64 × DP{dp}): {wall:6.2f} s wall, "
+            f"peak {peak / 2**20:6.1f} MiB, {r.events:6d} events, {r.exchanges:6d} exchanges"
+        )
+    if len(gpus) > 1:
+        slope = np.polyfit(np.log(gpus), np.log(walls), 1)[0]
+        print(f"  wall ∝ GPUs^{slope:.2f} over {gpus[0]} → {gpus[-1]} GPUs")
+
+
+if __name__ == "__main__":
+    main()
