@@ -128,14 +128,14 @@ class Topology:
             return 0.0
         if src // self.domain == dst // self.domain:
             return self.nvlink_latency_s
-        crosses = int(self.leaf_of(src)) != int(self.leaf_of(dst))
-        nic = self.cross_leaf_latency_s if crosses and self.cross_leaf_latency_s else None
-        extra = (
-            self.nvlink_latency_s
-            if self.kind == "multi_plane" and (src % self.gpus_per_node != dst % self.gpus_per_node)
-            else 0.0
-        )
-        return (nic if nic is not None else self.nic_latency_s) + extra
+        hop, extra = src, 0.0
+        if self.kind == "multi_plane" and src % self.gpus_per_node != dst % self.gpus_per_node:
+            hop = src - src % self.gpus_per_node + dst % self.gpus_per_node
+            extra = self.nvlink_latency_s
+        crosses = int(self.leaf_of(hop)) != int(self.leaf_of(dst))
+        if crosses and self.cross_leaf_latency_s is not None:
+            return self.cross_leaf_latency_s + extra
+        return self.nic_latency_s + extra
 
 
 def build_topology(scenario: Scenario) -> Topology:

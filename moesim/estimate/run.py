@@ -27,6 +27,7 @@ from moesim import units
 from moesim.cluster import model_flops_per_token
 from moesim.engine import StepResult, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
+from moesim.estimate.failures import failure_estimate
 from moesim.gate import (
     GateTrajectory,
     RoutingSample,
@@ -256,6 +257,31 @@ def _routing_summary(
     return out
 
 
+def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[str, float | None]:
+    """Expected failure and restart overhead of the run (``faults.failures``), reported apart
+    from the failure-free GPU-hours and cost, and their sums."""
+    price = sc.cluster.price_usd_per_gpu_hour
+    if not sc.faults.failures.enabled:
+        return {
+            "failure_gpu_hours": None,
+            "failure_cost_usd": None,
+            "gpu_hours_with_failures": gpu_hours,
+            "cost_usd_with_failures": gpu_hours * price,
+        }
+    fe = failure_estimate(
+        sc.faults.failures,
+        gpus=sc.cluster.gpus,
+        step_time_s=step_time,
+        steps=sc.total_steps,
+        price_usd_per_gpu_hour=price,
+    )
+    return {
+        **fe.summary(),
+        "gpu_hours_with_failures": gpu_hours + fe.overhead_gpu_hours,
+        "cost_usd_with_failures": (gpu_hours + fe.overhead_gpu_hours) * price,
+    }
+
+
 def _integrate(est: RunEstimate) -> None:
     """Fill ``timeline`` (cumulative curves) and ``summary`` (per-strategy scalars)."""
     sc = est.scenario
@@ -319,4 +345,5 @@ def _integrate(est: RunEstimate) -> None:
             "task_loss": float(np.mean([r["task_loss"] for r in tail])) if records else None,
             "wall_days": wall / 86400.0,
             **_routing_summary(rows, records),
+            **_failure_summary(sc, step_time, gpu_hours),
         }

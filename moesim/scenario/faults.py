@@ -49,8 +49,7 @@ from pydantic import Field, field_validator
 from moesim import units
 from moesim.scenario.base import Frozen, PositiveFloat
 
-# units.py has no minute yet; derived from its hour so the conversion factor lives there.
-_MINUTE_S = units.HOUR / 60
+_MINUTE_S = units.MINUTE
 
 # Llama 3 (arXiv 2407.21783): §3.3.4 and Table 5 (interruptions), §3.3.1 (checkpoint storage).
 LLAMA3_GPUS = 16_384
@@ -146,3 +145,9 @@ class Failures(Frozen):
         if gpus <= 0:
             raise ValueError(f"gpus: {gpus} must be positive")
         return self.gpu_mtbf_s / gpus
+
+
+class Faults(Frozen):
+    """What real runs lose besides routing imbalance (all seeded, all opt-in)."""
+
+    failures: Failures = Failures()

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from moesim import units
 from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
+from moesim.scenario.faults import Faults
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
 
@@ -329,6 +330,7 @@ class Scenario(Frozen):
     stream: Stream = Stream()
     gate: Gate = Gate()
     training: Training
+    faults: Faults = Faults()
     engine: Engine = Engine()
     output: Output = Output()
 
@@ -405,6 +407,12 @@ class Scenario(Frozen):
             raise ValueError(
                 f"parallelism.dispatch: node_limited needs an expert-parallel group of whole "
                 f"{c.gpus_per_node}-GPU nodes, but expert = {p.expert}"
+            )
+        if p.dispatch == "node_limited" and c.nvlink_domain_gpus != c.gpus_per_node:
+            raise ValueError(
+                "parallelism.dispatch: node_limited relays through one GPU per node, but "
+                f"NVLink domains of {c.nvlink_domain_gpus} GPUs span several nodes; use "
+                "all_to_all (it moves everything inside a domain over NVLink)"
             )
         mb = self.micro_batches
         if p.schedule == "dualpipe":

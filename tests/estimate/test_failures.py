@@ -215,3 +215,22 @@ def test_functions_reject_bad_arguments():
         expected_overhead(1e6, 1e6, 1.0, 1.0, 10.0)
     with pytest.raises(ValueError, match="gpus"):
         Failures().job_mtbf_s(0)
+
+
+def test_run_summary_reports_failure_overhead_apart(tiny_dict):
+    """With failures on, the summary keeps the failure-free GPU-hours and adds the expected
+    overhead separately; the totals are their sums."""
+    from moesim.estimate import estimate_run
+    from moesim.scenario import scenario_from_dict
+
+    tiny_dict["strategies"] = tiny_dict["strategies"][:1]
+    plain = estimate_run(scenario_from_dict(tiny_dict)).summary["aux_loss"]
+    assert plain["failure_gpu_hours"] is None
+    assert plain["gpu_hours_with_failures"] == plain["gpu_hours"]
+    # A fragile cluster: every GPU fails once an hour on average, so the job fails often.
+    tiny_dict["faults"] = {"failures": {"enabled": True, "gpu_mtbf_hours": 1.0}}
+    s = estimate_run(scenario_from_dict(tiny_dict)).summary["aux_loss"]
+    assert s["gpu_hours"] == pytest.approx(plain["gpu_hours"])
+    assert s["failure_gpu_hours"] > 0
+    assert s["gpu_hours_with_failures"] == pytest.approx(s["gpu_hours"] + s["failure_gpu_hours"])
+    assert s["cost_usd_with_failures"] == pytest.approx(s["cost_usd"] + s["failure_cost_usd"])
