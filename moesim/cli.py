@@ -65,7 +65,7 @@ def _default_run_dir(scenario_name: str, out_root: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moesim.estimate import estimate_run, run_names
+    from moesim.estimate import estimate_with_bands, run_names
     from moesim.results import write_run
     from moesim.scenario import load_scenario
 
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if run_dir.exists():
         raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
     points = min(scenario.training.sample_points, scenario.total_steps)
-    total = 1 + len(run_names(scenario)) * (1 + points)
+    total = 1 + len(run_names(scenario)) * (1 + points) + scenario.uncertainty.seeds - 1
     with tqdm(
         total=total, desc=scenario.name, unit="task", file=sys.stderr, disable=args.quiet
     ) as bar:
@@ -84,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(label)
             bar.update(1)
 
-        estimate = estimate_run(scenario, progress=tick)
+        estimate = estimate_with_bands(scenario, progress=tick)
     path = write_run(estimate, run_dir)
     print(format_summary(estimate.summary))
     print(f"\nrun directory: {path}")
@@ -113,10 +113,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from moesim.results import load
-    from moesim.results.plots import write_plots
+    from moesim.results.plots import write_all
 
     run = load(args.run_dir)
-    for path in write_plots(run.timeline, run.path):
+    for path in write_all(run.path, run.timeline, run.bands, run.stages, run.gpus, run.experts):
         print(path)
     return 0
 

@@ -361,8 +361,9 @@ class _StepModel:
         n = topo.gpus
         self.g_stage = lay.gpus_per_stage
         self.data, self.expert = lay.data, lay.expert
-        self.epr = lay.experts_per_rank
-        self.n_experts = sc.model.moe.routed_experts
+        # Expert slots per GPU: the routed experts' share, or more with redundant replicas.
+        self.n_experts = counts.shape[3]
+        self.epr = self.n_experts // lay.expert
         self.node_limited = sc.parallelism.dispatch == "node_limited"
         self.load = LinkLoad.zeros(topo.links)
         self.pricers = [ExchangePricer(topo, gpus, self.load) for gpus in ctx.rank_gpus]
@@ -729,7 +730,8 @@ class _StepModel:
         clock = np.stack([self.free[r].reshape(self.data, self.expert) for r in ranks])
         start = clock.copy()
         dense = ctx.dense_params[ranks[0]]
-        expert = ctx.expert_params[ranks[0]]
+        # Redundant replicas (EPLB) hold weights and optimizer state too.
+        expert = ctx.expert_params[ranks[0]] * self.epr / ctx.layout.experts_per_rank
         groups = []
         if dense > 0:
             groups.append((gpus.reshape(1, -1), dense, (0, 1, 2)))
@@ -933,6 +935,12 @@ def simulate_step(
     """
     sc = ctx.scenario
     want = (sc.gate.layers_simulated, sc.micro_batches, ctx.layout.gpus_per_stage)
+    slots = counts.shape[3] if counts.ndim == 4 else 0
+    if slots < sc.model.moe.routed_experts or slots % ctx.layout.expert:
+        raise SimulationError(
+            f"routing sample has {slots} expert slots: need at least the "
+            f"{sc.model.moe.routed_experts} routed experts, a multiple of {ctx.layout.expert}"
+        )
     if counts.shape[:3] != want or dest_tokens.shape[:3] != want:
         raise SimulationError(
             f"routing sample shape {counts.shape} / {dest_tokens.shape} does not match the "

@@ -3,6 +3,7 @@ wall-clock, GPU-hours and cost per balancing strategy, against perfectly balance
 
 from __future__ import annotations
 
+from moesim.estimate.montecarlo import estimate_with_bands
 from moesim.estimate.run import (
     BALANCED,
     RunEstimate,
@@ -17,6 +18,7 @@ __all__ = [
     "RunEstimate",
     "SimulatedStep",
     "estimate_run",
+    "estimate_with_bands",
     "run_names",
     "sample_steps",
 ]

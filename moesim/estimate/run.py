@@ -25,7 +25,15 @@ import numpy.typing as npt
 
 from moesim import units
 from moesim.cluster import model_flops_per_token
-from moesim.engine import StepResult, build_context, simulate_step
+from moesim.cluster.model_costs import model_costs
+from moesim.cluster.placement import (
+    apply_placement,
+    eplb_placement,
+    expert_state_bytes,
+    layer_loads,
+    migration_bytes,
+)
+from moesim.engine import StepContext, StepResult, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.failures import failure_estimate
 from moesim.gate import (
@@ -55,6 +63,8 @@ class SimulatedStep:
     result: StepResult
     expert_load: npt.NDArray[np.int64]
     """Routed assignments per (simulated layer, expert) over the step, shape (L, E)."""
+    extra_wall_s: float = 0.0
+    """Wall time the segment spends outside training steps (EPLB expert migrations)."""
 
 
 @dataclass
@@ -71,6 +81,9 @@ class RunEstimate:
     fresh batch of the stream (routing.md §3 Fig. 9; the R8 specialisation)."""
     summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    bands: list[dict[str, Any]] = field(default_factory=list)
+    """Per strategy and point: percentiles over seeds of the cumulative curves
+    (:mod:`moesim.estimate.montecarlo`); empty for a single-seed estimate."""
 
 
 def sample_steps(total_steps: int, points: int) -> tuple[list[int], list[int]]:
@@ -115,7 +128,8 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     gate_records: dict[str, list[dict[str, float]]] = {}
     traced = None
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
-    sources = _routing_sources(scenario, points, gate_seed, n_src, n_dest, specialisation)
+    snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
+    sources = _routing_sources(scenario, snapshots, gate_seed, n_src, n_dest, specialisation)
     for name, records, samples in sources:
         gate_records[name] = records
         tick(f"{name}: routing ready")
@@ -140,6 +154,10 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
                     sample.counts.sum(axis=(1, 2)),
                 )
             )
+            if scenario.eplb.enabled:
+                simulated.append(
+                    _eplb_step(ctx, name, i, step, length, sample, samples, point_seeds[i])
+                )
             tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     estimate = RunEstimate(scenario, simulated, balanced, gate_records, links, specialisation)
@@ -148,6 +166,83 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
 
 
 SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
+EPLB_SUFFIX = "+eplb"
+
+
+def eplb_steps(scenario: Scenario, points: list[int]) -> list[int]:
+    """Steps whose routing the redundant-expert placements in force at ``points`` were
+    computed from: the last recomputation before each point and the one before it."""
+    if not scenario.eplb.enabled:
+        return []
+    every = scenario.eplb.interval_steps
+    out = []
+    for step in points:
+        last = step - step % every
+        out += [last, max(0, last - every)]
+    return out
+
+
+def _eplb_step(
+    ctx: StepContext,
+    name: str,
+    point: int,
+    step: int,
+    length: int,
+    sample: RoutingSample,
+    samples: SampleAt,
+    seed: np.random.SeedSequence,
+) -> SimulatedStep:
+    """The same step under the redundant-expert placement in force at ``step``.
+
+    The placement was computed at the last recomputation step ``r`` from the loads of a batch
+    routed then (the gate's routers at ``r``), aligned with the one computed at ``r − N``; the
+    migration between the two, once per ``N`` steps, is charged to the segment's wall time.
+    Replicas' extra gradient synchronisation is not modelled.
+    """
+    sc = ctx.scenario
+    every = sc.eplb.interval_steps
+    last = step - step % every
+    lay = ctx.layout
+    slots = lay.experts_per_rank + sc.eplb.redundant_per_rank
+    nodes = sc.ep_nodes
+    now_rng, before_rng = (np.random.default_rng(s) for s in seed.spawn(2))
+    loads = layer_loads(samples(point, last, now_rng).counts)
+    loads_before = layer_loads(samples(point, max(0, last - every), before_rng).counts)
+    before = eplb_placement(loads_before, slots, lay.expert, nodes, nodes)
+    placement = eplb_placement(loads, slots, lay.expert, nodes, nodes, previous=before)
+    tokens = sc.parallelism.micro_batch_size * sc.model.seq_len
+    placed = apply_placement(
+        sample.counts, placement, sample.dest_tokens, sample.node_tokens, tokens=tokens
+    )
+    assert placed.dest_tokens is not None
+    result = simulate_step(ctx, placed.counts, placed.dest_tokens, None, placed.node_tokens)
+    costs = model_costs(sc.model)
+    shards = sc.parallelism.data if sc.parallelism.zero1 else 1
+    moe_per_stage = max(
+        sum(1 for layer in piece if layer >= sc.model.dense_layers) for piece in ctx.piece_layers
+    )
+    move = migration_bytes(
+        before,
+        placement,
+        expert_state_bytes(costs.expert_params, optimizer_shards=shards),
+        sc.cluster.nic.bandwidth_bytes_per_s,
+        layer_weight=np.full(placement.layers, max(1.0, moe_per_stage / sc.gate.layers_simulated)),
+        ranks_per_node=sc.cluster.gpus_per_node,
+        intra_node_bytes_per_s=sc.cluster.nvlink_bytes_per_s,
+    )
+    metrics = dict(sample.metrics)
+    metrics["eplb_migration_s"] = move.seconds
+    metrics["eplb_migration_bytes"] = move.bytes
+    return SimulatedStep(
+        name + EPLB_SUFFIX,
+        point,
+        step,
+        length,
+        metrics,
+        result,
+        sample.counts.sum(axis=(1, 2)),
+        extra_wall_s=move.seconds * length / every,
+    )
 
 
 def trace_run_name(scenario: Scenario) -> str:
@@ -157,10 +252,15 @@ def trace_run_name(scenario: Scenario) -> str:
 
 
 def run_names(scenario: Scenario) -> list[str]:
-    """The runs an estimate compares: one per strategy, or the replayed trace."""
+    """The runs an estimate compares: one per strategy, or the replayed trace, each followed
+    by its redundant-expert variant when ``eplb`` is on."""
     if scenario.gate.trace is not None:
-        return [trace_run_name(scenario)]
-    return [s.name for s in scenario.strategies]
+        names = [trace_run_name(scenario)]
+    else:
+        names = [s.name for s in scenario.strategies]
+    if scenario.eplb.enabled:
+        names = [n for name in names for n in (name, name + EPLB_SUFFIX)]
+    return names
 
 
 def _routing_sources(
@@ -293,11 +393,11 @@ def _integrate(est: RunEstimate) -> None:
     balanced_time = est.balanced.result.step_time_s
     for name in run_names(sc):
         rows = [s for s in est.steps if s.strategy == name]
-        records = est.gate_records[name]
+        records = est.gate_records[name.removesuffix(EPLB_SUFFIX)]
         wall = 0.0
         steps_done = 0
         for s in rows:
-            wall += s.segment_steps * s.result.step_time_s
+            wall += s.segment_steps * s.result.step_time_s + s.extra_wall_s
             steps_done += s.segment_steps
             gpu_hours = gpus * units.seconds_to_hours(wall)
             balanced_hours = gpus * units.seconds_to_hours(steps_done * balanced_time)
@@ -344,6 +444,7 @@ def _integrate(est: RunEstimate) -> None:
             "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records or sampled])),
             "task_loss": float(np.mean([r["task_loss"] for r in tail])) if records else None,
             "wall_days": wall / 86400.0,
+            "migration_s": float(sum(s.extra_wall_s for s in rows)),
             **_routing_summary(rows, records),
             **_failure_summary(sc, step_time, gpu_hours),
         }

@@ -1,4 +1,5 @@
-"""Plots of a run: GPU-hours and dollar cost against tokens trained, one line per strategy.
+"""Plots of a run: GPU-hours and dollar cost against tokens trained, one line per strategy;
+where each strategy's step time goes; per-GPU waiting and per-expert load over training.
 
 Uses matplotlib's non-interactive Agg backend, so plots render on headless machines and in CI.
 """
@@ -11,16 +12,37 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 
-def plot_curve(timeline: pd.DataFrame, column: str, ylabel: str, ax: Axes) -> Axes:
+def plot_curve(
+    timeline: pd.DataFrame,
+    column: str,
+    ylabel: str,
+    ax: Axes,
+    bands: pd.DataFrame | None = None,
+) -> Axes:
     """Cumulative ``column`` against tokens trained, one line per strategy, from the origin,
-    with the same cluster under perfectly balanced routing dashed for reference."""
+    with the same cluster under perfectly balanced routing dashed for reference, and, when
+    several seeds were run, the P10–P90 band over seeds shaded around each line."""
     for name, df in timeline.groupby("strategy", sort=False):
         x = [0.0, *(df["tokens"] / 1e9)]
-        ax.plot(x, [0.0, *df[column]], marker="o", markersize=3, label=str(name))
+        (line,) = ax.plot(x, [0.0, *df[column]], marker="o", markersize=3, label=str(name))
+        band = None if bands is None else bands[bands["strategy"] == name]
+        if band is not None and len(band) and f"{column}_p10" in band:
+            bx = [0.0, *(band["tokens"] / 1e9)]
+            ax.fill_between(
+                bx,
+                [0.0, *band[f"{column}_p10"]],
+                [0.0, *band[f"{column}_p90"]],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
     first = timeline[timeline["strategy"] == timeline["strategy"].iloc[0]]
     ax.plot(
         [0.0, *(first["tokens"] / 1e9)],
@@ -37,15 +59,18 @@ def plot_curve(timeline: pd.DataFrame, column: str, ylabel: str, ax: Axes) -> Ax
     return ax
 
 
-def write_plots(timeline: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Write ``gpu_hours.png`` and ``cost.png`` into ``out_dir``."""
+def write_plots(
+    timeline: pd.DataFrame, out_dir: Path, bands: pd.DataFrame | None = None
+) -> list[Path]:
+    """Write ``gpu_hours.png`` and ``cost.png`` into ``out_dir`` (with P10–P90 bands when
+    ``bands`` has several seeds' percentiles)."""
     written = []
     for column, ylabel, title, fname in (
         ("gpu_hours", "cumulative GPU-hours", "GPU-hours vs tokens trained", "gpu_hours.png"),
         ("cost_usd", "cumulative cost (USD)", "Cost vs tokens trained", "cost.png"),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-        plot_curve(timeline, column, ylabel, ax)
+        plot_curve(timeline, column, ylabel, ax, bands)
         ax.set_title(title)
         fig.tight_layout()
         path = out_dir / fname
@@ -90,3 +115,222 @@ def write_step_breakdown(stages: pd.DataFrame, path: Path) -> Path:
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+BALANCED = "balanced_reference"
+MAX_BINS = 256
+WAITS = (
+    ("straggler_wait_s", "waiting on stragglers"),
+    ("comm_wait_s", "exposed all-to-all"),
+    ("pipeline_wait_s", "pipeline bubble"),
+)
+
+
+def bin_rows(
+    matrix: npt.ArrayLike, max_bins: int = MAX_BINS
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], int]:
+    """Average consecutive rows of ``matrix`` into at most ``max_bins`` bins.
+
+    Parameters
+    ----------
+    matrix
+        ``(rows, columns)`` values, e.g. one row per GPU and one column per sampled step.
+    max_bins
+        The most rows the result may have.
+
+    Returns
+    -------
+    binned
+        ``(bins, columns)``: bin ``i`` is the mean of rows ``i·k … (i+1)·k − 1`` (the last bin
+        may hold fewer rows); the input unchanged when it has at most ``max_bins`` rows.
+    edges
+        ``bins + 1`` row-index edges of the bins, offset by −½ so that row ``r`` is centred at
+        ``r`` on an axis drawn with them.
+    size
+        ``k``, the rows per bin (1 when nothing was binned).
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    rows = m.shape[0]
+    size = max(1, -(-rows // max_bins))
+    starts = np.arange(0, rows, size)
+    binned = np.add.reduceat(m, starts, axis=0) / np.diff([*starts, rows])[:, None]
+    edges = np.append(starts, rows) - 0.5
+    return binned, edges, size
+
+
+def _points(df: pd.DataFrame) -> tuple[list[int], list[int]]:
+    """The sampled points of one strategy's rows, in order, and their step numbers."""
+    pts = df[["point", "step"]].drop_duplicates().sort_values("point")
+    return pts["point"].tolist(), pts["step"].astype(int).tolist()
+
+
+def wait_matrix(
+    gpus: pd.DataFrame, strategy: str, column: str
+) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """One strategy's per-GPU ``column`` (seconds) from the ``gpus`` table.
+
+    Returns
+    -------
+    matrix
+        ``(gpus, sampled steps)``, GPUs in index order, steps in sampling order.
+    steps
+        The step number of each column.
+    """
+    df = gpus[gpus["strategy"] == strategy]
+    points, steps = _points(df)
+    wide = df.pivot_table(index="gpu", columns="point", values=column, aggfunc="mean")
+    return wide.reindex(columns=points).to_numpy(dtype=np.float64), steps
+
+
+def expert_load_matrix(
+    experts: pd.DataFrame, strategy: str
+) -> tuple[npt.NDArray[np.float64], list[int]]:
+    """One strategy's load of each routed expert relative to the mean expert, per sampled step.
+
+    The ``experts`` table has one row per (GPU, local expert); its ``expert`` column is the
+    routed-expert index within a layer, so the tokens of all GPUs holding the same index (the
+    data-parallel replicas and the pipeline stages, i.e. every MoE layer) are summed first.
+
+    Returns
+    -------
+    matrix
+        ``(experts, sampled steps)``: tokens / mean tokens per expert of that step (1 = an even
+        share; NaN for a step in which no expert received tokens).
+    steps
+        The step number of each column.
+    """
+    df = experts[experts["strategy"] == strategy]
+    points, steps = _points(df)
+    wide = df.pivot_table(index="expert", columns="point", values="tokens", aggfunc="sum")
+    tokens = wide.reindex(columns=points).fillna(0.0).to_numpy(dtype=np.float64)
+    mean = tokens.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = np.where(mean > 0, tokens / mean, np.nan)
+    return relative, steps
+
+
+def _step_ticks(ax: Axes, steps: list[int]) -> None:
+    every = max(1, -(-len(steps) // 8))
+    idx = list(range(0, len(steps), every))
+    ax.set_xticks(idx, [str(steps[i]) for i in idx], rotation=45 if len(steps) > 1 else 0)
+    ax.set_xlabel("step")
+
+
+def _title(strategy: str) -> str:
+    return "balanced routing (reference)" if strategy == BALANCED else strategy
+
+
+def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS) -> Path:
+    """Write ``wait_heatmap.png``: per-GPU waiting time at each sampled step.
+
+    One row of panels per kind of wait (``WAITS``: waiting on stragglers at the all-to-all,
+    exposed all-to-all transfer, pipeline bubble) and one column per strategy, the balanced-
+    routing reference step first as its own panel; the panels of a row share one colour scale.
+    More than ``max_bins`` GPUs are averaged in bins of consecutive GPUs. Thin white lines
+    mark pipeline-stage boundaries.
+    """
+    strategies = list(pd.unique(gpus["strategy"]))
+    stage_of = gpus[["gpu", "stage"]].drop_duplicates("gpu").sort_values("gpu")
+    n_gpus = len(stage_of)
+    boundaries = np.flatnonzero(np.diff(stage_of["stage"].to_numpy())) + 0.5
+    data = {(col, name): wait_matrix(gpus, name, col) for col, _ in WAITS for name in strategies}
+    widths = [max(2, len(data[(WAITS[0][0], name)][1])) for name in strategies]
+    fig, axes = plt.subplots(
+        len(WAITS),
+        len(strategies),
+        figsize=(1.8 + 2.4 * len(strategies), 2.6 * len(WAITS)),
+        dpi=120,
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+        gridspec_kw={"width_ratios": widths},
+    )
+    size = 1
+    for r, (col, label) in enumerate(WAITS):
+        peak = max(float(np.nanmax(data[(col, n)][0], initial=0.0)) for n in strategies)
+        scale, unit = (1e3, "ms") if peak < 1 else (1.0, "s")
+        vmax = peak * scale if peak > 0 else 1.0
+        mesh = None
+        for c, name in enumerate(strategies):
+            ax = axes[r, c]
+            matrix, steps = data[(col, name)]
+            binned, edges, size = bin_rows(matrix, max_bins)
+            x = np.arange(len(steps) + 1) - 0.5
+            mesh = ax.pcolormesh(x, edges, binned * scale, cmap="magma", vmin=0.0, vmax=vmax)
+            if len(boundaries) <= 32:
+                for b in boundaries:
+                    ax.axhline(b, color="white", linewidth=0.6)
+            ax.set_ylim(n_gpus - 0.5, -0.5)
+            _step_ticks(ax, steps)
+            if r == 0:
+                ax.set_title(_title(name), fontsize=9)
+            if r < len(WAITS) - 1:
+                ax.set_xlabel("")
+        gpu_label = "GPU" if size == 1 else f"GPU (mean of {size} per row)"
+        axes[r, 0].set_ylabel(gpu_label)
+        fig.colorbar(mesh, ax=axes[r, :].tolist(), label=f"{label} ({unit})", fraction=0.04)
+    fig.suptitle("Per-GPU waiting time per step")
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def write_expert_load_heatmap(experts: pd.DataFrame, path: Path, max_bins: int = MAX_BINS) -> Path:
+    """Write ``expert_load_heatmap.png``: each routed expert's load relative to the mean expert
+    (``expert_load_matrix``) at each sampled step, one panel per strategy, on one diverging
+    colour scale centred at 1 (red: overloaded, blue: underloaded). The balanced-routing
+    reference is left out: its load is even by construction. More than ``max_bins`` experts
+    are averaged in bins of consecutive experts."""
+    strategies = [s for s in pd.unique(experts["strategy"]) if s != BALANCED]
+    data = {name: expert_load_matrix(experts, name) for name in strategies}
+    peak = max([float(np.nanmax(m, initial=1.0)) for m, _ in data.values()] or [2.0])
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, peak))
+    widths = [max(2, len(steps)) for _, steps in data.values()] or [1]
+    fig, axes = plt.subplots(
+        1,
+        max(1, len(strategies)),
+        figsize=(1.8 + 2.6 * max(1, len(strategies)), 4.4),
+        dpi=120,
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+        gridspec_kw={"width_ratios": widths},
+    )
+    mesh = None
+    size = 1
+    for c, name in enumerate(strategies):
+        ax = axes[0, c]
+        matrix, steps = data[name]
+        binned, edges, size = bin_rows(matrix, max_bins)
+        x = np.arange(len(steps) + 1) - 0.5
+        mesh = ax.pcolormesh(x, edges, binned, cmap="RdBu_r", norm=norm)
+        ax.set_ylim(edges[-1], edges[0])
+        _step_ticks(ax, steps)
+        ax.set_title(name, fontsize=9)
+    axes[0, 0].set_ylabel("routed expert" + ("" if size == 1 else f" (mean of {size} per row)"))
+    if mesh is not None:
+        fig.colorbar(
+            mesh, ax=axes[0, :].tolist(), label="tokens / mean tokens per expert", fraction=0.04
+        )
+    fig.suptitle("Expert load over training (all MoE layers and replicas summed)")
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def write_all(
+    out_dir: Path,
+    timeline: pd.DataFrame,
+    bands: pd.DataFrame | None,
+    stages: pd.DataFrame,
+    gpus: pd.DataFrame,
+    experts: pd.DataFrame,
+) -> list[Path]:
+    """Write every plot of a run directory into ``out_dir``: ``gpu_hours.png``, ``cost.png``,
+    ``step_breakdown.png``, ``wait_heatmap.png`` and ``expert_load_heatmap.png``."""
+    return [
+        *write_plots(timeline, out_dir, bands),
+        write_step_breakdown(stages, out_dir / "step_breakdown.png"),
+        write_wait_heatmap(gpus, out_dir / "wait_heatmap.png"),
+        write_expert_load_heatmap(experts, out_dir / "expert_load_heatmap.png"),
+    ]

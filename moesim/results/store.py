@@ -35,7 +35,17 @@ from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
 
-TABLES = ("timeline", "gate", "steps", "stages", "gpus", "experts", "links", "specialisation")
+TABLES = (
+    "timeline",
+    "bands",
+    "gate",
+    "steps",
+    "stages",
+    "gpus",
+    "experts",
+    "links",
+    "specialisation",
+)
 _PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
 
 
@@ -56,6 +66,7 @@ def scenario_hash(scenario: Scenario) -> str:
 def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
     return {
         "timeline": tables.timeline_table(est),
+        "bands": tables.bands_table(est),
         "gate": tables.gate_table(est),
         "steps": tables.steps_table(est),
         "stages": tables.stages_table(est),
@@ -90,8 +101,14 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
         frames = build_tables(est)
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
-        plots.write_plots(frames["timeline"], tmp)
-        plots.write_step_breakdown(frames["stages"], tmp / "step_breakdown.png")
+        plots.write_all(
+            tmp,
+            frames["timeline"],
+            frames["bands"],
+            frames["stages"],
+            frames["gpus"],
+            frames["experts"],
+        )
         traced = [s for s in est.steps if s.result.trace]
         if traced:
             step = traced[0]
@@ -118,6 +135,7 @@ class RunResults:
     metadata: dict[str, Any]
     summary: dict[str, dict[str, float]]
     timeline: pd.DataFrame
+    bands: pd.DataFrame
     gate: pd.DataFrame
     steps: pd.DataFrame
     stages: pd.DataFrame

@@ -4,6 +4,8 @@ Tables (each becomes ``<name>.parquet`` in the run directory):
 
 - ``timeline``: per strategy and sampled point — tokens trained, step time, cumulative wall
   time, GPU-hours and cost, MFU, MaxVio, task loss.
+- ``bands``: per strategy and sampled point — P10/P50/P90 over seeds of cumulative GPU-hours
+  and cost (``uncertainty.seeds``).
 - ``gate``: per strategy and gate update — MaxVio_batch, task loss, aux loss, teacher capture.
 - ``steps``: per simulated step — step time, SimPy events, all-to-all exchanges, mean per-GPU
   time split.
@@ -33,6 +35,14 @@ def _simulated(est: RunEstimate) -> list[SimulatedStep]:
 
 def timeline_table(est: RunEstimate) -> pd.DataFrame:
     return pd.DataFrame(est.timeline)
+
+
+def bands_table(est: RunEstimate) -> pd.DataFrame:
+    """Per strategy and point: P10/P50/P90 over seeds of cumulative GPU-hours and cost."""
+    columns = ["strategy", "point", "tokens"] + [
+        f"{c}_p{q}" for c in ("gpu_hours", "cost_usd") for q in (10, 50, 90)
+    ]
+    return pd.DataFrame(est.bands, columns=columns)
 
 
 def gate_table(est: RunEstimate) -> pd.DataFrame:

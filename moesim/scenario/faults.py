@@ -1,4 +1,7 @@
-"""Failures and checkpoint/restart: the scenario section.
+"""Faults: failures with checkpoint/restart, and hardware stragglers. The scenario section.
+
+Failures and checkpoint/restart
+-------------------------------
 
 The run is interrupted by a Poisson process of failures. Every GPU fails independently at rate
 ``1 / gpu_mtbf``, and any one failure stops the whole synchronous job, so the job fails at rate
@@ -38,16 +41,73 @@ Defaults and their provenance
     ``"optimal"``: the interval that minimises the expected overhead of this model (see
     :func:`moesim.estimate.failures.optimal_interval`, which Young's and Daly's formulas
     approximate), rounded to a whole number of training steps by the estimate.
+
+Hardware stragglers
+-------------------
+Four opt-in effects, each off by default (a zero fraction, rate or sigma and no listed GPU),
+each drawn per GPU from the scenario's seed by :mod:`moesim.cluster.stragglers`:
+
+``slow_gpus``
+    Persistent slow parts: each GPU is slow for the whole run with probability ``fraction``
+    (independently), its compute time multiplied by a factor drawn from ``slowdown``; GPUs listed
+    in ``gpus`` take their listed factor instead. ``slowdown`` is a number (a fixed factor) or
+    ``{kind: fixed, factor}``, ``{kind: uniform, low, high}`` or ``{kind: lognormal, median,
+    sigma}``; the lognormal one is shifted so that the factor never drops below 1:
+    ``1 + (median − 1)·exp(sigma·Z)``, with ``Z`` standard normal (median ``median``).
+``jitter``
+    Per-op multiplicative noise on every GPU's compute time: lognormal with log-sigma ``sigma``,
+    normalised to **mean 1** (``exp(sigma·Z − sigma²/2)``, so its median is
+    ``exp(−sigma²/2)``). Mean 1 keeps each GPU's total compute time unchanged on average: jitter
+    only adds the cost of waiting for the slowest GPU at every synchronisation, which is the
+    straggler effect it stands for. The compute model's efficiencies are means over repeated
+    kernel runs, so mean 1 also keeps them calibrated. ``sigma`` is at most 1 (a sanity bound).
+``throttling``
+    Episodes during which a GPU computes ``slowdown`` times slower (thermal or power throttling),
+    ``rate_per_gpu_hour`` episodes per GPU-hour on average, each lasting ``duration_seconds``.
+    Per GPU, episodes alternate with healthy gaps (exponential, so onsets are Poisson while
+    healthy); they never overlap, and the fraction of time a GPU is throttled is
+    ``rate × duration`` exactly, which must stay below 1.
+``degraded_links``
+    ``nic`` and ``nvlink`` ports (one of each per GPU) running at ``bandwidth_factor`` of their
+    bandwidth: persistently for a ``fraction`` of ports drawn once per run (plus any listed in
+    ``gpus`` with their own factor), and in ``episodes`` following the same process as
+    throttling.
+
+Defaults and their provenance (used once an effect is switched on)
+------------------------------------------------------------------
+``slow_gpus.slowdown``
+    Uniform between 1.1 and 1.5. Sinha et al., "Not All GPUs Are Created Equal: Characterizing
+    Variability in Large-Scale, Accelerator-Rich Systems" (SC22, arXiv 2208.11035) measured an
+    8% (up to 22%) average performance variation across nominally identical GPUs of five HPC
+    clusters, with outliers up to 1.5× slower than the median GPU. The upper bound is that
+    worst outlier; the lower bound is an assumption: a part counts as slow once it is clearly
+    outside the typical 8% spread.
+``throttling.slowdown``
+    2.0: NVML's hardware slowdown (``nvmlClocksThrottleReasonHwSlowdown`` and its thermal and
+    power-brake variants, NVML API reference, "Clocks event reasons") reduces the core clocks
+    "by a factor of 2 or more"; 2 is the mildest such episode, for a compute-bound op.
+``throttling.duration_seconds`` and ``degraded_links.*.episodes.duration_seconds``
+    60 s, an assumption. Wu et al., "FALCON: Pinpointing and Mitigating Stragglers for
+    Large-Scale Hybrid-Parallel Training" (arXiv 2410.12588, §1) observed fail-slows, from GPU
+    and network causes, lasting from tens of seconds to nearly ten hours on a >10,000-GPU
+    production cluster; 60 s sits at the short end.
+``degraded_links.*.bandwidth_factor``
+    0.5, an assumption: a port that trains down to half its rate (an NDR 400 Gb/s InfiniBand
+    port running at HDR's 200 Gb/s, or at half its lanes).
+``jitter.sigma``, fractions and rates
+    0 (off). There is no default magnitude: a scenario that switches an effect on states it.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, WrapValidator, field_validator, model_validator
 
 from moesim import units
-from moesim.scenario.base import Frozen, PositiveFloat
+from moesim.scenario.base import Frozen, NonNegInt, PositiveFloat
 
 _MINUTE_S = units.MINUTE
 
@@ -147,7 +207,301 @@ class Failures(Frozen):
         return self.gpu_mtbf_s / gpus
 
 
+# --------------------------------------------------------------------------- hardware stragglers
+
+SINHA_OUTLIER_SLOWDOWN = 1.5
+"""Worst GPU relative to the median GPU of a cluster (Sinha et al., SC22, arXiv 2208.11035)."""
+DEFAULT_SLOW_GPU_LOW = 1.1
+"""Assumption: a slow part is clearly outside the typical 8% spread of Sinha et al."""
+NVML_HW_SLOWDOWN_FACTOR = 2.0
+"""NVML: hardware slowdown reduces the core clocks "by a factor of 2 or more"."""
+DEFAULT_EPISODE_SECONDS = 60.0
+"""Assumption, at the short end of FALCON's fail-slow durations (arXiv 2410.12588, §1)."""
+MAX_JITTER_SIGMA = 1.0
+"""Sanity bound: at sigma = 1 the mean-1 jitter's median op already runs 1.65× faster than the
+mean; noise that large is not jitter."""
+DEFAULT_LINK_BANDWIDTH_FACTOR = 0.5
+"""Assumption: a port running at half its rate (NDR 400 Gb/s trained down to 200 Gb/s)."""
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _slowdown_factor(value: float) -> float:
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError("a slowdown multiplies compute time and must be a finite number ≥ 1")
+    return value
+
+
+def _fraction(value: float) -> float:
+    if not 0 <= value <= 1:
+        raise ValueError("a fraction must lie in [0, 1]")
+    return value
+
+
+def _bandwidth_factor(value: float) -> float:
+    if not 0 < value <= 1:
+        raise ValueError("a bandwidth factor must lie in (0, 1] (1 = full bandwidth)")
+    return value
+
+
+def _jitter_sigma(value: float) -> float:
+    if not 0 <= value <= MAX_JITTER_SIGMA:
+        raise ValueError(
+            f"jitter sigma must lie in [0, {MAX_JITTER_SIGMA:g}]; beyond it the mean-1 "
+            "normalisation puts the median op far below the compute model's time"
+        )
+    return value
+
+
+SlowdownFactor = Annotated[float, AfterValidator(_slowdown_factor)]
+"""Compute-time multiplier: 1 is a healthy GPU, 2 takes twice as long."""
+UnitFraction = Annotated[float, AfterValidator(_fraction)]
+BandwidthFactor = Annotated[float, AfterValidator(_bandwidth_factor)]
+NonNegFinite = Annotated[float, Field(ge=0), AfterValidator(_finite)]
+JitterSigma = Annotated[float, AfterValidator(_jitter_sigma)]
+
+
+class FixedSlowdown(Frozen):
+    """Every slow GPU is slowed by the same ``factor``."""
+
+    kind: Literal["fixed"] = "fixed"
+    factor: SlowdownFactor
+
+
+class UniformSlowdown(Frozen):
+    """Slowdown uniform on ``[low, high]``."""
+
+    kind: Literal["uniform"] = "uniform"
+    low: SlowdownFactor
+    high: SlowdownFactor
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformSlowdown:
+        if self.high < self.low:
+            raise ValueError(f"high: {self.high} is below low ({self.low})")
+        return self
+
+
+class LognormalSlowdown(Frozen):
+    """Slowdown ``1 + (median − 1)·exp(sigma·Z)``: a lognormal excess over 1, median ``median``."""
+
+    kind: Literal["lognormal"] = "lognormal"
+    median: SlowdownFactor
+    sigma: NonNegFinite
+
+
+SlowdownSpec = FixedSlowdown | UniformSlowdown | LognormalSlowdown
+
+SLOWDOWN_KINDS: dict[str, type[SlowdownSpec]] = {
+    "fixed": FixedSlowdown,
+    "uniform": UniformSlowdown,
+    "lognormal": LognormalSlowdown,
+}
+
+
+def _slowdown_by_kind(value: Any, _handler: Callable[[Any], Any]) -> Any:
+    """A bare number is a fixed factor; a mapping is validated as the model its ``kind`` names
+    (so an error reads ``faults.slow_gpus.slowdown.low``, without the tag in the path)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return FixedSlowdown(factor=value)
+    if not isinstance(value, Mapping):
+        if isinstance(value, SlowdownSpec):
+            return value
+        raise ValueError(
+            "expected a fixed factor (a number ≥ 1) or a mapping {kind: fixed|uniform|lognormal, …}"
+        )
+    kind = value.get("kind")
+    model = SLOWDOWN_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        got = "missing" if kind is None else f"unknown slowdown kind {kind!r}"
+        raise ValueError(f"kind: {got}; expected one of {', '.join(SLOWDOWN_KINDS)}")
+    return model.model_validate(value)
+
+
+Slowdown = Annotated[
+    SlowdownSpec, WrapValidator(_slowdown_by_kind, json_schema_input_type=float | SlowdownSpec)
+]
+
+
+class SlowGpus(Frozen):
+    """Persistent slow GPUs (thermal or power-capped parts), drawn once per run.
+
+    Notes
+    -----
+    Each GPU not listed in ``gpus`` is slow with probability ``fraction``, independently, so the
+    expected number of slow GPUs is ``fraction × gpus`` at any cluster size (a rounded count
+    would make 1% of 8 GPUs always zero).
+    """
+
+    fraction: UnitFraction = Field(0.0, description="probability that a GPU is slow (0: off)")
+    slowdown: Slowdown = Field(
+        UniformSlowdown(low=DEFAULT_SLOW_GPU_LOW, high=SINHA_OUTLIER_SLOWDOWN),
+        description="compute-time multiplier of a slow GPU: a number, or {kind: fixed|uniform|"
+        "lognormal, ...} (default uniform 1.1–1.5: Sinha et al. SC22 outliers up to 1.5×)",
+    )
+    gpus: dict[NonNegInt, SlowdownFactor] = Field(
+        default_factory=dict,
+        description="explicit slow GPUs: {global GPU id: compute-time multiplier}",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.fraction > 0 or any(f != 1 for f in self.gpus.values())
+
+
+class Jitter(Frozen):
+    """Per-op lognormal noise on compute time, mean 1 (see the module docstring)."""
+
+    sigma: JitterSigma = Field(
+        0.0, description="log-space standard deviation of the per-op multiplier (0: off)"
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.sigma > 0
+
+
+class Episodes(Frozen):
+    """A per-GPU on/off process: episodes of fixed length alternating with exponential gaps."""
+
+    rate_per_gpu_hour: NonNegFinite = Field(
+        0.0, description="episodes per GPU (or port) per hour, long-run average (0: off)"
+    )
+    duration_seconds: PositiveFloat = Field(
+        DEFAULT_EPISODE_SECONDS,
+        description="length of one episode (assumption: 60 s; FALCON fail-slows last from "
+        "tens of seconds to hours)",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> Episodes:
+        if self.coverage >= 1:
+            raise ValueError(
+                f"rate_per_gpu_hour: {self.rate_per_gpu_hour} episodes of "
+                f"{self.duration_seconds} s per hour cover {self.coverage:.0%} of the time; "
+                "rate × duration must stay below 1"
+            )
+        return self
+
+    @property
+    def rate_per_s(self) -> float:
+        """Long-run episodes per GPU per second."""
+        return self.rate_per_gpu_hour / units.HOUR
+
+    @property
+    def duration_s(self) -> float:
+        return self.duration_seconds
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the time a GPU spends inside an episode: ``rate × duration``."""
+        return self.rate_per_s * self.duration_s
+
+    @property
+    def active(self) -> bool:
+        return self.rate_per_gpu_hour > 0
+
+
+class Throttling(Episodes):
+    """Throttling episodes: the GPU computes ``slowdown`` times slower while one lasts."""
+
+    slowdown: SlowdownFactor = Field(
+        NVML_HW_SLOWDOWN_FACTOR,
+        description="compute-time multiplier during an episode (default 2: NVML hardware "
+        "slowdown halves the clocks or more)",
+    )
+
+    @property
+    def active(self) -> bool:
+        return self.rate_per_gpu_hour > 0 and self.slowdown > 1
+
+
+class LinkDegradation(Frozen):
+    """One kind of port (NIC or NVLink, one of each per GPU) at reduced bandwidth."""
+
+    fraction: UnitFraction = Field(
+        0.0, description="probability that a port is degraded for the whole run (0: off)"
+    )
+    gpus: dict[NonNegInt, BandwidthFactor] = Field(
+        default_factory=dict,
+        description="explicit degraded ports, persistent: {global GPU id: bandwidth factor}",
+    )
+    bandwidth_factor: BandwidthFactor = Field(
+        DEFAULT_LINK_BANDWIDTH_FACTOR,
+        description="bandwidth of a degraded port relative to a healthy one, for the drawn "
+        "fraction and for episodes (assumption: 0.5, a port at half its rate)",
+    )
+    episodes: Episodes = Field(
+        Episodes(), description="episodic degradation of every port at bandwidth_factor"
+    )
+
+    @property
+    def active(self) -> bool:
+        persistent = self.fraction > 0 or any(f != 1 for f in self.gpus.values())
+        episodic = self.episodes.active and self.bandwidth_factor < 1
+        return persistent or episodic
+
+
+class DegradedLinks(Frozen):
+    """Degraded NIC and NVLink ports."""
+
+    nic: LinkDegradation = LinkDegradation()
+    nvlink: LinkDegradation = LinkDegradation()
+
+    @property
+    def active(self) -> bool:
+        return self.nic.active or self.nvlink.active
+
+
 class Faults(Frozen):
     """What real runs lose besides routing imbalance (all seeded, all opt-in)."""
 
     failures: Failures = Failures()
+    slow_gpus: SlowGpus = SlowGpus()
+    jitter: Jitter = Jitter()
+    throttling: Throttling = Throttling()
+    degraded_links: DegradedLinks = DegradedLinks()
+
+    @property
+    def hardware_active(self) -> bool:
+        """Whether any hardware straggler effect is switched on."""
+        return (
+            self.slow_gpus.active
+            or self.jitter.active
+            or self.throttling.active
+            or self.degraded_links.active
+        )
+
+
+def check_faults(faults: Faults, gpus: int) -> None:
+    """Cross-checks of the ``faults`` section against the cluster size.
+
+    Parameters
+    ----------
+    faults : Faults
+        The validated section.
+    gpus : int
+        GPUs in the cluster; explicit GPU ids must be below it.
+
+    Raises
+    ------
+    ValueError
+        ``"faults.slow_gpus.gpus: GPU 4096 beyond the 2048 GPUs"``: the message starts with the
+        dotted path of the offending field, as the scenario loader expects of cross-checks.
+    """
+    if gpus <= 0:
+        raise ValueError(f"cluster: {gpus} GPUs; faults need a positive GPU count")
+    listed = {
+        "faults.slow_gpus.gpus": faults.slow_gpus.gpus,
+        "faults.degraded_links.nic.gpus": faults.degraded_links.nic.gpus,
+        "faults.degraded_links.nvlink.gpus": faults.degraded_links.nvlink.gpus,
+    }
+    for path, ids in listed.items():
+        bad = sorted(g for g in ids if g >= gpus)
+        if bad:
+            which = f"GPU {bad[0]}" if len(bad) == 1 else f"GPUs {', '.join(map(str, bad))}"
+            raise ValueError(f"{path}: {which} beyond the {gpus} GPUs (ids run 0–{gpus - 1})")

@@ -300,6 +300,31 @@ class Training(Frozen):
     sample_points: PositiveInt = Field(6, description="steps simulated in the engine along the run")
 
 
+class Eplb(Frozen):
+    """Redundant experts (DeepSeek's EPLB): each GPU gets spare expert slots; every
+    ``interval_steps`` the hottest experts are replicated into them from recent loads
+    (hierarchical: groups to nodes, replicas within nodes, replicas to GPUs) and the moved
+    expert state costs network time. The run reports ``<strategy>+eplb`` next to the static
+    placement."""
+
+    enabled: bool = False
+    redundant_per_rank: PositiveInt = Field(1, description="spare expert slots per GPU")
+    interval_steps: PositiveInt = Field(
+        100, description="optimizer steps between placement recomputations"
+    )
+
+
+class Uncertainty(Frozen):
+    seeds: PositiveInt = Field(
+        1,
+        description="independent seeds the run is estimated under (seed, seed + 1, …): "
+        "P10/P50/P90 of step time, GPU-hours and cost, and bands on the curves",
+    )
+    workers: PositiveInt | None = Field(
+        None, description="processes for the extra seeds (default: every local core)"
+    )
+
+
 class Engine(Frozen):
     memory_limit_gib: PositiveFloat = Field(
         4.0,
@@ -331,6 +356,8 @@ class Scenario(Frozen):
     gate: Gate = Gate()
     training: Training
     faults: Faults = Faults()
+    eplb: Eplb = Eplb()
+    uncertainty: Uncertainty = Uncertainty()
     engine: Engine = Engine()
     output: Output = Output()
 
