@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from moesim import __version__
-from moesim.errors import MoesimError, ScenarioError
+# The gate multiplies small matrices thousands of times: BLAS threads cost more than they give
+# (the gate ran 10x slower with OpenBLAS's default threads on a shared 2-core machine). Set
+# before numpy is first imported; an explicit setting in the environment wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from moesim import __version__  # noqa: E402
+from moesim.errors import MoesimError, ScenarioError  # noqa: E402
 
 SUMMARY_COLUMNS = (
     ("step_time_s", "step s", "{:.3f}"),
@@ -23,6 +30,8 @@ SUMMARY_COLUMNS = (
     ("mfu", "MFU", "{:.1%}"),
     ("gpu_hours", "GPU-hours", "{:,.1f}"),
     ("cost_usd", "cost $", "{:,.0f}"),
+    ("imbalance_cost_usd", "imbalance $", "{:,.0f}"),
+    ("straggler_cost_usd", "hw straggler $", "{:,.0f}"),
     ("maxvio_batch", "MaxVio", "{:.3f}"),
     ("task_loss", "task loss", "{:.4f}"),
 )
@@ -66,6 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moesim.estimate import estimate_with_bands, run_names
+    from moesim.estimate.run import scenario_points
     from moesim.results import write_run
     from moesim.scenario import load_scenario
 
@@ -74,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.out) if args.out else _default_run_dir(scenario.name, scenario.output.dir)
     if run_dir.exists():
         raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
-    points = min(scenario.training.sample_points, scenario.total_steps)
+    points = len(scenario_points(scenario)[0])
     total = 1 + len(run_names(scenario)) * (1 + points) + scenario.uncertainty.seeds - 1
     with tqdm(
         total=total, desc=scenario.name, unit="task", file=sys.stderr, disable=args.quiet

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
-import numpy as np
-import pytest
+# Small matrices: BLAS threads only add overhead (and contention on a 2-core CI machine).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from moesim.scenario import Scenario, scenario_from_dict
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from moesim.scenario import Scenario, scenario_from_dict  # noqa: E402
 
 TINY: dict[str, Any] = {
     "name": "tiny",

@@ -44,6 +44,7 @@ import simpy
 from moesim import units
 from moesim.cluster import ComputeModel, Layout, Topology, build_layout, build_topology
 from moesim.cluster.model_costs import model_costs
+from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
 from moesim.engine.alltoall import ExchangePricer, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
@@ -182,8 +183,11 @@ def memory_estimate_bytes(scenario: Scenario) -> float:
     return float(sample + per_gpu)
 
 
-def build_context(scenario: Scenario) -> StepContext:
+def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepContext:
+    """Everything a step needs that its routing does not change. ``micro_batches``: per
+    pipeline per step (default: the scenario's full batch; fewer during a batch ramp)."""
     m, p = scenario.model, scenario.parallelism
+    n_micro = scenario.micro_batches if micro_batches is None else micro_batches
     need = memory_estimate_bytes(scenario)
     limit = scenario.engine.memory_limit_gib * units.GiB
     if need > limit:
@@ -197,7 +201,7 @@ def build_context(scenario: Scenario) -> StepContext:
         )
     layout = build_layout(scenario)
     try:
-        schedule = build_schedule(p.schedule, p.pipeline, scenario.micro_batches, p.virtual_stages)
+        schedule = build_schedule(p.schedule, p.pipeline, n_micro, p.virtual_stages)
     except ValueError as err:
         raise ScenarioError("parallelism.schedule", str(err)) from None
     compute = ComputeModel(scenario)
@@ -277,6 +281,9 @@ class StepResult:
     """Part of ``backward_compute_s`` spent in weight gradients."""
     expert_compute_s: npt.NDArray[np.float64]
     """Part of ``compute_s`` spent in routed experts."""
+    slowdown_s: npt.NDArray[np.float64]
+    """Extra compute time from this GPU's hardware condition (slow part, jitter, throttling):
+    ``compute_s`` holds the healthy durations."""
     a2a_wait_s: npt.NDArray[np.float64]
     """Compute stream idle inside MoE layers, waiting for an all-to-all:
     ``comm_wait_s + straggler_wait_s``."""
@@ -316,6 +323,7 @@ class StepResult:
         """Per GPU, the sum of its time split; equals ``step_time_s`` for every GPU."""
         return (
             self.compute_s
+            + self.slowdown_s
             + self.a2a_wait_s
             + self.pipeline_wait_s
             + self.allreduce_s
@@ -348,8 +356,16 @@ class _StepModel:
         dest: np.ndarray,
         node_tokens: np.ndarray | None,
         recorder: NullRecorder,
+        hardware: HardwareState | None = None,
+        jitter: JitterSource | None = None,
     ) -> None:
         self.ctx = ctx
+        self.hw = None if hardware is None or hardware.is_healthy else hardware
+        self.link_factor: Vector | None = None
+        if self.hw is not None:
+            factor = np.minimum(self.hw.nic_factor, self.hw.nvlink_factor)
+            self.link_factor = factor if np.any(factor < 1) else None
+        self.jitter = jitter if jitter is not None and jitter.sigma > 0 else None
         self.sc = sc = ctx.scenario
         self.rec = recorder
         self.counts = counts
@@ -370,7 +386,7 @@ class _StepModel:
         # A rank's GPUs are consecutive ranks: slices index per-GPU arrays without copies.
         self.span = [slice(int(g.min()), int(g.max()) + 1) for g in ctx.rank_gpus]
         self.tables = self._exchange_tables()
-        self.cells_per_layer = sc.micro_batches
+        self.cells_per_layer = ctx.schedule.micro_batches
         self.uses = [np.zeros((dest.shape[0] * dest.shape[1], 2)) for _ in ctx.rank_gpus]
         self.free = [np.zeros(self.g_stage) for _ in range(lay.stages)]
         self.done: dict[OpKey, simpy.Event] = {}
@@ -386,6 +402,7 @@ class _StepModel:
                 "pipeline",
                 "allreduce",
                 "optimizer",
+                "slowdown",
             )
         }
         self.finish = np.zeros(n)
@@ -422,6 +439,8 @@ class _StepModel:
             path = topo.path(int(s), int(d))
             links += path
             bw = topo.capacity[path].min()
+            if self.link_factor is not None:
+                bw *= min(self.link_factor[int(s)], self.link_factor[int(d)])
             secs[i] = topo.latency(int(s), int(d)) + ctx.activation_bytes / bw
         self.p2p[(a, b)] = secs, np.asarray(links, dtype=np.int64)
         return self.p2p[(a, b)]
@@ -455,13 +474,27 @@ class _StepModel:
                 acc["comm"][gpus] += gap
         else:
             acc["pipeline"][gpus] += gap
-        end = start + req.seconds
+        end = self._end(gpus, start, req.seconds)
         self.free[rank] = end
         acc[req.bucket][gpus] += req.seconds
         if req.expert:
             acc["expert"][gpus] += req.seconds
         for i, gpu in self.traced[rank]:
             self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
+        return end
+
+    def _end(self, gpus: slice, start: Vector, seconds: Vector | float) -> Vector:
+        """When an op of healthy duration ``seconds`` started at ``start`` ends on ``gpus``,
+        given their hardware condition; the extra time is booked as slowdown."""
+        if self.hw is None and self.jitter is None:
+            return start + seconds
+        work = np.broadcast_to(seconds, start.shape)
+        if self.hw is not None:
+            work = work * self.hw.gpu_speed[gpus]
+        if self.jitter is not None:
+            work = work * self.jitter(start.size)
+        end = start + work if self.hw is None else compute_end(self.hw, gpus, start, work)
+        self.acc["slowdown"][gpus] += end - (start + seconds)
         return end
 
     def _record(self, rank: int, track: str, name: str, start: Vector, end: Vector) -> None:
@@ -503,7 +536,26 @@ class _StepModel:
         done, last = self.tables[rank].exchange(
             ready.reshape(self.data, self.expert), cell, toward_experts, per_token
         )
+        if self.link_factor is not None:
+            done = self._degraded(rank, cell, toward_experts, done, last)
         return done.ravel(), last.ravel()
+
+    def _degraded(
+        self, rank: int, cell: int, toward_experts: bool, done: Vector, last: Vector
+    ) -> Vector:
+        """Stretch each receiver's transfer by the slowest link factor among it and its
+        senders (an exchange through a half-speed port takes twice as long from its last
+        sender's start: the port is the bottleneck of the flows that cross it)."""
+        assert self.link_factor is not None
+        f = self.link_factor[self.span[rank]].reshape(self.data, self.expert)
+        senders = self.dest[cell // self.cells_per_layer, cell % self.cells_per_layer] > 0
+        senders = senders.reshape(self.data, self.expert, self.expert)
+        if toward_experts:
+            worst = np.where(senders, f[:, :, None], 1.0).min(axis=1)
+        else:
+            worst = np.where(senders, f[:, None, :], 1.0).min(axis=2)
+        worst = np.minimum(worst, f)
+        return last + (done - last) / worst
 
     def _experts(self, layer: int, micro: int) -> tuple[Vector, Vector, Vector, Vector]:
         """Per GPU of a stage: its local experts' tokens (gpus, experts per rank) and the
@@ -767,8 +819,9 @@ class _StepModel:
         for i, r in enumerate(ranks):
             self._record(r, "allreduce", "gradient reduce", start[i].ravel(), clock[i].ravel())
             begin = clock[i].ravel()
-            self._record(r, "compute", "optimizer step", begin, begin + seconds)
-        clock = clock + seconds
+            end = self._end(self.span[r], begin, seconds)
+            self._record(r, "compute", "optimizer step", begin, end)
+            clock[i] = end.reshape(clock[i].shape)
         if zero1:
             gathered = clock.copy()
             run(1, bf16)
@@ -808,6 +861,8 @@ class _StepModel:
         if n < 2:
             return 0.0
         bw, lat = self._ring_links(members)
+        if self.link_factor is not None:
+            bw *= float(self.link_factor[members].min())
         return phases * ((n - 1) / n * nbytes / bw + (n - 1) * lat)
 
     def _ring_links(self, members: npt.NDArray[np.int64]) -> tuple[float, float]:
@@ -890,6 +945,7 @@ class _StepModel:
             backward_compute_s=backward,
             weight_grad_s=acc["weight"],
             expert_compute_s=acc["expert"],
+            slowdown_s=acc["slowdown"],
             a2a_wait_s=acc["comm"] + acc["straggler"],
             comm_wait_s=acc["comm"],
             straggler_wait_s=acc["straggler"],
@@ -916,6 +972,8 @@ def simulate_step(
     dest_tokens: np.ndarray,
     recorder: NullRecorder | None = None,
     node_tokens: np.ndarray | None = None,
+    hardware: HardwareState | None = None,
+    jitter: JitterSource | None = None,
 ) -> StepResult:
     """Simulate one training step.
 
@@ -932,9 +990,14 @@ def simulate_step(
     node_tokens : ndarray, shape (layers_simulated, micro_batches, gpus_per_stage, nodes), int
         Distinct tokens each source rank sends to each node of its group; required by
         node-limited dispatch.
+    hardware : HardwareState, optional
+        Slow GPUs, throttling windows and degraded links for this step
+        (:mod:`moesim.cluster.stragglers`); healthy when omitted.
+    jitter : JitterSource, optional
+        Per-op compute-time noise.
     """
     sc = ctx.scenario
-    want = (sc.gate.layers_simulated, sc.micro_batches, ctx.layout.gpus_per_stage)
+    want = (sc.gate.layers_simulated, ctx.schedule.micro_batches, ctx.layout.gpus_per_stage)
     slots = counts.shape[3] if counts.ndim == 4 else 0
     if slots < sc.model.moe.routed_experts or slots % ctx.layout.expert:
         raise SimulationError(
@@ -951,4 +1014,7 @@ def simulate_step(
         node_tokens is None or node_tokens.shape != nodes_wanted
     ):
         raise SimulationError(f"node-limited dispatch needs node_tokens of shape {nodes_wanted}")
-    return _StepModel(ctx, counts, dest_tokens, node_tokens, recorder or NullRecorder()).run()
+    model = _StepModel(
+        ctx, counts, dest_tokens, node_tokens, recorder or NullRecorder(), hardware, jitter
+    )
+    return model.run()

@@ -33,6 +33,12 @@ from moesim.cluster.placement import (
     layer_loads,
     migration_bytes,
 )
+from moesim.cluster.stragglers import (
+    HardwareState,
+    JitterSource,
+    draw_run_state,
+    draw_step_state,
+)
 from moesim.engine import StepContext, StepResult, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.failures import failure_estimate
@@ -65,6 +71,8 @@ class SimulatedStep:
     """Routed assignments per (simulated layer, expert) over the step, shape (L, E)."""
     extra_wall_s: float = 0.0
     """Wall time the segment spends outside training steps (EPLB expert migrations)."""
+    healthy_step_time_s: float | None = None
+    """The same step on healthy hardware (set when hardware stragglers are on)."""
 
 
 @dataclass
@@ -79,6 +87,9 @@ class RunEstimate:
     specialisation: dict[str, npt.NDArray[np.int64]]
     """Per run with a gate: the topic × expert load of its final routers (first layer) on a
     fresh batch of the stream (routing.md §3 Fig. 9; the R8 specialisation)."""
+    balanced_step_s: dict[int, float]
+    """Balanced-routing step time by micro-batches per pipeline (several under a batch
+    ramp)."""
     summary: dict[str, dict[str, float | None]] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     bands: list[dict[str, Any]] = field(default_factory=list)
@@ -86,12 +97,25 @@ class RunEstimate:
     (:mod:`moesim.estimate.montecarlo`); empty for a single-seed estimate."""
 
 
-def sample_steps(total_steps: int, points: int) -> tuple[list[int], list[int]]:
-    """Midpoint step of each of ``points`` near-equal segments, and each segment's length."""
-    edges = np.linspace(0, total_steps, min(points, total_steps) + 1).round().astype(int)
+def sample_steps(total_steps: int, points: int, ramp_steps: int = 0) -> tuple[list[int], list[int]]:
+    """Midpoint step of each of ``points`` near-equal segments, and each segment's length.
+
+    With a batch ramp of ``ramp_steps`` steps, the ramp is a segment of its own (its steps are
+    smaller) and the ``points`` segments share the rest."""
+    ramp_steps = min(ramp_steps, total_steps - 1) if total_steps > 1 else 0
+    rest = total_steps - ramp_steps
+    edges = np.linspace(0, rest, min(points, rest) + 1).round().astype(int) + ramp_steps
+    if ramp_steps:
+        edges = np.concatenate([[0], edges])
     lengths = np.diff(edges)
     mids = (edges[:-1] + lengths // 2).tolist()
     return [int(m) for m in mids], [int(x) for x in lengths]
+
+
+def scenario_points(scenario: Scenario) -> tuple[list[int], list[int]]:
+    """The steps an estimate simulates and the segment each stands for."""
+    ramp = scenario.ramp_steps
+    return sample_steps(scenario.total_steps, scenario.training.sample_points, ramp)
 
 
 def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = None) -> RunEstimate:
@@ -105,23 +129,45 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     """
     tick = progress or (lambda _label: None)
     ctx = build_context(scenario)
+    contexts = {scenario.micro_batches: ctx}
+
+    def context_at(step: int) -> StepContext:
+        """The step model for that step's batch (fewer micro-batches during a ramp)."""
+        n = scenario.micro_batches_at(step)
+        if n not in contexts:
+            contexts[n] = build_context(scenario, n)
+        return contexts[n]
+
     lay = ctx.layout
     n_src, n_dest = lay.gpus_per_stage, lay.expert
-    points, lengths = sample_steps(scenario.total_steps, scenario.training.sample_points)
+    points, lengths = scenario_points(scenario)
     root = np.random.SeedSequence(scenario.seed)
-    gate_seed, sample_seed = root.spawn(2)
+    gate_seed, sample_seed, hardware_seed = root.spawn(3)
 
-    bal = balanced_sample(scenario, points[0], n_src, n_dest)
+    # The balanced reference runs the last segment's batch (the full batch after any ramp).
+    reference = points[-1]
+    bal = balanced_sample(scenario, reference, n_src, n_dest)
     balanced = SimulatedStep(
         BALANCED,
         0,
-        points[0],
+        reference,
         scenario.total_steps,
         dict(bal.metrics),
-        simulate_step(ctx, bal.counts, bal.dest_tokens, node_tokens=bal.node_tokens),
+        simulate_step(
+            context_at(reference), bal.counts, bal.dest_tokens, node_tokens=bal.node_tokens
+        ),
         bal.counts.sum(axis=(1, 2)),
     )
     tick("balanced reference step")
+    balanced_s = {scenario.micro_batches_at(reference): balanced.result.step_time_s}
+    for step in points:  # batch-ramp steps: their own balanced reference step time
+        n = scenario.micro_batches_at(step)
+        if n not in balanced_s:
+            ramp = balanced_sample(scenario, step, n_src, n_dest)
+            balanced_s[n] = simulate_step(
+                context_at(step), ramp.counts, ramp.dest_tokens, node_tokens=ramp.node_tokens
+            ).step_time_s
+    hardware = _hardware(scenario, hardware_seed, len(points), balanced.result.step_time_s)
 
     point_seeds = sample_seed.spawn(len(points))  # once: every strategy gets the same seeds
     simulated: list[SimulatedStep] = []
@@ -136,13 +182,34 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
         if traced is None and scenario.output.trace:
             traced = (name, len(points) // 2)  # the trace shows the first run's middle point
         for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
+            step_ctx = context_at(step)
             sample = samples(i, step, np.random.default_rng(point_seeds[i]))
             recorder = (
                 SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
             )
-            result = simulate_step(
-                ctx, sample.counts, sample.dest_tokens, recorder, sample.node_tokens
-            )
+            healthy = None
+            if hardware is not None:
+                state, jitter_seed = hardware[i]
+                jitter = JitterSource(
+                    scenario.faults.jitter.sigma, np.random.default_rng(jitter_seed)
+                )
+                result = simulate_step(
+                    step_ctx,
+                    sample.counts,
+                    sample.dest_tokens,
+                    recorder,
+                    sample.node_tokens,
+                    hardware=state,
+                    jitter=jitter,
+                )
+                clean = simulate_step(
+                    step_ctx, sample.counts, sample.dest_tokens, node_tokens=sample.node_tokens
+                )
+                healthy = clean.step_time_s
+            else:
+                result = simulate_step(
+                    step_ctx, sample.counts, sample.dest_tokens, recorder, sample.node_tokens
+                )
             simulated.append(
                 SimulatedStep(
                     name,
@@ -152,21 +219,63 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
                     dict(sample.metrics),
                     result,
                     sample.counts.sum(axis=(1, 2)),
+                    healthy_step_time_s=healthy,
                 )
             )
             if scenario.eplb.enabled:
                 simulated.append(
-                    _eplb_step(ctx, name, i, step, length, sample, samples, point_seeds[i])
+                    _eplb_step(
+                        step_ctx,
+                        name,
+                        i,
+                        step,
+                        length,
+                        sample,
+                        samples,
+                        point_seeds[i],
+                        None if hardware is None else hardware[i],
+                    )
                 )
             tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
-    estimate = RunEstimate(scenario, simulated, balanced, gate_records, links, specialisation)
+    estimate = RunEstimate(
+        scenario, simulated, balanced, gate_records, links, specialisation, balanced_s
+    )
     _integrate(estimate)
     return estimate
 
 
 SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
 EPLB_SUFFIX = "+eplb"
+# Episodes are drawn over a few step times so that every op of a step falls inside them.
+HORIZON_STEPS = 3.0
+
+
+def _hardware(
+    scenario: Scenario, seed: np.random.SeedSequence, points: int, step_time_s: float
+) -> list[tuple[HardwareState, np.random.SeedSequence]] | None:
+    """Per sampled point: the hardware condition of its step (the run's persistent slow GPUs
+    and degraded ports, plus that step's throttling and link episodes) and the seed of its
+    per-op jitter. Every strategy meets the same hardware (common random numbers)."""
+    faults = scenario.faults
+    if not faults.hardware_active:
+        return None
+    gpus = scenario.cluster.gpus
+    run_seed, *point_seeds = seed.spawn(1 + points)
+    run_state = draw_run_state(faults, gpus, np.random.default_rng(run_seed))
+    out = []
+    for point_seed in point_seeds:
+        state_seed, jitter_seed = point_seed.spawn(2)
+        state = draw_step_state(
+            faults,
+            run_state,
+            gpus,
+            HORIZON_STEPS * step_time_s,
+            np.random.default_rng(state_seed),
+            link_average_s=step_time_s,
+        )
+        out.append((state, jitter_seed))
+    return out
 
 
 def eplb_steps(scenario: Scenario, points: list[int]) -> list[int]:
@@ -191,8 +300,10 @@ def _eplb_step(
     sample: RoutingSample,
     samples: SampleAt,
     seed: np.random.SeedSequence,
+    hardware: tuple[HardwareState, np.random.SeedSequence] | None = None,
 ) -> SimulatedStep:
-    """The same step under the redundant-expert placement in force at ``step``.
+    """The same step under the redundant-expert placement in force at ``step`` (on the same
+    hardware as the static placement's step).
 
     The placement was computed at the last recomputation step ``r`` from the loads of a batch
     routed then (the gate's routers at ``r``), aligned with the one computed at ``r − N``; the
@@ -216,6 +327,20 @@ def _eplb_step(
     )
     assert placed.dest_tokens is not None
     result = simulate_step(ctx, placed.counts, placed.dest_tokens, None, placed.node_tokens)
+    healthy = None
+    if hardware is not None:
+        state, jitter_seed = hardware
+        jitter = JitterSource(sc.faults.jitter.sigma, np.random.default_rng(jitter_seed))
+        healthy = result.step_time_s
+        result = simulate_step(
+            ctx,
+            placed.counts,
+            placed.dest_tokens,
+            None,
+            placed.node_tokens,
+            hardware=state,
+            jitter=jitter,
+        )
     costs = model_costs(sc.model)
     shards = sc.parallelism.data if sc.parallelism.zero1 else 1
     moe_per_stage = max(
@@ -242,6 +367,7 @@ def _eplb_step(
         result,
         sample.counts.sum(axis=(1, 2)),
         extra_wall_s=move.seconds * length / every,
+        healthy_step_time_s=healthy,
     )
 
 
@@ -382,25 +508,86 @@ def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[s
     }
 
 
+CAUSES = (
+    "compute",
+    "communication",
+    "pipeline_bubble",
+    "routing_imbalance",
+    "hardware_stragglers",
+    "expert_migration",
+    "failures",
+)
+
+
+def _attribution(
+    est: RunEstimate,
+    rows: list[SimulatedStep],
+    wall: float,
+    balanced: float,
+    failure_gpu_hours: float | None,
+) -> dict[str, float]:
+    """Every GPU-second of the run in one cause, in GPU-hours (``attribution_<cause>``), and
+    what routing imbalance and hardware stragglers cost.
+
+    The run's GPU-time splits by counterfactuals: the perfectly balanced, healthy step (its own
+    per-GPU split: compute and optimizer; all-to-all waits and gradient sync; pipeline bubble
+    and idle at the end), plus the routed step on healthy hardware minus that (routing
+    imbalance), plus the step on the scenario's hardware minus the healthy one (hardware
+    stragglers), plus EPLB migrations and failure overhead. The causes add up to
+    ``gpu_hours_with_failures``. ``imbalance_cost_usd`` is actual healthy minus balanced;
+    ``straggler_cost_usd`` actual minus healthy.
+    """
+    sc = est.scenario
+    gpus, price = sc.cluster.gpus, sc.cluster.price_usd_per_gpu_hour
+    hours = lambda seconds: gpus * units.seconds_to_hours(seconds)  # noqa: E731
+    b = est.balanced.result
+    migration = sum(s.extra_wall_s for s in rows)
+    healthy = sum(s.segment_steps * (s.healthy_step_time_s or s.result.step_time_s) for s in rows)
+    split = {
+        "compute": float((b.compute_s + b.slowdown_s + b.optimizer_s).mean()),
+        "communication": float((b.a2a_wait_s + b.allreduce_s).mean()),
+        "pipeline_bubble": float((b.pipeline_wait_s + b.tail_idle_s).mean()),
+    }
+    # The balanced step's split, scaled to the balanced run (its shares hold for ramp steps).
+    scale = balanced / b.step_time_s
+    out = {f"attribution_{k}_gpu_hours": hours(v * scale) for k, v in split.items()}
+    out["attribution_routing_imbalance_gpu_hours"] = hours(healthy - balanced)
+    out["attribution_hardware_stragglers_gpu_hours"] = hours(wall - migration - healthy)
+    out["attribution_expert_migration_gpu_hours"] = hours(migration)
+    out["attribution_failures_gpu_hours"] = float(failure_gpu_hours or 0.0)
+    out["imbalance_gpu_hours"] = hours(healthy - balanced)
+    out["imbalance_cost_usd"] = hours(healthy - balanced) * price
+    out["straggler_gpu_hours"] = hours(wall - migration - healthy)
+    out["straggler_cost_usd"] = hours(wall - migration - healthy) * price
+    return out
+
+
+def _balanced_at(est: RunEstimate, step: int) -> float:
+    """Balanced-routing step time for the batch of ``step``."""
+    return est.balanced_step_s[est.scenario.micro_batches_at(step)]
+
+
 def _integrate(est: RunEstimate) -> None:
     """Fill ``timeline`` (cumulative curves) and ``summary`` (per-strategy scalars)."""
     sc = est.scenario
     gpus = sc.cluster.gpus
     price = sc.cluster.price_usd_per_gpu_hour
-    tokens_per_step = sc.tokens_per_step
     flops_per_token = model_flops_per_token(sc.model)
     peak = gpus * sc.cluster.gpu.peak_flops("bf16")
-    balanced_time = est.balanced.result.step_time_s
     for name in run_names(sc):
         rows = [s for s in est.steps if s.strategy == name]
         records = est.gate_records[name.removesuffix(EPLB_SUFFIX)]
         wall = 0.0
+        balanced_wall = 0.0
         steps_done = 0
         for s in rows:
+            balanced_time = _balanced_at(est, s.step)
             wall += s.segment_steps * s.result.step_time_s + s.extra_wall_s
+            balanced_wall += s.segment_steps * balanced_time
             steps_done += s.segment_steps
             gpu_hours = gpus * units.seconds_to_hours(wall)
-            balanced_hours = gpus * units.seconds_to_hours(steps_done * balanced_time)
+            balanced_hours = gpus * units.seconds_to_hours(balanced_wall)
+            step_tokens = sc.batch_sequences_at(s.step) * sc.model.seq_len
             # Without a gate (trace replay) the sample itself is the only routing record.
             rec = _record_at(records, s.step) if records else s.routing_metrics
             est.timeline.append(
@@ -409,12 +596,13 @@ def _integrate(est: RunEstimate) -> None:
                     "point": s.point,
                     "step": s.step,
                     "steps_done": steps_done,
-                    "tokens": float(min(steps_done * tokens_per_step, sc.training.total_tokens)),
+                    "tokens": float(min(sc.tokens_before(steps_done), sc.training.total_tokens)),
+                    "batch_sequences": sc.batch_sequences_at(s.step),
                     "step_time_s": s.result.step_time_s,
                     "balanced_step_time_s": balanced_time,
                     "straggler_overhead": 1.0 - balanced_time / s.result.step_time_s,
-                    "tokens_per_s": tokens_per_step / s.result.step_time_s,
-                    "mfu": flops_per_token * tokens_per_step / s.result.step_time_s / peak,
+                    "tokens_per_s": step_tokens / s.result.step_time_s,
+                    "mfu": flops_per_token * step_tokens / s.result.step_time_s / peak,
                     "wall_s": wall,
                     "gpu_hours": gpu_hours,
                     "cost_usd": gpu_hours * price,
@@ -428,19 +616,20 @@ def _integrate(est: RunEstimate) -> None:
             )
         total_steps = sc.total_steps
         step_time = wall / total_steps
+        balanced_step = balanced_wall / total_steps
         tokens = sc.training.total_tokens
         gpu_hours = gpus * units.seconds_to_hours(wall)
         tail = records[-max(1, len(records) // 10) :]
         sampled = [s.routing_metrics for s in rows]
         est.summary[name] = {
             "step_time_s": step_time,
-            "balanced_step_time_s": balanced_time,
-            "straggler_overhead": 1.0 - balanced_time / step_time,
+            "balanced_step_time_s": balanced_step,
+            "straggler_overhead": 1.0 - balanced_step / step_time,
             "tokens_per_s": tokens / wall,
             "mfu": flops_per_token * tokens / wall / peak,
             "gpu_hours": gpu_hours,
             "cost_usd": gpu_hours * price,
-            "balanced_gpu_hours": gpus * units.seconds_to_hours(balanced_time * total_steps),
+            "balanced_gpu_hours": gpus * units.seconds_to_hours(balanced_wall),
             "maxvio_batch": float(np.mean([r["maxvio_batch"] for r in records or sampled])),
             "task_loss": float(np.mean([r["task_loss"] for r in tail])) if records else None,
             "wall_days": wall / 86400.0,
@@ -448,3 +637,5 @@ def _integrate(est: RunEstimate) -> None:
             **_routing_summary(rows, records),
             **_failure_summary(sc, step_time, gpu_hours),
         }
+        failure = est.summary[name]["failure_gpu_hours"]
+        est.summary[name].update(_attribution(est, rows, wall, balanced_wall, failure))

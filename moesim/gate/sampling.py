@@ -11,7 +11,7 @@ uniform over the R routed tokens)``. The weights sum to ``S`` per sequence, so l
 conserved exactly, and the sample is exact when ``R = S``. The draw of tokens and weights is shared
 by all layers (the same sequences flow through every layer), each layer routing them with its own
 router. The tokens come from the stream as it stands at the step (its drift after
-``step × tokens_per_step`` tokens) and, with domain packing, each rank's micro-batch shares a
+``scenario.tokens_before(step)`` tokens) and, with domain packing, each rank's micro-batch shares a
 dominant topic.
 
 **Capacity.** With ``router.capacity`` every (micro-batch, source rank) cell is one router call
@@ -247,13 +247,13 @@ def routing_sample(
 ) -> RoutingSample:
     """Expert loads of one step, routed by the given routers (routing.md §1, §2.4, §4, §6.2).
 
-    For every micro-batch (``scenario.micro_batches``) and source rank (``n_src``),
-    ``parallelism.micro_batch_size`` sequences are drawn from ``stream`` (drift at ``step ×
-    tokens_per_step`` tokens; domain packing per cell); ``R = gate.routed_tokens_per_sequence``
-    tokens of each are routed by every simulated layer's router (group-limited as
-    :func:`~moesim.gate.router.route_options` says) and weighted by :func:`bootstrap_weights` up
-    to ``model.seq_len``. With ``router.capacity`` each cell is one router call with its own
-    budget (module docstring).
+    For every micro-batch (``scenario.micro_batches_at(step)``) and source rank (``n_src``),
+    ``parallelism.micro_batch_size`` sequences are drawn from ``stream`` (drift at
+    ``scenario.tokens_before(step)`` tokens; domain packing per cell);
+    ``R = gate.routed_tokens_per_sequence`` tokens of each are routed by every simulated
+    layer's router (group-limited as :func:`~moesim.gate.router.route_options` says) and
+    weighted by :func:`bootstrap_weights` up to ``model.seq_len``. With ``router.capacity``
+    each cell is one router call with its own budget (module docstring).
 
     Parameters
     ----------
@@ -288,13 +288,13 @@ def routing_sample(
         raise ValueError(f"states: {len(states)} routers for {n_layers} simulated layers")
     options = dict(route_options(scenario))
     capacity = options.pop("capacity")
-    n_micro = scenario.micro_batches
+    n_micro = scenario.micro_batches_at(step)
     mbs = scenario.parallelism.micro_batch_size
     routed, seq_len = gate.routed_tokens_per_sequence, scenario.model.seq_len
     experts_per_rank = n_experts // n_dest
     n_nodes = scenario.ep_nodes
     experts_per_node = n_experts // n_nodes
-    tokens_trained = float(step) * scenario.tokens_per_step
+    tokens_trained = scenario.tokens_before(step)
 
     tokens_per_micro = n_src * mbs * routed
     width = max(n_experts, stream.dim, 1)
@@ -438,7 +438,7 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     scenario : Scenario
         Supplies the shapes.
     step : int
-        Optimizer step the sample stands for (recorded only).
+        Optimizer step the sample stands for (sets its micro-batch count under a batch ramp).
     n_src : int
         Source ranks.
     n_dest : int
@@ -453,7 +453,7 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     moe = scenario.model.moe
     n_layers, n_experts, top_k = scenario.gate.layers_simulated, moe.routed_experts, moe.top_k
     _check_ranks(n_experts, n_src, n_dest)
-    n_micro = scenario.micro_batches
+    n_micro = scenario.micro_batches_at(step)
     tokens = scenario.parallelism.micro_batch_size * scenario.model.seq_len
     base, remainder = divmod(tokens * top_k, n_experts)
     per_expert = np.full(n_experts, base, dtype=np.int64)

@@ -356,7 +356,7 @@ def trace_sample(
     spec = scenario.gate.trace
     split = split or (spec.split if spec is not None else "multinomial")
     rescale = rescale if rescale is not None else (spec.rescale if spec is not None else True)
-    n_micro = scenario.micro_batches
+    n_micro = scenario.micro_batches_at(step)
     n_cells = n_micro * n_src
     tokens = scenario.parallelism.micro_batch_size * scenario.model.seq_len
 

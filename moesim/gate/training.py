@@ -125,7 +125,7 @@ class GateTrajectory:
     records : list of dict
         One per full update, in step order (every step for ``gate.steps_per_update = 1``, every
         k-th step from step 0 otherwise): ``step`` (the real optimizer step), ``tokens``
-        (``(step + 1) · tokens_per_step``,
+        (``scenario.tokens_before(step + 1)``,
         tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
         of the update's gate-batch loads as processed — routed, less any capacity drops —
         routing.md §2.4, §10 item 4), ``task_loss`` (nats),
@@ -509,7 +509,7 @@ class _BiasSteps:
             n_steps * self.sequences,
             gate.tokens_per_sequence,
             self.rng,
-            tokens_trained=step * scenario.tokens_per_step,
+            tokens_trained=scenario.tokens_before(step),
             sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
         )
         self.chunk = tokens.reshape(-1, scenario.stream.dim)
@@ -622,7 +622,6 @@ def train_gate(
     grouped = options["group_topk"] is not None and options["group_topk"] < options["n_groups"]
     score = options["score"]
     context = balance_context(scenario)
-    tokens_per_step = scenario.tokens_per_step
     n_tokens = gate.batch_sequences * gate.tokens_per_sequence
     scope = balancer.bias_scope
     scope_sizes = None if scope in (None, "global") else context.scope_sizes(scope, n_tokens)
@@ -635,7 +634,7 @@ def train_gate(
     for step in range(total_steps):
         if step in wanted:
             trajectory.states[step] = [s.copy() for s in states]
-        tokens_before = step * tokens_per_step
+        tokens_before = scenario.tokens_before(step)
         if step % every:
             # A bias step (steps_per_update > 1): the bias rule on a fresh batch's loads, then
             # an Adam step with the last full update's gradient.
@@ -694,7 +693,7 @@ def train_gate(
         trajectory.records.append(
             {
                 "step": step,
-                "tokens": (step + 1) * tokens_per_step,
+                "tokens": scenario.tokens_before(step + 1),
                 "maxvio_batch": float(sums[0]),
                 "task_loss": float(sums[1]),
                 "aux_loss": float(sums[2]),

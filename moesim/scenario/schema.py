@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from moesim import units
 from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
-from moesim.scenario.faults import Faults
+from moesim.scenario.faults import Faults, check_faults
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
 
@@ -424,6 +424,7 @@ class Scenario(Frozen):
                 f"model.seq_len ({m.seq_len})"
             )
         self._check_schedule()
+        check_faults(self.faults, c.gpus)
         check_strategies(self)
         self.router.check_scenario(self)
         return self
@@ -535,6 +536,11 @@ class Scenario(Frozen):
             batches.append(batch)
             tokens += batch * self.model.seq_len
         return tuple(batches)
+
+    @property
+    def ramp_steps(self) -> int:
+        """Optimizer steps taken during the batch ramp (0 without one)."""
+        return len(self._ramp_batches)
 
     def batch_sequences_at(self, step: int) -> int:
         """Global batch (sequences) of optimizer step ``step`` (0-based)."""
