@@ -22,9 +22,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+bench: export OPENBLAS_NUM_THREADS := 1
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/gate_speed.py
+	$(BIN)/python benchmarks/engine_scale.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check moesim tests benchmarks

@@ -4,7 +4,11 @@
     DualPipe × EP64 × DP2, 120 micro-batches, 58 MoE layers, node-limited dispatch): wall time,
     the process's peak resident memory, SimPy events and all-to-all exchanges, with a routing
     sample of the scenario's simulated layers, balanced and skewed (Zipf).
-(b) Scaling: the same model from 256 to 16,384 GPUs (PP4 → PP16 at EP64, then data-parallel
+(b) The same DeepSeek-V3 step with hardware stragglers switched on (5% slow GPUs, 3% per-op
+    jitter, a 60 s throttling episode per GPU every 2 h, 2% half-rate NICs: faults_demo.yaml's
+    rates) against the healthy step: the cost of
+    modelling them.
+(c) Scaling: the same model from 256 to 16,384 GPUs (PP4 → PP16 at EP64, then data-parallel
     replicas DP1 → DP16), 120 micro-batches per pipeline, one step each; the fitted exponent of
     wall time against GPUs.
 
@@ -21,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from moesim.cluster.stragglers import JitterSource, draw_run_state, draw_step_state
 from moesim.engine import build_context, simulate_step
 from moesim.gate import balanced_sample
 from moesim.gate.sample import RoutingSample
@@ -70,7 +75,7 @@ def main() -> None:
 
     sc = scenario_from_dict(v3_dict())
     lay = build_context(sc).layout
-    bal = balanced_sample(sc, 0, lay.gpus_per_stage, lay.expert)
+    bal = balanced_sample(sc, sc.total_steps - 1, lay.gpus_per_stage, lay.expert)
     sample_bytes = bal.counts.nbytes + bal.dest_tokens.nbytes + bal.node_tokens.nbytes
     print(
         f"deepseek_v3: {sc.cluster.gpus} GPUs, PP{sc.parallelism.pipeline} "
@@ -89,6 +94,31 @@ def main() -> None:
             f"{r.step_time_s:.2f} s"
         )
 
+    d = v3_dict()
+    d["faults"] = {
+        "slow_gpus": {"fraction": 0.05},
+        "jitter": {"sigma": 0.03},
+        "throttling": {"rate_per_gpu_hour": 0.5, "duration_seconds": 60},
+        "degraded_links": {"nic": {"fraction": 0.02}},
+    }
+    faulty = scenario_from_dict(d)
+    rng = np.random.default_rng(0)
+    run_state = draw_run_state(faulty.faults, faulty.cluster.gpus, rng)
+    state = draw_step_state(faulty.faults, run_state, faulty.cluster.gpus, 60.0, rng)
+    ctx = build_context(faulty)
+    walls = {}
+    for label, kwargs in (
+        ("healthy", {}),
+        ("faulty", {"hardware": state, "jitter": JitterSource(0.03, np.random.default_rng(1))}),
+    ):
+        start = time.perf_counter()
+        r = simulate_step(ctx, bal.counts, bal.dest_tokens, node_tokens=bal.node_tokens, **kwargs)
+        walls[label] = time.perf_counter() - start
+        print(
+            f"  {label:8s} step: {walls[label]:6.2f} s wall; simulated step {r.step_time_s:.2f} s"
+        )
+    print(f"  hardware stragglers cost {walls['faulty'] / walls['healthy'] - 1:+.0%} wall time")
+
     print("scaling (EP64, 120 micro-batches per pipeline, balanced routing, 1 simulated router):")
     gpus, walls = [], []
     for pp, dp in SCALES:
@@ -102,7 +132,7 @@ def main() -> None:
         d["output"]["trace_gpus"] = None
         sc = scenario_from_dict(d)
         lay = build_context(sc).layout
-        sample = balanced_sample(sc, 0, lay.gpus_per_stage, lay.expert)
+        sample = balanced_sample(sc, sc.total_steps - 1, lay.gpus_per_stage, lay.expert)
         wall, peak, r = time_step(sc, sample)
         gpus.append(sc.cluster.gpus)
         walls.append(wall)

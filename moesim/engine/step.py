@@ -362,6 +362,8 @@ class _StepModel:
         self.ctx = ctx
         self.hw = None if hardware is None or hardware.is_healthy else hardware
         self.link_factor: Vector | None = None
+        self._worst_link: dict[tuple[int, int, bool], Vector] = {}
+        self._healthy_links = np.ones(0)
         if self.hw is not None:
             factor = np.minimum(self.hw.nic_factor, self.hw.nvlink_factor)
             self.link_factor = factor if np.any(factor < 1) else None
@@ -488,7 +490,7 @@ class _StepModel:
         given their hardware condition; the extra time is booked as slowdown."""
         if self.hw is None and self.jitter is None:
             return start + seconds
-        work = np.broadcast_to(seconds, start.shape)
+        work = seconds
         if self.hw is not None:
             work = work * self.hw.gpu_speed[gpus]
         if self.jitter is not None:
@@ -547,14 +549,22 @@ class _StepModel:
         senders (an exchange through a half-speed port takes twice as long from its last
         sender's start: the port is the bottleneck of the flows that cross it)."""
         assert self.link_factor is not None
-        f = self.link_factor[self.span[rank]].reshape(self.data, self.expert)
-        senders = self.dest[cell // self.cells_per_layer, cell % self.cells_per_layer] > 0
-        senders = senders.reshape(self.data, self.expert, self.expert)
-        if toward_experts:
-            worst = np.where(senders, f[:, :, None], 1.0).min(axis=1)
-        else:
-            worst = np.where(senders, f[:, None, :], 1.0).min(axis=2)
-        worst = np.minimum(worst, f)
+        key = (rank, cell, toward_experts)
+        worst = self._worst_link.get(key)
+        if worst is None:  # link factors hold for the whole step: once per rank and cell
+            f = self.link_factor[self.span[rank]].reshape(self.data, self.expert)
+            senders = self.dest[cell // self.cells_per_layer, cell % self.cells_per_layer] > 0
+            senders = senders.reshape(self.data, self.expert, self.expert)
+            if toward_experts:
+                worst = np.where(senders, f[:, :, None], 1.0).min(axis=1)
+            else:
+                worst = np.where(senders, f[:, None, :], 1.0).min(axis=2)
+            worst = np.minimum(worst, f)
+            if np.all(worst == 1.0):
+                worst = self._healthy_links  # no degraded port in this exchange
+            self._worst_link[key] = worst
+        if worst is self._healthy_links:
+            return done
         return last + (done - last) / worst
 
     def _experts(self, layer: int, micro: int) -> tuple[Vector, Vector, Vector, Vector]:

@@ -74,6 +74,7 @@ batches.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -155,6 +156,7 @@ class GateTrajectory:
     states: dict[int, list[RouterState]] = field(default_factory=dict)
     final: list[RouterState] = field(default_factory=list)
     steps_per_update: int = 1
+    bias_steps_per_update: int = 1
 
     def column(self, key: str) -> npt.NDArray[np.float64]:
         """One record field over all updates, shape (updates,)."""
@@ -462,7 +464,8 @@ def _scores(logits: FloatArray, score: ScoreFunction) -> FloatArray:
 
 class _BiasSteps:
     """The bias steps between full updates (module docstring, *Coarsening*): the current chunk of
-    bias-batch tokens, and every layer's loads on one step's share of it."""
+    bias-batch tokens, and every layer's loads on one block's share of it — one sub-batch of
+    ``bias_batch_sequences`` sequences per step of the block, routed at once."""
 
     def __init__(
         self,
@@ -483,28 +486,21 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
-        n_experts = scenario.model.moe.routed_experts
-        # One logits buffer and one load counter, reused by every layer and step.
-        self.logits = np.empty((self.tokens, n_experts), dtype=np.float32)
-        self.counter = None
-        if options["capacity"] is None:
-            self.counter = LoadCounter(
-                self.tokens,
-                n_experts,
-                options["top_k"],
-                options["n_groups"],
-                options["group_topk"],
-                self.scope_sizes,
-            )
+        self.n_experts = scenario.model.moe.routed_experts
+        self.block = gate.bias_steps_per_update
+        # One logits buffer (a block's worth of rows) and one load counter per block length,
+        # reused by every layer and block.
+        self.logits = np.empty((self.block * self.tokens, self.n_experts), dtype=np.float32)
+        self.counters: dict[int, LoadCounter] = {}
 
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
 
-    def _draw(self, step: int, period_end: int) -> None:
+    def _draw(self, step: int, period_end: int, n: int) -> None:
         scenario = self.scenario
         gate = scenario.gate
-        n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
+        n_steps = min(period_end - step, max(n, _BIAS_CHUNK_TOKENS // self.tokens))
         tokens, _ = self.stream.sample(
             n_steps * self.sequences,
             gate.tokens_per_sequence,
@@ -515,43 +511,75 @@ class _BiasSteps:
         self.chunk = tokens.reshape(-1, scenario.stream.dim)
         self.left, self.used = n_steps, 0
 
+    def _counter(self, n: int) -> LoadCounter:
+        """The load counter of a block of ``n`` steps: counts per sub-batch (per bias-scope
+        group within it); one block-wide count for ``n = 1`` without a scope, as before."""
+        counter = self.counters.get(n)
+        if counter is None:
+            options = self.options
+            if self.scope_sizes is not None:
+                sizes: npt.NDArray[np.int64] | list[int] | None = np.tile(self.scope_sizes, n)
+            else:
+                sizes = None if n == 1 else [self.tokens] * n
+            counter = LoadCounter(
+                n * self.tokens,
+                self.n_experts,
+                options["top_k"],
+                options["n_groups"],
+                options["group_topk"],
+                sizes,
+            )
+            self.counters[n] = counter
+        return counter
+
     def loads(
-        self, step: int, period_end: int, states: Sequence[RouterState]
-    ) -> list[npt.NDArray[np.int64]]:
-        """Every layer's loads on this step's bias batch, as processed, per bias-scope group."""
-        if self.left == 0:
-            self._draw(step, period_end)
-        rows = slice(self.used * self.tokens, (self.used + 1) * self.tokens)
-        self.used += 1
-        self.left -= 1
+        self, step: int, n: int, period_end: int, states: Sequence[RouterState]
+    ) -> list[list[npt.NDArray[np.int64]]]:
+        """Every layer's loads for the ``n`` steps ``step, …, step + n − 1`` of one block, as
+        processed, per bias-scope group: per layer, one count array per step, from its own
+        sub-batch routed with the layer's current weights and bias.
+
+        A block takes consecutive sub-batches of one chunk; a chunk holds at least the block
+        (drawn at the block's first step when the current one has fewer left).
+        """
+        if self.left < n:
+            self._draw(step, period_end, n)
+        rows = slice(self.used * self.tokens, (self.used + n) * self.tokens)
+        self.used += n
+        self.left -= n
         options = self.options
         sizes = self.scope_sizes
         x = self.chunk[rows]
-        out = []
+        out: list[list[npt.NDArray[np.int64]]] = []
         for state in states:
             if options["capacity"] is not None:
                 routing = route(
                     x,
                     state,
                     **options,
-                    segments=self.micro,
+                    segments=self.micro * n,
                     tokens_per_sequence=self.scenario.gate.tokens_per_sequence,
                 )
-                if sizes is None:
-                    out.append(routing.loads())
-                else:
-                    n_experts = state.n_experts
-                    out.append(grouped_counts(routing.selected, n_experts, sizes, routing.dropped))
-                continue
-            logits = np.matmul(x, state.weights.T, out=self.logits)
-            selection = _scores(logits, options["score"])
-            if state.biased:
-                if state.bias_mode == "mul":
-                    selection *= state.bias
-                else:
-                    selection += state.bias
-            assert self.counter is not None
-            out.append(self.counter(selection))
+                if sizes is None and n == 1:
+                    out.append([routing.loads()])
+                    continue
+                groups = [self.tokens] * n if sizes is None else np.tile(sizes, n)
+                counts = grouped_counts(routing.selected, state.n_experts, groups, routing.dropped)
+            else:
+                logits = np.matmul(x, state.weights.T, out=self.logits[: n * self.tokens])
+                selection = _scores(logits, options["score"])
+                if state.biased:
+                    if state.bias_mode == "mul":
+                        selection *= state.bias
+                    else:
+                        selection += state.bias
+                counts = self._counter(n)(selection)
+                if sizes is None and n == 1:
+                    out.append([counts])
+                    continue
+            out.append(
+                list(counts.reshape(n, -1, state.n_experts)) if sizes is not None else list(counts)
+            )
         return out
 
 
@@ -592,7 +620,7 @@ def train_gate(
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
-    every = gate.steps_per_update
+    every, block = gate.steps_per_update, gate.bias_steps_per_update
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
@@ -630,21 +658,40 @@ def train_gate(
     if every > 1 and scope is not None:
         bias_steps = _BiasSteps(scenario, stream, np.random.default_rng(bias_seed), options, scope)
 
-    trajectory = GateTrajectory(strategy=balancer.name, stream=stream, steps_per_update=every)
-    for step in range(total_steps):
+    trajectory = GateTrajectory(
+        strategy=balancer.name,
+        stream=stream,
+        steps_per_update=every,
+        bias_steps_per_update=block,
+    )
+    # Block ends: the next multiple of j, the next full update, and the next wanted snapshot.
+    stops = sorted(wanted)
+    step = 0
+    while step < total_steps:
         if step in wanted:
             trajectory.states[step] = [s.copy() for s in states]
         tokens_before = scenario.tokens_before(step)
         if step % every:
-            # A bias step (steps_per_update > 1): the bias rule on a fresh batch's loads, then
-            # an Adam step with the last full update's gradient.
-            if bias_steps is not None and balancer.gamma_at(tokens_before) > 0:
-                period_end = min(total_steps, step - step % every + every)
-                loads = bias_steps.loads(step, period_end, states)
-                for state, counts in zip(states, loads, strict=True):
-                    balancer.after_step(state, counts, tokens_before)
+            # A block of bias steps (steps_per_update > 1; one step unless
+            # bias_steps_per_update > 1): the bias rule on fresh batches' loads, one per step,
+            # then an Adam step per step with the last full update's gradient.
+            period_end = min(total_steps, step - step % every + every)
+            end = min(period_end, step - step % block + block)
+            after = bisect.bisect_right(stops, step)
+            if after < len(stops):
+                end = min(end, stops[after])
+            n = end - step
+            if bias_steps is not None:
+                trained = [tokens_before]
+                trained += [scenario.tokens_before(s) for s in range(step + 1, end)]
+                if any(balancer.gamma_at(t) > 0 for t in trained):
+                    loads = bias_steps.loads(step, n, period_end, states)
+                    for state, counts in zip(states, loads, strict=True):
+                        balancer.after_steps(state, counts, trained)
             for state, adam in zip(states, optimizers, strict=True):
-                adam.repeat(state.weights)
+                for _ in range(n):
+                    adam.repeat(state.weights)
+            step = end
             continue
         tokens, _ = stream.sample(
             gate.batch_sequences,
@@ -704,6 +751,7 @@ def train_gate(
                 "gamma": balancer.gamma_at(tokens_before),
             }
         )
+        step += 1
     if total_steps in wanted:
         trajectory.states[total_steps] = [s.copy() for s in states]
     trajectory.final = [s.copy() for s in states]

@@ -288,6 +288,14 @@ class Gate(Frozen):
     ``bias_batch_sequences`` fresh sequences with the current weights and bias, update the bias
     from their loads, and step Adam with the last gradient. ``learning_rate`` stays the step of
     every optimizer step. The gate then records every k-th step only (one record per gradient).
+
+    **Bias coarsening** (``bias_steps_per_update: j > 1``, on top of ``k``). The bias steps
+    between two gradients are taken in blocks of up to j consecutive steps (the blocks end at
+    multiples of j): one routing of the block's ``j × bias_batch_sequences`` sequences with the
+    state at its first step, then j bias updates, the r-th from the r-th sub-batch's loads with
+    γ at its own step's tokens, and j Adam steps. j must divide k, so that every block lies
+    between two gradients. Snapshot steps inside a block split it: the state at the start of
+    every requested step is exact.
     """
 
     layers_simulated: PositiveInt = Field(
@@ -324,6 +332,14 @@ class Gate(Frozen):
         "for the bias update of each step between gradients; none = batch_sequences (fewer is "
         "faster, but the bias reads noisier loads)",
     )
+    bias_steps_per_update: PositiveInt = Field(
+        1,
+        description="bias steps (between gradients) routed together: 1 = each step routes its "
+        "own bias batch with the state it starts from; j > 1 = blocks of up to j steps route "
+        "their sub-batches at once with the block's first state, then take one bias update per "
+        "step from its own sub-batch (faster, the bias reacts up to j - 1 steps late); must "
+        "divide steps_per_update",
+    )
     init_logit_std: PositiveFloat = Field(
         0.19,
         description="spread of the initial router logits: the loss-free paper's init std 0.006 "
@@ -338,3 +354,15 @@ class Gate(Frozen):
     trace: Trace | None = Field(
         None, description="replay recorded expert loads instead of training the synthetic gate"
     )
+
+    @model_validator(mode="after")
+    def _check_coarsening(self) -> Gate:
+        j, k = self.bias_steps_per_update, self.steps_per_update
+        if k % j:
+            raise ValueError(
+                f"bias_steps_per_update: {j} does not divide steps_per_update ({k}); a block of "
+                "bias steps must lie between two gradient updates (the steps between two "
+                f"gradients come in blocks of j, so choose a divisor of {k}, or a "
+                f"steps_per_update that is a multiple of {j})"
+            )
+        return self
