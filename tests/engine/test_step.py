@@ -284,3 +284,41 @@ def test_balanced_layer_split_evens_out_the_pieces(tiny_dict):
     (even_piece, even_step), (bal_piece, bal_step) = worst(even), worst(balanced)
     assert bal_piece < even_piece
     assert bal_step < even_step
+
+
+@pytest.mark.parametrize("collective", ["ring", "hierarchical"])
+def test_data_parallel_collectives_match_their_closed_forms(tiny_dict, collective):
+    """Expert-data-parallel peers on 4 nodes of 2 GPUs (PP1 × EP2 × DP4): a ring crosses the
+    NICs for the whole all-reduce; the hierarchical form reduces inside each node over NVLink,
+    then across nodes on half the bytes, then gathers inside again."""
+    d = tiny_dict
+    d["cluster"].update(nodes=4, gpus_per_node=2)
+    d["parallelism"] = {
+        "pipeline": 1,
+        "expert": 2,
+        "data": 4,
+        "zero1": False,
+        "dp_collective": collective,
+    }
+    d["training"]["global_batch_sequences"] = 16
+    sc = scenario_from_dict(d)
+    ctx = build_context(sc)
+    r = simulate_step(ctx, *_balanced(ctx))
+    nvl, nic = sc.cluster.nvlink_bytes_per_s, sc.cluster.nic.bandwidth_bytes_per_s
+    lat_nvl, lat_nic = ctx.topology.nvlink_latency_s, ctx.topology.nic_latency_s
+
+    def ring(n, nbytes, bw, lat):
+        return 2 * ((n - 1) / n * nbytes / bw + (n - 1) * lat)
+
+    dense, expert = ctx.dense_grad_bytes[0], ctx.expert_grad_bytes[0]
+    if collective == "ring":
+        # Dense: all 8 GPUs (NIC-bound; each ring step waits for its slowest hop, here the
+        # NVLink's latency); experts: the 4 peers, one per node.
+        expected = ring(8, dense, nic, max(lat_nvl, lat_nic)) + ring(4, expert, nic, lat_nic)
+    else:
+        expected = (
+            ring(2, dense, nvl, lat_nvl)
+            + ring(4, dense / 2, nic, lat_nic)
+            + ring(4, expert, nic, lat_nic)  # one peer per node: nothing to do inside
+        )
+    assert r.allreduce_s.min() == pytest.approx(expected, rel=1e-6)
