@@ -1,9 +1,10 @@
 """Chrome trace event format (opens in Perfetto and chrome://tracing) from recorded slices.
 
 One process per traced GPU, one thread per track (compute, dispatch, combine, pipeline,
-all-reduce). Slices of the compute, dispatch, combine and all-reduce tracks never overlap on
-their thread, so they are complete events (``ph: X``); stage-to-stage transfers may overlap
-each other, so they are async events (``ph: b``/``e``). Times are microseconds. The file is
+all-reduce). Slices of the compute and all-reduce tracks never overlap on their thread, so they
+are complete events (``ph: X``); all-to-alls (two of them in flight at once under DualPipe's
+paired chunks) and stage-to-stage transfers may overlap each other, so they are async events
+(``ph: b``/``e``). Times are microseconds. The file is
 gzip-compressed with a zero timestamp so identical runs give identical bytes.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 from moesim.engine.recorder import TRACKS, Slice
 
 _US = 1e6
+ASYNC_TRACKS = ("dispatch", "combine", "pipeline")
 
 
 def trace_events(slices: Iterable[Slice], gpu_label: dict[int, str]) -> list[dict[str, Any]]:
@@ -35,7 +37,7 @@ def trace_events(slices: Iterable[Slice], gpu_label: dict[int, str]) -> list[dic
     tid_of = {track: tid for tid, track in enumerate(TRACKS)}
     for n, s in enumerate(sorted(slices, key=lambda s: (s.gpu, s.start_s, s.track))):
         base = {"name": s.name, "cat": s.track, "pid": s.gpu, "tid": tid_of[s.track]}
-        if s.track == "pipeline":
+        if s.track in ASYNC_TRACKS:
             ident = f"p{n}"
             events.append({**base, "ph": "b", "id": ident, "ts": s.start_s * _US, "args": s.args})
             events.append({**base, "ph": "e", "id": ident, "ts": s.end_s * _US})

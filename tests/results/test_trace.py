@@ -25,15 +25,15 @@ def test_trace_events(tmp_path):
     names = {(e["pid"], e["args"]["name"]) for e in events if e["name"] == "process_name"}
     assert names == {(0, "GPU 0"), (1, "GPU 1")}
     complete = [e for e in events if e["ph"] == "X"]
-    assert len(complete) == 3
+    assert len(complete) == 2
     experts = next(e for e in complete if e["name"] == "routed experts")
     assert experts["ts"] == 1000.0  # microseconds
     assert experts["dur"] == 2000.0
-    # Overlapping stage-to-stage transfers are async begin/end pairs with distinct ids.
+    # Transfers and all-to-alls (which may overlap) are async begin/end pairs, distinct ids.
     begins = [e for e in events if e["ph"] == "b"]
     ends = [e for e in events if e["ph"] == "e"]
-    assert len(begins) == len(ends) == 2
-    assert len({e["id"] for e in begins}) == 2
+    assert len(begins) == len(ends) == 3
+    assert len({e["id"] for e in begins}) == 3
 
 
 def test_trace_is_deterministic(tmp_path):
