@@ -361,12 +361,6 @@ class _StepModel:
     ) -> None:
         self.ctx = ctx
         self.hw = None if hardware is None or hardware.is_healthy else hardware
-        self.link_factor: Vector | None = None
-        self._worst_link: dict[tuple[int, int, bool], Vector] = {}
-        self._healthy_links = np.ones(0)
-        if self.hw is not None:
-            factor = np.minimum(self.hw.nic_factor, self.hw.nvlink_factor)
-            self.link_factor = factor if np.any(factor < 1) else None
         self.jitter = jitter if jitter is not None and jitter.sigma > 0 else None
         self.sc = sc = ctx.scenario
         self.rec = recorder
@@ -387,6 +381,25 @@ class _StepModel:
         self.pricers = [ExchangePricer(topo, gpus, self.load) for gpus in ctx.rank_gpus]
         # A rank's GPUs are consecutive ranks: slices index per-GPU arrays without copies.
         self.span = [slice(int(g.min()), int(g.max()) + 1) for g in ctx.rank_gpus]
+        # Degraded ports: a bandwidth factor per link (NVLink and NIC ports of each GPU), and
+        # per GPU the factor its expert-parallel exchanges see.
+        self.link_scale: Vector | None = None
+        self.link_factor: Vector | None = None
+        self._worst_link: dict[tuple[int, int, bool], Vector] = {}
+        self._healthy_links = np.ones(0)
+        if self.hw is not None and (
+            np.any(self.hw.nic_factor < 1) or np.any(self.hw.nvlink_factor < 1)
+        ):
+            nvl, nic = self.hw.nvlink_factor, self.hw.nic_factor
+            scale = np.ones(topo.links)
+            per_gpu = np.stack([nvl, nvl, nic, nic], axis=1).ravel()
+            scale[: per_gpu.size] = per_gpu
+            self.link_scale = scale
+            self.link_factor = nvl.copy()
+            for rank, pricer in enumerate(self.pricers):
+                if pricer.remote.any():  # the group spans NVLink domains: NICs carry it too
+                    span = self.span[rank]
+                    self.link_factor[span] = np.minimum(nvl[span], nic[span])
         self.tables = self._exchange_tables()
         self.cells_per_layer = ctx.schedule.micro_batches
         self.uses = [np.zeros((dest.shape[0] * dest.shape[1], 2)) for _ in ctx.rank_gpus]
@@ -440,9 +453,10 @@ class _StepModel:
         for i, (s, d) in enumerate(zip(src, dst, strict=True)):
             path = topo.path(int(s), int(d))
             links += path
-            bw = topo.capacity[path].min()
-            if self.link_factor is not None:
-                bw *= min(self.link_factor[int(s)], self.link_factor[int(d)])
+            capacity = topo.capacity[path]
+            if self.link_scale is not None:
+                capacity = capacity * self.link_scale[path]
+            bw = capacity.min()
             secs[i] = topo.latency(int(s), int(d)) + ctx.activation_bytes / bw
         self.p2p[(a, b)] = secs, np.asarray(links, dtype=np.int64)
         return self.p2p[(a, b)]
@@ -871,9 +885,22 @@ class _StepModel:
         if n < 2:
             return 0.0
         bw, lat = self._ring_links(members)
-        if self.link_factor is not None:
-            bw *= float(self.link_factor[members].min())
+        if self.link_scale is not None:
+            links = self._ring_link_ids(members)
+            bw = float((self.ctx.topology.capacity[links] * self.link_scale[links]).min())
         return phases * ((n - 1) / n * nbytes / bw + (n - 1) * lat)
+
+    def _ring_link_ids(self, members: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Links of every hop of a ring over ``members`` (cached by the members)."""
+        key = tuple(members.tolist())
+        links = self._ring_paths.get(key)
+        if links is None:
+            topo = self.ctx.topology
+            nxt = np.roll(members, -1)
+            hops = [topo.path(a, b) for a, b in zip(members.tolist(), nxt.tolist(), strict=True)]
+            links = np.asarray([link for hop in hops for link in hop], dtype=np.int64)
+            self._ring_paths[key] = links
+        return links
 
     def _ring_links(self, members: npt.NDArray[np.int64]) -> tuple[float, float]:
         """Bottleneck bandwidth and slowest hop latency of a ring over ``members`` (cached by
@@ -914,12 +941,7 @@ class _StepModel:
                 load.busy_s[4 * members + port] += amount / cap
             return
         amount = phases * (n - 1) / n * nbytes
-        links = self._ring_paths.get(tuple(members.tolist()))
-        if links is None:
-            nxt = np.roll(members, -1)
-            hops = [topo.path(a, b) for a, b in zip(members.tolist(), nxt.tolist(), strict=True)]
-            links = np.asarray([link for hop in hops for link in hop], dtype=np.int64)
-            self._ring_paths[tuple(members.tolist())] = links
+        links = self._ring_link_ids(members)
         np.add.at(load.bytes, links, amount)
         np.add.at(load.busy_s, links, amount / topo.capacity[links])
 

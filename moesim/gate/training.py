@@ -84,6 +84,7 @@ import numpy.typing as npt
 
 from moesim.gate.balancing import (
     BalanceContext,
+    BalancingStrategy,
     StrategySpec,
     grouped_counts,
     interference,
@@ -486,101 +487,102 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
-        self.n_experts = scenario.model.moe.routed_experts
-        self.block = gate.bias_steps_per_update
-        # One logits buffer (a block's worth of rows) and one load counter per block length,
-        # reused by every layer and block.
-        self.logits = np.empty((self.block * self.tokens, self.n_experts), dtype=np.float32)
-        self.counters: dict[int, LoadCounter] = {}
+        n_experts = scenario.model.moe.routed_experts
+        # One logits buffer (a block's worth of sub-batches) and one load counter, reused by
+        # every layer and step.
+        block = gate.bias_steps_per_update
+        self.logits = np.empty((block * self.tokens, n_experts), dtype=np.float32)
+        self.counter = None
+        if options["capacity"] is None:
+            self.counter = LoadCounter(
+                self.tokens,
+                n_experts,
+                options["top_k"],
+                options["n_groups"],
+                options["group_topk"],
+                self.scope_sizes,
+            )
 
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
 
-    def _draw(self, step: int, period_end: int, n: int) -> None:
-        scenario = self.scenario
-        gate = scenario.gate
-        n_steps = min(period_end - step, max(n, _BIAS_CHUNK_TOKENS // self.tokens))
-        tokens, _ = self.stream.sample(
-            n_steps * self.sequences,
-            gate.tokens_per_sequence,
-            self.rng,
-            tokens_trained=scenario.tokens_before(step),
-            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
-        )
-        self.chunk = tokens.reshape(-1, scenario.stream.dim)
-        self.left, self.used = n_steps, 0
-
-    def _counter(self, n: int) -> LoadCounter:
-        """The load counter of a block of ``n`` steps: counts per sub-batch (per bias-scope
-        group within it); one block-wide count for ``n = 1`` without a scope, as before."""
-        counter = self.counters.get(n)
-        if counter is None:
-            options = self.options
-            if self.scope_sizes is not None:
-                sizes: npt.NDArray[np.int64] | list[int] | None = np.tile(self.scope_sizes, n)
-            else:
-                sizes = None if n == 1 else [self.tokens] * n
-            counter = LoadCounter(
-                n * self.tokens,
-                self.n_experts,
-                options["top_k"],
-                options["n_groups"],
-                options["group_topk"],
-                sizes,
+    def ready(self, step: int, period_end: int) -> int:
+        """Bias steps left in the current chunk from ``step`` on, drawing a new chunk (at the
+        stream's popularity at ``step``) when none is left."""
+        if self.left == 0:
+            scenario = self.scenario
+            gate = scenario.gate
+            n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
+            tokens, _ = self.stream.sample(
+                n_steps * self.sequences,
+                gate.tokens_per_sequence,
+                self.rng,
+                tokens_trained=scenario.tokens_before(step),
+                sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
             )
-            self.counters[n] = counter
-        return counter
+            self.chunk = tokens.reshape(-1, scenario.stream.dim)
+            self.left, self.used = n_steps, 0
+        return self.left
 
-    def loads(
-        self, step: int, n: int, period_end: int, states: Sequence[RouterState]
-    ) -> list[list[npt.NDArray[np.int64]]]:
-        """Every layer's loads for the ``n`` steps ``step, …, step + n − 1`` of one block, as
-        processed, per bias-scope group: per layer, one count array per step, from its own
-        sub-batch routed with the layer's current weights and bias.
+    def run(
+        self,
+        n: int,
+        states: Sequence[RouterState],
+        optimizers: Sequence[_Adam],
+        balancer: BalancingStrategy,
+        trained: Sequence[float],
+    ) -> None:
+        """``n ≤`` :meth:`ready` consecutive bias steps of every layer, exactly as one at a
+        time: step r routes its own sub-batch (the chunk's next) with the weights and bias it
+        starts from, the bias rule reads those loads (γ at ``trained[r]``), and Adam steps
+        with the last gradient.
 
-        A block takes consecutive sub-batches of one chunk; a chunk holds at least the block
-        (drawn at the block's first step when the current one has fewer left).
+        The bias does not enter the logits and Adam does not read the bias, so the weights'
+        path through the block is computed first — each sub-batch's logits taken with the
+        weights of its step — the scores of the whole block at once, and then the steps' bias
+        updates in order, each selecting on its sub-batch's scores with the bias of its step.
         """
-        if self.left < n:
-            self._draw(step, period_end, n)
-        rows = slice(self.used * self.tokens, (self.used + n) * self.tokens)
+        size = self.tokens
+        x = self.chunk[self.used * size : (self.used + n) * size]
         self.used += n
         self.left -= n
         options = self.options
-        sizes = self.scope_sizes
-        x = self.chunk[rows]
-        out: list[list[npt.NDArray[np.int64]]] = []
-        for state in states:
+        for state, adam in zip(states, optimizers, strict=True):
             if options["capacity"] is not None:
-                routing = route(
-                    x,
-                    state,
-                    **options,
-                    segments=self.micro * n,
-                    tokens_per_sequence=self.scenario.gate.tokens_per_sequence,
-                )
-                if sizes is None and n == 1:
-                    out.append([routing.loads()])
-                    continue
-                groups = [self.tokens] * n if sizes is None else np.tile(sizes, n)
-                counts = grouped_counts(routing.selected, state.n_experts, groups, routing.dropped)
-            else:
-                logits = np.matmul(x, state.weights.T, out=self.logits[: n * self.tokens])
-                selection = _scores(logits, options["score"])
+                # Dropping depends on the gates: route step by step.
+                for r in range(n):
+                    routing = route(
+                        x[r * size : (r + 1) * size],
+                        state,
+                        **options,
+                        segments=self.micro,
+                        tokens_per_sequence=self.scenario.gate.tokens_per_sequence,
+                    )
+                    if self.scope_sizes is None:
+                        counts = routing.loads()
+                    else:
+                        counts = grouped_counts(
+                            routing.selected, state.n_experts, self.scope_sizes, routing.dropped
+                        )
+                    balancer.after_step(state, counts, trained[r])
+                    adam.repeat(state.weights)
+                continue
+            logits = self.logits[: n * size]
+            for r in range(n):
+                rows = slice(r * size, (r + 1) * size)
+                np.matmul(x[rows], state.weights.T, out=logits[rows])
+                adam.repeat(state.weights)
+            scores = _scores(logits, options["score"])
+            for r in range(n):
+                selection = scores[r * size : (r + 1) * size]
                 if state.biased:
                     if state.bias_mode == "mul":
                         selection *= state.bias
                     else:
                         selection += state.bias
-                counts = self._counter(n)(selection)
-                if sizes is None and n == 1:
-                    out.append([counts])
-                    continue
-            out.append(
-                list(counts.reshape(n, -1, state.n_experts)) if sizes is not None else list(counts)
-            )
-        return out
+                assert self.counter is not None
+                balancer.after_step(state, self.counter(selection), trained[r])
 
 
 def train_gate(
@@ -680,17 +682,23 @@ def train_gate(
             after = bisect.bisect_right(stops, step)
             if after < len(stops):
                 end = min(end, stops[after])
-            n = end - step
-            if bias_steps is not None:
-                trained = [tokens_before]
-                trained += [scenario.tokens_before(s) for s in range(step + 1, end)]
-                if any(balancer.gamma_at(t) > 0 for t in trained):
-                    loads = bias_steps.loads(step, n, period_end, states)
-                    for state, counts in zip(states, loads, strict=True):
-                        balancer.after_steps(state, counts, trained)
-            for state, adam in zip(states, optimizers, strict=True):
-                for _ in range(n):
-                    adam.repeat(state.weights)
+            active = bias_steps is not None and balancer.gamma_at(tokens_before) > 0
+            trained = [tokens_before]
+            for later in range(step + 1, end):
+                # A block ends where the bias starts or stops moving (γ = 0 skips the routing).
+                t = scenario.tokens_before(later)
+                if bias_steps is not None and (balancer.gamma_at(t) > 0) != active:
+                    end = later
+                    break
+                trained.append(t)
+            if active:
+                assert bias_steps is not None
+                end = min(end, step + bias_steps.ready(step, period_end))
+                bias_steps.run(end - step, states, optimizers, balancer, trained)
+            else:
+                for state, adam in zip(states, optimizers, strict=True):
+                    for _ in range(end - step):
+                        adam.repeat(state.weights)
             step = end
             continue
         tokens, _ = stream.sample(

@@ -10,7 +10,7 @@ from moesim.engine import build_context, simulate_step
 from moesim.scenario import scenario_from_dict
 
 
-def _flat(tiny_dict, nodes=1, gpus_per_node=4, expert=4, free_links=False):
+def _flat(tiny_dict, nodes=1, gpus_per_node=4, expert=4, free_links=False, data=1):
     """PP1 over one expert-parallel group, MoE layers only: every layer's all-to-all makes
     the group wait for its slowest member."""
     d = tiny_dict
@@ -19,8 +19,8 @@ def _flat(tiny_dict, nodes=1, gpus_per_node=4, expert=4, free_links=False):
         d["cluster"]["nic"] = {"bandwidth_gbits_per_s": 8e9, "latency_us": 0.0}
     d["cluster"].update(nodes=nodes, gpus_per_node=gpus_per_node)
     d["model"].update(dense_layers=0, vocab=8, seq_len=2048)
-    d["parallelism"] = {"pipeline": 1, "expert": expert, "data": 1}
-    d["training"]["global_batch_sequences"] = 4 * expert
+    d["parallelism"] = {"pipeline": 1, "expert": expert, "data": data}
+    d["training"]["global_batch_sequences"] = 4 * expert * data
     return build_context(scenario_from_dict(d))
 
 
@@ -106,3 +106,17 @@ def test_a_degraded_nic_slows_the_inter_node_exchanges(tiny_dict):
     assert slow.step_time_s > base.step_time_s
     assert slow.comm_wait_s.sum() > base.comm_wait_s.sum()
     assert np.all(slow.slowdown_s == 0)  # links, not compute
+
+
+def test_a_degraded_nic_leaves_intra_node_all_to_alls_alone(tiny_dict):
+    """EP4 inside one node: its all-to-alls ride NVLink, so a half-rate NIC changes nothing
+    in them (it would only slow traffic that leaves the node)."""
+    ctx = _flat(tiny_dict, nodes=2, gpus_per_node=4, expert=4, data=2)  # an EP group per node
+    counts, dest = _balanced(ctx)
+    base = simulate_step(ctx, counts, dest)
+    nic = np.ones(8)
+    nic[1] = 0.5
+    slow = simulate_step(ctx, counts, dest, hardware=_state(8, nic=nic))
+    np.testing.assert_allclose(slow.comm_wait_s, base.comm_wait_s, rtol=1e-12)
+    # The dense gradients' ring spans both nodes and crosses GPU 1's NIC: it slows.
+    assert slow.allreduce_s.max() > base.allreduce_s.max()
