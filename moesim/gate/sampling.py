@@ -34,6 +34,7 @@ there); ``RoutingSample.dropped`` the dropped ones.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,7 @@ from moesim.gate.router import (
     RouterState,
     capacity_kept,
     exempt_sequences,
+    group_limits,
     route,
     route_options,
 )
@@ -420,6 +422,35 @@ def expected_distinct(
     return t * (1.0 - miss)
 
 
+def uniform_reach(
+    n_experts: int, top_k: int, n_groups: int, group_topk: int | None, block: int
+) -> float:
+    """Probability that a token routed uniformly at random reaches a contiguous block of
+    ``block`` experts (a rank's or a node's), under group-limited routing: the token keeps
+    ``group_topk`` of ``n_groups`` equal contiguous groups, then its ``top_k`` experts among
+    theirs (unlimited: ``group_topk`` None). A block inside one group is reached if its group is
+    kept and one of the token's experts falls in it; a block of whole groups is reached unless
+    none of its kept groups holds one of the token's experts (hypergeometric over kept groups).
+    """
+    if group_topk is None or group_topk >= n_groups:
+        return 1.0 - math.comb(n_experts - block, top_k) / math.comb(n_experts, top_k)
+    size = n_experts // n_groups
+    pool = group_topk * size  # experts the token chooses among
+    if block <= size:
+        missed = math.comb(pool - block, top_k) / math.comb(pool, top_k)
+        return group_topk / n_groups * (1.0 - missed)
+    whole = block // size
+    miss = 0.0
+    for kept in range(max(0, group_topk - (n_groups - whole)), min(whole, group_topk) + 1):
+        p_kept = (
+            math.comb(whole, kept)
+            * math.comb(n_groups - whole, group_topk - kept)
+            / math.comb(n_groups, group_topk)
+        )
+        miss += p_kept * math.comb(pool - kept * size, top_k) / math.comb(pool, top_k)
+    return 1.0 - miss
+
+
 def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> RoutingSample:
     """The perfectly balanced reference sample.
 
@@ -429,9 +460,11 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     distinct tokens under uniformly random top-k routing, ``round(T·(1 − C(E − E/n_dest, k) /
     C(E, k)))``: a token misses a rank only if all ``k`` of its experts lie on the other ranks.
     Each of the ``n = scenario.ep_nodes`` nodes likewise receives ``round(T·(1 − C(E − E/n, k)
-    / C(E, k)))`` distinct tokens (``node_tokens``; ``T`` for one node). Nothing is dropped;
-    ``nodes_per_token`` is the same expectation over the EP group's nodes, unrounded. Group
-    limits (``router.node_limit`` …) are not modelled: this is unconstrained uniform routing.
+    / C(E, k)))`` distinct tokens (``node_tokens``; ``T`` for one node). Under group-limited
+    routing (``router.node_limit`` …) these reach probabilities are those of uniform routing
+    inside the kept groups (:func:`uniform_reach`): DeepSeek-V3's node limit of 4 sends a token
+    to about 3.6 nodes, not the 5.3 of unconstrained top-8. Nothing is dropped;
+    ``nodes_per_token`` is the same expectation over the EP group's nodes, unrounded.
 
     Parameters
     ----------
@@ -458,13 +491,14 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
     base, remainder = divmod(tokens * top_k, n_experts)
     per_expert = np.full(n_experts, base, dtype=np.int64)
     per_expert[:remainder] += 1
-    miss = math.comb(n_experts - n_experts // n_dest, top_k) / math.comb(n_experts, top_k)
-    per_rank = round(tokens * (1.0 - miss))
+    n_groups, group_topk = group_limits(scenario)
+    reach = partial(uniform_reach, n_experts, top_k, n_groups, group_topk)
+    per_rank = round(tokens * reach(n_experts // n_dest))
     counts = np.broadcast_to(per_expert, (n_layers, n_micro, n_src, n_experts)).copy()
     dest = np.full((n_layers, n_micro, n_src, n_dest), per_rank, dtype=np.int64)
     n_nodes = scenario.ep_nodes
-    node_miss = math.comb(n_experts - n_experts // n_nodes, top_k) / math.comb(n_experts, top_k)
-    per_node = round(tokens * (1.0 - node_miss))
+    node_reach = reach(n_experts // n_nodes)
+    per_node = round(tokens * node_reach)
     node = np.full((n_layers, n_micro, n_src, n_nodes), per_node, dtype=np.int64)
     metrics = {
         "maxvio_batch": 0.0,
@@ -474,7 +508,7 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
         "rank_maxvio_micro": 0.0,
         "dead_experts": float(dead_experts(per_expert)),
         "dropped_fraction": 0.0,
-        "nodes_per_token": n_nodes * (1.0 - node_miss),
+        "nodes_per_token": n_nodes * node_reach,
     }
     return RoutingSample(
         step=step, counts=counts, dest_tokens=dest, metrics=metrics, node_tokens=node
