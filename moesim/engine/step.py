@@ -505,11 +505,14 @@ class _StepModel:
         if self.hw is None and self.jitter is None:
             return start + seconds
         work = seconds
+        throttled = False
         if self.hw is not None:
             work = work * self.hw.gpu_speed[gpus]
+            thr = self.hw.throttle
+            throttled = bool(len(thr)) and thr.rank[gpus.start] != thr.rank[gpus.stop]
         if self.jitter is not None:
             work = work * self.jitter(start.size)
-        end = start + work if self.hw is None else compute_end(self.hw, gpus, start, work)
+        end = compute_end(self.hw, gpus, start, work) if throttled else start + work
         self.acc["slowdown"][gpus] += end - (start + seconds)
         return end
 

@@ -77,6 +77,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -463,10 +464,21 @@ def _scores(logits: FloatArray, score: ScoreFunction) -> FloatArray:
     return np.reciprocal(out, out=out)
 
 
+@dataclass
+class _Block:
+    """Consecutive bias steps ``start, …, end − 1`` taken together (module docstring, *Bias
+    coarsening*)."""
+
+    start: int
+    end: int
+    trained: list[float]  # tokens trained before each step (its γ)
+    x: FloatArray | None  # the steps' sub-batches in order; None while the bias does not move
+
+
 class _BiasSteps:
     """The bias steps between full updates (module docstring, *Coarsening*): the current chunk of
-    bias-batch tokens, and every layer's loads on one block's share of it — one sub-batch of
-    ``bias_batch_sequences`` sequences per step of the block, routed at once."""
+    bias-batch tokens, cut into blocks of consecutive steps; for a block, the weights' path and
+    every sub-batch's scores (:meth:`advance`), then the steps' bias updates (:meth:`select`)."""
 
     def __init__(
         self,
@@ -487,16 +499,13 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
-        n_experts = scenario.model.moe.routed_experts
-        # One logits buffer (a block's worth of sub-batches) and one load counter, reused by
-        # every layer and step.
-        block = gate.bias_steps_per_update
-        self.logits = np.empty((block * self.tokens, n_experts), dtype=np.float32)
         self.counter = None
         if options["capacity"] is None:
+            # One load counter, reused by every layer and step (calls are not re-entrant: only
+            # select() counts).
             self.counter = LoadCounter(
                 self.tokens,
-                n_experts,
+                scenario.model.moe.routed_experts,
                 options["top_k"],
                 options["n_groups"],
                 options["group_topk"],
@@ -507,55 +516,87 @@ class _BiasSteps:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
 
-    def ready(self, step: int, period_end: int) -> int:
-        """Bias steps left in the current chunk from ``step`` on, drawing a new chunk (at the
-        stream's popularity at ``step``) when none is left."""
+    def plan(self, step: int, end: int, period_end: int, balancer: BalancingStrategy) -> _Block:
+        """The block from ``step``: at most to ``end``, cut where the bias starts or stops moving
+        (γ = 0 skips the routing) and at the end of the chunk, whose sub-batches it takes
+        (drawing a new chunk, at the stream's popularity at ``step``, when none is left)."""
+        scenario = self.scenario
+        trained = [scenario.tokens_before(step)]
+        active = balancer.gamma_at(trained[0]) > 0
+        for later in range(step + 1, end):
+            tokens = scenario.tokens_before(later)
+            if (balancer.gamma_at(tokens) > 0) != active:
+                end = later
+                break
+            trained.append(tokens)
+        if not active:
+            return _Block(step, end, trained, None)
         if self.left == 0:
-            scenario = self.scenario
             gate = scenario.gate
             n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
             tokens, _ = self.stream.sample(
                 n_steps * self.sequences,
                 gate.tokens_per_sequence,
                 self.rng,
-                tokens_trained=scenario.tokens_before(step),
+                tokens_trained=trained[0],
                 sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
             )
             self.chunk = tokens.reshape(-1, scenario.stream.dim)
             self.left, self.used = n_steps, 0
-        return self.left
+        n = min(end - step, self.left)
+        x = self.chunk[self.used * self.tokens : (self.used + n) * self.tokens]
+        self.used += n
+        self.left -= n
+        return _Block(step, step + n, trained[:n], x)
 
-    def run(
+    def advance(
+        self, block: _Block, states: Sequence[RouterState], optimizers: Sequence[_Adam]
+    ) -> list[FloatArray] | None:
+        """The block's weights path and every layer's scores of its sub-batches (the bias read
+        nowhere): sub-batch r's logits with the weights step ``block.start + r`` starts from,
+        then that step's Adam update. Leaves routing with a capacity to :meth:`select`."""
+        n = block.end - block.start
+        if block.x is None:
+            for state, adam in zip(states, optimizers, strict=True):
+                for _ in range(n):
+                    adam.repeat(state.weights)
+            return None
+        if self.options["capacity"] is not None:
+            return None
+        size = self.tokens
+        out = []
+        for state, adam in zip(states, optimizers, strict=True):
+            logits = np.empty((n * size, state.n_experts), dtype=np.float32)
+            for r in range(n):
+                rows = slice(r * size, (r + 1) * size)
+                np.matmul(block.x[rows], state.weights.T, out=logits[rows])
+                adam.repeat(state.weights)
+            out.append(_scores(logits, self.options["score"]))
+        return out
+
+    def select(
         self,
-        n: int,
+        block: _Block,
+        scores: list[FloatArray] | None,
         states: Sequence[RouterState],
         optimizers: Sequence[_Adam],
         balancer: BalancingStrategy,
-        trained: Sequence[float],
     ) -> None:
-        """``n ≤`` :meth:`ready` consecutive bias steps of every layer, exactly as one at a
-        time: step r routes its own sub-batch (the chunk's next) with the weights and bias it
-        starts from, the bias rule reads those loads (γ at ``trained[r]``), and Adam steps
-        with the last gradient.
-
-        The bias does not enter the logits and Adam does not read the bias, so the weights'
-        path through the block is computed first — each sub-batch's logits taken with the
-        weights of its step — the scores of the whole block at once, and then the steps' bias
-        updates in order, each selecting on its sub-batch's scores with the bias of its step.
-        """
+        """The block's bias updates, step by step: each selects on its sub-batch's scores with
+        the bias it starts from, and the bias rule reads those loads as processed, per
+        bias-scope group, with γ at its step's tokens. With a capacity (dropping depends on the
+        gates) each step routes its sub-batch here, then takes its Adam update."""
+        if block.x is None:
+            return
         size = self.tokens
-        x = self.chunk[self.used * size : (self.used + n) * size]
-        self.used += n
-        self.left -= n
-        options = self.options
-        for state, adam in zip(states, optimizers, strict=True):
-            if options["capacity"] is not None:
-                # Dropping depends on the gates: route step by step.
+        n = block.end - block.start
+        if scores is None:
+            for state, adam in zip(states, optimizers, strict=True):
                 for r in range(n):
                     routing = route(
-                        x[r * size : (r + 1) * size],
+                        block.x[r * size : (r + 1) * size],
                         state,
-                        **options,
+                        **self.options,
                         segments=self.micro,
                         tokens_per_sequence=self.scenario.gate.tokens_per_sequence,
                     )
@@ -565,24 +606,19 @@ class _BiasSteps:
                         counts = grouped_counts(
                             routing.selected, state.n_experts, self.scope_sizes, routing.dropped
                         )
-                    balancer.after_step(state, counts, trained[r])
+                    balancer.after_step(state, counts, block.trained[r])
                     adam.repeat(state.weights)
-                continue
-            logits = self.logits[: n * size]
+            return
+        assert self.counter is not None
+        for state, layer_scores in zip(states, scores, strict=True):
             for r in range(n):
-                rows = slice(r * size, (r + 1) * size)
-                np.matmul(x[rows], state.weights.T, out=logits[rows])
-                adam.repeat(state.weights)
-            scores = _scores(logits, options["score"])
-            for r in range(n):
-                selection = scores[r * size : (r + 1) * size]
+                selection = layer_scores[r * size : (r + 1) * size]
                 if state.biased:
                     if state.bias_mode == "mul":
                         selection *= state.bias
                     else:
                         selection += state.bias
-                assert self.counter is not None
-                balancer.after_step(state, self.counter(selection), trained[r])
+                balancer.after_step(state, self.counter(selection), block.trained[r])
 
 
 def train_gate(
@@ -666,100 +702,127 @@ def train_gate(
         steps_per_update=every,
         bias_steps_per_update=block,
     )
-    # Block ends: the next multiple of j, the next full update, and the next wanted snapshot.
     stops = sorted(wanted)
+
+    def block_end(start: int, period_end: int) -> int:
+        """Where a block from ``start`` ends at the latest: the next multiple of j, the next
+        full update, or the next snapshot step (the state at its start is taken exactly)."""
+        end = min(period_end, start - start % block + block)
+        after = bisect.bisect_right(stops, start)
+        return min(end, stops[after]) if after < len(stops) else end
+
+    # With j > 1, a second thread computes the next block's weights path and scores while the
+    # current block's bias updates run (dropping routes step by step: no second thread).
+    pool = None
+    if block > 1 and bias_steps is not None and options["capacity"] is None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-bias-steps")
+    pending: tuple[_Block, Future[list[FloatArray] | None]] | None = None
     step = 0
-    while step < total_steps:
-        if step in wanted:
-            trajectory.states[step] = [s.copy() for s in states]
-        tokens_before = scenario.tokens_before(step)
-        if step % every:
-            # A block of bias steps (steps_per_update > 1; one step unless
-            # bias_steps_per_update > 1): the bias rule on fresh batches' loads, one per step,
-            # then an Adam step per step with the last full update's gradient.
-            period_end = min(total_steps, step - step % every + every)
-            end = min(period_end, step - step % block + block)
-            after = bisect.bisect_right(stops, step)
-            if after < len(stops):
-                end = min(end, stops[after])
-            active = bias_steps is not None and balancer.gamma_at(tokens_before) > 0
-            trained = [tokens_before]
-            for later in range(step + 1, end):
-                # A block ends where the bias starts or stops moving (γ = 0 skips the routing).
-                t = scenario.tokens_before(later)
-                if bias_steps is not None and (balancer.gamma_at(t) > 0) != active:
-                    end = later
-                    break
-                trained.append(t)
-            if active:
-                assert bias_steps is not None
-                end = min(end, step + bias_steps.ready(step, period_end))
-                bias_steps.run(end - step, states, optimizers, balancer, trained)
-            else:
-                for state, adam in zip(states, optimizers, strict=True):
-                    for _ in range(end - step):
-                        adam.repeat(state.weights)
-            step = end
-            continue
-        tokens, _ = stream.sample(
-            gate.batch_sequences,
-            gate.tokens_per_sequence,
-            data_rng,
-            tokens_trained=tokens_before,
-            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
-        )
-        x = tokens.reshape(-1, dim)
-        sums = np.zeros(7)
-        for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
-            routing = route(
-                x, state, **options, segments=micro, tokens_per_sequence=gate.tokens_per_sequence
+    try:
+        while step < total_steps:
+            if step in wanted:
+                trajectory.states[step] = [s.copy() for s in states]
+            tokens_before = scenario.tokens_before(step)
+            if step % every:
+                # A block of bias steps (steps_per_update > 1; one step unless
+                # bias_steps_per_update > 1): each step's bias update from its own fresh batch,
+                # and its Adam step with the last full update's gradient.
+                period_end = min(total_steps, step - step % every + every)
+                if bias_steps is None:
+                    end = block_end(step, period_end)
+                    for state, adam in zip(states, optimizers, strict=True):
+                        for _ in range(end - step):
+                            adam.repeat(state.weights)
+                    step = end
+                    continue
+                if pending is not None:
+                    current, future = pending
+                    pending = None
+                    scores = future.result()
+                else:
+                    current = bias_steps.plan(
+                        step, block_end(step, period_end), period_end, balancer
+                    )
+                    scores = bias_steps.advance(current, states, optimizers)
+                following = current.end
+                if pool is not None and following < period_end and following not in wanted:
+                    # The next block's weights and scores on the other core while this block's
+                    # bias updates run here (Adam reads no bias; the bias rule reads no weights).
+                    ahead = bias_steps.plan(
+                        following, block_end(following, period_end), period_end, balancer
+                    )
+                    pending = (ahead, pool.submit(bias_steps.advance, ahead, states, optimizers))
+                bias_steps.select(current, scores, states, optimizers, balancer)
+                step = current.end
+                continue
+            tokens, _ = stream.sample(
+                gate.batch_sequences,
+                gate.tokens_per_sequence,
+                data_rng,
+                tokens_trained=tokens_before,
+                sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
             )
-            choice = teacher.choice(x, top_k)
-            target = choice.at(routing.selected)
-            task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
-            grad = dtask.T @ x
-            aux, cos, ratio = 0.0, 0.0, 0.0
-            if balancer.has_loss:
-                plain = None if grouped or state.biased else routing.selected
-                aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
-                if daux is not None:
-                    grad_aux = daux.T @ x
-                    cos, ratio = interference(grad_aux, grad)
-                    grad += grad_aux
-            adam.step(state.weights, grad)
-            counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
-            if scope_sizes is not None:
-                scoped = grouped_counts(routing.selected, n_experts, scope_sizes, routing.dropped)
-                balancer.after_step(state, scoped, tokens_before)
-            elif scope is not None:
-                balancer.after_step(state, counts, tokens_before)
-            sums += (
-                float(max_vio(counts)),
-                task,
-                aux,
-                teacher_capture(target, routing.dropped),
-                cos,
-                ratio,
-                float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
+            x = tokens.reshape(-1, dim)
+            sums = np.zeros(7)
+            for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
+                routing = route(
+                    x,
+                    state,
+                    **options,
+                    segments=micro,
+                    tokens_per_sequence=gate.tokens_per_sequence,
+                )
+                choice = teacher.choice(x, top_k)
+                target = choice.at(routing.selected)
+                task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
+                grad = dtask.T @ x
+                aux, cos, ratio = 0.0, 0.0, 0.0
+                if balancer.has_loss:
+                    plain = None if grouped or state.biased else routing.selected
+                    aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
+                    if daux is not None:
+                        grad_aux = daux.T @ x
+                        cos, ratio = interference(grad_aux, grad)
+                        grad += grad_aux
+                adam.step(state.weights, grad)
+                counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
+                if scope_sizes is not None:
+                    scoped = grouped_counts(
+                        routing.selected, n_experts, scope_sizes, routing.dropped
+                    )
+                    balancer.after_step(state, scoped, tokens_before)
+                elif scope is not None:
+                    balancer.after_step(state, counts, tokens_before)
+                sums += (
+                    float(max_vio(counts)),
+                    task,
+                    aux,
+                    teacher_capture(target, routing.dropped),
+                    cos,
+                    ratio,
+                    float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
+                )
+            if bias_steps is not None:
+                bias_steps.invalidate()  # the next bias steps draw for the new period
+            sums /= n_layers
+            trajectory.records.append(
+                {
+                    "step": step,
+                    "tokens": scenario.tokens_before(step + 1),
+                    "maxvio_batch": float(sums[0]),
+                    "task_loss": float(sums[1]),
+                    "aux_loss": float(sums[2]),
+                    "teacher_capture": float(sums[3]),
+                    "interference_cos": float(sums[4]),
+                    "interference_ratio": float(sums[5]),
+                    "bias_abs_mean": float(sums[6]),
+                    "gamma": balancer.gamma_at(tokens_before),
+                }
             )
-        if bias_steps is not None:
-            bias_steps.invalidate()  # the next bias steps draw for the new period
-        sums /= n_layers
-        trajectory.records.append(
-            {
-                "step": step,
-                "tokens": scenario.tokens_before(step + 1),
-                "maxvio_batch": float(sums[0]),
-                "task_loss": float(sums[1]),
-                "aux_loss": float(sums[2]),
-                "teacher_capture": float(sums[3]),
-                "interference_cos": float(sums[4]),
-                "interference_ratio": float(sums[5]),
-                "bias_abs_mean": float(sums[6]),
-                "gamma": balancer.gamma_at(tokens_before),
-            }
-        )
-        step += 1
+            step += 1
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if total_steps in wanted:
         trajectory.states[total_steps] = [s.copy() for s in states]
     trajectory.final = [s.copy() for s in states]
