@@ -12,7 +12,9 @@
     loss-free bias (γ = 1e-3) plus the sequence-wise loss (α = 1e-4), one simulated layer, a
     global batch of 15360 × 4096 tokens and 235,000 optimizer steps (14.8T tokens) — one bias
     update and one Adam step per step — timed over all its steps with the coarsening of
-    ``gate.steps_per_update``, and its first steps compared with a k = 1 run.
+    ``gate.steps_per_update`` (k) and the bias steps run in blocks of
+    ``gate.bias_steps_per_update`` (j); its first steps compared with a j = 1 run (the same
+    records, bit for bit) and with a k = 1 run.
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
 
@@ -50,8 +52,12 @@ V3_SEQ = 4096
 # sequences; every step routes BIAS_BATCH fresh sequences for its bias update (as many as the
 # gate batch, so the bias reads loads as noisy as at k = 1) and takes an Adam step. The learning
 # rate is DeepSeek-V3's peak, the regime in which tests/gate/test_training_coarsening.py checks
-# this k against k = 1. REFERENCE_STEPS: the k = 1 run the trajectory's start is compared with.
+# this k against k = 1. The bias steps between two gradients run in blocks of
+# BIAS_STEPS_PER_UPDATE (drawn and scored together; the trajectory is that of 1, as
+# tests/gate/test_bias_coarsening.py checks). REFERENCE_STEPS: the j = 1 and k = 1 runs the
+# trajectory's start is compared with.
 STEPS_PER_UPDATE = 16
+BIAS_STEPS_PER_UPDATE = 16
 GATE_BATCH = 4
 BIAS_BATCH = 4
 TOKENS_PER_SEQUENCE = 32
@@ -154,6 +160,7 @@ def v3_scenario(steps: int = V3_STEPS) -> dict[str, Any]:
             "batch_sequences": GATE_BATCH,
             "tokens_per_sequence": TOKENS_PER_SEQUENCE,
             "steps_per_update": STEPS_PER_UPDATE,
+            "bias_steps_per_update": BIAS_STEPS_PER_UPDATE,
             "bias_batch_sequences": BIAS_BATCH,
             "learning_rate": LEARNING_RATE,
         },
@@ -166,7 +173,7 @@ def v3_scenario(steps: int = V3_STEPS) -> dict[str, Any]:
 
 def v3_trajectory(steps: int) -> None:
     """(b): time ``train_gate`` over every step of the V3-sized run, then compare its first
-    ``REFERENCE_STEPS`` steps with a k = 1 run of the same scenario and seed."""
+    ``REFERENCE_STEPS`` steps with a j = 1 and a k = 1 run of the same scenario and seed."""
     scenario = scenario_from_dict(v3_scenario(steps))
     gate = scenario.gate
     strategy = scenario.strategies[0]
@@ -177,22 +184,39 @@ def v3_trajectory(steps: int) -> None:
     tail = maxvio[-max(1, maxvio.size // 10) :]
     print(
         f"DeepSeek-V3 gate trajectory: {scenario.total_steps} optimizer steps (= bias updates and "
-        f"Adam steps), {len(trajectory.records)} gradients (steps_per_update "
+        f"Adam steps), {len(trajectory.records)} gradients (steps_per_update k = "
         f"{gate.steps_per_update}, {gate.batch_sequences}×{gate.tokens_per_sequence} tokens; "
-        f"bias batches {bias_batch_sequences(scenario)}×{gate.tokens_per_sequence} tokens), "
-        f"1 layer, learning rate {gate.learning_rate:g}"
+        f"bias batches {bias_batch_sequences(scenario)}×{gate.tokens_per_sequence} tokens in "
+        f"blocks of bias_steps_per_update j = {gate.bias_steps_per_update}), 1 layer, learning "
+        f"rate {gate.learning_rate:g}"
     )
     print(
         f"  {wall:7.1f} s wall ({cpu:.1f} s CPU), {wall / scenario.total_steps * 1e6:6.1f} µs per "
-        f"step; MaxVio_batch mean {maxvio.mean():.3f}, last 10% {tail.mean():.3f}; "
-        f"final task loss {trajectory.records[-1]['task_loss']:.4f}"
+        f"step ({wall / scenario.total_steps * V3_STEPS:.1f} s for {V3_STEPS} steps); "
+        f"MaxVio_batch mean {maxvio.mean():.3f}, last 10% {tail.mean():.3f}; final task loss "
+        f"{trajectory.records[-1]['task_loss']:.4f}"
     )
     prefix = min(REFERENCE_STEPS, scenario.total_steps)
+    head = train_gate(
+        scenario_from_dict(v3_scenario(prefix)), strategy, [], np.random.SeedSequence(0)
+    )
     raw = v3_scenario(prefix)
-    raw["gate"]["steps_per_update"] = 1
-    reference = scenario_from_dict(raw)
+    raw["gate"]["bias_steps_per_update"] = 1
     start = time.perf_counter()
-    fine = train_gate(reference, strategy, [], np.random.SeedSequence(0))
+    single = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
+    single_wall = time.perf_counter() - start
+    same = single.records == head.records and all(
+        np.array_equal(a.bias, b.bias) and np.array_equal(a.weights, b.weights)
+        for a, b in zip(single.final, head.final, strict=True)
+    )
+    print(
+        f"  steps 0..{prefix}: j={gate.bias_steps_per_update} and j=1 give the same records and "
+        f"routers: {same}; the j=1 run took {single_wall / prefix * 1e6:.1f} µs per step "
+        f"({single_wall / prefix * V3_STEPS:.0f} s for {V3_STEPS} steps)"
+    )
+    raw["gate"]["steps_per_update"] = 1
+    start = time.perf_counter()
+    fine = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
     fine_wall = time.perf_counter() - start
     coarse = maxvio[trajectory.column("step") < prefix].mean()
     exact = fine.column("maxvio_batch").mean()

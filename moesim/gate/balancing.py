@@ -766,48 +766,6 @@ class BalancingStrategy:
                 if bias.recenter:
                     recenter_bias(state.bias)
 
-    def after_steps(
-        self,
-        state: RouterState,
-        counts: Sequence[npt.ArrayLike],
-        tokens: Sequence[float],
-    ) -> None:
-        """:meth:`after_step` for consecutive steps, in order: the r-th with ``counts[r]`` and
-        ``tokens[r]`` (a coarsened gate's block of bias steps, whose loads were all routed
-        before the first update).
-
-        The result is bit for bit that of the loop over :meth:`after_step`. The common case —
-        the additive sign rule without re-centring on one integer load vector per step — takes
-        every step's direction in one pass over the block and adds the steps one by one, in
-        float32, as the loop does.
-        """
-        bias = self.bias
-        if len(counts) != len(tokens):
-            raise ValueError(f"after_steps: {len(counts)} load arrays for {len(tokens)} steps")
-        if bias is None or not len(counts):
-            return
-        loads = [np.asarray(c) for c in counts]
-        fast = (
-            bias.mode == "add"
-            and bias.rule == "sign"
-            and not bias.recenter
-            and state.bias_mode == "add"
-            and len(loads) > 1
-            and all(c.ndim == 1 and c.dtype.kind in "iu" for c in loads)
-        )
-        if not fast:
-            for c, t in zip(loads, tokens, strict=True):
-                self.after_step(state, c, t)
-            return
-        block = np.stack(loads).astype(np.int64, copy=False)
-        totals = block.sum(axis=1, keepdims=True)
-        # sign(c̄ − c_i) = sign(Σc − E·c_i), exactly as sign_rule_update's integer path.
-        directions = np.sign(totals - block.shape[1] * block).astype(np.float32)
-        for direction, t in zip(directions, tokens, strict=True):
-            gamma = bias.gamma_at(t)
-            if gamma > 0:
-                state.bias += direction * np.float32(gamma)
-
 
 STRATEGIES: dict[str, type[BalancingStrategy]] = {}
 

@@ -54,7 +54,38 @@ choice, the same step per gradient update and k times fewer Adam steps, slows th
 and halved MaxVio_batch at k = 4; it was rejected.) A smaller ``gate.bias_batch_sequences``
 makes a bias step cheaper but the loads it reads noisier, and the bias wanders more: at
 DeepSeek-V3 size, 8, 4 and 2 sequences instead of 32 raised MaxVio_batch by about 13, 28 and
-45 %.
+45 %. Over longer runs the stale gradient matters more: at DeepSeek-V3 size (256 experts,
+top-8, node limit 4, the benchmark's gate) the two agree over the first 3000 steps, but over
+16,000 steps (two seeds) k = 16, 32 and 64 all gave MaxVio_batch about 2.5 where k = 1 gave 3.3
+(−24 %): from about step 6000 on, k = 1's imbalance climbs to about 4 and the coarsened ones'
+does not.
+
+**Blocks of bias steps** (``gate.bias_steps_per_update = j > 1``; j divides k). The bias steps
+between two full updates run in blocks of up to j consecutive steps. A block takes one
+sub-batch of ``gate.bias_batch_sequences`` sequences per step from the chunk (below), walks the
+weights through its steps first — each sub-batch's logits taken with the weights of its own
+step, then that step's Adam update (Adam reads no bias) — scores all the sub-batches at once,
+and then runs the steps' bias updates in order: step r selects on its own sub-batch's scores
+with the bias it starts from, and the bias rule reads those loads with γ at its own step's
+tokens. That is the ``j = 1`` computation reordered, so the trajectory is the same bit for bit
+whatever j; a block only saves per-step overhead (the draws, the scores and the loop are
+batched). A block ends at the next multiple of j, at the next full update, at the next
+requested snapshot step (the state at the start of every requested step is exact), where γ
+starts or stops being 0 (no routing while it is 0) and at the end of a chunk.
+
+Coarser bias rules were tried and rejected: the load answers a single γ step strongly — at
+DeepSeek-V3 size one step of γ on one expert moves its load by 4 % of the mean load at
+initialisation, 13 % after 4000 steps and 36 % after 8000 — so every real step must read the
+loads its own bias produces. Against the time-averaged MaxVio_batch of ``j = 1`` (2.52 over
+16,000 steps at the benchmark's settings, k = 16, two seeds), one update of ``j·γ`` from one
+batch's loads gave +16 % at j = 2 and +56 % at j = 4; j sign updates from j sub-batches all
+routed with the block's first bias and weights +6, +27 and +82 % at j = 2, 4, 8, the imbalance
+running away after about 6000 steps (one update of ``j·γ`` from the j sub-batches pooled was
++20 % at j = 8 over the first 3000 steps already); one batch re-selected at every step's bias
++4 and +18 % at j = 2, 8; sub-batches selected at every step's bias but scored with the block's
+first weights +2 and +8 % at j = 4, 8. Only the one-batch rule is much cheaper (it routes a
+j-th of the tokens: about 45 % less time per step at j = 4); the others cost about what the
+exact block costs, since the time goes into scoring and counting every step's own tokens.
 
 The bias batches come from their own random sequence (a fifth child of the seed). They are
 drawn in chunks of consecutive bias steps (at most ``_BIAS_CHUNK_TOKENS`` tokens, never past the
@@ -77,7 +108,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -150,6 +180,9 @@ class GateTrajectory:
         stream built from another seed has another topic geometry.
     steps_per_update : int
         ``gate.steps_per_update``: optimizer steps between two records.
+    bias_steps_per_update : int
+        ``gate.bias_steps_per_update``: the longest block of bias steps run together (the
+        trajectory does not depend on it).
     """
 
     strategy: str
@@ -466,8 +499,8 @@ def _scores(logits: FloatArray, score: ScoreFunction) -> FloatArray:
 
 @dataclass
 class _Block:
-    """Consecutive bias steps ``start, …, end − 1`` taken together (module docstring, *Bias
-    coarsening*)."""
+    """Consecutive bias steps ``start, …, end − 1`` taken together (module docstring, *Blocks
+    of bias steps*)."""
 
     start: int
     end: int
@@ -499,10 +532,11 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
+        # Each layer's scores of a block, in buffers kept from block to block.
+        self.buffers: list[FloatArray] = []
         self.counter = None
         if options["capacity"] is None:
-            # One load counter, reused by every layer and step (calls are not re-entrant: only
-            # select() counts).
+            # One load counter, reused by every layer and step.
             self.counter = LoadCounter(
                 self.tokens,
                 scenario.model.moe.routed_experts,
@@ -534,14 +568,14 @@ class _BiasSteps:
         if self.left == 0:
             gate = scenario.gate
             n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
-            tokens, _ = self.stream.sample(
+            drawn, _ = self.stream.sample(
                 n_steps * self.sequences,
                 gate.tokens_per_sequence,
                 self.rng,
                 tokens_trained=trained[0],
                 sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
             )
-            self.chunk = tokens.reshape(-1, scenario.stream.dim)
+            self.chunk = drawn.reshape(-1, scenario.stream.dim)
             self.left, self.used = n_steps, 0
         n = min(end - step, self.left)
         x = self.chunk[self.used * self.tokens : (self.used + n) * self.tokens]
@@ -565,8 +599,11 @@ class _BiasSteps:
             return None
         size = self.tokens
         out = []
-        for state, adam in zip(states, optimizers, strict=True):
-            logits = np.empty((n * size, state.n_experts), dtype=np.float32)
+        for layer, (state, adam) in enumerate(zip(states, optimizers, strict=True)):
+            if layer == len(self.buffers) or len(self.buffers[layer]) < n * size:
+                buffer = np.empty((n * size, state.n_experts), dtype=np.float32)
+                self.buffers[layer : layer + 1] = [buffer]
+            logits = self.buffers[layer][: n * size]
             for r in range(n):
                 rows = slice(r * size, (r + 1) * size)
                 np.matmul(block.x[rows], state.weights.T, out=logits[rows])
@@ -653,7 +690,8 @@ def train_gate(
     interference) when the strategy has a loss; everything is float32 and vectorised. A bias
     step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
     bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
-    step.
+    step; blocks of bias steps (``bias_steps_per_update > 1``) score their sub-batches at once
+    and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
@@ -711,118 +749,91 @@ def train_gate(
         after = bisect.bisect_right(stops, start)
         return min(end, stops[after]) if after < len(stops) else end
 
-    # With j > 1, a second thread computes the next block's weights path and scores while the
-    # current block's bias updates run (dropping routes step by step: no second thread).
-    pool = None
-    if block > 1 and bias_steps is not None and options["capacity"] is None:
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-bias-steps")
-    pending: tuple[_Block, Future[list[FloatArray] | None]] | None = None
     step = 0
-    try:
-        while step < total_steps:
-            if step in wanted:
-                trajectory.states[step] = [s.copy() for s in states]
-            tokens_before = scenario.tokens_before(step)
-            if step % every:
-                # A block of bias steps (steps_per_update > 1; one step unless
-                # bias_steps_per_update > 1): each step's bias update from its own fresh batch,
-                # and its Adam step with the last full update's gradient.
-                period_end = min(total_steps, step - step % every + every)
-                if bias_steps is None:
-                    end = block_end(step, period_end)
-                    for state, adam in zip(states, optimizers, strict=True):
-                        for _ in range(end - step):
-                            adam.repeat(state.weights)
-                    step = end
-                    continue
-                if pending is not None:
-                    current, future = pending
-                    pending = None
-                    scores = future.result()
-                else:
-                    current = bias_steps.plan(
-                        step, block_end(step, period_end), period_end, balancer
-                    )
-                    scores = bias_steps.advance(current, states, optimizers)
-                following = current.end
-                if pool is not None and following < period_end and following not in wanted:
-                    # The next block's weights and scores on the other core while this block's
-                    # bias updates run here (Adam reads no bias; the bias rule reads no weights).
-                    ahead = bias_steps.plan(
-                        following, block_end(following, period_end), period_end, balancer
-                    )
-                    pending = (ahead, pool.submit(bias_steps.advance, ahead, states, optimizers))
-                bias_steps.select(current, scores, states, optimizers, balancer)
-                step = current.end
+    while step < total_steps:
+        if step in wanted:
+            trajectory.states[step] = [s.copy() for s in states]
+        tokens_before = scenario.tokens_before(step)
+        if step % every:
+            # A block of bias steps (steps_per_update > 1; one step unless
+            # bias_steps_per_update > 1): each step's bias update from its own fresh batch,
+            # and its Adam step with the last full update's gradient.
+            period_end = min(total_steps, step - step % every + every)
+            if bias_steps is None:
+                end = block_end(step, period_end)
+                for state, adam in zip(states, optimizers, strict=True):
+                    for _ in range(end - step):
+                        adam.repeat(state.weights)
+                step = end
                 continue
-            tokens, _ = stream.sample(
-                gate.batch_sequences,
-                gate.tokens_per_sequence,
-                data_rng,
-                tokens_trained=tokens_before,
-                sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+            current = bias_steps.plan(step, block_end(step, period_end), period_end, balancer)
+            scores = bias_steps.advance(current, states, optimizers)
+            bias_steps.select(current, scores, states, optimizers, balancer)
+            step = current.end
+            continue
+        tokens, _ = stream.sample(
+            gate.batch_sequences,
+            gate.tokens_per_sequence,
+            data_rng,
+            tokens_trained=tokens_before,
+            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+        )
+        x = tokens.reshape(-1, dim)
+        sums = np.zeros(7)
+        for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
+            routing = route(
+                x,
+                state,
+                **options,
+                segments=micro,
+                tokens_per_sequence=gate.tokens_per_sequence,
             )
-            x = tokens.reshape(-1, dim)
-            sums = np.zeros(7)
-            for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
-                routing = route(
-                    x,
-                    state,
-                    **options,
-                    segments=micro,
-                    tokens_per_sequence=gate.tokens_per_sequence,
-                )
-                choice = teacher.choice(x, top_k)
-                target = choice.at(routing.selected)
-                task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
-                grad = dtask.T @ x
-                aux, cos, ratio = 0.0, 0.0, 0.0
-                if balancer.has_loss:
-                    plain = None if grouped or state.biased else routing.selected
-                    aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
-                    if daux is not None:
-                        grad_aux = daux.T @ x
-                        cos, ratio = interference(grad_aux, grad)
-                        grad += grad_aux
-                adam.step(state.weights, grad)
-                counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
-                if scope_sizes is not None:
-                    scoped = grouped_counts(
-                        routing.selected, n_experts, scope_sizes, routing.dropped
-                    )
-                    balancer.after_step(state, scoped, tokens_before)
-                elif scope is not None:
-                    balancer.after_step(state, counts, tokens_before)
-                sums += (
-                    float(max_vio(counts)),
-                    task,
-                    aux,
-                    teacher_capture(target, routing.dropped),
-                    cos,
-                    ratio,
-                    float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
-                )
-            if bias_steps is not None:
-                bias_steps.invalidate()  # the next bias steps draw for the new period
-            sums /= n_layers
-            trajectory.records.append(
-                {
-                    "step": step,
-                    "tokens": scenario.tokens_before(step + 1),
-                    "maxvio_batch": float(sums[0]),
-                    "task_loss": float(sums[1]),
-                    "aux_loss": float(sums[2]),
-                    "teacher_capture": float(sums[3]),
-                    "interference_cos": float(sums[4]),
-                    "interference_ratio": float(sums[5]),
-                    "bias_abs_mean": float(sums[6]),
-                    "gamma": balancer.gamma_at(tokens_before),
-                }
+            choice = teacher.choice(x, top_k)
+            target = choice.at(routing.selected)
+            task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
+            grad = dtask.T @ x
+            aux, cos, ratio = 0.0, 0.0, 0.0
+            if balancer.has_loss:
+                plain = None if grouped or state.biased else routing.selected
+                aux, daux = balancer.loss_and_grad(routing, context, unbiased_selected=plain)
+                if daux is not None:
+                    grad_aux = daux.T @ x
+                    cos, ratio = interference(grad_aux, grad)
+                    grad += grad_aux
+            adam.step(state.weights, grad)
+            counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
+            if scope_sizes is not None:
+                scoped = grouped_counts(routing.selected, n_experts, scope_sizes, routing.dropped)
+                balancer.after_step(state, scoped, tokens_before)
+            elif scope is not None:
+                balancer.after_step(state, counts, tokens_before)
+            sums += (
+                float(max_vio(counts)),
+                task,
+                aux,
+                teacher_capture(target, routing.dropped),
+                cos,
+                ratio,
+                float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
             )
-            step += 1
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if bias_steps is not None:
+            bias_steps.invalidate()  # the next bias steps draw for the new period
+        sums /= n_layers
+        trajectory.records.append(
+            {
+                "step": step,
+                "tokens": scenario.tokens_before(step + 1),
+                "maxvio_batch": float(sums[0]),
+                "task_loss": float(sums[1]),
+                "aux_loss": float(sums[2]),
+                "teacher_capture": float(sums[3]),
+                "interference_cos": float(sums[4]),
+                "interference_ratio": float(sums[5]),
+                "bias_abs_mean": float(sums[6]),
+                "gamma": balancer.gamma_at(tokens_before),
+            }
+        )
+        step += 1
     if total_steps in wanted:
         trajectory.states[total_steps] = [s.copy() for s in states]
     trajectory.final = [s.copy() for s in states]
