@@ -54,7 +54,8 @@ def estimate_with_bands(
     """:func:`estimate_run` for the scenario's seed, plus the other seeds' summaries and
     timelines in a process pool; fills ``summary[...]['<key>_p10|p50|p90']`` and ``bands``."""
     scenarios = seed_scenarios(scenario)
-    est = estimate_run(scenario, progress)
+    n = workers or scenario.uncertainty.workers or os.cpu_count() or 1
+    est = estimate_run(scenario, progress, workers=n)
     results = [(est.summary, est.timeline)]
     others = scenarios[1:]
     if others:
@@ -62,7 +63,6 @@ def estimate_with_bands(
             s.model_copy(update={"output": s.output.model_copy(update={"trace": False})})
             for s in others
         ]
-        n = workers or scenario.uncertainty.workers or os.cpu_count() or 1
         with ProcessPoolExecutor(max_workers=min(n, len(quiet))) as pool:
             for summary, timeline in pool.map(_one_seed, quiet):
                 results.append((summary, timeline))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from moesim.gate.metrics import max_vio, topic_expert_load
 from moesim.gate.router import route, route_options
 from moesim.gate.trace import scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
+from moesim.scenario.strategies import Strategy
 
 BALANCED = "balanced_reference"
 
@@ -118,7 +120,11 @@ def scenario_points(scenario: Scenario) -> tuple[list[int], list[int]]:
     return sample_steps(scenario.total_steps, scenario.training.sample_points, ramp)
 
 
-def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = None) -> RunEstimate:
+def estimate_run(
+    scenario: Scenario,
+    progress: Callable[[str], None] | None = None,
+    workers: int = 1,
+) -> RunEstimate:
     """Train the gate under each strategy, simulate the sampled steps, integrate the run.
 
     Parameters
@@ -126,6 +132,8 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     scenario : Scenario
     progress : callable, optional
         Called with a short label after each unit of work (gate training, each engine step).
+    workers : int
+        Processes for the strategies' gate training (identical results for any value).
     """
     tick = progress or (lambda _label: None)
     ctx = build_context(scenario)
@@ -175,7 +183,9 @@ def estimate_run(scenario: Scenario, progress: Callable[[str], None] | None = No
     traced = None
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
-    sources = _routing_sources(scenario, snapshots, gate_seed, n_src, n_dest, specialisation)
+    sources = _routing_sources(
+        scenario, snapshots, gate_seed, n_src, n_dest, specialisation, workers
+    )
     for name, records, samples in sources:
         gate_records[name] = records
         tick(f"{name}: routing ready")
@@ -396,6 +406,7 @@ def _routing_sources(
     n_src: int,
     n_dest: int,
     specialisation: dict[str, npt.NDArray[np.int64]],
+    workers: int = 1,
 ) -> Iterator[tuple[str, list[dict[str, float]], SampleAt]]:
     """Per run: its name, the gate's per-update records, and the routing sample at a point.
 
@@ -411,8 +422,9 @@ def _routing_sources(
 
         yield trace_run_name(scenario), [], replay
         return
-    for strategy in scenario.strategies:
-        trajectory = train_gate(scenario, strategy, points, gate_seed)
+    for strategy, trajectory in zip(
+        scenario.strategies, _train_gates(scenario, points, gate_seed, workers), strict=True
+    ):
         specialisation[strategy.name] = _topic_load(scenario, trajectory)
 
         def routed(
@@ -423,6 +435,27 @@ def _routing_sources(
             )
 
         yield strategy.name, trajectory.records, routed
+
+
+def _train_one(
+    args: tuple[Scenario, Strategy, list[int], np.random.SeedSequence],
+) -> GateTrajectory:
+    return train_gate(*args)
+
+
+def _train_gates(
+    scenario: Scenario, points: list[int], gate_seed: np.random.SeedSequence, workers: int
+) -> Iterator[GateTrajectory]:
+    """Each strategy's gate trajectory, in strategy order: in a process pool when there are
+    several strategies and ``workers > 1`` (the trajectories are independent and seeded alike,
+    so the result does not depend on where they ran), else one after the other."""
+    jobs = [(scenario, s, points, gate_seed) for s in scenario.strategies]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            yield from pool.map(_train_one, jobs)
+    else:
+        for job in jobs:
+            yield _train_one(job)
 
 
 def _topic_load(scenario: Scenario, trajectory: GateTrajectory) -> npt.NDArray[np.int64]:

@@ -42,3 +42,13 @@ def test_one_seed_collapses_the_band(tiny_dict):
     s = est.summary["aux_loss"]
     assert s["gpu_hours_p10"] == s["gpu_hours_p50"] == s["gpu_hours_p90"] == s["gpu_hours"]
     assert np.isclose(est.bands[-1]["cost_usd_p50"], est.timeline[-1]["cost_usd"])
+
+
+def test_gates_trained_in_parallel_give_the_same_run(tiny_dict):
+    """The strategies' gate trajectories may train in worker processes: same tables."""
+    tiny_dict["output"] = {"trace": False}
+    sc = scenario_from_dict(tiny_dict)
+    serial = estimate_run(sc, workers=1)
+    parallel = estimate_run(sc, workers=2)
+    assert serial.summary == parallel.summary
+    assert serial.gate_records == parallel.gate_records
