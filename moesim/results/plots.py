@@ -102,13 +102,14 @@ def plot_step_breakdown(stages: pd.DataFrame, ax: Axes) -> Axes:
         ax.bar(mean.index, mean[column], bottom=bottom, label=label)
         bottom = bottom + mean[column]
     ax.set_ylabel("seconds per step (mean over GPUs)")
-    ax.legend(fontsize=8)
+    # Outside the axes: inside, it would hide the first bar.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return ax
 
 
 def write_step_breakdown(stages: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
     plot_step_breakdown(stages, ax)
     ax.set_title("Where the step time goes")
     fig.tight_layout()
