@@ -229,14 +229,20 @@ class ExchangePricer:
             ib_latency + np.where(self.cross_plane, topo.nvlink_latency_s, 0.0),
         )
 
-    def all_to_all(self, ready: Array, sizes: Array) -> Array:
-        """Receivers' done times of an exchange in which member ``s`` sends ``sizes[:, s, d]``
-        bytes to member ``d`` of its group, starting at ``ready[:, s]``. Shapes (groups,
-        members[, members]); a receiver without incoming bytes is done at its own ready time."""
+    def split_plain(self, sizes: Array) -> tuple[Array, Array, Array, Array]:
+        """A plain exchange's bytes (self-traffic dropped) and their parts by path: NVLink
+        inside a domain, InfiniBand direct, InfiniBand relayed over NVLink to another plane."""
         sizes = np.where(self.off_diagonal, sizes, 0.0)
         nvl = np.where(self.nvlink, sizes, 0.0)
         direct_ib = np.where(self.remote & ~self.cross_plane, sizes, 0.0)
         relayed = np.where(self.cross_plane, sizes, 0.0)
+        return sizes, nvl, direct_ib, relayed
+
+    def all_to_all(self, ready: Array, sizes: Array) -> Array:
+        """Receivers' done times of an exchange in which member ``s`` sends ``sizes[:, s, d]``
+        bytes to member ``d`` of its group, starting at ``ready[:, s]``. Shapes (groups,
+        members[, members]); a receiver without incoming bytes is done at its own ready time."""
+        sizes, nvl, direct_ib, relayed = self.split_plain(sizes)
         ib_in = direct_ib + relayed
         # Out-ports: NVLink carries intra-domain and (multi-plane) first-hop traffic.
         nvl_out = nvl + relayed
@@ -280,10 +286,7 @@ class ExchangePricer:
     def charge_plain(self, sizes: Array) -> None:
         """Charge the links with a plain exchange's bytes (``sizes`` as for :meth:`all_to_all`,
         possibly summed over many exchanges) without pricing it."""
-        sizes = np.where(self.off_diagonal, sizes, 0.0)
-        nvl = np.where(self.nvlink, sizes, 0.0)
-        direct_ib = np.where(self.remote & ~self.cross_plane, sizes, 0.0)
-        relayed = np.where(self.cross_plane, sizes, 0.0)
+        sizes, nvl, direct_ib, relayed = self.split_plain(sizes)
         self._account(nvl + relayed, nvl, direct_ib, relayed)
         if self.extra_ports is not None:
             self._charge_leaves(self.extra_ports, sizes)
@@ -295,10 +298,7 @@ class ExchangePricer:
         ib = np.where(self.remote_node[None], node_bytes, 0.0)
         self._account_node_limited(ib, self._forwarded(rank_bytes), reverse=reverse)
         if self.relay_leaf is not None:
-            up, down = self.relay_leaf  # owner's uplink, relay's downlink (dispatch)
-            if reverse:  # relay's uplink, owner's downlink
-                up, down = np.where(down >= 0, down - 1, -1), np.where(up >= 0, up + 1, -1)
-            self._charge_leaves(np.stack([up, down]), ib)
+            self._charge_leaves(self.ib_leaf_ports(reverse), ib)
 
     # ------------------------------------------------------------------ node-limited
 
@@ -316,6 +316,16 @@ class ExchangePricer:
         self.relay_latency = latency
         self.remote_node = self.own_node[:, None] != np.arange(k_n)[None, :]  # (n, K)
         self.same_node = (self.own_node[:, None] == self.own_node[None, :])[None]  # (1, n, n)
+
+    def ib_leaf_ports(self, reverse: bool) -> IntArray:
+        """Leaf ports (2, g, n, K) of the InfiniBand hops between owners and relays: the
+        sender's uplink and the receiver's downlink, ``-1`` inside one leaf. Dispatch sends
+        owner → relay; the combine (``reverse``) relay → owner."""
+        assert self.relay_leaf is not None
+        up, down = self.relay_leaf  # owner's uplink, relay's downlink
+        if reverse:  # relay's uplink, owner's downlink (a leaf's ports are adjacent ids)
+            up, down = np.where(down >= 0, down - 1, -1), np.where(up >= 0, up + 1, -1)
+        return np.stack([up, down])
 
     def _check_node_local(self) -> None:
         if not self.node_local:
@@ -351,10 +361,8 @@ class ExchangePricer:
             flow_release = release[:, self.relay_of]
         finish = np.maximum(out, inn.reshape(ib.shape))
         if self.relay_leaf is not None:
-            up, down = self.relay_leaf  # owner's uplink, relay's downlink (dispatch)
-            if reverse:  # relay's uplink, owner's downlink
-                up, down = np.where(down >= 0, down - 1, -1), np.where(up >= 0, up + 1, -1)
-            finish = np.maximum(finish, self._shared_bounds(np.stack([up, down]), ib, flow_release))
+            leaves = self.ib_leaf_ports(reverse)
+            finish = np.maximum(finish, self._shared_bounds(leaves, ib, flow_release))
         return np.where(ib > 0, finish + self.relay_latency, NEVER)
 
     def _forwarded(self, rank_bytes: Array) -> Array:

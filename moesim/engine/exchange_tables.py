@@ -134,10 +134,7 @@ class ExchangeTables:
         sizes = self.rank_tokens * per_token
         if not toward_experts:
             sizes = np.swapaxes(sizes, -1, -2)
-        sizes = np.where(p.off_diagonal, sizes, 0.0)
-        nvl = np.where(p.nvlink, sizes, 0.0)
-        direct_ib = np.where(p.remote & ~p.cross_plane, sizes, 0.0)
-        relayed = np.where(p.cross_plane, sizes, 0.0)
+        sizes, nvl, direct_ib, relayed = p.split_plain(sizes)
         ib_in = direct_ib + relayed
         finish = np.maximum(_ps_rows(nvl + relayed, p.nvl_cap), _ps_rows(direct_ib, p.nic_cap))
         finish = np.maximum(finish, np.where(nvl > 0, _ps_cols(nvl, p.nvl_cap), NEVER))
@@ -184,11 +181,8 @@ class ExchangeTables:
             inn = inn.reshape(ib.shape)
         finish = np.maximum(out, inn)
         if p.relay_leaf is not None:
-            up, down = p.relay_leaf
-            if reverse:
-                up, down = np.where(down >= 0, down - 1, -1), np.where(up >= 0, up + 1, -1)
             topo = p.topo
-            leaf = _shared(np.stack([up, down]), ib, topo.links, topo.capacity)
+            leaf = _shared(p.ib_leaf_ports(reverse), ib, topo.links, topo.capacity)
             finish = np.maximum(finish, leaf)
         return np.where(ib > 0, finish, NEVER)
 

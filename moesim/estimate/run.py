@@ -197,29 +197,14 @@ def estimate_run(
             recorder = (
                 SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
             )
-            healthy = None
-            if hardware is not None:
-                state, jitter_seed = hardware[i]
-                jitter = JitterSource(
-                    scenario.faults.jitter.sigma, np.random.default_rng(jitter_seed)
-                )
-                result = simulate_step(
-                    step_ctx,
-                    sample.counts,
-                    sample.dest_tokens,
-                    recorder,
-                    sample.node_tokens,
-                    hardware=state,
-                    jitter=jitter,
-                )
-                clean = simulate_step(
-                    step_ctx, sample.counts, sample.dest_tokens, node_tokens=sample.node_tokens
-                )
-                healthy = clean.step_time_s
-            else:
-                result = simulate_step(
-                    step_ctx, sample.counts, sample.dest_tokens, recorder, sample.node_tokens
-                )
+            result, healthy = _simulate_on(
+                step_ctx,
+                sample.counts,
+                sample.dest_tokens,
+                sample.node_tokens,
+                None if hardware is None else hardware[i],
+                recorder,
+            )
             simulated.append(
                 SimulatedStep(
                     name,
@@ -259,6 +244,27 @@ SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
 EPLB_SUFFIX = "+eplb"
 # Episodes are drawn over a few step times so that every op of a step falls inside them.
 HORIZON_STEPS = 3.0
+
+
+def _simulate_on(
+    ctx: StepContext,
+    counts: np.ndarray,
+    dest_tokens: np.ndarray,
+    node_tokens: np.ndarray | None,
+    hardware: tuple[HardwareState, np.random.SeedSequence] | None,
+    recorder: NullRecorder | None = None,
+) -> tuple[StepResult, float | None]:
+    """The step on the point's hardware (its state and a fresh jitter stream from its seed)
+    and, when that hardware has faults, the same step's time on healthy hardware."""
+    if hardware is None:
+        return simulate_step(ctx, counts, dest_tokens, recorder, node_tokens), None
+    state, jitter_seed = hardware
+    jitter = JitterSource(ctx.scenario.faults.jitter.sigma, np.random.default_rng(jitter_seed))
+    result = simulate_step(
+        ctx, counts, dest_tokens, recorder, node_tokens, hardware=state, jitter=jitter
+    )
+    healthy = simulate_step(ctx, counts, dest_tokens, node_tokens=node_tokens)
+    return result, healthy.step_time_s
 
 
 def _hardware(
@@ -336,21 +342,9 @@ def _eplb_step(
         sample.counts, placement, sample.dest_tokens, sample.node_tokens, tokens=tokens
     )
     assert placed.dest_tokens is not None
-    result = simulate_step(ctx, placed.counts, placed.dest_tokens, None, placed.node_tokens)
-    healthy = None
-    if hardware is not None:
-        state, jitter_seed = hardware
-        jitter = JitterSource(sc.faults.jitter.sigma, np.random.default_rng(jitter_seed))
-        healthy = result.step_time_s
-        result = simulate_step(
-            ctx,
-            placed.counts,
-            placed.dest_tokens,
-            None,
-            placed.node_tokens,
-            hardware=state,
-            jitter=jitter,
-        )
+    result, healthy = _simulate_on(
+        ctx, placed.counts, placed.dest_tokens, placed.node_tokens, hardware
+    )
     costs = model_costs(sc.model)
     shards = sc.parallelism.data if sc.parallelism.zero1 else 1
     moe_per_stage = max(

@@ -449,8 +449,7 @@ class Scenario(Frozen):
                     f"parallelism.schedule: dualpipe needs an even number of stages, "
                     f"pipeline = {p.pipeline}"
                 )
-            # Rank 0's warm-up needs PP − 1 micro-batches of each direction.
-            least = max(2, 2 * (p.pipeline - 1))
+            least, _ = self._micro_batch_rule
             if mb % 2 or mb < least:
                 raise ValueError(
                     f"parallelism.schedule: dualpipe needs an even number of micro-batches, at "
@@ -487,8 +486,7 @@ class Scenario(Frozen):
     @property
     def micro_batches(self) -> int:
         """Micro-batches per pipeline per step (gradient-accumulation steps)."""
-        p = self.parallelism
-        return self.training.global_batch_sequences // (p.micro_batch_size * p.expert * p.data)
+        return self.training.global_batch_sequences // self._sequences_per_micro_batch
 
     @property
     def tokens_per_step(self) -> int:
@@ -502,17 +500,28 @@ class Scenario(Frozen):
         return list(range(min(16, self.cluster.gpus)))
 
     @property
+    def _micro_batch_rule(self) -> tuple[int, int]:
+        """(fewest, multiple of) micro-batches per pipeline the schedule can run: DualPipe's
+        rank 0 warms up with PP − 1 of each direction, in pairs; interleaved 1F1B cycles the
+        stages."""
+        p = self.parallelism
+        if p.schedule == "dualpipe":
+            return max(2, 2 * (p.pipeline - 1)), 2
+        if p.schedule == "interleaved":
+            return p.pipeline, p.pipeline
+        return 1, 1
+
+    @property
+    def _sequences_per_micro_batch(self) -> int:
+        """Sequences of one micro-batch over a pipeline stage's GPUs."""
+        p = self.parallelism
+        return p.micro_batch_size * p.expert * p.data
+
+    @property
     def _batch_quantum(self) -> int:
         """Smallest batch (sequences) the layout can run; ramped batches are multiples of
         the per-micro-batch sequences and never smaller than this."""
-        p = self.parallelism
-        per_micro = p.micro_batch_size * p.expert * p.data
-        least = 1
-        if p.schedule == "dualpipe":
-            least = max(2, 2 * (p.pipeline - 1))
-        elif p.schedule == "interleaved":
-            least = p.pipeline
-        return per_micro * least
+        return self._sequences_per_micro_batch * self._micro_batch_rule[0]
 
     @functools.cached_property
     def _ramp_batches(self) -> tuple[int, ...]:
@@ -520,11 +529,7 @@ class Scenario(Frozen):
         ramp = self.training.batch_ramp
         if ramp is None:
             return ()
-        p = self.parallelism
-        per_micro = p.micro_batch_size * p.expert * p.data
-        step_quantum = 2 * per_micro if p.schedule == "dualpipe" else per_micro
-        if p.schedule == "interleaved":
-            step_quantum = per_micro * p.pipeline
+        step_quantum = self._sequences_per_micro_batch * self._micro_batch_rule[1]
         end = self.training.global_batch_sequences
         limit = min(ramp.over_tokens, self.training.total_tokens)
         batches: list[int] = []
@@ -549,8 +554,7 @@ class Scenario(Frozen):
 
     def micro_batches_at(self, step: int) -> int:
         """Micro-batches per pipeline in optimizer step ``step``."""
-        p = self.parallelism
-        return self.batch_sequences_at(step) // (p.micro_batch_size * p.expert * p.data)
+        return self.batch_sequences_at(step) // self._sequences_per_micro_batch
 
     def tokens_before(self, step: int) -> float:
         """Tokens trained before optimizer step ``step``."""
