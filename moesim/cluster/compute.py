@@ -1,242 +1,508 @@
-"""Compute cost model: seconds of each op on one GPU, by roofline with measured efficiencies.
+"""Compute cost model: every kernel of a layer's forward, backward-input and backward-weight pass.
 
-An op of ``F`` FLOP that moves ``B`` bytes of HBM takes
+A pass is the kernel sequence a training framework launches for one micro-batch on one GPU
+(Megatron-Core / DeepSeek-V3 style; see ``docs/model/compute.md``). Each kernel is priced by
+:class:`~moesim.cluster.kernels.KernelPricer` on its own model; an op's time is the sum of its
+kernels (they run one after another on the compute stream). Nothing is blended: a norm does not
+hide under a GEMM, an FP8 GEMM pays for the quantisation of its input, a routed expert pays for
+the permute that gathers its tokens.
 
-    max((F + n_gemm · F_half) / (peak · eff_max),  B / (HBM bandwidth · memory efficiency))
-    + one kernel launch,
+The ops the engine schedules (:class:`OpCosts`): ``attention`` (norm, projections, RoPE, flash
+attention, residual add), ``router`` (FFN norm, router GEMM, scores and top-k, FP8 cast of the
+dispatched tokens, the MoE output add), ``shared_experts``, ``dense_ffn``, ``head`` (final norm,
+output GEMM, cross-entropy), ``embedding``, ``mtp`` (one multi-token-prediction module), and the
+routed experts (:meth:`ComputeModel.experts`, per GPU from its tokens per local expert).
 
-where ``eff_max`` and ``F_half`` are the GPU's GEMM efficiency curve (a GEMM of ``F`` FLOP runs
-at ``eff_max · F / (F + F_half)`` of peak; see :mod:`moesim.scenario.presets` for the
-micro-benchmark). A cold expert (no tokens) still reads its weights; a hot expert is
-compute-bound. Attention's QKᵀ/PV core runs at the measured flash-attention efficiency, norms
-and element-wise work are memory-bound. Backward GEMMs cost twice the forward (input and weight
-gradients); the attention core backward costs 2.5× its forward.
-
-Op times are per micro-batch on one GPU, in seconds.
+Each op has a forward, a backward for inputs (with any recomputation) and a backward for
+weights; schedules that split the backward (ZB-H1, DualPipe) run the last one later.
+Recomputation: ``selective`` redoes the RMSNorms, SwiGLU activations and RoPE, and MLA's
+up-projections (DeepSeek-V3 §3.3.3, arXiv 2412.19437); ``full`` redoes the whole forward.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from moesim import units
+from moesim.cluster.kernels import (
+    ATTENTION_BACKWARD_FLOPS,
+    FP32,
+    GEMM_TILE_ROWS,
+    Kernel,
+    KernelPricer,
+    quantise_bytes,
+)
 from moesim.cluster.model_costs import model_costs
 from moesim.scenario.schema import Scenario
 
-# Passes of a hidden-sized BF16 activation through HBM per layer forward that are not GEMMs:
-# two RMSNorms (read + write each), two residual adds (read 2, write 1 each), RoPE and the
-# SwiGLU activation. An engineering estimate, not a measurement.
-ELEMENTWISE_PASSES = 10
-ATTENTION_CORE_BACKWARD_FACTOR = 2.5  # FlashAttention-2: backward does 2.5× the forward FLOPs
+Array = npt.NDArray[np.float64]
 BF16 = units.BYTES_PER_ELEMENT["bf16"]
-# Row tile of Hopper grouped-GEMM kernels (CUTLASS / DeepGEMM use 64–128-row tiles): each
-# expert's rows are padded to a multiple of it. An assumption, not a measurement.
-GEMM_TILE_ROWS = 128
-ADAM_BYTES_PER_PARAM = 28
+PHASES = ("forward", "backward_input", "backward_weight")
+# Adam per parameter besides the gradient read: FP32 master weight, first and second moments
+# read and written (24 bytes) and the BF16 working copy written (2).
+ADAM_STATE_BYTES = 26
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Seconds of one op for one micro-batch on one GPU, per pass."""
+
+    forward: float
+    backward_input: float
+    """Input gradients, with any recomputation."""
+    backward_weight: float
+
+    @property
+    def backward(self) -> float:
+        return self.backward_input + self.backward_weight
+
+    def __add__(self, other: OpCost) -> OpCost:
+        """Two ops run back to back."""
+        return OpCost(
+            self.forward + other.forward,
+            self.backward_input + other.backward_input,
+            self.backward_weight + other.backward_weight,
+        )
+
+
+@dataclass(frozen=True)
+class ExpertCost:
+    """Seconds of the routed experts per GPU (arrays over the leading axes of ``rows``)."""
+
+    forward: Array
+    backward_input: Array
+    backward_weight: Array
+
+    @property
+    def backward(self) -> Array:
+        return self.backward_input + self.backward_weight
+
+
+@dataclass(frozen=True)
+class OpCosts:
+    attention: OpCost
+    router: OpCost
+    shared_experts: OpCost
+    dense_ffn: OpCost
+    head: OpCost
+    embedding: OpCost
+    mtp: OpCost
+
+
+class _Kernels:
+    """Collects the kernels of one op (scalar shapes) as :class:`Kernel` records."""
+
+    def __init__(self, model: ComputeModel, op: str) -> None:
+        self.m = model
+        self.p = model.pricer
+        self.op = op
+        self.out: list[Kernel] = []
+
+    def _add(
+        self,
+        phase: str,
+        name: str,
+        kind: str,
+        flops: float,
+        nbytes: float,
+        s: float,
+        recompute: bool = False,
+    ) -> None:
+        self.out.append(
+            Kernel(self.op, phase, name, kind, float(flops), float(nbytes), float(s), recompute)
+        )
+
+    def memory(
+        self, phase: str, name: str, nbytes: float, kind: str, recomputable: bool = False
+    ) -> None:
+        """A memory-bound kernel, and its recomputation in the backward if it is one the
+        recompute policy redoes."""
+        s = float(self.p.memory_seconds(nbytes, kind))
+        self._add(phase, name, "memory", 0.0, nbytes, s)
+        if phase == "forward" and self.m.redoes(recomputable):
+            self._add("backward_input", name, "memory", 0.0, nbytes, s, recompute=True)
+
+    def gemm(
+        self,
+        phase: str,
+        name: str,
+        m: float,
+        k: float,
+        n: float,
+        precision: str,
+        extra_bytes: float = 0.0,
+        recomputable: bool = False,
+    ) -> None:
+        a = 1 if precision == "fp8" else BF16
+        flops = 2.0 * m * k * n
+        nbytes = (m * k + k * n) * a + m * n * BF16 + extra_bytes
+        s = float(self.p.gemm_seconds(flops, nbytes, precision))
+        self._add(phase, name, "gemm", flops, nbytes, s)
+        if phase == "forward" and self.m.redoes(recomputable):
+            self._add("backward_input", name, "gemm", flops, nbytes, s, recompute=True)
+
+    def quantise(self, phase: str, name: str, elements: float, recomputable: bool = False) -> None:
+        self.memory(
+            phase, f"FP8 cast: {name}", float(quantise_bytes(elements)), "quantise", recomputable
+        )
+
+    def linear(
+        self,
+        name: str,
+        m: float,
+        k: float,
+        n: float,
+        precision: str,
+        input_cast: bool = True,
+        recomputable: bool = False,
+    ) -> None:
+        """A linear layer ``y = x W`` (x: m × k, W: k × n): forward, input-gradient and
+        weight-gradient GEMMs, and in FP8 the casts each GEMM's operands need (1×128 blocks
+        along the contraction: the weight gradient contracts over tokens, so its operands are
+        cast again along that axis). The weight gradient accumulates into FP32."""
+        fp8 = precision == "fp8"
+        if fp8 and input_cast:
+            self.quantise("forward", f"{name} input", m * k, recomputable)
+        self.gemm("forward", name, m, k, n, precision, recomputable=recomputable)
+        if fp8:
+            self.quantise("backward_input", f"{name} output gradient", m * n)
+        self.gemm("backward_input", f"{name} input gradient", m, n, k, precision)
+        if fp8:
+            self.quantise("backward_weight", f"{name} output gradient, transposed", m * n)
+            # The input was kept in FP8 for the backward: re-cast along the token axis.
+            self.memory(
+                "backward_weight",
+                f"FP8 cast: {name} input, transposed",
+                2.0 * m * k + m * k / 128 * FP32,
+                "quantise",
+            )
+        self.gemm(
+            "backward_weight",
+            f"{name} weight gradient",
+            k,
+            m,
+            n,
+            precision,
+            extra_bytes=2.0 * k * n * FP32,
+        )
+
+    def rmsnorm(self, name: str, rows: float, width: float) -> None:
+        self.memory(
+            "forward", f"RMSNorm: {name}", 2.0 * rows * width * BF16, "rmsnorm", recomputable=True
+        )
+        # Backward reads x and dy, writes dx (the weight gradient reduces on the way).
+        self.memory(
+            "backward_input", f"RMSNorm backward: {name}", 3.0 * rows * width * BF16, "rmsnorm"
+        )
+
+    def add(self, name: str, rows: float, width: float, inputs: int = 2) -> None:
+        """An element-wise sum (residual add); its backward passes the gradient through."""
+        self.memory("forward", name, (inputs + 1) * rows * width * BF16, "copy")
+
+    def swiglu(self, rows: float, ffn: float) -> None:
+        self.memory("forward", "SwiGLU", 3.0 * rows * ffn * BF16, "swiglu", recomputable=True)
+        # Backward reads both halves and the gradient, writes both halves' gradients.
+        self.memory("backward_input", "SwiGLU backward", 5.0 * rows * ffn * BF16, "swiglu")
+
+    def ffn(self, rows: float, width: float, input_cast: bool) -> None:
+        """A SwiGLU FFN (gate and up fused into one GEMM) over ``rows`` tokens."""
+        prec, d = self.m.precision, self.m.hidden
+        self.linear("FFN gate+up", rows, d, 2.0 * width, prec, input_cast)
+        self.swiglu(rows, width)
+        self.linear("FFN down", rows, width, d, prec)
+
+    def total(self, phase: str) -> float:
+        return float(sum(k.seconds for k in self.out if k.phase == phase))
+
+    def cost(self) -> OpCost:
+        return OpCost(*(self.total(p) for p in PHASES))
 
 
 class ComputeModel:
-    """Seconds per op for one micro-batch on one GPU of the scenario's cluster.
+    """Seconds per op for one micro-batch on one GPU of the scenario's cluster, built from the
+    kernels of :meth:`kernels`.
 
     Parameters
     ----------
     scenario : Scenario
-        Supplies the GPU (peaks, efficiencies), the architecture and the micro-batch size.
+        Supplies the GPU (peaks, efficiencies), the architecture, the micro-batch size, the
+        recomputation policy and the SMs reserved for communication.
     """
 
     def __init__(self, scenario: Scenario) -> None:
         gpu, model, par = scenario.cluster.gpu, scenario.model, scenario.parallelism
+        self.pricer = KernelPricer(gpu, par.comm_sms)
         self.precision = model.gemm_precision
-        # SMs reserved for communication kernels are lost to compute, in proportion.
-        sm_share = (gpu.sms - par.comm_sms) / gpu.sms
-        self.peak = gpu.peak_flops(self.precision) * sm_share
-        self.peak_bf16 = gpu.peak_flops("bf16") * sm_share
         self.recompute = par.recompute
-        self.eff_max = (
-            gpu.fp8_gemm_efficiency if self.precision == "fp8" else gpu.bf16_gemm_efficiency
-        )
-        self.f_half = units.GIGA * (
-            gpu.fp8_gemm_half_gflop if self.precision == "fp8" else gpu.bf16_gemm_half_gflop
-        )
-        self.eff_max_bf16 = gpu.bf16_gemm_efficiency
-        self.f_half_bf16 = units.GIGA * gpu.bf16_gemm_half_gflop
-        self.hbm = gpu.hbm_bytes_per_s * gpu.memory_efficiency
-        self.launch = units.microseconds(gpu.kernel_launch_us)
-        self.weight_bytes = units.BYTES_PER_ELEMENT[self.precision]
-        self.att_fwd_eff = gpu.attention_fwd_efficiency
-        self.att_bwd_eff = gpu.attention_bwd_efficiency
-
+        self.model = model
         self.hidden = model.hidden
-        self.tokens = scenario.parallelism.micro_batch_size * model.seq_len
+        self.tokens = float(par.micro_batch_size * model.seq_len)
         self.costs = model_costs(model)
         self.expert_ffn = model.moe.expert_ffn
-        self.shared = model.moe.shared_experts
-        self.vocab = model.vocab
-        self.routed_experts = model.moe.routed_experts
         self.top_k = model.moe.top_k
-        self.dense_ffn = model.dense_ffn or 0
+        self.experts_per_gpu = model.moe.routed_experts // par.expert
+        self.grad_bytes = units.BYTES_PER_ELEMENT[par.grad_dtype]
+        self.hbm = self.pricer.hbm
+        self.launch = self.pricer.launch
+        self._ops = self._build_ops()
 
-    # ------------------------------------------------------------------ primitives
+    def redoes(self, recomputable: bool) -> bool:
+        """Whether a forward kernel is run again in the backward."""
+        return self.recompute == "full" or (self.recompute == "selective" and recomputable)
 
-    def ffn_seconds(self, rows: npt.ArrayLike, ffn: int, backward: bool) -> npt.NDArray[np.float64]:
-        """Seconds of one grouped SwiGLU FFN call over several FFNs with ``rows[..., i]`` tokens
-        each (leading axes: independent calls, e.g. one per GPU).
+    # ------------------------------------------------------------------ dense ops
 
-        Rows are padded per FFN to the GEMM tile height (grouped GEMMs tile each expert
-        separately); the fixed GEMM overhead ``F_half`` is paid once per grouped GEMM (gate, up,
-        down; doubled in the backward for input and weight gradients). An FFN with no rows
-        still reads its weights (forward) or reads and writes them (backward).
-        """
-        rows = np.asarray(rows, dtype=np.float64)
-        d = self.hidden
-        factor = 2.0 if backward else 1.0
-        padded = np.ceil(rows / GEMM_TILE_ROWS) * GEMM_TILE_ROWS
-        total = rows.sum(axis=-1)
-        flops = factor * 2.0 * padded.sum(axis=-1) * 3.0 * d * ffn
-        n_gemm = np.where(total > 0, 3.0 * factor, 0.0)
-        weights = factor * 3.0 * d * ffn * self.weight_bytes * rows.shape[-1]
-        activations = factor * total * (2.0 * d + 3.0 * ffn) * BF16
-        compute = (flops + n_gemm * self.f_half) / (self.peak * self.eff_max)
-        return np.maximum(compute, (weights + activations) / self.hbm)
+    def _attention(self, k: _Kernels) -> None:
+        att, n, d, prec = self.model.attention, self.tokens, self.hidden, self.precision
+        h, hd = att.heads, att.head_dim
+        v_hd = att.v_head_dim or hd
+        k.rmsnorm("attention input", n, d)
+        if prec == "fp8":
+            k.quantise("forward", "attention input", n * d, recomputable=False)
+        if att.kind == "mla":
+            qk_hd = hd + att.rope_head_dim
+            kv_rank = att.kv_lora_rank or 0
+            if att.q_lora_rank:
+                k.linear("MLA q down", n, d, att.q_lora_rank, prec, input_cast=False)
+                k.rmsnorm("q latent", n, att.q_lora_rank)
+                k.linear("MLA q up", n, att.q_lora_rank, h * qk_hd, prec, recomputable=True)
+            else:
+                k.linear("MLA q", n, d, h * qk_hd, prec, input_cast=False)
+            k.linear("MLA kv down", n, d, kv_rank + att.rope_head_dim, prec, input_cast=False)
+            k.rmsnorm("kv latent", n, kv_rank)
+            k.linear("MLA kv up", n, kv_rank, h * (hd + v_hd), prec, recomputable=True)
+            rope = n * (h + 1) * att.rope_head_dim
+        else:
+            kv = (att.kv_heads or h) if att.kind == "gqa" else h
+            k.linear("QKV projection", n, d, (h + 2 * kv) * hd, prec, input_cast=False)
+            rope = n * (h + kv) * hd
+        k.memory("forward", "RoPE", 2.0 * rope * BF16, "copy", recomputable=True)
+        k.memory("backward_input", "RoPE backward", 2.0 * rope * BF16, "copy")
+        mla = att.kind == "mla"
+        core = n * self.costs.attention.core_flops
+        s = self.pricer.attention_seconds(core, backward=False, mla=mla)
+        k._add("forward", "flash attention", "attention", core, 0.0, s)
+        if self.recompute == "full":
+            k._add("backward_input", "flash attention", "attention", core, 0.0, s, True)
+        back = ATTENTION_BACKWARD_FLOPS * core
+        s = self.pricer.attention_seconds(back, backward=True, mla=mla)
+        k._add("backward_input", "flash attention backward", "attention", back, 0.0, s)
+        k.linear("attention output", n, h * v_hd, d, prec)
+        k.add("residual add (attention)", n, d)
 
-    # ------------------------------------------------------------------ ops per micro-batch
+    def _router(self, k: _Kernels) -> None:
+        n, d, e = self.tokens, self.hidden, self.model.moe.routed_experts
+        k.rmsnorm("FFN input", n, d)
+        # Gating stays in higher precision (DeepSeek-V3 §3.3.1): priced as a BF16 GEMM.
+        k.linear("router", n, d, e, "bf16")
+        # Scores (sigmoid or softmax), group limits and top-k: FP32 score rows read and written.
+        k.memory("forward", "router scores and top-k", 3.0 * n * e * FP32, "copy")
+        k.memory("backward_input", "router scores backward", 3.0 * n * e * FP32, "copy")
+        if self.precision == "fp8":
+            # Tokens are dispatched in FP8 (DeepSeek-V3 §3.3): one cast serves the shared expert.
+            k.quantise("forward", "dispatched tokens", n * d)
+        k.add("MoE output add (shared + routed + residual)", n, d, inputs=3)
 
-    def _recomputed(self, backward: bool, forward: float, elementwise: float) -> float:
-        """Extra backward time of activation recomputation: the whole forward (``full``) or its
-        element-wise part only (``selective``)."""
-        if not backward or self.recompute == "none":
-            return 0.0
-        return forward if self.recompute == "full" else elementwise
+    def _shared(self, k: _Kernels) -> None:
+        shared = self.model.moe.shared_experts
+        if shared:
+            # The shared experts read the tokens cast for dispatch.
+            k.ffn(self.tokens, shared * self.expert_ffn, input_cast=False)
 
-    def attention(self, backward: bool) -> float:
-        """Attention block of one layer: norms, projections, causal core, output projection
-        (plus its recomputation in the backward, if any)."""
-        time = self._attention(backward)
-        if backward:
-            time += self._recomputed(True, self._attention(False), self._elementwise(False))
-        return time
+    def _dense_ffn(self, k: _Kernels) -> None:
+        if self.model.dense_ffn:
+            k.rmsnorm("FFN input", self.tokens, self.hidden)
+            k.ffn(self.tokens, self.model.dense_ffn, input_cast=True)
+            k.add("residual add (FFN)", self.tokens, self.hidden)
 
-    def _elementwise(self, backward: bool) -> float:
-        factor = 2.0 if backward else 1.0
-        return factor * ELEMENTWISE_PASSES * self.tokens * self.hidden * BF16 / self.hbm
+    def _head(self, k: _Kernels) -> None:
+        n, d, v = self.tokens, self.hidden, self.model.vocab
+        k.rmsnorm("final", n, d)
+        # The output head stays in BF16 (DeepSeek-V3 §3.3.1).
+        k.linear("output head", n, d, v, "bf16")
+        k.memory("forward", "cross-entropy", 2.0 * n * v * BF16, "copy")
+        k.memory("backward_input", "cross-entropy backward", 2.0 * n * v * BF16, "copy")
 
-    def _attention(self, backward: bool) -> float:
-        n, a = self.tokens, self.costs.attention
-        proj = self._attention_projections(backward)
-        core_eff = self.att_bwd_eff if backward else self.att_fwd_eff
-        core_factor = ATTENTION_CORE_BACKWARD_FACTOR if backward else 1.0
-        core = core_factor * n * a.core_flops / (self.peak_bf16 * core_eff)
-        return proj + core + self._elementwise(backward) + self.launch
+    def _embedding(self, k: _Kernels) -> None:
+        n, d = self.tokens, self.hidden
+        k.memory("forward", "embedding gather", 2.0 * n * d * BF16, "copy")
+        # Gradient rows added into the FP32 embedding gradient: read dy, read and write FP32.
+        k.memory("backward_input", "embedding gradient scatter", n * d * (BF16 + 2 * FP32), "copy")
 
-    def _attention_projections(self, backward: bool) -> float:
-        n, a = self.tokens, self.costs.attention
-        factor = 2.0 if backward else 1.0
-        proj_flops = factor * n * a.projection_flops
-        proj_bytes = factor * a.params * self.weight_bytes + 4 * n * self.hidden * BF16
-        return max(
-            (proj_flops + 4 * factor * self.f_half) / (self.peak * self.eff_max),
-            proj_bytes / self.hbm,
-        )
+    def _mtp(self, k: _Kernels) -> None:
+        """One MTP module (DeepSeek-V3 §2.2): norms of the hidden state and the next token's
+        embedding, a 2d → d projection, a transformer block whose MoE is priced at its
+        activated width (shared + top-k experts as one FFN: its routing is not simulated), and
+        the shared output head."""
+        n, d = self.tokens, self.hidden
+        k.rmsnorm("MTP hidden", n, d)
+        k.rmsnorm("MTP embedding", n, d)
+        k.linear("MTP projection", n, 2 * d, d, self.precision)
+        self._attention(k)
+        k.rmsnorm("MTP FFN input", n, d)
+        width = (self.model.moe.shared_experts + self.top_k) * self.expert_ffn
+        k.ffn(n, width, input_cast=True)
+        self._head(k)
 
-    def router(self, backward: bool) -> float:
-        """Router logits GEMM (BF16/FP32 in practice; priced at BF16) and top-k."""
-        n = self.tokens
-        factor = 2.0 if backward else 1.0
-        flops = factor * 2.0 * n * self.hidden * self.routed_experts
-        compute = (flops + factor * self.f_half_bf16) / (self.peak_bf16 * self.eff_max_bf16)
-        memory = (
-            factor * self.hidden * self.routed_experts * 4 + 3 * n * self.routed_experts * 4
-        ) / self.hbm
-        return max(compute, memory) + self.launch
+    def _build_ops(self) -> dict[str, _Kernels]:
+        builders = {
+            "attention": self._attention,
+            "router": self._router,
+            "shared_experts": self._shared,
+            "dense_ffn": self._dense_ffn,
+            "head": self._head,
+            "embedding": self._embedding,
+            "mtp": self._mtp,
+        }
+        ops = {}
+        for name, build in builders.items():
+            k = _Kernels(self, name)
+            build(k)
+            ops[name] = k
+        return ops
 
-    def shared_experts(self, backward: bool) -> float:
-        """Shared experts, as one FFN of width ``shared × expert_ffn`` over every token."""
-        if self.shared == 0:
-            return 0.0
-        rows = np.array([float(self.tokens)])
-        width = self.shared * self.expert_ffn
-        time = float(self.ffn_seconds(rows, width, backward)[()]) + self.launch
-        return time + self._recomputed(
-            backward, float(self.ffn_seconds(rows, width, False)[()]), 0.0
-        )
+    def op_costs(self) -> OpCosts:
+        """Seconds per pass of each non-expert op."""
+        return OpCosts(**{name: k.cost() for name, k in self._ops.items()})
 
-    def dense_ffn_seconds(self, backward: bool) -> float:
-        rows = np.array([float(self.tokens)])
-        time = float(self.ffn_seconds(rows, self.dense_ffn, backward)[()]) + self.launch
-        forward = float(self.ffn_seconds(rows, self.dense_ffn, False)[()])
-        return time + self._recomputed(backward, forward, 0.0)
+    # ------------------------------------------------------------------ routed experts
 
-    def experts(self, rows: npt.ArrayLike, backward: bool) -> npt.NDArray[np.float64]:
-        """One grouped GEMM over a GPU's local experts with ``rows[..., e]`` tokens each
-        (leading axes: one GPU each)."""
-        time = self.ffn_seconds(rows, self.expert_ffn, backward) + self.launch
-        return time + self._recomputed(
-            backward, self.ffn_seconds(rows, self.expert_ffn, False), 0.0
-        )
+    def _expert_kernels(
+        self, rows: npt.ArrayLike
+    ) -> list[tuple[str, str, str, Array, Array, Array, bool]]:
+        """The routed experts' kernels on each GPU: ``rows[..., e]`` tokens for local expert
+        ``e``. Returns (phase, name, kind, flops, bytes, seconds, recompute) with arrays over
+        the leading axes."""
+        r = np.asarray(rows, dtype=np.float64)
+        d, f, prec, p = self.hidden, self.expert_ffn, self.precision, self.pricer
+        fp8 = prec == "fp8"
+        a = 1.0 if fp8 else float(BF16)
+        n_exp = r.shape[-1]
+        total = r.sum(axis=-1)
+        padded = (np.ceil(r / GEMM_TILE_ROWS) * GEMM_TILE_ROWS).sum(axis=-1)
+        active = (r > 0).sum(axis=-1).astype(np.float64)
+        out: list[tuple[str, str, str, Array, Array, Array, bool]] = []
+        zero = np.zeros_like(total)
 
-    def experts_weight_gradient(self, rows: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """The weight-gradient part of :meth:`experts` backward: its GEMMs cost what the
-        forward's do (a split backward's ``W``)."""
-        return self.ffn_seconds(rows, self.expert_ffn, False)
+        def mem(phase: str, name: str, nbytes: Array, kind: str, rec: bool = False) -> None:
+            out.append((phase, name, "memory", zero, nbytes, p.memory_seconds(nbytes, kind), rec))
+            if phase == "forward" and self.redoes(rec):
+                out.append(
+                    (
+                        "backward_input",
+                        name,
+                        "memory",
+                        zero,
+                        nbytes,
+                        p.memory_seconds(nbytes, kind),
+                        True,
+                    )
+                )
 
-    def weight_gradient(self, op: str) -> float:
-        """The weight-gradient part of an op's backward (``attention``, ``router``,
-        ``shared_experts``, ``dense_ffn``, ``head``, ``mtp_module``; ``embedding``: 0): each
-        weight GEMM's gradient costs its forward. The rest of the backward (input gradients,
-        the attention core, element-wise work, recomputation) is the input-gradient part."""
-        if op == "attention":
-            return self._attention_projections(False)
-        if op == "router":
-            return self.router(False) - self.launch
-        if op == "shared_experts":
-            if self.shared == 0:
-                return 0.0
-            rows = np.array([float(self.tokens)])
-            return float(self.ffn_seconds(rows, self.shared * self.expert_ffn, False)[()])
-        if op == "dense_ffn":
-            rows = np.array([float(self.tokens)])
-            return float(self.ffn_seconds(rows, self.dense_ffn, False)[()])
-        if op == "head":
-            return self.head(False) - self.launch
-        if op == "mtp_module":
-            core = (
-                self.tokens * self.costs.attention.core_flops / (self.peak_bf16 * self.att_fwd_eff)
+        def grouped(phase: str, name: str, k: float, n: float, weight_grad: bool = False) -> None:
+            flops = 2.0 * padded * k * n
+            if weight_grad:
+                # One GEMM per expert with tokens, contracting over them; FP32 accumulation.
+                nbytes = total * (k + n) * a + active * k * n * 2 * FP32
+                secs = p.gemm_seconds(flops, nbytes, prec, gemms=np.maximum(active, 1))
+            else:
+                # Every local expert's weights are read, even a cold one's.
+                nbytes = n_exp * k * n * a + total * k * a + total * n * BF16
+                secs = p.gemm_seconds(flops, nbytes, prec)
+                secs = np.where(flops > 0, secs, nbytes / self.hbm + self.launch)
+            out.append((phase, name, "grouped_gemm", flops, nbytes, secs, False))
+            if phase == "forward" and self.recompute == "full":
+                out.append(("backward_input", name, "grouped_gemm", flops, nbytes, secs, True))
+
+        # Forward: gather received tokens into expert order, gate+up, SwiGLU, cast, down,
+        # gather back into arrival order for the combine.
+        mem("forward", "permute tokens", 2.0 * total * d * a, "permute")
+        grouped("forward", "experts gate+up", d, 2.0 * f)
+        mem("forward", "SwiGLU", 3.0 * total * f * BF16, "swiglu", rec=True)
+        if fp8:
+            mem(
+                "forward",
+                "FP8 cast: experts down input",
+                quantise_bytes(total * f),
+                "quantise",
+                rec=True,
             )
-            return self.mtp_module(False) - core - self._elementwise(False) - 3 * self.launch
-        if op == "embedding":
-            return 0.0
-        raise ValueError(f"unknown op {op!r}")
+        grouped("forward", "experts down", f, d)
+        mem("forward", "unpermute outputs", 2.0 * total * d * BF16, "permute")
+        # Backward for inputs: gradients arrive (FP8 in DeepSeek-V3), mirror of the forward.
+        mem("backward_input", "permute gradients", 2.0 * total * d * a, "permute")
+        grouped("backward_input", "experts down input gradient", d, f)
+        mem("backward_input", "SwiGLU backward", 5.0 * total * f * BF16, "swiglu")
+        if fp8:
+            mem(
+                "backward_input",
+                "FP8 cast: gate+up output gradient",
+                quantise_bytes(total * 2.0 * f),
+                "quantise",
+            )
+        grouped("backward_input", "experts gate+up input gradient", 2.0 * f, d)
+        mem("backward_input", "unpermute input gradients", 2.0 * total * d * BF16, "permute")
+        # Backward for weights: operands cast again along the token axis, then one GEMM per
+        # expert for each matrix.
+        if fp8:
+            elements = total * (d + f + d + 2.0 * f)
+            mem(
+                "backward_weight",
+                "FP8 cast: weight-gradient operands, transposed",
+                quantise_bytes(elements),
+                "quantise",
+            )
+        grouped("backward_weight", "experts down weight gradient", f, d, weight_grad=True)
+        grouped("backward_weight", "experts gate+up weight gradient", d, 2.0 * f, weight_grad=True)
+        return out
 
-    def head(self, backward: bool) -> float:
-        """Output head GEMM and the cross-entropy over the vocabulary (BF16)."""
-        n = self.tokens
-        factor = 2.0 if backward else 1.0
-        flops = factor * 2.0 * n * self.hidden * self.vocab
-        compute = (flops + factor * self.f_half_bf16) / (self.peak_bf16 * self.eff_max_bf16)
-        memory = (factor * self.hidden * self.vocab * BF16 + 2 * n * self.vocab * 4) / self.hbm
-        return max(compute, memory) + self.launch
+    def experts(self, rows: npt.ArrayLike) -> ExpertCost:
+        """Routed experts on each GPU with ``rows[..., e]`` tokens for local expert ``e``
+        (leading axes: one GPU each)."""
+        kernels = self._expert_kernels(rows)
+        shape = np.asarray(rows).shape[:-1]
+        totals = {phase: np.zeros(shape) for phase in PHASES}
+        for phase, _, _, _, _, secs, _ in kernels:
+            totals[phase] = totals[phase] + secs
+        return ExpertCost(*(totals[p] for p in PHASES))
 
-    def embedding(self, backward: bool) -> float:
-        """Embedding lookup (forward) or gradient scatter (backward): memory-bound."""
-        n = self.tokens
-        return 2 * n * self.hidden * BF16 / self.hbm + self.launch
+    def balanced_rows(self, expert_parallel: int) -> Array:
+        """Tokens per local expert when routing is perfectly balanced: each GPU receives its
+        micro-batch's ``tokens × top_k`` assignments spread over its experts."""
+        per_gpu = self.model.moe.routed_experts // expert_parallel
+        return np.full(per_gpu, self.tokens * self.top_k / per_gpu)
 
-    def mtp_module(self, backward: bool) -> float:
-        """One multi-token-prediction module (DeepSeek-V3 §2.2): a projection of the 2·hidden
-        concatenation back to hidden, a transformer block, and the shared output head. Its MoE
-        block is priced at its activated width (shared + top-k experts as one FFN over every
-        token): the module's routing is not simulated."""
-        n = self.tokens
-        factor = 2.0 if backward else 1.0
-        proj_flops = factor * 2.0 * n * 2 * self.hidden * self.hidden
-        proj = (proj_flops + factor * self.f_half) / (self.peak * self.eff_max)
-        width = (self.shared + self.top_k) * self.expert_ffn
-        ffn = float(self.ffn_seconds(np.array([float(n)]), width, backward)[()])
-        return proj + self._attention(backward) + ffn + self.head(backward) + self.launch
+    # ------------------------------------------------------------------ tables
+
+    def kernels(self, rows: npt.ArrayLike) -> list[Kernel]:
+        """Every kernel of one micro-batch on one GPU: one MoE layer's ops, the routed experts
+        at ``rows`` tokens per local expert, and the dense FFN, head, embedding and MTP where
+        the model has them."""
+        out: list[Kernel] = []
+        for k in self._ops.values():
+            out.extend(k.out)
+        for phase, name, kind, flops, nbytes, secs, rec in self._expert_kernels(
+            np.asarray(rows, dtype=np.float64)[None, :]
+        ):
+            out.append(
+                Kernel(
+                    "routed_experts",
+                    phase,
+                    name,
+                    kind,
+                    float(flops[0]),
+                    float(nbytes[0]),
+                    float(secs[0]),
+                    rec,
+                )
+            )
+        return out
 
     def optimizer_step(self, params: float) -> float:
-        """Adam update of ``params`` parameters, memory-bound: per parameter it reads the BF16
-        gradient and the FP32 master weight and two moments (14 bytes) and writes the three
-        FP32 tensors and the BF16 weight (14 bytes)."""
-        return ADAM_BYTES_PER_PARAM * params / self.hbm + self.launch
+        """Adam over ``params`` parameters, memory-bound: the gradient read, FP32 master weight
+        and moments read and written, the BF16 copy written."""
+        nbytes = params * (self.grad_bytes + ADAM_STATE_BYTES)
+        return float(self.pricer.memory_seconds(nbytes, "adam"))

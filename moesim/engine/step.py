@@ -43,12 +43,13 @@ import simpy
 
 from moesim import units
 from moesim.cluster import ComputeModel, Layout, Topology, build_layout, build_topology
+from moesim.cluster.compute import ExpertCost, OpCost, OpCosts
 from moesim.cluster.model_costs import model_costs
 from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
 from moesim.engine.alltoall import ExchangePricer, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
-from moesim.engine.recorder import NullRecorder, Slice
+from moesim.engine.recorder import NullRecorder, Slice, SliceRecorder
 from moesim.engine.schedules import OpKey, Schedule, build_schedule
 from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
@@ -93,8 +94,17 @@ class StepContext:
     expert_params: npt.NDArray[np.float64]
     """Per rank: one GPU's routed-expert parameters over all the pieces it holds."""
     grad_bytes_per_param: float
-    op_s: dict[str, float]
+    ops: OpCosts
     """Seconds per micro-batch on one GPU of the ops whose cost does not depend on routing."""
+
+    @property
+    def moe_block(self) -> OpCost:
+        """Attention and router of an MoE layer (the compute before its dispatch)."""
+        return self.ops.attention + self.ops.router
+
+    @property
+    def dense_layer(self) -> OpCost:
+        return self.ops.attention + self.ops.dense_ffn
 
     @property
     def dense_grad_bytes(self) -> npt.NDArray[np.float64]:
@@ -105,52 +115,26 @@ class StepContext:
         return self.expert_params * self.grad_bytes_per_param
 
 
-def _op_seconds(c: ComputeModel) -> dict[str, float]:
-    """Forward (``_f``), full backward (``_b``) and weight-gradient part (``_w``) per op."""
-    ops = {
-        "attn": (c.attention, ("attention", "router"), c.router),
-        "shared": (c.shared_experts, ("shared_experts",), None),
-        "dense": (c.dense_ffn_seconds, ("dense_ffn",), None),
-        "head": (c.head, ("head",), None),
-        "embed": (c.embedding, ("embedding",), None),
-        "mtp": (c.mtp_module, ("mtp_module",), None),
-    }
-    out: dict[str, float] = {}
-    for name, (fn, weight_ops, extra) in ops.items():
-        out[f"{name}_f"] = fn(False) + (extra(False) if extra else 0.0)
-        out[f"{name}_b"] = fn(True) + (extra(True) if extra else 0.0)
-        out[f"{name}_w"] = sum(c.weight_gradient(op) for op in weight_ops)
-    # A dense layer is attention + dense FFN.
-    for suffix in ("f", "b", "w"):
-        out[f"dense_{suffix}"] += c.attention(suffix == "b") if suffix != "w" else 0.0
-    out["dense_w"] += c.weight_gradient("attention")
-    out["embed_b"] = c.embedding(True)
-    return out
-
-
-def balanced_split(
-    scenario: Scenario, compute: ComputeModel, op_s: dict[str, float], pieces: int
-) -> list[list[int]]:
+def balanced_split(scenario: Scenario, compute: ComputeModel, pieces: int) -> list[list[int]]:
     """Cut the layers into ``pieces`` contiguous pieces minimising the largest piece's forward
     + backward compute under balanced routing; the first piece also embeds, the last one runs
     the output head and the MTP modules (what a tuned pipeline layout does by hand)."""
     m = scenario.model
-    tokens = scenario.parallelism.micro_batch_size * m.seq_len
-    per_rank = m.moe.routed_experts // scenario.parallelism.expert
-    rows = np.full(per_rank, tokens * m.moe.top_k / scenario.parallelism.expert / per_rank)
+    ops = compute.op_costs()
+    experts = compute.experts(compute.balanced_rows(scenario.parallelism.expert))
+
+    def total(op: OpCost) -> float:
+        return op.forward + op.backward
+
     moe = (
-        op_s["attn_f"]
-        + op_s["attn_b"]
-        + op_s["shared_f"]
-        + op_s["shared_b"]
-        + float(compute.experts(rows, False))
-        + float(compute.experts(rows, True))
+        total(ops.attention + ops.router + ops.shared_experts)
+        + float(experts.forward)
+        + float(experts.backward)
     )
-    layer_cost = np.array(
-        [op_s["dense_f"] + op_s["dense_b"] if i < m.dense_layers else moe for i in range(m.layers)]
-    )
-    first = op_s["embed_f"] + op_s["embed_b"]
-    last = op_s["head_f"] + op_s["head_b"] + m.mtp_depth * (op_s["mtp_f"] + op_s["mtp_b"])
+    dense = total(ops.attention + ops.dense_ffn)
+    layer_cost = np.array([dense if i < m.dense_layers else moe for i in range(m.layers)])
+    first = total(ops.embedding)
+    last = total(ops.head) + m.mtp_depth * total(ops.mtp)
     prefix = np.concatenate([[0.0], np.cumsum(layer_cost)])
     n = m.layers
     # best[k][i]: least max piece cost cutting layers[:i] into k pieces; cut[k][i]: last cut.
@@ -205,9 +189,8 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     except ValueError as err:
         raise ScenarioError("parallelism.schedule", str(err)) from None
     compute = ComputeModel(scenario)
-    op_s = _op_seconds(compute)
     if p.layer_split == "balanced":
-        pieces = balanced_split(scenario, compute, op_s, schedule.n_pieces)
+        pieces = balanced_split(scenario, compute, schedule.n_pieces)
     else:
         pieces = schedule.piece_layers(m.layers)
     costs = model_costs(m)
@@ -257,7 +240,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
         dense_params=dense,
         expert_params=expert,
         grad_bytes_per_param=float(units.BYTES_PER_ELEMENT[p.grad_dtype]),
-        op_s=op_s,
+        ops=compute.op_costs(),
     )
 
 
@@ -334,7 +317,7 @@ class StepResult:
 
 # Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its
 # rank's executor, which runs each on the compute stream and replies with its end times.
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Compute:
     seconds: Vector | float
     ready: Vector
@@ -428,7 +411,7 @@ class _StepModel:
         self.exchanges = 0
         self._rings: dict[tuple, tuple[float, float]] = {}
         self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
-        self._expert_cache: dict[tuple[int, int], tuple[Vector, Vector, Vector, Vector]] = {}
+        self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
         self.gate_layer = gate_layer_map(sc)
         self.dense_layers = sc.model.dense_layers
         self.traced = [
@@ -544,10 +527,15 @@ class _StepModel:
         return out
 
     def _exchange(
-        self, rank: int, ready: Vector, layer: int, micro: int, toward_experts: bool, bf16: bool
+        self, rank: int, ready: Vector, layer: int, micro: int, toward_experts: bool, kernel: str
     ) -> tuple[Vector, Vector]:
-        """Arrival times at the receivers and, per receiver, its last sender's ready time."""
-        per_token = self.ctx.grad_bytes_per_token if bf16 else self.ctx.dispatch_bytes_per_token
+        """Arrival times at the receivers and, per receiver, its last sender's ready time.
+        ``kernel``: ``dispatch`` sends at the GEMM precision (FP8 in DeepSeek-V3), ``combine``
+        in BF16. The backward of a dispatch is a combine kernel and the other way round."""
+        ctx = self.ctx
+        per_token = (
+            ctx.dispatch_bytes_per_token if kernel == "dispatch" else ctx.grad_bytes_per_token
+        )
         g = int(self.gate_layer[layer - self.dense_layers])
         cell = g * self.cells_per_layer + micro
         self.exchanges += 1
@@ -584,44 +572,57 @@ class _StepModel:
             return done
         return last + (done - last) / worst
 
-    def _experts(self, layer: int, micro: int) -> tuple[Vector, Vector, Vector, Vector]:
+    def _experts(self, layer: int, micro: int) -> tuple[Vector, ExpertCost]:
         """Per GPU of a stage: its local experts' tokens (gpus, experts per rank) and the
-        grouped GEMM's forward, full backward and weight-gradient seconds (cached: layers that
-        share a simulated router share their loads)."""
+        routed experts' seconds per pass (cached: layers that share a simulated router share
+        their loads)."""
         g = int(self.gate_layer[layer - self.dense_layers])
         cached = self._expert_cache.get((g, micro))
         if cached is None:
             c = self.counts[g, micro].reshape(self.data, self.expert, self.n_experts).sum(axis=1)
             rows = c.reshape(self.data * self.expert, self.epr).astype(np.float64)
-            model = self.ctx.compute
-            cached = (
-                rows,
-                model.experts(rows, False),
-                model.experts(rows, True),
-                model.experts_weight_gradient(rows),
-            )
+            cached = (rows, self.ctx.compute.experts(rows))
             self._expert_cache[(g, micro)] = cached
         return cached
+
+    def _serve(self, rank: int, rows: Vector, arrive: Vector, start: Vector) -> None:
+        """Book the tokens' wait between their arrival and their experts' start."""
+        gpus = self.span[rank]
+        self.expert_wait_token_s[gpus] += np.maximum(start - arrive, 0.0)[:, None] * rows
+        self.expert_served[gpus] += rows
 
     # -------------------------------------------------------------- chains
 
     def _moe_forward(
         self, rank: int, layer: int, micro: int, t: Vector, cause: str, last_in: Vector | None
     ) -> Chain:
-        op = self.ctx.op_s
-        t = yield _Compute(op["attn_f"], t, "attention + router", "forward", cause, last_in)
-        arrive, last = self._exchange(rank, t, layer, micro, toward_experts=True, bf16=False)
-        self._record(rank, "dispatch", "dispatch forward", t, arrive)
-        t = yield _Compute(op["shared_f"], t, "shared experts", "forward")
-        rows, seconds, _, _ = self._experts(layer, micro)
-        t_exp = yield _Compute(
-            seconds, np.maximum(t, arrive), "routed experts", "forward", "a2a", last, True
+        ops = self.ctx.ops
+        t = yield _Compute(
+            seconds=self.ctx.moe_block.forward,
+            ready=t,
+            name="attention + router",
+            bucket="forward",
+            cause=cause,
+            last_sender=last_in,
         )
-        gpus = self.span[rank]
-        self.expert_tokens[gpus] += rows
-        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
-        self.expert_served[gpus] += rows
-        back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=True)
+        arrive, last = self._exchange(rank, t, layer, micro, True, "dispatch")
+        self._record(rank, "dispatch", "dispatch forward", t, arrive)
+        t = yield _Compute(
+            seconds=ops.shared_experts.forward, ready=t, name="shared experts", bucket="forward"
+        )
+        rows, cost = self._experts(layer, micro)
+        t_exp = yield _Compute(
+            seconds=cost.forward,
+            ready=np.maximum(t, arrive),
+            name="routed experts",
+            bucket="forward",
+            cause="a2a",
+            last_sender=last,
+            expert=True,
+        )
+        self.expert_tokens[self.span[rank]] += rows
+        self._serve(rank, rows, arrive, t_exp - cost.forward)
+        back, last = self._exchange(rank, t_exp, layer, micro, False, "combine")
         self._record(rank, "combine", "combine forward", t_exp, back)
         return np.maximum(t_exp, back), last
 
@@ -634,82 +635,159 @@ class _StepModel:
         split: bool,
         cause: str,
         last_in: Vector | None,
+        filler: float,
     ) -> Chain:
-        op = self.ctx.op_s
-        arrive, last = self._exchange(rank, t, layer, micro, toward_experts=True, bf16=True)
-        self._record(rank, "combine", "combine backward", t, arrive)
-        shared = op["shared_b"] - (op["shared_w"] if split else 0.0)
-        t_sh = yield _Compute(shared, t, "shared experts", "backward", cause, last_in)
-        rows, _, backward, weight = self._experts(layer, micro)
-        seconds = backward - weight if split else backward
-        t_exp = yield _Compute(
-            seconds, np.maximum(t_sh, arrive), "routed experts", "backward", "a2a", last, True
+        """One MoE layer's backward. Unless the backward is split (its weight gradients then
+        run in a later ``W`` op), each weight-gradient GEMM waits until the next all-to-all has
+        been launched and runs while it is in flight, as DualPipe and DeepSeek's trace order
+        them: the experts' while their input gradients go back, the attention's (``filler``
+        seconds, carried to the next layer) while that layer's gradients come in."""
+        ops = self.ctx.ops
+        # Backward of the combine: a dispatch kernel carrying the output gradients.
+        arrive, last = self._exchange(rank, t, layer, micro, True, "dispatch")
+        self._record(rank, "dispatch", "dispatch backward (of combine)", t, arrive)
+        if filler:
+            t = yield _Compute(
+                seconds=filler,
+                ready=t,
+                name="weight gradients",
+                bucket="weight",
+                cause=cause,
+                last_sender=last_in,
+            )
+            cause, last_in = "pipeline", None
+        t_sh = yield _Compute(
+            seconds=ops.shared_experts.backward_input,
+            ready=t,
+            name="shared experts",
+            bucket="backward",
+            cause=cause,
+            last_sender=last_in,
         )
-        gpus = self.span[rank]
-        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
-        self.expert_served[gpus] += rows
-        back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=False)
-        self._record(rank, "dispatch", "dispatch backward", t_exp, back)
-        attn = op["attn_b"] - (op["attn_w"] if split else 0.0)
+        rows, cost = self._experts(layer, micro)
+        t_exp = yield _Compute(
+            seconds=cost.backward_input,
+            ready=np.maximum(t_sh, arrive),
+            name="routed experts",
+            bucket="backward",
+            cause="a2a",
+            last_sender=last,
+            expert=True,
+        )
+        self._serve(rank, rows, arrive, t_exp - cost.backward_input)
+        # Backward of the dispatch: a combine kernel carrying the input gradients (BF16).
+        back, last = self._exchange(rank, t_exp, layer, micro, False, "combine")
+        self._record(rank, "combine", "combine backward (of dispatch)", t_exp, back)
+        if not split:
+            t_exp = yield _Compute(
+                seconds=cost.backward_weight + ops.shared_experts.backward_weight,
+                ready=t_exp,
+                name="expert weight gradients",
+                bucket="weight",
+                expert=True,
+            )
         t = yield _Compute(
-            attn, np.maximum(t_exp, back), "attention + router", "backward", "a2a", last
+            seconds=self.ctx.moe_block.backward_input,
+            ready=np.maximum(t_exp, back),
+            name="attention + router",
+            bucket="backward",
+            cause="a2a",
+            last_sender=last,
         )
         return t
 
     def _forward(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
-        op = self.ctx.op_s
+        ops = self.ctx.ops
         m = self.sc.model
         cause, last = "pipeline", None
         if piece == 0:
-            t = yield _Compute(op["embed_f"], t, "embedding", "forward")
+            t = yield _Compute(
+                seconds=ops.embedding.forward, ready=t, name="embedding", bucket="forward"
+            )
         for layer in self.ctx.piece_layers[piece]:
             if layer < m.dense_layers:
-                t = yield _Compute(op["dense_f"], t, "dense layer", "forward", cause, last)
+                t = yield _Compute(
+                    seconds=self.ctx.dense_layer.forward,
+                    ready=t,
+                    name="dense layer",
+                    bucket="forward",
+                    cause=cause,
+                    last_sender=last,
+                )
                 cause, last = "pipeline", None
             else:
                 t, last = yield from self._moe_forward(rank, layer, micro, t, cause, last)
                 cause = "a2a"
         if piece == self.schedule.n_pieces - 1:
-            t = yield _Compute(op["head_f"], t, "output head", "forward", cause, last)
+            t = yield _Compute(
+                seconds=ops.head.forward,
+                ready=t,
+                name="output head",
+                bucket="forward",
+                cause=cause,
+                last_sender=last,
+            )
             for _ in range(m.mtp_depth):
-                t = yield _Compute(op["mtp_f"], t, "MTP module", "forward")
+                t = yield _Compute(
+                    seconds=ops.mtp.forward, ready=t, name="MTP module", bucket="forward"
+                )
         return t
 
     def _backward(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
-        op = self.ctx.op_s
+        ops = self.ctx.ops
         m = self.sc.model
         split = self.schedule.is_split(micro, piece)
-        w = 1.0 if split else 0.0
+
+        def backward(op: OpCost) -> float:
+            return op.backward_input if split else op.backward
+
         if piece == self.schedule.n_pieces - 1:
             for _ in range(m.mtp_depth):
-                t = yield _Compute(op["mtp_b"] - w * op["mtp_w"], t, "MTP module", "backward")
-            t = yield _Compute(op["head_b"] - w * op["head_w"], t, "output head", "backward")
+                t = yield _Compute(
+                    seconds=backward(ops.mtp), ready=t, name="MTP module", bucket="backward"
+                )
+            t = yield _Compute(
+                seconds=backward(ops.head), ready=t, name="output head", bucket="backward"
+            )
         cause, last = "pipeline", None
+        filler = 0.0  # the previous MoE layer's attention weight gradients, not yet run
         for layer in reversed(self.ctx.piece_layers[piece]):
             if layer < m.dense_layers:
                 t = yield _Compute(
-                    op["dense_b"] - w * op["dense_w"], t, "dense layer", "backward", cause, last
+                    seconds=backward(self.ctx.dense_layer) + filler,
+                    ready=t,
+                    name="dense layer",
+                    bucket="backward",
+                    cause=cause,
+                    last_sender=last,
                 )
+                filler = 0.0
             else:
-                t = yield from self._moe_backward(rank, layer, micro, t, split, cause, last)
+                t = yield from self._moe_backward(rank, layer, micro, t, split, cause, last, filler)
+                filler = 0.0 if split else self.ctx.moe_block.backward_weight
             cause, last = "pipeline", None
+        if filler:
+            t = yield _Compute(seconds=filler, ready=t, name="weight gradients", bucket="weight")
         if piece == 0:
-            t = yield _Compute(op["embed_b"], t, "embedding", "backward")
+            t = yield _Compute(
+                seconds=ops.embedding.backward, ready=t, name="embedding", bucket="backward"
+            )
         return t
 
     def _weight(self, rank: int, micro: int, piece: int, t: Vector) -> Chain:
         """The deferred weight gradients of a split backward: no communication."""
-        op, m = self.ctx.op_s, self.sc.model
+        ops, m = self.ctx.ops, self.sc.model
         seconds = np.zeros(self.g_stage)
         for layer in self.ctx.piece_layers[piece]:
             if layer < m.dense_layers:
-                seconds += op["dense_w"]
+                seconds += self.ctx.dense_layer.backward_weight
             else:
-                weight = self._experts(layer, micro)[3]
-                seconds += op["attn_w"] + op["shared_w"] + weight
+                weight = self._experts(layer, micro)[1].backward_weight
+                seconds += self.ctx.moe_block.backward_weight + ops.shared_experts.backward_weight
+                seconds += weight
         if piece == self.schedule.n_pieces - 1:
-            seconds += op["head_w"] + m.mtp_depth * op["mtp_w"]
-        t = yield _Compute(seconds, t, "weight gradients", "weight")
+            seconds += ops.head.backward_weight + m.mtp_depth * ops.mtp.backward_weight
+        t = yield _Compute(seconds=seconds, ready=t, name="weight gradients", bucket="weight")
         return t
 
     def _chain(self, rank: int, key: OpKey, ready: Vector) -> Chain:
@@ -1053,3 +1131,87 @@ def simulate_step(
         ctx, counts, dest_tokens, node_tokens, recorder or NullRecorder(), hardware, jitter
     )
     return model.run()
+
+
+@dataclass(frozen=True)
+class ChunkPairResult:
+    """One overlapped forward + backward chunk pair on one pipeline rank (a DualPipe ``FB``
+    unit), timed on its own: no pipeline transfers, both chunks' inputs ready at 0."""
+
+    layers: int
+    span_s: float
+    """First kernel to last, on the slowest GPU of the rank."""
+    forward_s: float
+    """Mean per GPU of the forward chunk's compute."""
+    backward_input_s: float
+    backward_weight_s: float
+    compute_busy_s: float
+    """Time the compute stream of the rank's first GPU is busy."""
+    comm_busy_s: float
+    """Time at least one all-to-all is in flight on that GPU (its communication SMs busy)."""
+    overlap_s: float
+    """Time both are busy."""
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        elif end > start:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return float(sum(end - start for start, end in intervals))
+
+
+def simulate_chunk_pair(
+    ctx: StepContext,
+    counts: np.ndarray,
+    dest_tokens: np.ndarray,
+    node_tokens: np.ndarray | None,
+    piece: int,
+) -> ChunkPairResult:
+    """Run the forward of one micro-batch and the backward (not split) of another through
+    ``piece`` on one compute stream, as DualPipe's overlapped pair does, and measure the span,
+    the compute per pass and how long the communication kernels are in flight. The sample
+    arguments are those of :func:`simulate_step`. This is the set-up of DeepSeek's public
+    per-layer profile (github.com/deepseek-ai/profile-data): a check of the kernel and overlap
+    model, not part of a step."""
+    sched = ctx.schedule
+    rank = sched.rank_of(0, piece)
+    micros = [
+        m
+        for m in range(sched.micro_batches)
+        if sched.rank_of(m, piece) == rank and not sched.is_split(m, piece)
+    ]
+    if len(micros) < 2:
+        raise SimulationError(f"piece {piece} has no two unsplit micro-batches on one rank")
+    first_gpu = int(ctx.rank_gpus[rank].ravel()[0])
+    recorder = SliceRecorder([first_gpu])
+    model = _StepModel(ctx, counts, dest_tokens, node_tokens, recorder)
+    zero = np.zeros(model.g_stage)
+    chains = [
+        model._forward(rank, micros[1], piece, zero),
+        model._backward(rank, micros[0], piece, zero),
+    ]
+    ends = model._run_chains(rank, chains)
+    gpus = model.span[rank]
+    mine = [s for s in recorder.slices if s.gpu == first_gpu]
+    compute = _union([(s.start_s, s.end_s) for s in mine if s.track == "compute"])
+    comm = _union([(s.start_s, s.end_s) for s in mine if s.track in ("dispatch", "combine")])
+    both = _union(
+        [(max(a, c), min(b, d)) for a, b in compute for c, d in comm if min(b, d) > max(a, c)]
+    )
+    return ChunkPairResult(
+        layers=len(ctx.piece_layers[piece]),
+        span_s=float(np.maximum.reduce(ends).max()),
+        forward_s=float(model.acc["forward"][gpus].mean()),
+        backward_input_s=float(model.acc["backward"][gpus].mean()),
+        backward_weight_s=float(model.acc["weight"][gpus].mean()),
+        compute_busy_s=_length(compute),
+        comm_busy_s=_length(comm),
+        overlap_s=_length(both),
+    )

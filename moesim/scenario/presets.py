@@ -4,19 +4,27 @@ Every value is a vendor specification (or a vendor figure quoted by a third part
 measured training outcome. ``cluster.gpu: H800`` resolves to the entry below; any field can be
 overridden in the scenario (``cluster.gpu: {preset: H800, hbm_tbytes_per_s: 3.0}``).
 
-Sources (see ``shared/reference/hardware.md``):
+Sources:
 - [DS] NVIDIA data sheets as quoted by glennklockwood.com processor pages.
 - [DSV3] DeepSeek-V3 technical report, arXiv 2412.19437 (H800 NVLink 400 GB/s).
 - "nvlink_gbytes_per_s" is the per-GPU aggregate of both directions, as vendors quote it.
-- [MB] moesim's own micro-benchmark ``benchmarks/device/gpu_kernels.py`` run on one H200 SXM
-  (PyTorch 2.11, CUDA 13; raw figures in ``benchmarks/device/results/h200_gpu_kernels.json``):
-  GEMMs of expert shapes (K×N = 7168×2048, 2048×7168, 4096×14336, 2048×1408; 8–32768 rows) fitted
-  to t = max((F + F_half)/(peak·eff_max), floor): BF16 eff_max 0.77, F_half 5.75 GFLOP; FP8
-  eff_max 0.69, F_half 7.94 GFLOP. Causal SDPA at 4096 tokens, 128 heads × 128: forward 603
-  TFLOP/s (0.61 of 989), backward ≈ 455 TFLOP/s (0.46). Device-to-device copy 4.24 TB/s (0.88 of
-  4.8). Back-to-back tiny kernels: 11.5 µs each (eager launch overhead).
-  H100 and H800 share the H200's SM, tensor cores and clocks, so the fractions carry over.
-  A100 and B200 were not measured: they use the same fractions, an unverified assumption.
+- [MB] moesim's own kernel micro-benchmark ``benchmarks/device/step_kernels.py`` run on one
+  H200 SXM (PyTorch 2.11, CUDA 13, cuBLASLt and cuDNN; raw figures in
+  ``benchmarks/device/results/h200_step_kernels.json``):
+  - GEMMs at DeepSeek-V3 expert, MLA and output shapes (256–32768 rows; forward, input- and
+    weight-gradient shapes), with all 132 SMs and with 20 SMs carved out for communication,
+    fitted to t = (F + F_half) / R: FP8 with 1×128 / 128×128 block scales R = 1041 TFLOP/s on
+    112 SMs (0.62 of the pro-rated peak) and 1159 on 132 (0.586 of peak: the ceiling),
+    F_half 11 GFLOP; BF16 R = 746 on 112 SMs (0.89 pro-rated) and 702 on 132 (0.71: BF16 is
+    power-limited, it does not slow down when SMs are taken), F_half 5.5 GFLOP. Median fit
+    error 5%, worst 40% (256-row GEMMs).
+  - Causal flash attention (cuDNN SDPA), 4096 tokens, head dim 128: forward 585 TFLOP/s (0.592
+    of 989), backward 444 (0.449, counting 2.5× the forward FLOP).
+  - Device-to-device copy 4.24 TB/s (0.884 of 4.8); a tiny kernel replayed in a CUDA graph
+    costs 0.95 µs.
+  H100 and H800 share the H200's SM, tensor cores, clocks and 700 W limit, so the fractions
+  carry over (memory-bound kernels scale with each GPU's own HBM bandwidth). A100 and B200
+  were not measured: they use the same fractions, an unverified assumption.
 """
 
 from __future__ import annotations
@@ -25,14 +33,16 @@ from typing import Any
 
 # Efficiency fractions [MB]; see the module docstring for what was measured.
 _MEASURED_EFFICIENCY: dict[str, Any] = {
-    "bf16_gemm_efficiency": 0.77,
-    "fp8_gemm_efficiency": 0.69,
-    "bf16_gemm_half_gflop": 5.75,
-    "fp8_gemm_half_gflop": 7.94,
-    "attention_fwd_efficiency": 0.61,
-    "attention_bwd_efficiency": 0.46,
-    "memory_efficiency": 0.88,
-    "kernel_launch_us": 11.5,
+    "bf16_gemm_efficiency": 0.89,
+    "fp8_gemm_efficiency": 0.62,
+    "bf16_gemm_ceiling": 0.71,
+    "fp8_gemm_ceiling": 0.586,
+    "bf16_gemm_half_gflop": 5.5,
+    "fp8_gemm_half_gflop": 11.0,
+    "attention_fwd_efficiency": 0.592,
+    "attention_bwd_efficiency": 0.449,
+    "memory_efficiency": 0.884,
+    "kernel_launch_us": 0.95,
 }
 
 GPU_PRESETS: dict[str, dict[str, Any]] = {

@@ -105,10 +105,12 @@ class Model(Frozen):
 
 class Gpu(Frozen):
     """One GPU model. Peaks are dense tensor-core throughput (vendor spec); the efficiency
-    fields come from micro-benchmarks (see presets).
+    fields come from kernel micro-benchmarks (see presets).
 
-    A GEMM of ``F`` FLOP runs at ``peak × eff_max × F / (F + F_half)``: equivalently it costs
-    ``(F + F_half) / (peak × eff_max)``, a fixed tile/wave overhead plus the streaming rate.
+    A GEMM of ``F`` FLOP on ``s`` of the GPU's ``S`` SMs costs ``(F + F_half) / R(s)`` with
+    ``R(s) = min(eff · s / S, ceiling) × peak``: a fixed tile/wave overhead plus the streaming
+    rate, which grows with the SMs the GEMM gets until the chip's power and clock limit
+    (``ceiling``, a fraction of the full-chip peak) binds.
     """
 
     name: str
@@ -118,18 +120,38 @@ class Gpu(Frozen):
     hbm_tbytes_per_s: PositiveFloat
     nvlink_gbytes_per_s: PositiveFloat = Field(description="aggregate of both directions")
     sms: PositiveInt
-    bf16_gemm_efficiency: Fraction = Field(description="large BF16 GEMM fraction of peak")
-    fp8_gemm_efficiency: Fraction = Field(description="large FP8 GEMM fraction of peak")
+    bf16_gemm_efficiency: Fraction = Field(
+        description="large BF16 GEMM throughput per SM, as a fraction of the peak pro-rated to "
+        "the SMs it runs on"
+    )
+    fp8_gemm_efficiency: Fraction = Field(
+        description="large FP8 GEMM (1×128 / 128×128 block scaling) throughput per SM, as a "
+        "fraction of the peak pro-rated to the SMs it runs on"
+    )
+    bf16_gemm_ceiling: Fraction = Field(
+        description="most of the full-chip BF16 peak a GEMM reaches (power and clock limit)"
+    )
+    fp8_gemm_ceiling: Fraction = Field(
+        description="most of the full-chip FP8 peak a GEMM reaches (power and clock limit)"
+    )
     bf16_gemm_half_gflop: PositiveFloat = Field(
-        description="GEMM work (GFLOP) at which BF16 efficiency is half its maximum"
+        description="fixed cost of a BF16 GEMM launch, in GFLOP at the streaming rate"
     )
     fp8_gemm_half_gflop: PositiveFloat = Field(
-        description="GEMM work (GFLOP) at which FP8 efficiency is half its maximum"
+        description="fixed cost of an FP8 GEMM launch, in GFLOP at the streaming rate"
     )
-    attention_fwd_efficiency: Fraction = Field(description="causal flash-attention forward")
-    attention_bwd_efficiency: Fraction = Field(description="causal flash-attention backward")
-    memory_efficiency: Fraction = Field(description="achievable fraction of HBM bandwidth")
-    kernel_launch_us: Annotated[float, Field(ge=0)] = Field(description="fixed cost per op")
+    attention_fwd_efficiency: Fraction = Field(
+        description="causal flash-attention forward at head dim 128, fraction of BF16 peak"
+    )
+    attention_bwd_efficiency: Fraction = Field(
+        description="causal flash-attention backward at head dim 128, fraction of BF16 peak"
+    )
+    memory_efficiency: Fraction = Field(
+        description="achievable fraction of HBM bandwidth (a device-to-device copy)"
+    )
+    kernel_launch_us: Annotated[float, Field(ge=0)] = Field(
+        description="GPU-side cost of each kernel launch (back-to-back kernels in a graph)"
+    )
 
     @property
     def hbm_bytes_per_s(self) -> float:

@@ -72,25 +72,30 @@ def _bubble_case(tiny_dict, schedule, pp, micro, virtual=1):
 def _op_prices(ctx, counts):
     """Seconds of each schedule op from the compute model (balanced rows, no communication):
     an independent oracle of what the engine should charge."""
-    c, op_s, sched = ctx.compute, ctx.op_s, ctx.schedule
+    c, ops, sched = ctx.compute, ctx.ops, ctx.schedule
     rows = counts[0, 0, : ctx.layout.expert].sum(axis=0).reshape(ctx.layout.expert, -1)[0]
-    rows = rows.astype(float)
+    experts = c.experts(rows.astype(float))
+    layer = ops.attention + ops.router + ops.shared_experts
     last = sched.n_pieces - 1
 
     def layers(p):
         return len(ctx.piece_layers[p])
 
     def forward(p):
-        t = layers(p) * (op_s["attn_f"] + op_s["shared_f"] + float(c.experts(rows, False)))
-        return t + (op_s["embed_f"] if p == 0 else 0.0) + (op_s["head_f"] if p == last else 0.0)
+        t = layers(p) * (layer.forward + float(experts.forward))
+        return (
+            t
+            + (ops.embedding.forward if p == 0 else 0.0)
+            + (ops.head.forward if p == last else 0.0)
+        )
 
     def weight(p):
-        t = layers(p) * (op_s["attn_w"] + op_s["shared_w"] + float(c.experts_weight_gradient(rows)))
-        return t + (op_s["head_w"] if p == last else 0.0)
+        t = layers(p) * (layer.backward_weight + float(experts.backward_weight))
+        return t + (ops.head.backward_weight if p == last else 0.0)
 
     def backward(m, p):
-        t = layers(p) * (op_s["attn_b"] + op_s["shared_b"] + float(c.experts(rows, True)))
-        t += (op_s["embed_b"] if p == 0 else 0.0) + (op_s["head_b"] if p == last else 0.0)
+        t = layers(p) * (layer.backward + float(experts.backward))
+        t += (ops.embedding.backward if p == 0 else 0.0) + (ops.head.backward if p == last else 0.0)
         return t - (weight(p) if sched.is_split(m, p) else 0.0)
 
     def duration(op):
@@ -157,9 +162,12 @@ def test_data_parallel_forward_is_the_sum_of_ops(tiny_dict):
     r = simulate_step(ctx, counts, dest)
     c = ctx.compute
     rows = counts[0, 0, 0].astype(float)
-    moe = c.attention(False) + c.router(False) + c.shared_experts(False) + c.experts(rows, False)
-    dense = c.attention(False) + c.dense_ffn_seconds(False)
-    expected = c.embedding(False) + dense + 3 * moe + c.head(False)
+    ops = c.op_costs()
+    moe = (ops.attention + ops.router + ops.shared_experts).forward + float(
+        c.experts(rows).forward
+    )
+    dense = (ops.attention + ops.dense_ffn).forward
+    expected = ops.embedding.forward + dense + 3 * moe + ops.head.forward
     assert r.stage_forward_s[0] == pytest.approx(expected, rel=1e-9)
 
 
