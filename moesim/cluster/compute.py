@@ -199,8 +199,11 @@ class _Kernels:
         )
 
     def add(self, name: str, rows: float, width: float, inputs: int = 2) -> None:
-        """An element-wise sum (residual add); its backward passes the gradient through."""
+        """An element-wise sum (residual add). In the backward the gradient reaching the sum
+        flows into each branch, and where a branch rejoins the residual stream its input
+        gradient is added to the stream's: one add of two gradients."""
         self.memory("forward", name, (inputs + 1) * rows * width * BF16, "copy")
+        self.memory("backward_input", f"{name}: gradient", 3 * rows * width * BF16, "copy")
 
     def swiglu(self, rows: float, ffn: float) -> None:
         self.memory("forward", "SwiGLU", 3.0 * rows * ffn * BF16, "swiglu", recomputable=True)
@@ -275,6 +278,11 @@ class ComputeModel:
             k.rmsnorm("kv latent", n, kv_rank)
             k.linear("MLA kv up", n, kv_rank, h * (hd + v_hd), prec, recomputable=True)
             rope = n * (h + 1) * att.rope_head_dim
+            # Per-head queries and keys are assembled from their no-RoPE and (shared) RoPE
+            # parts before flash attention: Q and K written whole; the backward splits them.
+            heads = 2.0 * 2.0 * n * h * qk_hd * BF16
+            k.memory("forward", "assemble Q and K heads", heads, "copy", recomputable=True)
+            k.memory("backward_input", "split Q and K head gradients", heads, "copy")
         else:
             kv = (att.kv_heads or h) if att.kind == "gqa" else h
             k.linear("QKV projection", n, d, (h + 2 * kv) * hd, prec, input_cast=False)
@@ -290,6 +298,11 @@ class ComputeModel:
         back = ATTENTION_BACKWARD_FLOPS * core
         s = self.pricer.attention_seconds(back, backward=True, mla=mla)
         k._add("backward_input", "flash attention backward", "attention", back, 0.0, s)
+        # FlashAttention-2/3's backward launches a pre-processing kernel (rowsum of dO∘O) and
+        # a post-processing one (the FP32 dQ accumulator cast to BF16).
+        q_elems = n * h * (hd + att.rope_head_dim if mla else hd)
+        pre_post = 2.0 * n * h * v_hd * BF16 + q_elems * (FP32 + BF16)
+        k.memory("backward_input", "flash attention backward pre/post-processing", pre_post, "copy")
         k.linear("attention output", n, h * v_hd, d, prec)
         k.add("residual add (attention)", n, d)
 
@@ -445,6 +458,8 @@ class ComputeModel:
             )
         grouped("backward_input", "experts gate+up input gradient", 2.0 * f, d)
         mem("backward_input", "unpermute input gradients", 2.0 * total * d * BF16, "permute")
+        # Gradient of the gate values: ⟨dy, expert output⟩ for every routed row.
+        mem("backward_input", "gate-value gradient", 2.0 * total * d * BF16, "copy")
         # Backward for weights: operands cast again along the token axis, then one GEMM per
         # expert for each matrix.
         if fp8:

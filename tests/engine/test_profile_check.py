@@ -6,10 +6,10 @@ no pipeline traffic, on one H800 (github.com/deepseek-ai/profile-data, train.jso
 of moesim was chosen from it: the kernel constants come from benchmarks/device/step_kernels.py.
 The figures below are read from that trace (per layer, means over its 4 layers).
 
-The tolerances are what the model honestly reaches today (see docs/model/compute.md):
-compute per pass within 25% (the model is 18–19% short), the pair's span within 25%, and the
-all-to-all kernels' occupancy of their SMs within 50% (moesim counts wire time and waiting for
-peers; DeepEP's kernels in the trace stay resident about twice as long).
+The tolerances are what the model honestly reaches today (see docs/model/compute.md): compute
+per pass within 22% (the model is 9–19% short), the pair's span within 22% (17% short), and
+the all-to-all kernels' occupancy of their SMs within 55% (moesim counts wire time and waiting
+for peers; DeepEP's kernels in the trace stay resident about twice as long).
 """
 
 from __future__ import annotations
@@ -54,16 +54,16 @@ def pair():
 @pytest.mark.parametrize("phase", ["forward", "backward_input", "backward_weight"])
 def test_compute_per_layer_and_pass(pair, phase):
     model_ms = 1e3 * getattr(pair, f"{phase}_s") / pair.layers
-    assert model_ms == pytest.approx(TRACE_MS[phase], rel=0.25)
+    assert model_ms == pytest.approx(TRACE_MS[phase], rel=0.22)
 
 
 def test_pair_span(pair):
-    assert 1e3 * pair.span_s == pytest.approx(TRACE_MS["span"], rel=0.25)
+    assert 1e3 * pair.span_s == pytest.approx(TRACE_MS["span"], rel=0.22)
 
 
 def test_communication_occupancy_and_overlap(pair):
     occupancy = pair.comm_busy_s / pair.span_s
-    assert occupancy == pytest.approx(TRACE_COMM_OCCUPANCY, rel=0.5)
+    assert occupancy == pytest.approx(TRACE_COMM_OCCUPANCY, rel=0.55)
     # The pair hides its communication: the trace hides 96% of it under compute.
     assert pair.overlap_s / pair.comm_busy_s > 0.9
     # Compute is the pair's critical path, as in the trace (96% of the span busy).
