@@ -197,8 +197,12 @@ def comm_interference():
         end.record()
         torch.cuda.synchronize()
         beside = start.elapsed_time(end) / 1e3 / reps
-        res[label] = {"alone_s": alone, "beside_copy20_s": beside, "slowdown": beside / alone,
-                      "reps": reps}
+        res[label] = {
+            "alone_s": alone,
+            "beside_copy20_s": beside,
+            "slowdown": beside / alone,
+            "reps": reps,
+        }
         if nbytes:
             res[label]["alone_bytes_per_s"] = nbytes / alone
             res[label]["beside_bytes_per_s"] = nbytes / beside
@@ -255,15 +259,22 @@ def attention():
     for name, seq, heads, qk, v_dim in cases:
         q = torch.randn(1, heads, seq, qk, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(1, heads, seq, qk, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(
-            1, heads, seq, v_dim, device=dev, dtype=torch.bfloat16, requires_grad=True
-        )
+        v = torch.randn(1, heads, seq, v_dim, device=dev, dtype=torch.bfloat16, requires_grad=True)
         # Causal: half of QKᵀ (qk dims) and PV (v dims).
         flops_f = 2 * seq * seq * heads * (qk + v_dim) / 2
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                        SDPBackend.EFFICIENT_ATTENTION):
-            row = {"case": name, "seq": seq, "heads": heads, "qk_dim": qk, "v_dim": v_dim,
-                   "backend": backend.name}
+        for backend in (
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+        ):
+            row = {
+                "case": name,
+                "seq": seq,
+                "heads": heads,
+                "qk_dim": qk,
+                "v_dim": v_dim,
+                "backend": backend.name,
+            }
             try:
                 with sdpa_kernel([backend]):
                     f = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
@@ -280,8 +291,12 @@ def attention():
                         o.backward(g)
 
                     tfb = bench(fb)
-                row.update(fwd_s=tf, bwd_s=tfb - tf, fwd_tflops=flops_f / tf / 1e12,
-                           bwd_tflops=2.5 * flops_f / (tfb - tf) / 1e12)
+                row.update(
+                    fwd_s=tf,
+                    bwd_s=tfb - tf,
+                    fwd_tflops=flops_f / tf / 1e12,
+                    bwd_tflops=2.5 * flops_f / (tfb - tf) / 1e12,
+                )
             except Exception as exc:
                 row["error"] = repr(exc)[:300]
             out.append(row)
@@ -298,7 +313,7 @@ def memory_bound():
     big2 = torch.empty_like(big)
     s = bench(lambda: big2.copy_(big))
     res["copy"] = {"bytes": 2 * big.numel(), "s": s, "bytes_per_s": 2 * big.numel() / s}
-    del big, big2
+    big = big2 = None  # free 4 GiB before the rest
     w = torch.ones(d, device=dev, dtype=torch.bfloat16)
     s = bench(lambda: torch.nn.functional.rms_norm(x, (d,), w))
     res["rmsnorm"] = {"bytes": 2 * x.numel() * 2, "s": s, "bytes_per_s": 4 * x.numel() / s}
@@ -386,14 +401,22 @@ def main():
     for row in [*RESULTS.get("gemm", []), *RESULTS.get("gemm_backward", [])]:
         if isinstance(row, dict) and "shape" in row:
             print(
-                row["shape"], row["m"], row["carveout_sms"],
+                row["shape"],
+                row["m"],
+                row["carveout_sms"],
                 *(f"{k}={row[k]:.0f}" for k in row if k.endswith("tflops")),
                 *(f"{k}" for k in row if k.endswith("error")),
             )
     for sec in ("grouped_gemm", "attention"):
         for row in RESULTS.get(sec, []):
-            print(sec, {k: (round(v, 1) if isinstance(v, float) and v > 1 else v)
-                        for k, v in row.items() if not k.endswith("_s")})
+            print(
+                sec,
+                {
+                    k: (round(v, 1) if isinstance(v, float) and v > 1 else v)
+                    for k, v in row.items()
+                    if not k.endswith("_s")
+                },
+            )
     for k, v in (RESULTS.get("memory_bound") or {}).items():
         print(k, v)
     print(RESULTS.get("launch"))

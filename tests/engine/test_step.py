@@ -163,9 +163,7 @@ def test_data_parallel_forward_is_the_sum_of_ops(tiny_dict):
     c = ctx.compute
     rows = counts[0, 0, 0].astype(float)
     ops = c.op_costs()
-    moe = (ops.attention + ops.router + ops.shared_experts).forward + float(
-        c.experts(rows).forward
-    )
+    moe = (ops.attention + ops.router + ops.shared_experts).forward + float(c.experts(rows).forward)
     dense = (ops.attention + ops.dense_ffn).forward
     expected = ops.embedding.forward + dense + 3 * moe + ops.head.forward
     assert r.stage_forward_s[0] == pytest.approx(expected, rel=1e-9)
