@@ -210,6 +210,106 @@ def comm_interference():
     return res
 
 
+COMM_SIM_SRC = r"""
+extern "C" __global__ void comm_sim(const float4* __restrict__ src, float4* __restrict__ dst,
+                                    long long n_vec, int iters, long long spin) {
+    // One block per SM (the launch asks for most of the SM's shared memory, so no compute
+    // block can share it): copy a 64 KiB chunk, then idle `spin` cycles, `iters` times.
+    extern __shared__ char hold[];
+    if (threadIdx.x == 0) hold[0] = 0;
+    long long chunk = 4096;
+    long long base = (long long)blockIdx.x * chunk;
+    long long stride = (long long)gridDim.x * chunk;
+    for (int it = 0; it < iters; ++it) {
+        long long off = (base + (long long)it * stride) % (n_vec - chunk);
+        for (long long i = threadIdx.x; i < chunk; i += blockDim.x) dst[off + i] = src[off + i];
+        if (spin > 0) {
+            long long t0 = clock64();
+            while (clock64() - t0 < spin) { }
+        }
+    }
+}
+"""
+
+
+@section("comm_resident")
+def comm_resident():
+    """Compute kernels beside a kernel that, like DeepEP's, holds 20 SMs alone and streams
+    bytes through HBM at a chosen rate: how much the compute slows down at each rate."""
+    import cupy as cp
+
+    kern = cp.RawKernel(COMM_SIM_SRC, "comm_sim")
+    smem = 200 * 1024
+    kern.max_dynamic_shared_size_bytes = smem
+    n_vec = 2**28  # 4 GiB of float4 each way
+    src = cp.random.random(n_vec * 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    side = torch.cuda.Stream()
+    cstream = cp.cuda.ExternalStream(side.cuda_stream)
+
+    def launch(iters: int, spin: int) -> None:
+        with cstream:
+            kern(
+                (20,),
+                (1024,),
+                (src, dst, cp.int64(n_vec), cp.int32(iters), cp.int64(spin)),
+                shared_mem=smem,
+            )
+
+    def alone(iters: int, spin: int) -> float:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(side)
+        launch(iters, spin)
+        end.record(side)
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    set_carveout(20)
+    x = torch.randn(16384, 7168, device=dev, dtype=torch.bfloat16)
+    w = torch.ones(7168, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(1, 128, 4096, 192, device=dev, dtype=torch.bfloat16)
+    k_ = torch.randn_like(q)
+    v = torch.randn(1, 128, 4096, 128, device=dev, dtype=torch.bfloat16)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def attn():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k_, v, is_causal=True)
+
+    work = {
+        "gemm_fp8_block_expert_up": fp8_blockwise(32768, 7168, 4096),
+        "gemm_bf16_expert_up": bf16_gemm(32768, 7168, 4096),
+        "rmsnorm_16384x7168": lambda: torch.nn.functional.rms_norm(x, (7168,), w),
+        "attention_mla_fwd": attn,
+    }
+    res = {"rates": []}
+    for spin in (0, 20000, 80000, 320000):
+        it0 = 50
+        t = alone(it0, spin)
+        rate = 2 * 20 * it0 * 4096 * 16 / t  # bytes read + written
+        row = {"spin_cycles": spin, "comm_bytes_per_s": rate, "kernels": {}}
+        for name, fn in work.items():
+            base = bench(fn, 30.0)
+            reps = max(3, int(0.005 / base))
+            iters = int(it0 * 3 * reps * base / t) + it0
+            fn()
+            torch.cuda.synchronize()
+            launch(iters, spin)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            beside = start.elapsed_time(end) / 1e3 / reps
+            row["kernels"][name] = {"alone_s": base, "beside_s": beside, "slowdown": beside / base}
+        res["rates"].append(row)
+    set_carveout(0)
+    return res
+
+
 @section("grouped_gemm")
 def grouped():
     out = []
@@ -387,7 +487,16 @@ def main():
     RESULTS["cuda"] = torch.version.cuda
     RESULTS["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
     chosen = sys.argv[1].split(",") if len(sys.argv) > 1 else None
-    runs = (gemm, gemm_backward, comm_interference, grouped, attention, memory_bound, launch)
+    runs = (
+        gemm,
+        gemm_backward,
+        comm_interference,
+        comm_resident,
+        grouped,
+        attention,
+        memory_bound,
+        launch,
+    )
     for run in runs:
         if chosen is None or run.__name__ in chosen:
             run()
@@ -421,6 +530,14 @@ def main():
         print(k, v)
     print(RESULTS.get("launch"))
     print(RESULTS.get("comm_interference"))
+    cr = RESULTS.get("comm_resident") or {}
+    for row in cr.get("rates", []):
+        print(
+            f"comm {row['comm_bytes_per_s'] / 1e12:.2f} TB/s:",
+            {k: round(v["slowdown"], 3) for k, v in row["kernels"].items()},
+        )
+    if "error" in cr:
+        print(cr)
 
 
 if __name__ == "__main__":
