@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -97,12 +98,12 @@ class StepContext:
     ops: OpCosts
     """Seconds per micro-batch on one GPU of the ops whose cost does not depend on routing."""
 
-    @property
+    @cached_property
     def moe_block(self) -> OpCost:
         """Attention and router of an MoE layer (the compute before its dispatch)."""
         return self.ops.attention + self.ops.router
 
-    @property
+    @cached_property
     def dense_layer(self) -> OpCost:
         return self.ops.attention + self.ops.dense_ffn
 
