@@ -186,6 +186,56 @@ def test_all_to_all_bytes_on_links(tiny_dict):
     assert nvlink_out_gpu0 == pytest.approx(a2a + acts + allreduce, rel=1e-9)
 
 
+def test_backward_all_to_alls_use_their_kernels_precisions(tiny_dict):
+    """FP8 model: the forward dispatch and the backward of the combine (a dispatch kernel)
+    carry FP8 (1 byte per element); the forward combine and the backward of the dispatch (a
+    combine kernel) carry BF16."""
+    tiny_dict["model"]["gemm_precision"] = "fp8"
+    sc = _uniform_pipeline(tiny_dict)
+    ctx = build_context(sc)
+    counts, dest = _balanced(ctx)
+    r = simulate_step(ctx, counts, dest)
+    layers_on_stage = len(ctx.piece_layers[0])
+    per_byte = 3 * dest[0, 0, 0, 1] * sc.model.hidden
+    # Out of GPU 0: dispatch FP8 + combine BF16 + dispatch-kernel gradients FP8 + combine-kernel
+    # gradients BF16.
+    a2a = (1 + 2 + 1 + 2) * per_byte * layers_on_stage * sc.micro_batches
+    acts = ctx.activation_bytes * sc.micro_batches
+    allreduce = 2 * 3 / 4 * ctx.dense_grad_bytes[0]
+    assert r.link_bytes[ctx.topology.link_id(0, 0)] == pytest.approx(
+        a2a + acts + allreduce, rel=1e-9
+    )
+
+
+def test_expert_weight_gradients_fill_the_backward_all_to_all(tiny_dict):
+    """Not split (1F1B): the experts' weight-gradient GEMMs start after the input gradients
+    leave and run while they are in flight."""
+    from moesim.engine.recorder import SliceRecorder
+
+    sc = _uniform_pipeline(tiny_dict)
+    ctx = build_context(sc)
+    counts, dest = _balanced(ctx)
+    rec = SliceRecorder([0])
+    simulate_step(ctx, counts, dest, recorder=rec)
+    sends = [s for s in rec.slices if s.name == "combine backward (of dispatch)"]
+    fills = [s for s in rec.slices if s.name == "expert weight gradients"]
+    assert len(fills) == len(sends) > 0
+    for send, fill in zip(
+        sorted(sends, key=lambda s: s.start_s), sorted(fills, key=lambda s: s.start_s), strict=True
+    ):
+        assert fill.start_s == pytest.approx(send.start_s)
+        assert fill.start_s < send.end_s
+
+
+def test_balanced_rows_hold_every_assignment(tiny_dict):
+    sc = scenario_from_dict(tiny_dict)
+    c = build_context(sc).compute
+    rows = c.balanced_rows(sc.parallelism.expert)
+    tokens = sc.parallelism.micro_batch_size * sc.model.seq_len
+    assert rows.sum() == pytest.approx(tokens * sc.model.moe.top_k)
+    assert rows.size == sc.model.moe.routed_experts // sc.parallelism.expert
+
+
 def test_hot_expert_makes_its_group_wait(tiny_dict):
     sc = _uniform_pipeline(tiny_dict)
     ctx = build_context(sc)
