@@ -52,6 +52,7 @@ from moesim.engine.recorder import NullRecorder, Slice
 from moesim.engine.schedules import OpKey, Schedule, build_schedule
 from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
+from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
@@ -202,8 +203,8 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     layout = build_layout(scenario)
     try:
         schedule = build_schedule(p.schedule, p.pipeline, n_micro, p.virtual_stages)
-    except ValueError as err:
-        raise ScenarioError("parallelism.schedule", str(err)) from None
+    except PipelineRuleError as err:
+        raise ScenarioError(err.field, err.message) from None
     compute = ComputeModel(scenario)
     op_s = _op_seconds(compute)
     if p.layer_split == "balanced":
@@ -211,16 +212,8 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     else:
         pieces = schedule.piece_layers(m.layers)
     costs = model_costs(m)
-    held: list[set[int]] = [set() for _ in range(p.pipeline)]
-    for rank, order in enumerate(schedule.orders):
-        for op in order:
-            held[rank].update(piece for _, _, piece in op.halves)
-    if p.schedule == "dualpipe":
-        # Rank r holds piece r of one copy and piece PP − 1 − r of the other.
-        held = [{r, p.pipeline - 1 - r} for r in range(p.pipeline)]
-        sync = [tuple(sorted({r, p.pipeline - 1 - r})) for r in range(p.pipeline)]
-    else:
-        sync = [(r,) for r in range(p.pipeline)]
+    held = [schedule.held_pieces(r) for r in range(p.pipeline)]
+    sync = [schedule.replicas(r) for r in range(p.pipeline)]
     dense = np.zeros(p.pipeline)
     expert = np.zeros(p.pipeline)
     last = len(pieces) - 1
