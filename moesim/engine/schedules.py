@@ -3,6 +3,13 @@
 A schedule says, for every pipeline rank, the order in which it runs its forward and backward
 work; the SimPy step model executes these orders, and :func:`evaluate` runs them with max-plus
 arithmetic as a reference oracle. Nothing here knows about layers, tokens or the network.
+The rules a layout must meet live in :mod:`moesim.scenario.pipeline` (the scenario schema checks
+them too); ``docs/model/schedules.md`` describes the schedules, their sources and bubbles.
+
+Sources: 1F1B is PipeDream-Flush (arXiv 2006.09503) as in Megatron-LM, whose interleaved
+variant is in arXiv 2104.04473; ZB-H1 is from "Zero Bubble Pipeline Parallelism" (arXiv
+2401.10241); DualPipe from the DeepSeek-V3 technical report (arXiv 2412.19437, §3.2.1, Table 2)
+and deepseek-ai/DualPipe.
 
 Data model
 ----------
