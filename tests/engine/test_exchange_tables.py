@@ -49,7 +49,7 @@ from tests.support.traffic import FP8_TOKEN, MB, h800_topology, hot, routed
 Array = npt.NDArray[np.float64]
 BF16_TOKEN = 2 * 7168
 
-FABRICS = {
+FABRICS: dict[str, tuple[int, dict[str, Any]]] = {
     "EP8": (1, {}),
     "EP16": (2, {}),
     "EP32": (4, {}),
@@ -222,11 +222,11 @@ def test_node_limited_staggered(
     n = 16
     rng = np.random.default_rng(3)
     to_rank, to_node = routed(rng, n, 1024)
-    if straggler == "spread":
-        ready = rng.uniform(0, 100e-6, (1, n))
-    else:
+    if isinstance(straggler, int):
         ready = np.zeros((1, n))
         ready[0, straggler] = 300e-6
+    else:
+        ready = rng.uniform(0, 100e-6, (1, n))
     tables = tables_for(topo, to_rank[None, None], to_node[None, None])
     model, _ = engine(tables, ready, 0, not combine, FP8_TOKEN)
     rank_bytes, node_bytes = to_rank[None] * FP8_TOKEN, to_node[None] * FP8_TOKEN

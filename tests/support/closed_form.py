@@ -37,7 +37,9 @@ def released_makespan(sizes: Array, release: Array, capacity: float) -> Array:
     return np.where(sizes.sum(axis=-2) > 0, finish, NEVER)
 
 
-def _shared(ports: ExchangePorts, which: npt.NDArray[np.int64], sizes: Array, release: Array):
+def _shared(
+    ports: ExchangePorts, which: npt.NDArray[np.int64], sizes: Array, release: Array
+) -> Array:
     """Per flow, its latest finish at the shared ports ``which`` (relays, leaf links)."""
     topo = ports.topo
     return shared_bounds(which, sizes[None], topo.links, topo.capacity, release[None])[0]
