@@ -26,6 +26,7 @@ expert-parallel rank ``e // (experts / expert)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,9 @@ from moesim.scenario.schema import Scenario
 PORTS = ("nvlink_out", "nvlink_in", "nic_out", "nic_in")
 NVLINK_OUT, NVLINK_IN, NIC_OUT, NIC_IN = range(4)
 LEAF_PORTS = ("uplink", "downlink")
+
+Index = TypeVar("Index", int, npt.NDArray[np.int64])
+"""A GPU or leaf index, or an array of them (link ids come back in the same form)."""
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,14 @@ class Topology:
         return self.gpus // self.gpus_per_node
 
     @property
+    def gpu_links(self) -> int:
+        """Links of the GPUs' ports (four per GPU, ids ``0 .. gpu_links - 1``); the leaf
+        switches' links come after them."""
+        return len(PORTS) * self.gpus
+
+    @property
     def leaves(self) -> int:
-        return (self.links - 4 * self.gpus) // 2
+        return (self.links - self.gpu_links) // 2
 
     @property
     def nvlink_bytes_per_s(self) -> float:
@@ -79,17 +89,21 @@ class Topology:
     def nic_bytes_per_s(self) -> float:
         return float(self.capacity[NIC_OUT])
 
-    def link_id(self, gpu: int, port: int) -> int:
-        return 4 * gpu + port
+    def link_id(self, gpu: Index, port: int) -> Index:
+        """Link of ``gpu``'s ``port`` (:data:`NVLINK_OUT` … :data:`NIC_IN`); elementwise for
+        an array of GPUs."""
+        return len(PORTS) * gpu + port
 
-    def leaf_link(self, leaf: int, downlink: bool) -> int:
-        return 4 * self.gpus + 2 * leaf + int(downlink)
+    def leaf_link(self, leaf: Index, downlink: bool) -> Index:
+        """Uplink (or downlink) of leaf switch ``leaf``; elementwise for an array of leaves."""
+        return self.gpu_links + len(LEAF_PORTS) * leaf + int(downlink)
 
     def link_name(self, link: int) -> str:
-        if link < 4 * self.gpus:
-            return f"gpu{link // 4}.{PORTS[link % 4]}"
-        leaf = (link - 4 * self.gpus) // 2
-        return f"leaf{leaf}.{LEAF_PORTS[link % 2]}"
+        if link < self.gpu_links:
+            gpu, port = divmod(link, len(PORTS))
+            return f"gpu{gpu}.{PORTS[port]}"
+        leaf, port = divmod(link - self.gpu_links, len(LEAF_PORTS))
+        return f"leaf{leaf}.{LEAF_PORTS[port]}"
 
     def node_of(self, gpu: int) -> int:
         return gpu // self.gpus_per_node
@@ -110,14 +124,14 @@ class Topology:
         if src == dst:
             return []
         if src // self.domain == dst // self.domain:
-            return [4 * src + NVLINK_OUT, 4 * dst + NVLINK_IN]
+            return [self.link_id(src, NVLINK_OUT), self.link_id(dst, NVLINK_IN)]
         links: list[int] = []
         hop = src
         if self.kind == "multi_plane" and src % self.gpus_per_node != dst % self.gpus_per_node:
             # Forward over NVLink to the node-mate on the destination's plane.
             hop = src - src % self.gpus_per_node + dst % self.gpus_per_node
-            links += [4 * src + NVLINK_OUT, 4 * hop + NVLINK_IN]
-        links += [4 * hop + NIC_OUT, 4 * dst + NIC_IN]
+            links += [self.link_id(src, NVLINK_OUT), self.link_id(hop, NVLINK_IN)]
+        links += [self.link_id(hop, NIC_OUT), self.link_id(dst, NIC_IN)]
         a, b = int(self.leaf_of(hop)), int(self.leaf_of(dst))
         if a != b:
             links += [self.leaf_link(a, False), self.leaf_link(b, True)]

@@ -13,14 +13,15 @@ the InfiniBand return.
 
 During the step an exchange whose senders are ready at ``r`` is then
 
-    done[d] = max(r[d], max_s (r[s] + T[s, d]))        (one max-plus product per flow kind),
+    done[d] = max(r[d], max_s (r[s] + T[s, d]))        (one max-plus product per flow kind):
 
-exact when the senders start together (it is then the closed form's result, which
-``tests/engine/test_exchange_tables.py`` checks against :class:`ExchangePricer`), and otherwise
-the synchronous schedule shifted by each sender's delay: a late sender's flows still meet the
-contention they would have met at a common start (conservative for that sender's receivers),
-and an early sender does not get the ports to itself. ``tests/engine/test_exchange_tables.py``
-measures the difference against the staggered closed form.
+the closed form's result when the senders start together (equal to the per-call closed form
+of ``tests/support/closed_form.py``; with a multi-plane fabric a receiver whose flows differ in
+path latency may be done up to one NVLink hop earlier), and otherwise the synchronous schedule
+shifted by each sender's delay: a late sender's flows still meet the contention they would have
+met at a common start (conservative for that sender's receivers), and an early sender does not
+get the ports to itself. ``tests/engine/test_exchange_tables.py`` checks both against the
+per-call closed form and the flow-level reference; ``docs/model/network.md`` lists the errors.
 
 Per-link bytes are linear in the volumes, so they are charged once at the end of the step from
 the volumes summed over every exchange a rank ran.
@@ -34,12 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moesim.cluster.topology import Topology
-from moesim.engine.alltoall import (
-    NEVER,
-    ExchangePricer,
-    processor_sharing_finish,
-    shared_port_finish,
-)
+from moesim.engine.alltoall import NEVER, ExchangePorts, processor_sharing_finish, shared_bounds
 
 Array = npt.NDArray[np.float64]
 # Exchange results kept for reuse (about 2 KiB each at EP64): a bound on a step's memory.
@@ -61,20 +57,6 @@ def _ps_rows(sizes: Array, capacity: float) -> Array:
 def _ps_cols(sizes: Array, capacity: float) -> Array:
     """The same for the port of each column (flows into one receiver)."""
     return np.swapaxes(_ps_rows(np.swapaxes(sizes, -1, -2), capacity), -1, -2)
-
-
-def _shared(ports: npt.NDArray[np.int64], sizes: Array, links: int, capacity: Array) -> Array:
-    """Per flow, the latest processor-sharing finish at the shared ports it crosses (``ports``:
-    (P, *flows) link ids, ``-1`` for none); flows of different leading cells never share."""
-    cells = sizes.shape[0]
-    offset = (np.arange(cells) * links).reshape((1, cells) + (1,) * (sizes.ndim - 1))
-    full = np.broadcast_to(ports[:, None], (ports.shape[0], *sizes.shape))
-    valid = (full >= 0) & (sizes > 0)[None]
-    idx = (full + offset)[valid]
-    bound = np.full(full.shape, NEVER)
-    flow = np.broadcast_to(sizes, full.shape)[valid]
-    bound[valid] = shared_port_finish(idx, flow, np.zeros(idx.size), np.tile(capacity, cells))
-    return bound.max(axis=0)
 
 
 @dataclass
@@ -99,7 +81,7 @@ class ExchangeTables:
 
     Parameters
     ----------
-    pricer : ExchangePricer
+    ports : ExchangePorts
         Gives the rank's topology structure (masks, relays, latencies) and link accounting.
     rank_tokens : ndarray, shape (cells, groups, n, n)
         Distinct tokens member ``s`` sends member ``d`` per cell (dispatch direction).
@@ -107,7 +89,7 @@ class ExchangeTables:
         Distinct tokens member ``s`` sends each node of its group (node-limited dispatch).
     """
 
-    pricer: ExchangePricer
+    ports: ExchangePorts
     rank_tokens: Array
     node_tokens: Array | None
     _cache: dict[tuple[bool, float], _Tables] = field(default_factory=dict)
@@ -135,7 +117,7 @@ class ExchangeTables:
         return tables
 
     def _plain(self, toward_experts: bool, per_token: float) -> _Tables:
-        p = self.pricer
+        p = self.ports
         sizes = self.rank_tokens * per_token
         if not toward_experts:
             sizes = np.swapaxes(sizes, -1, -2)
@@ -146,18 +128,19 @@ class ExchangeTables:
         finish = np.maximum(finish, np.where(ib_in > 0, _ps_cols(ib_in, p.nic_cap), NEVER))
         if p.extra_ports is not None:
             topo = p.topo
-            finish = np.maximum(finish, _shared(p.extra_ports, sizes, topo.links, topo.capacity))
+            bound = shared_bounds(p.extra_ports, sizes, topo.links, topo.capacity)
+            finish = np.maximum(finish, bound)
         table = np.where(sizes > 0, finish + p.latency, NEVER)
         return _Tables(table)
 
     def _expand_nodes(self, per_node: Array) -> Array:
         """(cells, g, n, K) indexed by (member, node) → (cells, g, n, n) by (member, member of
         that node)."""
-        return per_node[..., self.pricer.own_node]
+        return per_node[..., self.ports.own_node]
 
     def _block(self, per_node: Array) -> Array:
         """(cells, g, K, l, l') node-local matrices → (cells, g, n, n), ``-inf`` across nodes."""
-        p = self.pricer
+        p = self.ports
         cells, g = per_node.shape[:2]
         n = p.members
         out = np.full((cells, g, n, n), NEVER)
@@ -169,7 +152,7 @@ class ExchangeTables:
     def _ib_hop(self, ib: Array, reverse: bool) -> Array:
         """Seconds of each InfiniBand flow (cells, g, n, K) between owner ``s`` and its relay on
         node ``k``, all senders starting together, latency excluded."""
-        p = self.pricer
+        p = self.ports
         cells, g = ib.shape[:2]
         k_n, loc = p.nodes, p.local
         ib4 = ib.reshape(cells, g, k_n, loc, k_n)  # [owner node, local, relay node]
@@ -187,12 +170,12 @@ class ExchangeTables:
         finish = np.maximum(out, inn)
         if p.relay_leaf is not None:
             topo = p.topo
-            leaf = _shared(p.ib_leaf_ports(reverse), ib, topo.links, topo.capacity)
+            leaf = shared_bounds(p.ib_leaf_ports(reverse), ib, topo.links, topo.capacity)
             finish = np.maximum(finish, leaf)
         return np.where(ib > 0, finish, NEVER)
 
     def _node_dispatch(self, per_token: float) -> _Tables:
-        p = self.pricer
+        p = self.ports
         assert self.node_tokens is not None
         rank_bytes = self.rank_tokens * per_token
         ib = np.where(p.remote_node[None, None], self.node_tokens * per_token, 0.0)
@@ -200,31 +183,22 @@ class ExchangeTables:
         # Owner s → receiver d through its relay in d's node (plus the NVLink hop unless the
         # relay is d itself), for every remote token routed to d.
         at_relay = self._expand_nodes(arrive)  # (c, g, s, d)
-        relay = p.relay_of[:, p.own_node]  # (s, d)
-        hop = np.where(relay == np.arange(p.members)[None, :], 0.0, p.topo.nvlink_latency_s)
-        needs = (rank_bytes > 0) & p.remote_node[:, p.own_node][None, None]
+        hop = np.where(p.pair_relay == np.arange(p.members), 0.0, p.topo.nvlink_latency_s)
+        needs = (rank_bytes > 0) & p.pair_remote
         via_ib = np.where(needs, at_relay + hop, NEVER)
         # NVLink forwarding relay (k, l) → (k, l'), from the relay's own start.
-        z = self._forwarded(rank_bytes)
+        z = p.forwarded(rank_bytes)
         fwd = np.maximum(_ps_rows(z, p.nvl_cap), _ps_cols(z, p.nvl_cap))
         fwd = np.where(z > 0, fwd + p.topo.nvlink_latency_s, NEVER)
         return _Tables(np.maximum(via_ib, self._block(fwd)))
 
-    def _forwarded(self, rank_bytes: Array) -> Array:
-        """NVLink bytes relay ``(k, l)`` → node-mate ``(k, l')``: (cells, g, K, l, l')."""
-        p = self.pricer
-        cells, g = rank_bytes.shape[:2]
-        y = rank_bytes.reshape(cells, g, p.nodes, p.local, p.nodes, p.local)
-        z = y.sum(axis=2).transpose(0, 1, 3, 2, 4)
-        return np.where(np.eye(p.local, dtype=bool), 0.0, z)
-
     def _node_combine(self, per_token: float) -> _Tables:
-        p = self.pricer
+        p = self.ports
         assert self.node_tokens is not None
         rank_bytes = self.rank_tokens * per_token
         nvl_lat = p.topo.nvlink_latency_s
         # NVLink gather: expert GPU (k, l') → relay (k, l).
-        z = np.swapaxes(self._forwarded(rank_bytes), -1, -2)  # (c, g, K, l', l)
+        z = np.swapaxes(p.forwarded(rank_bytes), -1, -2)  # (c, g, K, l', l)
         gather = np.maximum(_ps_rows(z, p.nvl_cap), _ps_cols(z, p.nvl_cap))
         gather = np.where(z > 0, gather + nvl_lat, NEVER)
         gathered = self._block(gather)  # [d', q]
@@ -243,9 +217,7 @@ class ExchangeTables:
         local = np.arange(n) % p.local
         via_gather = gather[:, :, p.own_node[:, None], local[:, None], local[None, :]]  # [d, s]
         lat_ib = np.swapaxes(p.relay_latency[:, :, p.own_node], -1, -2)  # (g, d, s)
-        needs = np.swapaxes(
-            (rank_bytes > 0) & p.remote_node[:, p.own_node][None, None], -1, -2
-        )  # [d, s]
+        needs = np.swapaxes((rank_bytes > 0) & p.pair_remote, -1, -2)  # [d, s]
         via = np.where(needs, via_gather + lat_ib, NEVER)
         return _Tables(np.maximum(gathered, via), from_relay=ib_table, start=start)
 
@@ -283,8 +255,8 @@ class ExchangeTables:
         last = max_plus(ready, tables.last_sender[cell])
         return done, np.maximum(last, ready)
 
-    def charge(self, pricer: ExchangePricer, uses: Array) -> None:
-        """Charge ``pricer``'s links (its rank's GPUs; its load) for the exchanges run there:
+    def charge(self, ports: ExchangePorts, uses: Array) -> None:
+        """Charge ``ports``' links (its rank's GPUs; its load) for the exchanges run there:
         ``uses[cell, direction]`` sums the bytes per token of each exchange of that cell
         (direction 0: toward the experts, 1: back)."""
         for direction in (0, 1):
@@ -294,10 +266,10 @@ class ExchangeTables:
             rank_bytes = np.tensordot(weight, self.rank_tokens, axes=(0, 0))
             if self.node_tokens is None:
                 sizes = rank_bytes if direction == 0 else np.swapaxes(rank_bytes, -1, -2)
-                pricer.charge_plain(sizes)
+                ports.charge_plain(sizes)
             else:
                 node_bytes = np.tensordot(weight, self.node_tokens, axes=(0, 0))
-                pricer.charge_node_limited(node_bytes, rank_bytes, reverse=direction == 1)
+                ports.charge_node_limited(node_bytes, rank_bytes, reverse=direction == 1)
 
 
 def structure_key(topology: Topology, gpus: npt.NDArray[np.int64]) -> tuple:

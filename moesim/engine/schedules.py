@@ -3,6 +3,13 @@
 A schedule says, for every pipeline rank, the order in which it runs its forward and backward
 work; the SimPy step model executes these orders, and :func:`evaluate` runs them with max-plus
 arithmetic as a reference oracle. Nothing here knows about layers, tokens or the network.
+The rules a layout must meet live in :mod:`moesim.scenario.pipeline` (the scenario schema checks
+them too); ``docs/model/schedules.md`` describes the schedules, their sources and bubbles.
+
+Sources: 1F1B is PipeDream-Flush (arXiv 2006.09503) as in Megatron-LM, whose interleaved
+variant is in arXiv 2104.04473; ZB-H1 is from "Zero Bubble Pipeline Parallelism" (arXiv
+2401.10241); DualPipe from the DeepSeek-V3 technical report (arXiv 2412.19437, §3.2.1, Table 2)
+and deepseek-ai/DualPipe.
 
 Data model
 ----------
@@ -51,8 +58,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moesim.errors import SimulationError
+from moesim.scenario.pipeline import SCHEDULES, check_pieces, check_schedule
 
-KINDS = ("1f1b", "interleaved", "zb1p", "dualpipe")
+KINDS = SCHEDULES
 
 OpKey = tuple[str, int, int]
 """``(kind, micro, piece)`` with kind ``'F'``, ``'B'`` or ``'W'``: one unit of work."""
@@ -166,6 +174,19 @@ class Schedule:
             return [(0, rank), (1, self.stages - 1 - rank)]
         return [(0, rank + c * self.stages) for c in range(self.virtual)]
 
+    def held_pieces(self, rank: int) -> tuple[int, ...]:
+        """Piece indices whose layers (and parameters) ``rank`` holds, ascending: its chunks,
+        or under ``'dualpipe'`` piece ``rank`` of one copy and ``stages - 1 - rank`` of the
+        other."""
+        return tuple(sorted({piece for _, piece in self.pieces_on(rank)}))
+
+    def replicas(self, rank: int) -> tuple[int, ...]:
+        """Ranks holding the same parameters as ``rank`` (itself included), ascending; they
+        synchronise their gradients together (``'dualpipe'``: ``rank`` and
+        ``stages - 1 - rank``)."""
+        held = self.held_pieces(rank)
+        return tuple(r for r in range(self.stages) if self.held_pieces(r) == held)
+
     def required(self) -> set[OpKey]:
         """Every work key the step must run: F and B of each (micro, piece), W where split."""
         keys: set[OpKey] = set()
@@ -204,9 +225,8 @@ class Schedule:
         ``'dualpipe'`` both directions use this split (piece ``p`` of either copy has the
         same layers).
         """
+        check_pieces(n_layers, self.stages, self.virtual)
         k = self.n_pieces
-        if n_layers < k:
-            raise ValueError(f"n_layers ({n_layers}) must be >= the number of pieces ({k})")
         base, extra = divmod(n_layers, k)
         out: list[list[int]] = []
         start = 0
@@ -241,18 +261,6 @@ class Schedule:
             raise ValueError(f"micro-batch {micro} outside 0..{self.micro_batches - 1}")
 
 
-def dualpipe_min_micro_batches(stages: int) -> int:
-    """Fewest micro-batches DualPipe accepts on ``stages`` ranks (both directions together).
-
-    Rank 0 runs ``M/2 - stages + 1`` steady pairs of ``FB`` units, which may be none, so
-    ``M/2 >= stages - 1``, with at least one micro-batch per direction. Below that rank 0's
-    warm-up alone would need more micro-batches than one direction has. (DeepSeek's
-    reference asserts ``M >= 2 stages``; one micro-batch per direction fewer also runs, with
-    the same bubble.)
-    """
-    return max(2, 2 * (stages - 1))
-
-
 def build_schedule(kind: str, stages: int, micro_batches: int, virtual: int = 1) -> Schedule:
     """Build the static schedule ``kind`` for ``stages`` ranks and ``micro_batches``.
 
@@ -266,44 +274,18 @@ def build_schedule(kind: str, stages: int, micro_batches: int, virtual: int = 1)
         Pipeline ranks, >= 1 (``'dualpipe'``: even).
     micro_batches : int
         Micro-batches per step, >= 1 (``'interleaved'``: a multiple of ``stages``;
-        ``'dualpipe'``: even and >= :func:`dualpipe_min_micro_batches`).
+        ``'dualpipe'``: even and >= ``2 (stages - 1)``).
     virtual : int
         Chunks per rank: >= 2 for ``'interleaved'``, 1 otherwise.
 
     Raises
     ------
-    ValueError
-        For an unknown kind or a setting the schedule cannot run, naming the constraint.
+    PipelineRuleError
+        (a ``ValueError``) For an unknown kind or a setting the schedule cannot run: the rules
+        of :mod:`moesim.scenario.pipeline`, which the scenario schema checks too.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown pipeline schedule {kind!r}; expected one of {', '.join(KINDS)}")
-    if stages < 1:
-        raise ValueError(f"pipeline stages must be >= 1, got {stages}")
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
-    if kind == "interleaved":
-        if virtual < 2:
-            raise ValueError(
-                f"interleaved schedule needs virtual >= 2 chunks per rank, got {virtual}"
-            )
-        if micro_batches % stages:
-            raise ValueError(
-                f"interleaved schedule needs micro_batches ({micro_batches}) to be a multiple "
-                f"of pipeline stages ({stages})"
-            )
-    elif virtual != 1:
-        raise ValueError(f"virtual chunks ({virtual}) only apply to 'interleaved'; use 1")
+    check_schedule(kind, stages, micro_batches, virtual)
     if kind == "dualpipe":
-        if stages % 2:
-            raise ValueError(f"dualpipe needs an even number of pipeline stages, got {stages}")
-        if micro_batches % 2:
-            raise ValueError(f"dualpipe needs an even number of micro_batches, got {micro_batches}")
-        least = dualpipe_min_micro_batches(stages)
-        if micro_batches < least:
-            raise ValueError(
-                f"dualpipe on {stages} stages needs micro_batches >= {least} "
-                f"(2 * (stages - 1)), got {micro_batches}"
-            )
         orders, split = _dualpipe(stages, micro_batches)
         return Schedule(kind, stages, micro_batches, 1, orders, split)
     if kind == "interleaved":

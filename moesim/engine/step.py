@@ -1,6 +1,6 @@
 """One training step of the cluster as a SimPy model: a pipeline schedule × expert parallelism.
 
-Granularity (DESIGN.md). Each pipeline rank is one SimPy process that walks its schedule
+Granularity. Each pipeline rank is one SimPy process that walks its schedule
 (:mod:`moesim.engine.schedules`: 1F1B, interleaved, ZB-H1, DualPipe). A rank stands for all
 ``expert × data`` GPUs of its stage, which run the same ops on different tokens: its state is
 a NumPy vector of per-GPU times, so a hot GPU finishes its experts late while its peers wait in
@@ -12,8 +12,10 @@ beside it. An MoE layer, forward, on every GPU of a stage:
 
 1. attention and router (compute);
 2. dispatch: each GPU sends each member of its expert-parallel group the distinct tokens routed
-   to that member's experts (:mod:`moesim.engine.alltoall` prices the exchange per port, plain
-   or node-limited), while the GPU computes its shared experts;
+   to that member's experts, plain or node-limited, while the GPU computes its shared experts
+   (:meth:`_StepModel._exchange`: the rank's
+   :class:`~moesim.engine.exchange_tables.ExchangeTables` replay per-flow durations computed
+   once per routing cell; ``docs/model/network.md``);
 3. routed experts: one grouped GEMM over the GPU's experts once its tokens have arrived;
 4. combine: results go back; the next op that needs them waits for the last one.
 
@@ -21,7 +23,8 @@ The backward mirrors it (gradients to the experts, expert backward, input gradie
 router and attention backward). A split backward (ZB-H1, DualPipe) leaves each op's weight
 gradients to a later ``W`` op. DualPipe's paired ``FB`` op runs a forward and a backward chunk
 interleaved on one compute stream, switching chunk whenever one waits for an all-to-all, so
-each chunk's communication hides behind the other's compute (DeepSeek-V3 §3.2.1).
+each chunk's communication hides behind the other's compute (DeepSeek-V3 technical report,
+arXiv 2412.19437, §3.2.1).
 
 Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
 (pipeline bubble and transfers), waiting for an all-to-all split into the part before the
@@ -48,12 +51,13 @@ from moesim.cluster.compute import ExpertCost, OpCost, OpCosts
 from moesim.cluster.model_costs import model_costs
 from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
-from moesim.engine.alltoall import ExchangePricer, LinkLoad
+from moesim.engine.alltoall import ExchangePorts, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
 from moesim.engine.recorder import NullRecorder, Slice, SliceRecorder
 from moesim.engine.schedules import OpKey, Schedule, build_schedule
 from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
+from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
@@ -187,24 +191,16 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     layout = build_layout(scenario)
     try:
         schedule = build_schedule(p.schedule, p.pipeline, n_micro, p.virtual_stages)
-    except ValueError as err:
-        raise ScenarioError("parallelism.schedule", str(err)) from None
+    except PipelineRuleError as err:
+        raise ScenarioError(err.field, err.message) from None
     compute = ComputeModel(scenario)
     if p.layer_split == "balanced":
         pieces = balanced_split(scenario, compute, schedule.n_pieces)
     else:
         pieces = schedule.piece_layers(m.layers)
     costs = model_costs(m)
-    held: list[set[int]] = [set() for _ in range(p.pipeline)]
-    for rank, order in enumerate(schedule.orders):
-        for op in order:
-            held[rank].update(piece for _, _, piece in op.halves)
-    if p.schedule == "dualpipe":
-        # Rank r holds piece r of one copy and piece PP − 1 − r of the other.
-        held = [{r, p.pipeline - 1 - r} for r in range(p.pipeline)]
-        sync = [tuple(sorted({r, p.pipeline - 1 - r})) for r in range(p.pipeline)]
-    else:
-        sync = [(r,) for r in range(p.pipeline)]
+    held = [schedule.held_pieces(r) for r in range(p.pipeline)]
+    sync = [schedule.replicas(r) for r in range(p.pipeline)]
     dense = np.zeros(p.pipeline)
     expert = np.zeros(p.pipeline)
     last = len(pieces) - 1
@@ -362,7 +358,7 @@ class _StepModel:
         self.epr = self.n_experts // lay.expert
         self.node_limited = sc.parallelism.dispatch == "node_limited"
         self.load = LinkLoad.zeros(topo.links)
-        self.pricers = [ExchangePricer(topo, gpus, self.load) for gpus in ctx.rank_gpus]
+        self.exchange_ports = [ExchangePorts(topo, gpus, self.load) for gpus in ctx.rank_gpus]
         # A rank's GPUs are consecutive ranks: slices index per-GPU arrays without copies.
         self.span = [slice(int(g.min()), int(g.max()) + 1) for g in ctx.rank_gpus]
         # Degraded ports: a bandwidth factor per link (NVLink and NIC ports of each GPU), and
@@ -380,8 +376,8 @@ class _StepModel:
             scale[: per_gpu.size] = per_gpu
             self.link_scale = scale
             self.link_factor = nvl.copy()
-            for rank, pricer in enumerate(self.pricers):
-                if pricer.remote.any():  # the group spans NVLink domains: NICs carry it too
+            for rank, ports in enumerate(self.exchange_ports):
+                if ports.remote.any():  # the group spans NVLink domains: NICs carry it too
                     span = self.span[rank]
                     self.link_factor[span] = np.minimum(nvl[span], nic[span])
         self.tables = self._exchange_tables()
@@ -523,7 +519,7 @@ class _StepModel:
         for rank in range(lay.stages):
             key = structure_key(self.ctx.topology, self.ctx.rank_gpus[rank])
             if key not in shared:
-                shared[key] = ExchangeTables(self.pricers[rank], rank_tokens, node_tokens)
+                shared[key] = ExchangeTables(self.exchange_ports[rank], rank_tokens, node_tokens)
             out.append(shared[key])
         return out
 
@@ -1019,8 +1015,9 @@ class _StepModel:
                 (NIC_IN, outer),
             ):
                 cap = topo.capacity[port]
-                load.bytes[4 * members + port] += amount
-                load.busy_s[4 * members + port] += amount / cap
+                links = topo.link_id(members, port)
+                load.bytes[links] += amount
+                load.busy_s[links] += amount / cap
             return
         amount = phases * (n - 1) / n * nbytes
         links = self._ring_link_ids(members)
@@ -1033,7 +1030,7 @@ class _StepModel:
             self.env.process(self._rank_process(rank))
         self.env.run()
         for rank in range(lay.stages):
-            self.tables[rank].charge(self.pricers[rank], self.uses[rank])
+            self.tables[rank].charge(self.exchange_ports[rank], self.uses[rank])
         missing = [r for r in range(lay.stages) if not self._event(("done", r, 0)).processed]
         if missing:
             raise SimulationError(f"the step did not complete: ranks {missing} deadlocked")

@@ -24,6 +24,13 @@ from pydantic import Field, model_validator
 from moesim import units
 from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
 from moesim.scenario.faults import Faults, check_faults
+from moesim.scenario.pipeline import (
+    PipelineRuleError,
+    check_micro_batches,
+    check_pieces,
+    check_pipeline,
+    micro_batch_rule,
+)
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
 
@@ -397,8 +404,6 @@ class Scenario(Frozen):
                 f"parallelism.expert: {p.expert} does not divide model.moe.routed_experts "
                 f"({m.moe.routed_experts})"
             )
-        if m.layers < p.pipeline:
-            raise ValueError(f"parallelism.pipeline: {p.pipeline} stages for {m.layers} layers")
         if p.expert > c.gpus_per_node and p.expert % c.gpus_per_node:
             raise ValueError(
                 f"parallelism.expert: an expert-parallel group of {p.expert} GPUs is not a whole "
@@ -464,39 +469,12 @@ class Scenario(Frozen):
                 f"NVLink domains of {c.nvlink_domain_gpus} GPUs span several nodes; use "
                 "all_to_all (it moves everything inside a domain over NVLink)"
             )
-        mb = self.micro_batches
-        if p.schedule == "dualpipe":
-            if p.pipeline % 2:
-                raise ValueError(
-                    f"parallelism.schedule: dualpipe needs an even number of stages, "
-                    f"pipeline = {p.pipeline}"
-                )
-            least, _ = self._micro_batch_rule
-            if mb % 2 or mb < least:
-                raise ValueError(
-                    f"parallelism.schedule: dualpipe needs an even number of micro-batches, at "
-                    f"least {least} for {p.pipeline} stages, got {mb} "
-                    f"(training.global_batch_sequences / (micro_batch_size×expert×data))"
-                )
-        if p.schedule == "interleaved":
-            if p.virtual_stages < 2:
-                raise ValueError("parallelism.virtual_stages: interleaved needs at least 2")
-            if mb % p.pipeline:
-                raise ValueError(
-                    f"parallelism.schedule: interleaved needs micro-batches ({mb}) to be a "
-                    f"multiple of pipeline ({p.pipeline})"
-                )
-        elif p.virtual_stages != 1:
-            raise ValueError(
-                f"parallelism.virtual_stages: {p.virtual_stages} is only meaningful with "
-                f"schedule interleaved, not {p.schedule}"
-            )
-        pieces = p.pipeline * p.virtual_stages
-        if m.layers < pieces:
-            raise ValueError(
-                f"parallelism: {p.pipeline} stages × {p.virtual_stages} virtual stages = {pieces} "
-                f"model pieces for {m.layers} layers"
-            )
+        try:
+            check_pipeline(p.schedule, p.pipeline, p.virtual_stages)
+            check_micro_batches(p.schedule, p.pipeline, self.micro_batches)
+            check_pieces(m.layers, p.pipeline, p.virtual_stages)
+        except PipelineRuleError as err:
+            raise ValueError(f"{err.field}: {err.message}") from None
 
     # Derived quantities used across moesim -------------------------------------------------
 
@@ -523,15 +501,9 @@ class Scenario(Frozen):
 
     @property
     def _micro_batch_rule(self) -> tuple[int, int]:
-        """(fewest, multiple of) micro-batches per pipeline the schedule can run: DualPipe's
-        rank 0 warms up with PP − 1 of each direction, in pairs; interleaved 1F1B cycles the
-        stages."""
+        """(fewest, multiple of) micro-batches per pipeline the schedule can run."""
         p = self.parallelism
-        if p.schedule == "dualpipe":
-            return max(2, 2 * (p.pipeline - 1)), 2
-        if p.schedule == "interleaved":
-            return p.pipeline, p.pipeline
-        return 1, 1
+        return micro_batch_rule(p.schedule, p.pipeline)
 
     @property
     def _sequences_per_micro_batch(self) -> int:

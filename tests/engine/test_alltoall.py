@@ -1,19 +1,12 @@
-"""The closed-form exchange pricer against the flow-level reference.
+"""The per-port closed form of an exchange against the flow-level reference.
 
-:class:`~moesim.engine.alltoall.ExchangePricer` prices an all-to-all port by port in closed form;
-:class:`~moesim.engine.network.FairShareNetwork` shares links max-min fairly, event by event, and
-is the reference here. The harness starts every flow at its sender's ready time on
-``Topology.path`` with ``Topology.latency`` and records, per receiver, its last completion.
-
-Node-limited (DeepEP) exchanges have two hops. The reference builds them explicitly: an
-InfiniBand flow from the sender to its relay (the GPU of the destination node with the sender's
-in-node index), then NVLink flows from the relay to the GPUs that host the tokens' experts. With
-``chunks = 1`` the relay forwards only once the whole InfiniBand flow is in (store-and-forward:
-pessimistic, DeepEP pipelines); with ``chunks = c`` each flow is sent as ``c`` back-to-back
-pieces and each piece is forwarded as soon as it arrives, so the reference tends to the
-pipelined exchange as ``1/c``. The combine is the mirror image: partial results are gathered
-over NVLink and the relay sends piece ``j`` over InfiniBand once piece ``j`` of every node-mate
-is in (and once it is ready itself).
+:mod:`tests.support.closed_form` prices one all-to-all port by port, senders starting at their
+own ready times, on the engine's ports (:class:`~moesim.engine.alltoall.ExchangePorts`);
+:mod:`tests.support.flow_reference` runs the same exchange flow by flow on a max-min fair-share
+network and is the reference. The engine's exchange tables give the closed form's results when
+the senders start together (``test_exchange_tables.py``), so the synchronous figures below are
+the engine's too. The link accounting tested here is the engine's own
+(:meth:`ExchangePorts.charge_plain`, :meth:`ExchangePorts.charge_node_limited`).
 
 Measured agreement (closed form minus reference, relative to the reference's duration;
 synchronous unless stated):
@@ -47,240 +40,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-import simpy
 
-from moesim.cluster.topology import Topology, build_topology
-from moesim.engine.alltoall import ExchangePricer, LinkLoad
-from moesim.engine.network import FairShareNetwork
-from moesim.scenario import scenario_from_dict
+from moesim.cluster.topology import Topology
+from moesim.engine.alltoall import ExchangePorts, LinkLoad
+from tests.support import closed_form
+from tests.support.flow_reference import reference_all_to_all, reference_node_limited
+from tests.support.traffic import FP8_TOKEN, MB, h800_topology, hot, routed
 
 Array = npt.NDArray[np.float64]
-MB = 1e6
-FP8_TOKEN = 7168 + 4 * 56  # bytes per dispatched token: FP8 hidden + one scale per 128
-
-
-# --------------------------------------------------------------------------- the reference
-
-
-class Reference:
-    """Flows between members of expert-parallel groups on a FairShareNetwork."""
-
-    def __init__(self, topo: Topology, gpus: npt.NDArray[np.int64], ready: Array) -> None:
-        self.topo, self.gpus = topo, np.asarray(gpus)
-        self.env = simpy.Environment()
-        self.net = FairShareNetwork(self.env, topo.capacity)
-        self.ready = np.asarray(ready, dtype=np.float64)
-        self.done = self.ready.copy()
-
-    def at(self, when: float, action: Callable[[], None]) -> None:
-        """Run ``action`` at simulated time ``when`` (now if it is past)."""
-        self.env.timeout(max(when - self.env.now, 0.0)).callbacks.append(lambda _e: action())
-
-    def latency(self, group: int, a: int, b: int) -> float:
-        return self.topo.latency(int(self.gpus[group, a]), int(self.gpus[group, b]))
-
-    def send(
-        self,
-        group: int,
-        a: int,
-        b: int,
-        nbytes: float,
-        then: Callable[[], None],
-        latency: bool = True,
-    ) -> None:
-        """Start a flow from member ``a`` to member ``b`` now; ``then`` runs when its last byte
-        has arrived (or, with ``latency=False``, has been sent)."""
-        ga, gb = int(self.gpus[group, a]), int(self.gpus[group, b])
-        lat = self.topo.latency(ga, gb) if latency else 0.0
-        event = self.net.transfer(self.topo.path(ga, gb), nbytes, lat)
-        event.callbacks.append(lambda _e: then())
-
-    def arrived(self, group: int, member: int) -> None:
-        self.done[group, member] = max(self.done[group, member], self.env.now)
-
-    def run(self) -> Array:
-        self.env.run()
-        return self.done
-
-
-def reference_all_to_all(
-    topo: Topology, gpus: npt.NDArray[np.int64], ready: Array, sizes: Array
-) -> tuple[Array, FairShareNetwork]:
-    """Every member sends ``sizes[g, s, d]`` to every other member from ``ready[g, s]``."""
-    ref = Reference(topo, gpus, ready)
-    for g, s, d in zip(*np.nonzero(sizes), strict=True):
-        if s != d:
-            send = partial(ref.send, g, s, d, sizes[g, s, d], partial(ref.arrived, g, d))
-            ref.at(ready[g, s], send)
-    return ref.run(), ref.net
-
-
-class Pieces:
-    """``nbytes`` from member ``a`` to ``b`` as ``chunks`` back-to-back flows; ``on_piece(j)``
-    runs when piece ``j`` has arrived."""
-
-    def __init__(
-        self,
-        ref: Reference,
-        group: int,
-        a: int,
-        b: int,
-        nbytes: float,
-        chunks: int,
-        on_piece: Callable[[int], None],
-    ) -> None:
-        self.ref, self.group, self.a, self.b = ref, group, a, b
-        self.piece, self.chunks, self.on_piece = nbytes / chunks, chunks, on_piece
-        self.lat = ref.latency(group, a, b)
-
-    def start(self, j: int = 0) -> None:
-        self.ref.send(self.group, self.a, self.b, self.piece, partial(self._sent, j), False)
-
-    def _sent(self, j: int) -> None:
-        if j + 1 < self.chunks:
-            self.start(j + 1)
-        self.ref.at(self.ref.env.now + self.lat, partial(self.on_piece, j))
-
-
-class Forward:
-    """Dispatch at a relay: each arriving piece of ``s``'s tokens goes on to the relay's
-    node-mates over NVLink, once the relay is ready (forwarding is its kernel's work)."""
-
-    def __init__(
-        self, ref: Reference, group: int, s: int, relay: int, rank_bytes: Array, chunks: int
-    ) -> None:
-        self.ref, self.group, self.s, self.relay = ref, group, s, relay
-        self.rank_bytes, self.chunks = rank_bytes, chunks
-        node = relay // ref.topo.gpus_per_node
-        gpn = ref.topo.gpus_per_node
-        self.peers = [
-            d for d in range(node * gpn, (node + 1) * gpn) if d != relay and rank_bytes[s, d] > 0
-        ]
-
-    def piece_in(self, _j: int) -> None:
-        if self.rank_bytes[self.s, self.relay] > 0:
-            self.ref.arrived(self.group, self.relay)
-        self.ref.at(max(self.ref.env.now, self.ref.ready[self.group, self.relay]), self._go)
-
-    def _go(self) -> None:
-        for d in self.peers:
-            nbytes = self.rank_bytes[self.s, d] / self.chunks
-            self.ref.send(
-                self.group, self.relay, d, nbytes, partial(self.ref.arrived, self.group, d)
-            )
-
-
-class Gather:
-    """Combine at a relay: piece ``j`` of the results for owner ``s`` leaves over InfiniBand
-    once piece ``j`` of every contributing node-mate is in, the previous piece is sent and the
-    relay is ready."""
-
-    def __init__(
-        self,
-        ref: Reference,
-        group: int,
-        relay: int,
-        owner: int,
-        nbytes: float,
-        chunks: int,
-        sources: int,
-        relay_ready: float,
-    ) -> None:
-        self.ref, self.group, self.relay, self.owner = ref, group, relay, owner
-        self.piece, self.chunks, self.sources = nbytes / chunks, chunks, sources
-        self.relay_ready = relay_ready
-        self.count = [0] * chunks
-        self.next, self.busy = 0, False
-        self.lat = ref.latency(group, relay, owner)
-
-    def got(self, j: int) -> None:
-        self.count[j] += 1
-        self.try_send()
-
-    def try_send(self) -> None:
-        j = self.next
-        if self.busy or j >= self.chunks or self.count[j] < self.sources:
-            return
-        if self.ref.env.now < self.relay_ready:
-            return
-        self.busy = True
-        self.ref.send(self.group, self.relay, self.owner, self.piece, self._sent, False)
-
-    def _sent(self) -> None:
-        self.busy = False
-        self.next += 1
-        if self.next == self.chunks:
-            self.ref.at(
-                self.ref.env.now + self.lat, partial(self.ref.arrived, self.group, self.owner)
-            )
-        self.try_send()
-
-
-def reference_node_limited(
-    topo: Topology,
-    gpus: npt.NDArray[np.int64],
-    ready: Array,
-    node_bytes: Array,
-    rank_bytes: Array,
-    chunks: int,
-    combine: bool,
-) -> tuple[Array, FairShareNetwork]:
-    """Two-hop reference of :meth:`ExchangePricer.node_limited_dispatch` (or ``_combine``)."""
-    ref = Reference(topo, gpus, ready)
-    groups, n = ref.gpus.shape
-    gpn = topo.gpus_per_node
-    for g in range(groups):
-        for s in range(n):
-            own, local = divmod(s, gpn)
-            for k in range(n // gpn):
-                relay = k * gpn + local
-                mates = [d for d in range(k * gpn, (k + 1) * gpn) if d != relay]
-                mates = [d for d in mates if rank_bytes[g, s, d] > 0]
-                if k == own:  # in-node tokens: NVLink only, the sender is its own relay
-                    for d in mates:
-                        a, b = (d, s) if combine else (s, d)
-                        then = partial(ref.arrived, g, b)
-                        ref.at(ready[g, a], partial(ref.send, g, a, b, rank_bytes[g, s, d], then))
-                    continue
-                if node_bytes[g, s, k] <= 0:
-                    continue
-                if not combine:
-                    fwd = Forward(ref, g, s, relay, rank_bytes[g], chunks)
-                    pipe = Pieces(ref, g, s, relay, node_bytes[g, s, k], chunks, fwd.piece_in)
-                    ref.at(ready[g, s], pipe.start)
-                    continue
-                gather = Gather(
-                    ref, g, relay, s, node_bytes[g, s, k], chunks, len(mates), ready[g, relay]
-                )
-                for d in mates:
-                    pipe = Pieces(ref, g, d, relay, rank_bytes[g, s, d], chunks, gather.got)
-                    ref.at(ready[g, d], pipe.start)
-                ref.at(ready[g, relay], gather.try_send)
-    return ref.run(), ref.net
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def h800_topology(base: dict[str, Any], nodes: int, **network: Any) -> Topology:
-    """Topology of ``nodes`` × 8 H800 from scenario ``base`` (a valid scenario dict): NVLink
-    160 GB/s, NIC 50 GB/s per direction; ``network`` goes to ``cluster.network``."""
-    d = dict(base)
-    gpus = nodes * 8
-    d["cluster"] = {
-        **base["cluster"],
-        "gpu": "H800",
-        "nodes": nodes,
-        "gpus_per_node": 8,
-        "nvlink": {"latency_us": 3.33, "efficiency": 0.8},
-        "nic": {"bandwidth_gbits_per_s": 400, "latency_us": 2.8, "efficiency": 1.0},
-        "network": network,
-    }
-    d["model"] = {**base["model"], "moe": {**base["model"]["moe"], "routed_experts": 256}}
-    d["parallelism"] = {"pipeline": 1, "expert": gpus, "data": 1, "micro_batch_size": 1}
-    d["training"] = {**base["training"], "global_batch_sequences": gpus}
-    d["gate"] = {**base["gate"], "batch_sequences": gpus}
-    return build_topology(scenario_from_dict(d))
 
 
 @pytest.fixture
@@ -290,47 +57,17 @@ def make_topology(tiny_dict: dict[str, Any]) -> Callable[..., Topology]:
 
 
 def price(topo: Topology, ready: Array, sizes: Array) -> tuple[Array, LinkLoad]:
-    """Closed-form plain all-to-all of one group of all GPUs."""
+    """Closed-form plain all-to-all of one group of all GPUs, and the links it charges."""
     load = LinkLoad.zeros(topo.links)
-    gpus = np.arange(ready.shape[1])[None]
-    return ExchangePricer(topo, gpus, load).all_to_all(ready, sizes), load
+    ports = ExchangePorts(topo, np.arange(ready.shape[1])[None], load)
+    ports.charge_plain(sizes)
+    return closed_form.all_to_all(ports, ready, sizes), load
 
 
 def errors(model: Array, ref: Array, ready: Array) -> tuple[float, Array]:
     """Makespan error and per-receiver errors, relative to the reference's duration."""
     span = ref.max() - ready.min()
     return float((model.max() - ref.max()) / span), (model - ref).ravel() / span
-
-
-def routed(
-    rng: np.random.Generator, ranks: int, tokens: int, popularity: Array | None = None
-) -> tuple[Array, Array]:
-    """Tokens each rank sends to each rank and to each 8-GPU node under top-8 routing over
-    256 experts (``popularity`` scales the experts' scores): (ranks, ranks), (ranks, nodes)."""
-    experts, top_k = 256, 8
-    nodes = max(1, ranks // 8)
-    to_rank = np.zeros((ranks, ranks))
-    to_node = np.zeros((ranks, nodes))
-    for s in range(ranks):
-        scores = np.abs(rng.standard_normal((tokens, experts))) + 1.0
-        if popularity is not None:
-            scores *= popularity
-        chosen = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
-        hit = np.zeros((tokens, ranks), dtype=bool)
-        np.put_along_axis(hit, chosen // (experts // ranks), True, axis=1)
-        to_rank[s] = hit.sum(axis=0)
-        to_node[s] = hit.reshape(tokens, nodes, -1).any(axis=2).sum(axis=0)
-    return to_rank, to_node
-
-
-def hot(n: int, member: int, receiver: bool) -> Array:
-    """1 MB between every pair, 6 MB to (or from) ``member``."""
-    sizes = np.full((1, n, n), 1 * MB)
-    if receiver:
-        sizes[:, :, member] = 6 * MB
-    else:
-        sizes[:, member, :] = 6 * MB
-    return sizes
 
 
 # --------------------------------------------------------------------------- plain all-to-all
@@ -577,7 +314,7 @@ def test_plain_link_accounting(
     gpus = np.arange(n).reshape(2, n // 2)  # two groups of two nodes
     ready = np.zeros((2, n // 2))
     load = LinkLoad.zeros(topo.links)
-    ExchangePricer(topo, gpus, load).all_to_all(ready, sizes)
+    ExchangePorts(topo, gpus, load).charge_plain(sizes)
     _, net = reference_all_to_all(topo, gpus, ready, sizes)
     assert load.bytes == pytest.approx(net.link_bytes, rel=1e-9, abs=1.0)
     assert load.busy_s == pytest.approx(load.bytes / topo.capacity, rel=1e-12)
@@ -596,9 +333,10 @@ def node_limited(
     topo: Topology, ready: Array, node_bytes: Array, rank_bytes: Array, combine: bool
 ) -> tuple[Array, LinkLoad]:
     load = LinkLoad.zeros(topo.links)
-    pricer = ExchangePricer(topo, np.arange(ready.shape[1])[None], load)
-    price_fn = pricer.node_limited_combine if combine else pricer.node_limited_dispatch
-    return price_fn(ready, node_bytes, rank_bytes), load
+    ports = ExchangePorts(topo, np.arange(ready.shape[1])[None], load)
+    ports.charge_node_limited(node_bytes, rank_bytes, reverse=combine)
+    fn = closed_form.node_limited_combine if combine else closed_form.node_limited_dispatch
+    return fn(ports, ready, node_bytes, rank_bytes), load
 
 
 def pipelined_limit(
@@ -716,6 +454,6 @@ def test_node_limited_link_accounting(
 
 def test_node_limited_needs_whole_nodes(make_topology: Callable[..., Topology]) -> None:
     topo = make_topology(1)
-    pricer = ExchangePricer(topo, np.arange(4).reshape(2, 2), LinkLoad.zeros(topo.links))
+    ports = ExchangePorts(topo, np.arange(4).reshape(2, 2), LinkLoad.zeros(topo.links))
     with pytest.raises(ValueError, match="whole nodes"):
-        pricer.node_limited_dispatch(np.zeros((2, 2)), np.zeros((2, 2, 1)), np.zeros((2, 2, 2)))
+        ports.charge_node_limited(np.zeros((2, 2, 1)), np.zeros((2, 2, 2)), reverse=False)

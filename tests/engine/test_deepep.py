@@ -1,4 +1,4 @@
-"""DeepEP's normal-kernel benchmark, reproduced with the exchange pricer.
+"""DeepEP's normal-kernel benchmark, reproduced with the engine's exchange tables.
 
 What DeepEP measures (deepseek-ai/DeepEP ``tests/test_intranode.py``, ``tests/test_internode.py``):
 
@@ -14,11 +14,11 @@ What DeepEP measures (deepseek-ai/DeepEP ``tests/test_intranode.py``, ``tests/te
   the reported link (a rank's tokens for its own experts, a node's tokens for itself).
 - Time: rank 0's kernel time (the mean over repetitions), best chunk configuration.
 
-The model: the same routing statistics (NumPy, seeded, every rank drawn), priced by
-:class:`~moesim.engine.alltoall.ExchangePricer` on H800 nodes (plain all-to-all inside a node
-for EP8, node-limited dispatch and combine for EP16-64), all ranks ready together; the
-bandwidth is DeepEP's counted bytes over the exchange's makespan (rank 0's own done time is
-within 1% of it).
+The model: the same routing statistics (NumPy, seeded, every rank drawn), priced by the
+engine's exchange tables (:class:`~moesim.engine.exchange_tables.ExchangeTables`) on H800
+nodes (plain all-to-all inside a node for EP8, node-limited dispatch and combine for
+EP16-64), all ranks ready together; the bandwidth is DeepEP's counted bytes over the
+exchange's makespan (rank 0's own done time is within 1% of it).
 
 Link efficiencies, from link specifications, not from this benchmark: NVLink 160 GB/s per
 direction (0.8 of the H800's 200), the H800 NVLink bandwidth DeepSeek states (DeepSeek-V3
@@ -70,7 +70,8 @@ import numpy.typing as npt
 import pytest
 
 from moesim.cluster.topology import Topology, build_topology
-from moesim.engine.alltoall import ExchangePricer, LinkLoad
+from moesim.engine.alltoall import ExchangePorts, LinkLoad
+from moesim.engine.exchange_tables import ExchangeTables
 from moesim.scenario import scenario_from_dict
 
 Array = npt.NDArray[np.float64]
@@ -160,13 +161,13 @@ def bandwidth(
     loads: list[LinkLoad] = []
     for per_token, combine in ((FP8_TOKEN, False), (BF16_TOKEN, True)):
         load = LinkLoad.zeros(topo.links)
-        pricer = ExchangePricer(topo, gpus, load)
-        if ep == 8:
-            sizes = (to_rank.T if combine else to_rank)[None] * per_token
-            done = pricer.all_to_all(ready, sizes)
-        else:
-            exchange = pricer.node_limited_combine if combine else pricer.node_limited_dispatch
-            done = exchange(ready, to_node[None] * per_token, to_rank[None] * per_token)
+        ports = ExchangePorts(topo, gpus, load)
+        node_tokens = None if ep == 8 else to_node[None, None]
+        tables = ExchangeTables(ports, to_rank[None, None], node_tokens)
+        done, _ = tables.exchange(ready, 0, toward_experts=not combine, per_token=per_token)
+        uses = np.zeros((1, 2))
+        uses[0, int(combine)] = per_token
+        tables.charge(ports, uses)
         result.append(counted * per_token / done.max() / 1e9)
         loads.append(load)
     return result[0], result[1], loads[0]

@@ -10,7 +10,7 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesim.engine.network import FairShareNetwork, max_min_rates
+from tests.support.fair_share import FairShareNetwork, max_min_rates
 
 
 def _flow(

@@ -7,14 +7,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from moesim.engine.schedules import (
-    Op,
-    Schedule,
-    build_schedule,
-    dualpipe_min_micro_batches,
-    evaluate,
-)
-from moesim.errors import SimulationError
+from moesim.engine.schedules import Op, Schedule, build_schedule, evaluate
+from moesim.errors import ScenarioError, SimulationError
+from moesim.scenario import scenario_from_dict
+from moesim.scenario.pipeline import PipelineRuleError, micro_batch_rule
+
+
+def dualpipe_min_micro_batches(stages: int) -> int:
+    return micro_batch_rule("dualpipe", stages)[0]
 
 
 def _grid() -> list[tuple[str, int, int, int]]:
@@ -205,20 +205,64 @@ def test_interleaved_layout():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("dualpipe", 3, 8), "even number of pipeline stages"),
-        (("dualpipe", 4, 7), "even number of micro_batches"),
-        (("dualpipe", 8, 12), r"micro_batches >= 14"),
-        (("interleaved", 4, 6, 2), r"micro_batches \(6\) to be a multiple of pipeline stages"),
-        (("interleaved", 4, 8, 1), "virtual >= 2"),
-        (("zb1p", 4, 8, 2), "only apply to 'interleaved'"),
+        (("dualpipe", 3, 8), "even number of stages"),
+        (("dualpipe", 4, 7), "even number of micro-batches"),
+        (("dualpipe", 8, 12), r"at least 14"),
+        (("interleaved", 4, 6, 2), r"\(6\) to be a multiple of the pipeline stages \(4\)"),
+        (("interleaved", 4, 8, 1), "at least 2 virtual stages"),
+        (("zb1p", 4, 8, 2), "only meaningful with schedule interleaved"),
         (("1f1b", 0, 4), "stages must be >= 1"),
-        (("1f1b", 4, 0), "micro_batches must be >= 1"),
+        (("1f1b", 4, 0), "micro-batches must be >= 1"),
         (("gpipe", 4, 8), "unknown pipeline schedule"),
     ],
 )
 def test_impossible_settings_are_refused(args, message):
     with pytest.raises(ValueError, match=message):
         build_schedule(*args)
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "batch"),
+    [
+        ({"schedule": "dualpipe", "pipeline": 2, "data": 1}, 4),  # 1 micro-batch
+        ({"schedule": "dualpipe", "pipeline": 2, "data": 1}, 12),  # 3 micro-batches
+        ({"schedule": "interleaved", "virtual_stages": 2}, 12),  # 3 on 2 stages
+        ({"schedule": "interleaved", "virtual_stages": 1}, 16),
+        ({"schedule": "zb1p", "virtual_stages": 2}, 16),
+        ({"schedule": "interleaved", "virtual_stages": 3}, 16),  # 6 pieces for 4 layers
+    ],
+)
+def test_schema_and_engine_refuse_with_one_message(tiny_dict, parallelism, batch):
+    """One rule, one message: the scenario schema and the schedule builder refuse a setting
+    with the same text, the schema naming the field to blame."""
+    tiny_dict["parallelism"].update(parallelism)
+    tiny_dict["parallelism"]["expert"] = 4
+    tiny_dict["training"]["global_batch_sequences"] = batch
+    p = tiny_dict["parallelism"]
+    micro = batch // (p["micro_batch_size"] * p["expert"] * p["data"])
+    with pytest.raises(ScenarioError) as schema_err:
+        scenario_from_dict(tiny_dict)
+
+    def build() -> None:
+        sch = build_schedule(p["schedule"], p["pipeline"], micro, p.get("virtual_stages", 1))
+        sch.piece_layers(tiny_dict["model"]["layers"])
+
+    with pytest.raises(PipelineRuleError) as engine_err:
+        build()
+    assert schema_err.value.path == engine_err.value.field
+    assert engine_err.value.message in str(schema_err.value)
+
+
+def test_held_pieces_and_replicas():
+    dual = build_schedule("dualpipe", 8, 14)
+    assert [dual.held_pieces(r) for r in (0, 3, 5)] == [(0, 7), (3, 4), (2, 5)]
+    assert [dual.replicas(r) for r in (0, 3, 4, 7)] == [(0, 7), (3, 4), (3, 4), (0, 7)]
+    inter = build_schedule("interleaved", 4, 8, 3)
+    for rank, order in enumerate(inter.orders):
+        ran = {piece for op in order for _, _, piece in op.halves}
+        assert inter.held_pieces(rank) == tuple(sorted(ran))
+        assert inter.replicas(rank) == (rank,)
+    assert build_schedule("1f1b", 4, 8).held_pieces(2) == (2,)
 
 
 def test_dualpipe_smallest_micro_batches():
@@ -286,5 +330,5 @@ def test_piece_layers():
     dual = build_schedule("dualpipe", 16, 32).piece_layers(61)
     assert len(dual) == 16
     assert [i for piece in dual for i in piece] == list(range(61))
-    with pytest.raises(ValueError, match="n_layers"):
+    with pytest.raises(ValueError, match="8 model pieces for 7 layers"):
         inter.piece_layers(7)
