@@ -48,10 +48,11 @@ from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
 from moesim.engine.alltoall import ExchangePricer, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
-from moesim.engine.recorder import NullRecorder, Slice
+from moesim.engine.recorder import NullRecorder
 from moesim.engine.schedules import OpKey, Schedule, build_schedule
 from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
+from moesim.records import StepResult
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
@@ -259,77 +260,6 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
         grad_bytes_per_param=float(units.BYTES_PER_ELEMENT[p.grad_dtype]),
         op_s=op_s,
     )
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """Outcome of one simulated training step.
-
-    Per-GPU arrays have shape (gpus,); per-expert arrays (gpus, experts_per_rank); per-link
-    arrays (links,). Times in seconds.
-    """
-
-    step_time_s: float
-    gpu_stage: npt.NDArray[np.int64]
-    compute_s: npt.NDArray[np.float64]
-    """Busy time of the compute stream in forward and backward ops:
-    forward_compute_s + backward_compute_s."""
-    forward_compute_s: npt.NDArray[np.float64]
-    backward_compute_s: npt.NDArray[np.float64]
-    """Input and weight gradients (and recomputation)."""
-    weight_grad_s: npt.NDArray[np.float64]
-    """Part of ``backward_compute_s`` spent in weight gradients."""
-    expert_compute_s: npt.NDArray[np.float64]
-    """Part of ``compute_s`` spent in routed experts."""
-    slowdown_s: npt.NDArray[np.float64]
-    """Extra compute time from this GPU's hardware condition (slow part, jitter, throttling):
-    ``compute_s`` holds the healthy durations."""
-    a2a_wait_s: npt.NDArray[np.float64]
-    """Compute stream idle inside MoE layers, waiting for an all-to-all:
-    ``comm_wait_s + straggler_wait_s``."""
-    comm_wait_s: npt.NDArray[np.float64]
-    """Exposed communication: waiting for bytes in flight after every sender was ready."""
-    straggler_wait_s: npt.NDArray[np.float64]
-    """Waiting for the exchange's last sender to become ready (a slower peer upstream)."""
-    pipeline_wait_s: npt.NDArray[np.float64]
-    """Idle waiting for activations or gradients from a neighbouring stage (bubble + P2P)."""
-    allreduce_s: npt.NDArray[np.float64]
-    """Gradient and parameter synchronisation at the end of the step (all-reduce, or ZeRO-1's
-    reduce-scatter and all-gather), including waiting for the slowest member."""
-    optimizer_s: npt.NDArray[np.float64]
-    """The optimizer step (on this GPU's shard under ZeRO-1)."""
-    tail_idle_s: npt.NDArray[np.float64]
-    """Idle after this GPU finished, until the slowest GPU finished."""
-    ops_end_s: npt.NDArray[np.float64]
-    """When this GPU's last forward or backward op ended (before gradient synchronisation)."""
-    expert_tokens: npt.NDArray[np.float64]
-    """Tokens each local expert processed (forward), over the step."""
-    expert_wait_s: npt.NDArray[np.float64]
-    """Token-weighted mean time a token waited between arriving and its expert starting."""
-    link_bytes: npt.NDArray[np.float64]
-    link_busy_s: npt.NDArray[np.float64]
-    stage_forward_s: npt.NDArray[np.float64]
-    """Per rank: mean compute seconds of one forward op (one micro-batch through its piece)."""
-    stage_backward_s: npt.NDArray[np.float64]
-    """Per rank: mean compute seconds of one backward (input and weight gradients)."""
-    events: int
-    exchanges: int
-    """All-to-all exchanges priced (one per MoE layer pass and rank)."""
-    trace: list[Slice]
-    """Recorded slices (empty unless a recorder was given)."""
-
-    @property
-    def gpu_time_s(self) -> npt.NDArray[np.float64]:
-        """Per GPU, the sum of its time split; equals ``step_time_s`` for every GPU."""
-        return (
-            self.compute_s
-            + self.slowdown_s
-            + self.a2a_wait_s
-            + self.pipeline_wait_s
-            + self.allreduce_s
-            + self.optimizer_s
-            + self.tail_idle_s
-        )
 
 
 # Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its

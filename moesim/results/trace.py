@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from moesim.engine.recorder import TRACKS, Slice
+from moesim.records import TRACKS, Slice
 
 _US = 1e6
 ASYNC_TRACKS = ("dispatch", "combine", "pipeline")
