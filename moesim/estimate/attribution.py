@@ -11,6 +11,9 @@ EPLB migrations and failure overhead. The causes add up to ``gpu_hours_with_fail
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
 
 from moesim import units
 from moesim.estimate.failures import FailureEstimate, failure_estimate
@@ -78,7 +81,7 @@ def attribute(
 
     def balanced_hours(*split: FloatArray) -> float:
         """GPU-hours of the balanced run in these parts of the balanced step's per-GPU split."""
-        return hours(float(sum(split).mean()) * scale)
+        return hours(float(reduce(np.add, split).mean()) * scale)
 
     b = balanced_step.result
     migration = sum(s.extra_wall_s for s in rows)

@@ -269,6 +269,7 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
                 ax.set_xlabel("")
         gpu_label = "GPU" if size == 1 else f"GPU (mean of {size} per row)"
         axes[r, 0].set_ylabel(gpu_label)
+        assert mesh is not None  # one mesh per strategy, and there is at least one
         fig.colorbar(mesh, ax=axes[r, :].tolist(), label=f"{label} ({unit})", fraction=0.04)
     fig.suptitle("Per-GPU waiting time per step")
     fig.savefig(path, metadata={"Software": None})
