@@ -57,3 +57,23 @@ def microseconds(value: float) -> float:
 def seconds_to_hours(value: float) -> float:
     """s → h."""
     return value / HOUR
+
+
+def seconds_to_days(value: float) -> float:
+    """s → days."""
+    return value / DAY
+
+
+def seconds_to_milliseconds(value: float) -> float:
+    """s → ms (for display)."""
+    return value * KILO
+
+
+def seconds_to_microseconds(value: float) -> float:
+    """s → µs (trace timestamps)."""
+    return value * MEGA
+
+
+def gigabytes_in_gib(value: float) -> float:
+    """GB (decimal, as HBM is sold) → GiB."""
+    return value * GIGA / GiB

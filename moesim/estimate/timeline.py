@@ -175,7 +175,7 @@ def integrate(
             balanced_gpu_hours=gpus * units.seconds_to_hours(balanced_wall),
             maxvio_batch=float(np.mean([r["maxvio_batch"] for r in records or sampled])),
             task_loss=float(np.mean([r["task_loss"] for r in tail])) if records else None,
-            wall_days=wall / units.DAY,
+            wall_days=units.seconds_to_days(wall),
             migration_s=float(sum(s.extra_wall_s for s in rows)),
             routing=routing_summary(rows, records),
             failure=failures.failure,
