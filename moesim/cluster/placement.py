@@ -7,8 +7,9 @@ count array in slot order obeys the engine's static rule "column ``c`` lives on 
 experts_per_rank``" with ``experts_per_rank = slots_per_rank``. The static placement is
 ``slots_per_rank = E / ranks`` with slot ``s`` holding expert ``s``.
 
-**Policy** (:func:`eplb_placement`), after DeepSeek's EPLB (hardware.md "EPLB — redundant
-experts"), written here from its description, per simulated layer:
+**Policy** (:func:`eplb_placement`), after DeepSeek's expert-parallel load balancer
+(github.com/deepseek-ai/EPLB, its hierarchical policy in ``eplb.py``), written here from its
+description, per simulated layer:
 
 1. *Groups to nodes.* The ``groups`` contiguous expert groups are packed onto the ``nodes`` nodes,
    heaviest group first onto the lightest node that still has room, ``groups / nodes`` each.

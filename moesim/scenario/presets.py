@@ -4,7 +4,7 @@ Every value is a vendor specification (or a vendor figure quoted by a third part
 measured training outcome. ``cluster.gpu: H800`` resolves to the entry below; any field can be
 overridden in the scenario (``cluster.gpu: {preset: H800, hbm_tbytes_per_s: 3.0}``).
 
-Sources (see ``shared/reference/hardware.md``):
+Sources:
 - [DS] NVIDIA data sheets as quoted by glennklockwood.com processor pages.
 - [DSV3] DeepSeek-V3 technical report, arXiv 2412.19437 (H800 NVLink 400 GB/s).
 - "nvlink_gbytes_per_s" is the per-GPU aggregate of both directions, as vendors quote it.
