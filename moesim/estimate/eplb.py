@@ -3,8 +3,6 @@ with the expert migrations between recomputations charged to the run's wall time
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from moesim.cluster.model_costs import model_costs
@@ -18,11 +16,9 @@ from moesim.cluster.placement import (
 from moesim.engine import StepContext
 from moesim.estimate.hardware import PointHardware, simulate_on
 from moesim.estimate.records import EPLB_SUFFIX, SimulatedStep
+from moesim.estimate.routing import SampleAt
 from moesim.gate import RoutingSample
 from moesim.scenario.schema import Scenario
-
-SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
-"""The routing sample of a run at (point index, step) from a generator."""
 
 
 def eplb_steps(scenario: Scenario, points: list[int]) -> list[int]:

@@ -10,7 +10,6 @@ failure overhead, attribution) and the percentiles over seeds last.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -225,8 +224,3 @@ class RunEstimate:
     def summary_dict(self) -> dict[str, dict[str, Scalar]]:
         """The per-run summaries in their flat ``summary.json`` form."""
         return {name: s.as_dict() for name, s in self.summary.items()}
-
-
-def as_row(record: Any) -> dict[str, Any]:
-    """A record's fields as a flat dict (a table row)."""
-    return asdict(record)

@@ -4,14 +4,13 @@ topic × expert load (their specialisation)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from moesim.estimate.eplb import SampleAt
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
@@ -20,6 +19,9 @@ from moesim.gate.router import route, route_options
 from moesim.gate.trace import scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 from moesim.scenario.strategies import Strategy
+
+SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
+"""The routing sample of a run at (point index, step) from a generator."""
 
 
 @dataclass(frozen=True)
