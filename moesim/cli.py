@@ -74,8 +74,7 @@ def _default_run_dir(scenario_name: str, out_root: str) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moesim.estimate import estimate_with_bands, run_names
-    from moesim.estimate.run import scenario_points
+    from moesim.estimate import estimate_with_bands, run_names, scenario_points
     from moesim.results import write_run
     from moesim.scenario import load_scenario
 
@@ -96,7 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         estimate = estimate_with_bands(scenario, progress=tick)
     path = write_run(estimate, run_dir)
-    print(format_summary(estimate.summary))
+    print(format_summary(estimate.summary_dict()))
     print(f"\nrun directory: {path}")
     return 0
 

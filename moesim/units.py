@@ -21,6 +21,7 @@ MICROSECOND = 1e-6
 MILLISECOND = 1e-3
 MINUTE = 60.0
 HOUR = 3600.0
+DAY = 24 * HOUR
 
 BITS_PER_BYTE = 8
 
@@ -56,3 +57,23 @@ def microseconds(value: float) -> float:
 def seconds_to_hours(value: float) -> float:
     """s → h."""
     return value / HOUR
+
+
+def seconds_to_days(value: float) -> float:
+    """s → days."""
+    return value / DAY
+
+
+def seconds_to_milliseconds(value: float) -> float:
+    """s → ms (for display)."""
+    return value * KILO
+
+
+def seconds_to_microseconds(value: float) -> float:
+    """s → µs (trace timestamps)."""
+    return value * MEGA
+
+
+def gigabytes_in_gib(value: float) -> float:
+    """GB (decimal, as HBM is sold) → GiB."""
+    return value * GIGA / GiB

@@ -75,6 +75,10 @@ from moesim.scenario import scenario_from_dict
 from moesim.scenario.strategies import AuxLoss, Bias, Composite, LossFree, NoBalancing
 
 STEPS, SEED, WINDOW = 1000, 11, 100
+# The tests' base scenario (tests/base_scenario.py: 16 routed experts, top-2, one 8-GPU node,
+# expert parallelism 8), written out because a notebook does not import the tests. Only the
+# name, the run length (training.total_tokens), the gate batch and the stream dimension differ;
+# tests/test_base_scenario.py checks that everything else stays equal.
 BASE = {
     "name": "balancing-dilemma",
     "seed": 1,

@@ -125,14 +125,3 @@ def test_same_seed_identical_tables(tmp_path, tiny_dict):
     c = tmp_path / "c"
     assert main(["run", str(scenario), "--out", str(c), "--seed", "99", "--quiet"]) == 0
     assert (a / "summary.json").read_text() != (c / "summary.json").read_text()
-
-
-def test_timeline_reads_gate_records_by_step():
-    """Coarsened gates record every k-th step; the timeline takes the last record at or before
-    each sampled step."""
-    from moesim.estimate.run import _record_at
-
-    coarse = [{"step": 0}, {"step": 16}, {"step": 32}]
-    assert _record_at(coarse, 20)["step"] == 16
-    assert _record_at(coarse, 99)["step"] == 32
-    assert _record_at([{"step": i} for i in range(5)], 3)["step"] == 3

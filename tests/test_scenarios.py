@@ -35,5 +35,5 @@ def test_scenario_runs_at_smoke_size(path):
     estimate = estimate_run(scenario)
     assert set(estimate.summary) == set(run_names(scenario))
     for values in estimate.summary.values():
-        assert values["step_time_s"] >= values["balanced_step_time_s"] > 0
-        assert 0 < values["mfu"] < 1
+        assert values.step_time_s >= values.balanced_step_time_s > 0
+        assert 0 < values.mfu < 1

@@ -7,8 +7,9 @@ count array in slot order obeys the engine's static rule "column ``c`` lives on 
 experts_per_rank``" with ``experts_per_rank = slots_per_rank``. The static placement is
 ``slots_per_rank = E / ranks`` with slot ``s`` holding expert ``s``.
 
-**Policy** (:func:`eplb_placement`), after DeepSeek's EPLB (hardware.md "EPLB — redundant
-experts"), written here from its description, per simulated layer:
+**Policy** (:func:`eplb_placement`), after DeepSeek's expert-parallel load balancer
+(github.com/deepseek-ai/EPLB, its hierarchical policy in ``eplb.py``), written here from its
+description, per simulated layer:
 
 1. *Groups to nodes.* The ``groups`` contiguous expert groups are packed onto the ``nodes`` nodes,
    heaviest group first onto the lightest node that still has room, ``groups / nodes`` each.
@@ -56,8 +57,9 @@ consumed them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -417,7 +419,7 @@ def _split_counts(counts: Int, placement: Placement) -> Int:
     return out
 
 
-def _group_sum(x: Int, size: int) -> Int:
+def _group_sum(x: npt.NDArray[Any], size: int) -> npt.NDArray[Any]:
     """Sum the last axis in consecutive groups of ``size``."""
     return x.reshape(*x.shape[:-1], x.shape[-1] // size, size).sum(axis=-1)
 
@@ -625,11 +627,14 @@ def migration_bytes(
         raise ValueError(f"layer_weight: shape {weight.shape} is not ({n_layers},)")
     if expert_bytes < 0 or link_bytes_per_s <= 0:
         raise ValueError("expert_bytes must be ≥ 0 and link_bytes_per_s > 0")
-    local = ranks_per_node is not None and intra_node_bytes_per_s is not None
-    if local and (ranks_per_node < 1 or old.ranks % ranks_per_node or intra_node_bytes_per_s <= 0):
-        raise ValueError(f"ranks_per_node: {ranks_per_node} does not fit {old.ranks} ranks")
     ranks = old.ranks
-    node = np.arange(ranks) // (ranks_per_node if local else ranks)
+    local = ranks_per_node is not None and intra_node_bytes_per_s is not None
+    per_node, intra_bytes_per_s = ranks, math.inf
+    if ranks_per_node is not None and intra_node_bytes_per_s is not None:
+        if ranks_per_node < 1 or ranks % ranks_per_node or intra_node_bytes_per_s <= 0:
+            raise ValueError(f"ranks_per_node: {ranks_per_node} does not fit {ranks} ranks")
+        per_node, intra_bytes_per_s = ranks_per_node, intra_node_bytes_per_s
+    node = np.arange(ranks) // per_node
     # Bytes per rank: [received, sent] over [network, NVLink].
     moved = np.zeros((2, 2, ranks))
     transfers = 0.0
@@ -651,7 +656,7 @@ def migration_bytes(
             transfers += weight[layer]
     seconds = moved[:, 0].max() / link_bytes_per_s if moved[:, 0].any() else 0.0
     if local and moved[:, 1].any():
-        seconds = max(seconds, moved[:, 1].max() / intra_node_bytes_per_s)
+        seconds = max(seconds, moved[:, 1].max() / intra_bytes_per_s)
     return Migration(
         bytes=float(moved[0].sum()),
         transfers=float(transfers),

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -86,7 +87,7 @@ DEFAULT_JITTER_BLOCK = 1 << 16
 
 
 def _frozen(values: npt.ArrayLike, dtype: type) -> npt.NDArray:
-    out = np.array(values, dtype=dtype, copy=True)
+    out: npt.NDArray[Any] = np.array(values, dtype=dtype, copy=True)
     out.flags.writeable = False
     return out
 
@@ -185,7 +186,7 @@ class Windows:
     def covered_s(self, lo_s: float, hi_s: float) -> FloatArray:
         """Per GPU, seconds of ``[lo_s, hi_s)`` inside a window."""
         overlap = np.clip(np.minimum(self.end_s, hi_s) - np.maximum(self.start_s, lo_s), 0, None)
-        return np.bincount(self.gpu, weights=overlap, minlength=self.gpus)
+        return cast(FloatArray, np.bincount(self.gpu, weights=overlap, minlength=self.gpus))
 
     def mean_factor(self, lo_s: float, hi_s: float) -> FloatArray:
         """Per GPU, the time average over ``[lo_s, hi_s)`` of the factor (1 outside windows)."""

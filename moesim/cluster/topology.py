@@ -203,6 +203,13 @@ class Layout:
         first = gpu - gpu % self.expert
         return list(range(first, first + self.expert))
 
+    def expert_slots(self, slots_per_rank: int) -> npt.NDArray[np.int64]:
+        """Global index of each (GPU, local expert slot), shape (gpus, slots_per_rank): slot
+        ``l`` of expert-parallel rank ``r`` is ``r · slots_per_rank + l`` (the routed expert
+        itself under the static placement, where ``slots_per_rank = experts_per_rank``)."""
+        gpus = np.arange(self.stages * self.gpus_per_stage)
+        return (gpus % self.expert)[:, None] * slots_per_rank + np.arange(slots_per_rank)
+
     def dp_peers(self, gpu: int) -> list[int]:
         """GPUs of the same stage holding the same experts (expert-data-parallel group)."""
         stage = gpu // self.gpus_per_stage

@@ -2,8 +2,8 @@
 
 The step model always calls its recorder; the default :class:`NullRecorder` does nothing, so the
 hot path never branches on whether tracing is on (a null object). A :class:`SliceRecorder`
-keeps ``(gpu, track, name, start_s, end_s, args)`` tuples for a chosen subset of GPUs; the
-results package turns them into a Chrome/Perfetto trace.
+keeps :class:`moesim.records.Slice` tuples ``(gpu, track, name, start_s, end_s, args)`` for a
+chosen subset of GPUs; the results package turns them into a Chrome/Perfetto trace.
 
 Tracks: ``compute`` (the GPU's compute stream; slices never overlap), ``dispatch`` and
 ``combine`` (this GPU's outgoing all-to-all transfers of one layer pass, from the first byte to
@@ -14,18 +14,11 @@ overlap each other), ``allreduce`` (gradient all-reduce, including waiting for t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any
 
-TRACKS = ("compute", "dispatch", "combine", "pipeline", "allreduce")
+from moesim.records import TRACKS, Slice
 
-
-class Slice(NamedTuple):
-    gpu: int
-    track: str
-    name: str
-    start_s: float
-    end_s: float
-    args: dict[str, Any]
+__all__ = ["TRACKS", "NullRecorder", "Slice", "SliceRecorder"]
 
 
 class NullRecorder:

@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -53,10 +53,11 @@ from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
 from moesim.engine.alltoall import ExchangePorts, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
-from moesim.engine.recorder import NullRecorder, Slice, SliceRecorder
+from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.engine.schedules import OpKey, Schedule, build_schedule
 from moesim.errors import ScenarioError, SimulationError
 from moesim.gate.sampling import gate_layer_map
+from moesim.records import StepResult
 from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
@@ -128,18 +129,18 @@ def balanced_split(scenario: Scenario, compute: ComputeModel, pieces: int) -> li
     ops = compute.op_costs()
     experts = compute.experts(compute.balanced_rows(scenario.parallelism.expert))
 
-    def total(op: OpCost) -> float:
+    def both_passes(op: OpCost) -> float:
         return op.forward + op.backward
 
     moe = (
-        total(ops.attention + ops.router + ops.shared_experts)
+        both_passes(ops.attention + ops.router + ops.shared_experts)
         + float(experts.forward)
         + float(experts.backward)
     )
-    dense = total(ops.attention + ops.dense_ffn)
+    dense = both_passes(ops.attention + ops.dense_ffn)
     layer_cost = np.array([dense if i < m.dense_layers else moe for i in range(m.layers)])
-    first = total(ops.embedding)
-    last = total(ops.head) + m.mtp_depth * total(ops.mtp)
+    first = both_passes(ops.embedding)
+    last = both_passes(ops.head) + m.mtp_depth * both_passes(ops.mtp)
     prefix = np.concatenate([[0.0], np.cumsum(layer_cost)])
     n = m.layers
     # best[k][i]: least max piece cost cutting layers[:i] into k pieces; cut[k][i]: last cut.
@@ -241,77 +242,6 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     )
 
 
-@dataclass(frozen=True)
-class StepResult:
-    """Outcome of one simulated training step.
-
-    Per-GPU arrays have shape (gpus,); per-expert arrays (gpus, experts_per_rank); per-link
-    arrays (links,). Times in seconds.
-    """
-
-    step_time_s: float
-    gpu_stage: npt.NDArray[np.int64]
-    compute_s: npt.NDArray[np.float64]
-    """Busy time of the compute stream in forward and backward ops:
-    forward_compute_s + backward_compute_s."""
-    forward_compute_s: npt.NDArray[np.float64]
-    backward_compute_s: npt.NDArray[np.float64]
-    """Input and weight gradients (and recomputation)."""
-    weight_grad_s: npt.NDArray[np.float64]
-    """Part of ``backward_compute_s`` spent in weight gradients."""
-    expert_compute_s: npt.NDArray[np.float64]
-    """Part of ``compute_s`` spent in routed experts."""
-    slowdown_s: npt.NDArray[np.float64]
-    """Extra compute time from this GPU's hardware condition (slow part, jitter, throttling):
-    ``compute_s`` holds the healthy durations."""
-    a2a_wait_s: npt.NDArray[np.float64]
-    """Compute stream idle inside MoE layers, waiting for an all-to-all:
-    ``comm_wait_s + straggler_wait_s``."""
-    comm_wait_s: npt.NDArray[np.float64]
-    """Exposed communication: waiting for bytes in flight after every sender was ready."""
-    straggler_wait_s: npt.NDArray[np.float64]
-    """Waiting for the exchange's last sender to become ready (a slower peer upstream)."""
-    pipeline_wait_s: npt.NDArray[np.float64]
-    """Idle waiting for activations or gradients from a neighbouring stage (bubble + P2P)."""
-    allreduce_s: npt.NDArray[np.float64]
-    """Gradient and parameter synchronisation at the end of the step (all-reduce, or ZeRO-1's
-    reduce-scatter and all-gather), including waiting for the slowest member."""
-    optimizer_s: npt.NDArray[np.float64]
-    """The optimizer step (on this GPU's shard under ZeRO-1)."""
-    tail_idle_s: npt.NDArray[np.float64]
-    """Idle after this GPU finished, until the slowest GPU finished."""
-    ops_end_s: npt.NDArray[np.float64]
-    """When this GPU's last forward or backward op ended (before gradient synchronisation)."""
-    expert_tokens: npt.NDArray[np.float64]
-    """Tokens each local expert processed (forward), over the step."""
-    expert_wait_s: npt.NDArray[np.float64]
-    """Token-weighted mean time a token waited between arriving and its expert starting."""
-    link_bytes: npt.NDArray[np.float64]
-    link_busy_s: npt.NDArray[np.float64]
-    stage_forward_s: npt.NDArray[np.float64]
-    """Per rank: mean compute seconds of one forward op (one micro-batch through its piece)."""
-    stage_backward_s: npt.NDArray[np.float64]
-    """Per rank: mean compute seconds of one backward (input and weight gradients)."""
-    events: int
-    exchanges: int
-    """All-to-all exchanges priced (one per MoE layer pass and rank)."""
-    trace: list[Slice]
-    """Recorded slices (empty unless a recorder was given)."""
-
-    @property
-    def gpu_time_s(self) -> npt.NDArray[np.float64]:
-        """Per GPU, the sum of its time split; equals ``step_time_s`` for every GPU."""
-        return (
-            self.compute_s
-            + self.slowdown_s
-            + self.a2a_wait_s
-            + self.pipeline_wait_s
-            + self.allreduce_s
-            + self.optimizer_s
-            + self.tail_idle_s
-        )
-
-
 # Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its
 # rank's executor, which runs each on the compute stream and replies with its end times.
 @dataclass(frozen=True, kw_only=True)
@@ -326,6 +256,8 @@ class _Compute:
 
 
 Chain = Generator[Any, Any, Vector]
+# An MoE forward yields like a chain and returns its output times and each GPU's last sender.
+MoeChain = Generator[Any, Any, tuple[Vector, Vector]]
 
 
 class _StepModel:
@@ -492,7 +424,11 @@ class _StepModel:
             throttled = bool(len(thr)) and thr.rank[gpus.start] != thr.rank[gpus.stop]
         if self.jitter is not None:
             work = work * self.jitter(start.size)
-        end = compute_end(self.hw, gpus, start, work) if throttled else start + work
+        if throttled:
+            assert self.hw is not None
+            end = compute_end(self.hw, gpus, start, work)
+        else:
+            end = start + work
         self.acc["slowdown"][gpus] += end - (start + seconds)
         return end
 
@@ -592,7 +528,7 @@ class _StepModel:
 
     def _moe_forward(
         self, rank: int, layer: int, micro: int, t: Vector, cause: str, last_in: Vector | None
-    ) -> Chain:
+    ) -> MoeChain:
         ops = self.ctx.ops
         t = yield _Compute(
             seconds=self.ctx.moe_block.forward,
@@ -802,7 +738,7 @@ class _StepModel:
         if not deps:
             return np.zeros(self.g_stage)
         (dep,) = deps
-        value: Vector = self.done[dep].value
+        value = cast(Vector, self.done[dep].value)
         src = self._rank(dep[1], dep[2])
         if src == rank:
             return value
@@ -886,7 +822,7 @@ class _StepModel:
         dense = ctx.dense_params[ranks[0]]
         # Redundant replicas (EPLB) hold weights and optimizer state too.
         expert = ctx.expert_params[ranks[0]] * self.epr / ctx.layout.experts_per_rank
-        groups = []
+        groups: list[tuple[npt.NDArray[np.int64], float, tuple[int, ...]]] = []
         if dense > 0:
             groups.append((gpus.reshape(1, -1), dense, (0, 1, 2)))
         if expert > 0:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 
-from moesim.estimate.run import RunEstimate, estimate_run
+from moesim.estimate.records import PERCENTILES, BandRow, RunEstimate, RunSummary, TimelineRow
+from moesim.estimate.run import estimate_run
 from moesim.scenario.schema import Scenario
 
 BANDED = (
@@ -29,11 +30,15 @@ BANDED = (
     "gpu_hours_with_failures",
     "cost_usd_with_failures",
 )
-PERCENTILES = (10, 50, 90)
+"""Summary scalars reported as percentiles over seeds."""
 CURVES = ("gpu_hours", "cost_usd")
+"""Timeline curves banded over seeds (the fields of :class:`BandRow`)."""
+
+SeedResult = tuple[dict[str, RunSummary], list[TimelineRow]]
+"""One seed's summaries and timeline."""
 
 
-def _one_seed(scenario: Scenario) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _one_seed(scenario: Scenario) -> SeedResult:
     est = estimate_run(scenario)
     return est.summary, est.timeline
 
@@ -52,11 +57,11 @@ def estimate_with_bands(
     workers: int | None = None,
 ) -> RunEstimate:
     """:func:`estimate_run` for the scenario's seed, plus the other seeds' summaries and
-    timelines in a process pool; fills ``summary[...]['<key>_p10|p50|p90']`` and ``bands``."""
+    timelines in a process pool; the estimate with percentiles in its summaries and bands."""
     scenarios = seed_scenarios(scenario)
     n = workers or scenario.uncertainty.workers or os.cpu_count() or 1
     est = estimate_run(scenario, progress, workers=n)
-    results = [(est.summary, est.timeline)]
+    results: list[SeedResult] = [(est.summary, est.timeline)]
     others = scenarios[1:]
     if others:
         quiet = [
@@ -68,36 +73,37 @@ def estimate_with_bands(
                 results.append((summary, timeline))
                 if progress:
                     progress(f"seed {scenario.seed + len(results) - 1}")
-    add_bands(est, results)
-    return est
+    return with_bands(est, results)
 
 
-def add_bands(est: RunEstimate, results: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> None:
-    """Percentiles over seeds of the summary scalars and the cumulative curves."""
-    for name, summary in est.summary.items():
+def _percentiles(values: list[float]) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.percentile(values, PERCENTILES))
+
+
+def with_bands(est: RunEstimate, results: list[SeedResult]) -> RunEstimate:
+    """``est`` with percentiles over the seeds' ``results`` (its own first) of the banded
+    summary scalars, and bands around its cumulative curves."""
+    summary = {}
+    for name, s in est.summary.items():
+        percentiles = {}
         for key in BANDED:
-            values = [r[0][name].get(key) for r in results]
+            values = [getattr(r[0][name], key) for r in results]
             values = [v for v in values if v is not None]
-            if not values:
-                continue
-            for q, value in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
-                summary[f"{key}_p{q}"] = float(value)
-        summary["seeds"] = len(results)
-    bands: list[dict[str, Any]] = []
+            if values:
+                percentiles[key] = _percentiles(values)
+        summary[name] = replace(s, percentiles=percentiles, seeds=len(results))
+    bands = []
     for row in est.timeline:
-        out: dict[str, Any] = {
-            "strategy": row["strategy"],
-            "point": row["point"],
-            "tokens": row["tokens"],
-        }
+        curves = {}
         for curve in CURVES:
             values = [
-                r[1][i][curve]
+                getattr(other, curve)
                 for r in results
-                for i in range(len(r[1]))
-                if r[1][i]["strategy"] == row["strategy"] and r[1][i]["point"] == row["point"]
+                for other in r[1]
+                if other.strategy == row.strategy and other.point == row.point
             ]
-            for q, value in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True):
-                out[f"{curve}_p{q}"] = float(value)
-        bands.append(out)
-    est.bands = bands
+            curves.update(
+                {f"{curve}_p{q}": v for q, v in zip(PERCENTILES, _percentiles(values), strict=True)}
+            )
+        bands.append(BandRow(strategy=row.strategy, point=row.point, tokens=row.tokens, **curves))
+    return replace(est, summary=summary, bands=bands)

@@ -18,6 +18,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
+from moesim import units  # noqa: E402
+
 
 def plot_curve(
     timeline: pd.DataFrame,
@@ -30,11 +32,11 @@ def plot_curve(
     with the same cluster under perfectly balanced routing dashed for reference, and, when
     several seeds were run, the P10–P90 band over seeds shaded around each line."""
     for name, df in timeline.groupby("strategy", sort=False):
-        x = [0.0, *(df["tokens"] / 1e9)]
+        x = [0.0, *(df["tokens"] / units.GIGA)]
         (line,) = ax.plot(x, [0.0, *df[column]], marker="o", markersize=3, label=str(name))
         band = None if bands is None else bands[bands["strategy"] == name]
         if band is not None and len(band) and f"{column}_p10" in band:
-            bx = [0.0, *(band["tokens"] / 1e9)]
+            bx = [0.0, *(band["tokens"] / units.GIGA)]
             ax.fill_between(
                 bx,
                 [0.0, *band[f"{column}_p10"]],
@@ -45,7 +47,7 @@ def plot_curve(
             )
     first = timeline[timeline["strategy"] == timeline["strategy"].iloc[0]]
     ax.plot(
-        [0.0, *(first["tokens"] / 1e9)],
+        [0.0, *(first["tokens"] / units.GIGA)],
         [0.0, *first[f"balanced_{column}"]],
         color="black",
         linestyle="--",
@@ -249,7 +251,7 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
     size = 1
     for r, (col, label) in enumerate(WAITS):
         peak = max(float(np.nanmax(data[(col, n)][0], initial=0.0)) for n in strategies)
-        scale, unit = (1e3, "ms") if peak < 1 else (1.0, "s")
+        scale, unit = (units.seconds_to_milliseconds(1.0), "ms") if peak < 1 else (1.0, "s")
         vmax = peak * scale if peak > 0 else 1.0
         mesh = None
         for c, name in enumerate(strategies):
@@ -269,6 +271,7 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
                 ax.set_xlabel("")
         gpu_label = "GPU" if size == 1 else f"GPU (mean of {size} per row)"
         axes[r, 0].set_ylabel(gpu_label)
+        assert mesh is not None  # one mesh per strategy, and there is at least one
         fig.colorbar(mesh, ax=axes[r, :].tolist(), label=f"{label} ({unit})", fraction=0.04)
     fig.suptitle("Per-GPU waiting time per step")
     fig.savefig(path, metadata={"Software": None})

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from moesim import __version__
-from moesim.estimate import RunEstimate
+from moesim.estimate.records import RunEstimate
 from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
@@ -97,7 +97,7 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
             "packages": _package_versions(),
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(est.summary, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(est.summary_dict(), indent=2) + "\n")
         frames = build_tables(est)
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)

@@ -3,46 +3,61 @@
 Tables (each becomes ``<name>.parquet`` in the run directory):
 
 - ``timeline``: per strategy and sampled point — tokens trained, step time, cumulative wall
-  time, GPU-hours and cost, MFU, MaxVio, task loss.
+  time, GPU-hours and cost, MFU, MaxVio, task loss (the fields of
+  :class:`~moesim.estimate.TimelineRow`).
 - ``bands``: per strategy and sampled point — P10/P50/P90 over seeds of cumulative GPU-hours
-  and cost (``uncertainty.seeds``).
+  and cost (``uncertainty.seeds``; the fields of :class:`~moesim.estimate.BandRow`).
 - ``gate``: per strategy and gate update — MaxVio_batch, task loss, aux loss, teacher capture.
 - ``steps``: per simulated step — step time, SimPy events, all-to-all exchanges, mean per-GPU
-  time split.
+  time split, and the routing sample's metrics (``routing_<metric>``).
 - ``stages``: per simulated step and pipeline stage — mean time of its GPUs in forward,
   backward-input, backward-weight, pipeline bubble, exposed communication, waiting on stragglers,
   gradient sync, optimizer, idle at the end.
 - ``gpus``: per simulated step and GPU — the same split per GPU, plus expert compute.
-- ``experts``: per simulated step and routed expert — tokens processed, mean queue wait.
+- ``experts``: per simulated step and expert slot — tokens processed, mean queue wait.
 - ``links``: per simulated step and link — bytes carried, busy time and fraction.
-- ``specialisation``: per strategy, topic and expert — the final routers' load (R8, V3 Fig. 9).
+- ``specialisation``: per strategy, topic and expert — the final routers' load.
 
-The balanced-routing reference step appears in ``steps``, ``gpus``, ``experts`` and ``links``
-under the strategy name ``balanced_reference``.
+The ``steps``, ``gpus``, ``experts`` and ``links`` columns come from the fields of
+:class:`moesim.records.StepResult`, each of which names its columns in its metadata
+(:func:`moesim.records.field_columns`). The balanced-routing reference step appears in those
+tables under the strategy name ``balanced_reference``.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from moesim.estimate import RunEstimate, SimulatedStep
+from moesim.cluster import build_layout
+from moesim.estimate.records import BandRow, RunEstimate, SimulatedStep, TimelineRow
+from moesim.records import field_columns
 
 
 def _simulated(est: RunEstimate) -> list[SimulatedStep]:
     return [est.balanced, *est.steps]
 
 
+def _records_frame(records: list[Any], record_type: type) -> pd.DataFrame:
+    """One row per record, one column per field of ``record_type``, in field order."""
+    columns = [f.name for f in fields(record_type)]
+    return pd.DataFrame([{c: getattr(r, c) for c in columns} for r in records], columns=columns)
+
+
+def _step_keys(s: SimulatedStep) -> dict[str, Any]:
+    return {"strategy": s.strategy, "point": s.point, "step": s.step}
+
+
 def timeline_table(est: RunEstimate) -> pd.DataFrame:
-    return pd.DataFrame(est.timeline)
+    return _records_frame(est.timeline, TimelineRow)
 
 
 def bands_table(est: RunEstimate) -> pd.DataFrame:
     """Per strategy and point: P10/P50/P90 over seeds of cumulative GPU-hours and cost."""
-    columns = ["strategy", "point", "tokens"] + [
-        f"{c}_p{q}" for c in ("gpu_hours", "cost_usd") for q in (10, 50, 90)
-    ]
-    return pd.DataFrame(est.bands, columns=columns)
+    return _records_frame(est.bands, BandRow)
 
 
 def gate_table(est: RunEstimate) -> pd.DataFrame:
@@ -52,34 +67,16 @@ def gate_table(est: RunEstimate) -> pd.DataFrame:
 
 
 def steps_table(est: RunEstimate) -> pd.DataFrame:
-    rows = []
-    for s in _simulated(est):
-        r = s.result
-        rows.append(
+    return pd.DataFrame(
+        [
             {
-                "strategy": s.strategy,
-                "point": s.point,
-                "step": s.step,
-                "step_time_s": r.step_time_s,
-                "compute_s": float(r.compute_s.mean()),
-                "forward_compute_s": float(r.forward_compute_s.mean()),
-                "backward_compute_s": float(r.backward_compute_s.mean()),
-                "weight_grad_s": float(r.weight_grad_s.mean()),
-                "expert_compute_s": float(r.expert_compute_s.mean()),
-                "a2a_wait_s": float(r.a2a_wait_s.mean()),
-                "comm_wait_s": float(r.comm_wait_s.mean()),
-                "straggler_wait_s": float(r.straggler_wait_s.mean()),
-                "pipeline_wait_s": float(r.pipeline_wait_s.mean()),
-                "allreduce_s": float(r.allreduce_s.mean()),
-                "optimizer_s": float(r.optimizer_s.mean()),
-                "tail_idle_s": float(r.tail_idle_s.mean()),
-                "max_expert_compute_s": float(r.expert_compute_s.max()),
-                "events": r.events,
-                "exchanges": r.exchanges,
+                **_step_keys(s),
+                **field_columns(s.result, "steps"),
                 **{f"routing_{k}": v for k, v in s.routing_metrics.items()},
             }
-        )
-    return pd.DataFrame(rows)
+            for s in _simulated(est)
+        ]
+    )
 
 
 STAGE_SPLIT = (
@@ -93,6 +90,8 @@ STAGE_SPLIT = (
     "optimizer_s",
     "tail_idle_s",
 )
+"""The stage table's split of a step: the per-GPU fields of ``StepResult`` regrouped so that a
+row adds up to the step (compute by pass, the idle and waiting causes)."""
 
 
 def stages_table(est: RunEstimate) -> pd.DataFrame:
@@ -100,19 +99,25 @@ def stages_table(est: RunEstimate) -> pd.DataFrame:
     frames = []
     for s in _simulated(est):
         r = s.result
-        split = {
-            "forward_s": r.forward_compute_s,
-            "backward_input_s": r.backward_compute_s - r.weight_grad_s,
-            "backward_weight_s": r.weight_grad_s,
-            "bubble_s": r.pipeline_wait_s,
-            "exposed_comm_s": r.comm_wait_s,
-            "straggler_wait_s": r.straggler_wait_s,
-            "sync_s": r.allreduce_s,
-            "optimizer_s": r.optimizer_s,
-            "tail_idle_s": r.tail_idle_s,
-        }
+        split = dict(
+            zip(
+                STAGE_SPLIT,
+                (
+                    r.forward_compute_s,
+                    r.backward_compute_s - r.weight_grad_s,
+                    r.weight_grad_s,
+                    r.pipeline_wait_s,
+                    r.comm_wait_s,
+                    r.straggler_wait_s,
+                    r.allreduce_s,
+                    r.optimizer_s,
+                    r.tail_idle_s,
+                ),
+                strict=True,
+            )
+        )
         df = pd.DataFrame({"stage": r.gpu_stage, **split}).groupby("stage").mean().reset_index()
-        frames.append(df.assign(strategy=s.strategy, point=s.point, step=s.step))
+        frames.append(df.assign(**_step_keys(s)))
     df = pd.concat(frames, ignore_index=True)
     return df[["strategy", "point", "step", "stage", *STAGE_SPLIT]]
 
@@ -120,54 +125,28 @@ def stages_table(est: RunEstimate) -> pd.DataFrame:
 def gpus_table(est: RunEstimate) -> pd.DataFrame:
     frames = []
     for s in _simulated(est):
-        r = s.result
-        n = len(r.compute_s)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "strategy": s.strategy,
-                    "point": s.point,
-                    "step": s.step,
-                    "gpu": np.arange(n),
-                    "stage": r.gpu_stage,
-                    "compute_s": r.compute_s,
-                    "forward_compute_s": r.forward_compute_s,
-                    "backward_compute_s": r.backward_compute_s,
-                    "expert_compute_s": r.expert_compute_s,
-                    "a2a_wait_s": r.a2a_wait_s,
-                    "pipeline_wait_s": r.pipeline_wait_s,
-                    "allreduce_s": r.allreduce_s,
-                    "optimizer_s": r.optimizer_s,
-                    "tail_idle_s": r.tail_idle_s,
-                    "weight_grad_s": r.weight_grad_s,
-                    "comm_wait_s": r.comm_wait_s,
-                    "straggler_wait_s": r.straggler_wait_s,
-                    "expert_tokens": r.expert_tokens.sum(axis=1),
-                }
-            )
-        )
+        columns = field_columns(s.result, "gpus")
+        gpu = np.arange(len(s.result.gpu_stage))
+        frames.append(pd.DataFrame({**_step_keys(s), "gpu": gpu, **columns}))
     return pd.concat(frames, ignore_index=True)
 
 
 def experts_table(est: RunEstimate) -> pd.DataFrame:
+    layout = build_layout(est.scenario)
     frames = []
     for s in _simulated(est):
         r = s.result
         gpus, per_rank = r.expert_tokens.shape
-        ep = est.scenario.parallelism.expert
         gpu = np.repeat(np.arange(gpus), per_rank)
-        local = np.tile(np.arange(per_rank), gpus)
+        columns = {k: v.ravel() for k, v in field_columns(r, "experts").items()}
         frames.append(
             pd.DataFrame(
                 {
-                    "strategy": s.strategy,
-                    "point": s.point,
-                    "step": s.step,
+                    **_step_keys(s),
                     "gpu": gpu,
                     "stage": r.gpu_stage[gpu],
-                    "expert": (gpu % ep) * per_rank + local,
-                    "tokens": r.expert_tokens.ravel(),
-                    "mean_wait_s": r.expert_wait_s.ravel(),
+                    "expert": layout.expert_slots(per_rank).ravel(),
+                    **columns,
                 }
             )
         )
@@ -178,15 +157,13 @@ def links_table(est: RunEstimate) -> pd.DataFrame:
     frames = []
     for s in _simulated(est):
         r = s.result
+        columns = field_columns(r, "links")
         frames.append(
             pd.DataFrame(
                 {
-                    "strategy": s.strategy,
-                    "point": s.point,
-                    "step": s.step,
+                    **_step_keys(s),
                     "link": est.link_names,
-                    "bytes": r.link_bytes,
-                    "busy_s": r.link_busy_s,
+                    **columns,
                     "busy_fraction": r.link_busy_s / r.step_time_s,
                 }
             )

@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from moesim.engine.recorder import TRACKS, Slice
+from moesim import units
+from moesim.records import TRACKS, Slice
 
-_US = 1e6
 ASYNC_TRACKS = ("dispatch", "combine", "pipeline")
 
 
@@ -39,15 +39,16 @@ def trace_events(slices: Iterable[Slice], gpu_label: dict[int, str]) -> list[dic
         base = {"name": s.name, "cat": s.track, "pid": s.gpu, "tid": tid_of[s.track]}
         if s.track in ASYNC_TRACKS:
             ident = f"p{n}"
-            events.append({**base, "ph": "b", "id": ident, "ts": s.start_s * _US, "args": s.args})
-            events.append({**base, "ph": "e", "id": ident, "ts": s.end_s * _US})
+            begin, end = (units.seconds_to_microseconds(t) for t in (s.start_s, s.end_s))
+            events.append({**base, "ph": "b", "id": ident, "ts": begin, "args": s.args})
+            events.append({**base, "ph": "e", "id": ident, "ts": end})
         else:
             events.append(
                 {
                     **base,
                     "ph": "X",
-                    "ts": s.start_s * _US,
-                    "dur": (s.end_s - s.start_s) * _US,
+                    "ts": units.seconds_to_microseconds(s.start_s),
+                    "dur": units.seconds_to_microseconds(s.end_s - s.start_s),
                     "args": s.args,
                 }
             )

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from moesim import units
+
 # Efficiency fractions [MB]; see the module docstring for what was measured.
 _MEASURED_EFFICIENCY: dict[str, Any] = {
     "bf16_gemm_efficiency": 0.89,
@@ -52,7 +54,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "name": "A100-80GB-SXM",
         "bf16_tflops": 312.0,
         "fp8_tflops": None,
-        "hbm_gib": 80e9 / 2**30,
+        "hbm_gib": units.gigabytes_in_gib(80),
         "hbm_tbytes_per_s": 2.039,
         "nvlink_gbytes_per_s": 600.0,
         "sms": 108,
@@ -64,7 +66,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "name": "H100-SXM",
         "bf16_tflops": 989.4,
         "fp8_tflops": 1979.0,
-        "hbm_gib": 80e9 / 2**30,
+        "hbm_gib": units.gigabytes_in_gib(80),
         "hbm_tbytes_per_s": 3.35,
         "nvlink_gbytes_per_s": 900.0,
         "sms": 132,
@@ -75,7 +77,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "name": "H800-SXM",
         "bf16_tflops": 989.0,
         "fp8_tflops": 1979.0,
-        "hbm_gib": 80e9 / 2**30,
+        "hbm_gib": units.gigabytes_in_gib(80),
         "hbm_tbytes_per_s": 3.35,
         "nvlink_gbytes_per_s": 400.0,
         "sms": 132,
@@ -86,7 +88,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "name": "H200-SXM",
         "bf16_tflops": 989.0,
         "fp8_tflops": 1979.0,
-        "hbm_gib": 141e9 / 2**30,
+        "hbm_gib": units.gigabytes_in_gib(141),
         "hbm_tbytes_per_s": 4.8,
         "nvlink_gbytes_per_s": 900.0,
         "sms": 132,
@@ -98,7 +100,7 @@ GPU_PRESETS: dict[str, dict[str, Any]] = {
         "name": "B200-HGX",
         "bf16_tflops": 2250.0,
         "fp8_tflops": 4500.0,
-        "hbm_gib": 192e9 / 2**30,
+        "hbm_gib": units.gigabytes_in_gib(192),
         "hbm_tbytes_per_s": 8.0,
         "nvlink_gbytes_per_s": 1800.0,
         "sms": 148,

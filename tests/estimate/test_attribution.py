@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from moesim.estimate import estimate_run
-from moesim.estimate.run import CAUSES
+from moesim.estimate import CAUSES, estimate_run, integrate
 from moesim.scenario import scenario_from_dict
 
 
 def _attributed(summary):
-    return sum(summary[f"attribution_{c}_gpu_hours"] for c in CAUSES)
+    return sum(summary.attribution.by_cause().values())
 
 
 def test_causes_add_up_with_every_effect_on(tiny_dict):
@@ -26,14 +25,16 @@ def test_causes_add_up_with_every_effect_on(tiny_dict):
     est = estimate_run(scenario_from_dict(d))
     for name in ("none", "none+eplb"):
         s = est.summary[name]
-        assert _attributed(s) == pytest.approx(s["gpu_hours_with_failures"], rel=1e-9)
-        assert s["attribution_hardware_stragglers_gpu_hours"] > 0  # the slow GPU costs
-        assert s["straggler_cost_usd"] == pytest.approx(
-            s["straggler_gpu_hours"] * d["cluster"]["price_usd_per_gpu_hour"]
+        assert _attributed(s) == pytest.approx(s.gpu_hours_with_failures, rel=1e-9)
+        assert s.attribution.hardware_stragglers_gpu_hours > 0  # the slow GPU costs
+        assert s.straggler_cost_usd == pytest.approx(
+            s.straggler_gpu_hours * d["cluster"]["price_usd_per_gpu_hour"]
         )
-        assert s["attribution_failures_gpu_hours"] == pytest.approx(s["failure_gpu_hours"])
-    assert est.summary["none+eplb"]["attribution_expert_migration_gpu_hours"] > 0
-    assert est.summary["none"]["attribution_expert_migration_gpu_hours"] == 0
+        assert s.attribution.failures_gpu_hours == pytest.approx(s.failure_gpu_hours)
+        flat = s.as_dict()  # summary.json: one attribution_<cause>_gpu_hours key per cause
+        assert sum(flat[f"attribution_{c}_gpu_hours"] for c in CAUSES) == _attributed(s)
+    assert est.summary["none+eplb"].attribution.expert_migration_gpu_hours > 0
+    assert est.summary["none"].attribution.expert_migration_gpu_hours == 0
 
 
 def test_healthy_balanced_run_is_only_compute_communication_and_bubble(tiny_dict):
@@ -41,19 +42,20 @@ def test_healthy_balanced_run_is_only_compute_communication_and_bubble(tiny_dict
     GPU-hours are only compute, communication and pipeline bubble."""
     from dataclasses import replace
 
-    from moesim.estimate.run import _integrate
-
     d = tiny_dict
     d["strategies"] = d["strategies"][:1]
     d["output"] = {"trace": False}
     est = estimate_run(scenario_from_dict(d))
-    est.steps = [replace(s, result=est.balanced.result) for s in est.steps]
-    est.summary, est.timeline = {}, []
-    _integrate(est)
-    (s,) = est.summary.values()
+    steps = [replace(s, result=est.balanced.result) for s in est.steps]
+    timeline, summary = integrate(
+        est.scenario, steps, est.balanced, est.balanced_step_s, est.gate_records
+    )
+    assert len(timeline) == len(est.timeline)
+    (s,) = summary.values()
+    causes = s.attribution.by_cause()
     for cause in ("routing_imbalance", "hardware_stragglers", "expert_migration", "failures"):
-        assert s[f"attribution_{cause}_gpu_hours"] == pytest.approx(0, abs=1e-12)
+        assert causes[cause] == pytest.approx(0, abs=1e-12)
     for cause in ("compute", "communication", "pipeline_bubble"):
-        assert s[f"attribution_{cause}_gpu_hours"] > 0
-    assert _attributed(s) == pytest.approx(s["gpu_hours"], rel=1e-9)
-    assert s["imbalance_cost_usd"] == pytest.approx(0, abs=1e-9)
+        assert causes[cause] > 0
+    assert _attributed(s) == pytest.approx(s.gpu_hours, rel=1e-9)
+    assert s.imbalance_cost_usd == pytest.approx(0, abs=1e-9)

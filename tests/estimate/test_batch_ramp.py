@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moesim.errors import ScenarioError
-from moesim.estimate import estimate_run
-from moesim.estimate.run import scenario_points
+from moesim.estimate import estimate_run, scenario_points
 from moesim.scenario import scenario_from_dict
 
 
@@ -47,8 +46,8 @@ def test_ramp_is_its_own_segment_and_simulated_at_its_batch(tiny_dict):
     # A smaller batch takes less time per step.
     assert ramp.result.step_time_s < rest[-1].result.step_time_s
     last = est.timeline[-1]
-    assert last["tokens"] == pytest.approx(sc.training.total_tokens)
-    assert est.timeline[0]["batch_sequences"] < last["batch_sequences"]
+    assert last.tokens == pytest.approx(sc.training.total_tokens)
+    assert est.timeline[0].batch_sequences < last.batch_sequences
 
 
 def test_ramp_start_above_the_batch_is_refused(tiny_dict):

@@ -30,5 +30,5 @@ def test_eplb_runs_beside_the_static_placement(tiny_dict):
         )
     s = est.summary["none+eplb"]
     wall = sum(x.segment_steps * x.result.step_time_s + x.extra_wall_s for x in eplb)
-    assert s["migration_s"] > 0
-    assert s["gpu_hours"] == pytest.approx(sc.cluster.gpus * wall / 3600)
+    assert s.migration_s > 0
+    assert s.gpu_hours == pytest.approx(sc.cluster.gpus * wall / 3600)

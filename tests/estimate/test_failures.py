@@ -225,12 +225,17 @@ def test_run_summary_reports_failure_overhead_apart(tiny_dict):
 
     tiny_dict["strategies"] = tiny_dict["strategies"][:1]
     plain = estimate_run(scenario_from_dict(tiny_dict)).summary["aux_loss"]
-    assert plain["failure_gpu_hours"] is None
-    assert plain["gpu_hours_with_failures"] == plain["gpu_hours"]
+    assert plain.failure is None
+    assert plain.as_dict()["failure_gpu_hours"] is None
+    assert plain.gpu_hours_with_failures == plain.gpu_hours
     # A fragile cluster: every GPU fails once an hour on average, so the job fails often.
     tiny_dict["faults"] = {"failures": {"enabled": True, "gpu_mtbf_hours": 1.0}}
     s = estimate_run(scenario_from_dict(tiny_dict)).summary["aux_loss"]
-    assert s["gpu_hours"] == pytest.approx(plain["gpu_hours"])
-    assert s["failure_gpu_hours"] > 0
-    assert s["gpu_hours_with_failures"] == pytest.approx(s["gpu_hours"] + s["failure_gpu_hours"])
-    assert s["cost_usd_with_failures"] == pytest.approx(s["cost_usd"] + s["failure_cost_usd"])
+    assert s.gpu_hours == pytest.approx(plain.gpu_hours)
+    assert s.failure_gpu_hours > 0
+    assert s.gpu_hours_with_failures == pytest.approx(s.gpu_hours + s.failure_gpu_hours)
+    assert s.cost_usd_with_failures == pytest.approx(s.cost_usd + s.failure_cost_usd)
+    # The flat summary.json entry carries the failure model's scalars under its own keys.
+    flat = s.as_dict()
+    assert flat["failure_gpu_hours"] == s.failure_gpu_hours
+    assert flat["failure_checkpoint_interval_s"] == s.failure.interval_s

@@ -25,7 +25,7 @@ TWO_NODES = {
 }
 
 
-def _routers(scenario, rng: np.random.Generator) -> list[RouterState]:  # type: ignore[no-untyped-def]
+def _routers(scenario, rng: np.random.Generator) -> list[RouterState]:
     states = []
     for _ in range(scenario.gate.layers_simulated):
         state = RouterState.initial(
@@ -36,7 +36,7 @@ def _routers(scenario, rng: np.random.Generator) -> list[RouterState]:  # type: 
     return states
 
 
-def _sample(scenario, seed: int = 0) -> tuple[RoutingSample, list[RouterState], TokenStream]:  # type: ignore[no-untyped-def]
+def _sample(scenario, seed: int = 0) -> tuple[RoutingSample, list[RouterState], TokenStream]:
     rng = np.random.default_rng(seed)
     stream = TokenStream(scenario.stream, rng)
     states = _routers(scenario, rng)
@@ -65,7 +65,7 @@ def _check_bounds(sample: RoutingSample, tokens: int, top_k: int) -> None:
 
 
 @pytest.mark.parametrize("router", [{}, {"capacity": {"factor": 0.75}}, {"node_limit": 1}])
-def test_routed_node_tokens_bounds(make_scenario, router) -> None:  # type: ignore[no-untyped-def]
+def test_routed_node_tokens_bounds(make_scenario, router) -> None:
     scenario = make_scenario(
         **TWO_NODES, gate={"routed_tokens_per_sequence": 16, "layers_simulated": 2}, router=router
     )
@@ -90,7 +90,7 @@ def test_routed_node_tokens_bounds(make_scenario, router) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("capacity", [None, {"factor": 0.75, "policy": "probs"}])
-def test_node_tokens_match_a_brute_force_count(make_scenario, capacity) -> None:  # type: ignore[no-untyped-def]
+def test_node_tokens_match_a_brute_force_count(make_scenario, capacity) -> None:
     """With R = S (unit weights), count each token's kept nodes one by one from route()."""
     router = {} if capacity is None else {"capacity": capacity}
     scenario = make_scenario(
@@ -122,7 +122,7 @@ def test_node_tokens_match_a_brute_force_count(make_scenario, capacity) -> None:
     np.testing.assert_array_equal(sample.node_tokens[0].reshape(n_cells, 2), expected)
 
 
-def test_one_node_counts_the_tokens_with_a_kept_assignment(make_scenario) -> None:  # type: ignore[no-untyped-def]
+def test_one_node_counts_the_tokens_with_a_kept_assignment(make_scenario) -> None:
     scenario = make_scenario(
         model={"seq_len": 64}, stream={"dim": 16}, gate={"routed_tokens_per_sequence": 16}
     )
@@ -133,7 +133,7 @@ def test_one_node_counts_the_tokens_with_a_kept_assignment(make_scenario) -> Non
     assert (sample.node_tokens[..., 0] == 64).all()
 
 
-def test_balanced_node_tokens(make_scenario) -> None:  # type: ignore[no-untyped-def]
+def test_balanced_node_tokens(make_scenario) -> None:
     scenario = make_scenario(**TWO_NODES, gate={"routed_tokens_per_sequence": 64})
     sample = balanced_sample(scenario, 0, 16, 16)
     miss = math.comb(8, 4) / math.comb(16, 4)
@@ -148,7 +148,7 @@ def test_balanced_node_tokens(make_scenario) -> None:  # type: ignore[no-untyped
 
 
 @pytest.mark.parametrize("split", ["multinomial", "even"])
-def test_trace_node_tokens(make_scenario, tmp_path: Path, split: str) -> None:  # type: ignore[no-untyped-def]
+def test_trace_node_tokens(make_scenario, tmp_path: Path, split: str) -> None:
     loads = np.random.default_rng(1).integers(200, 3000, 16)
     rows = [(0, 0, e, int(loads[e])) for e in range(16)]
     pd.DataFrame(rows, columns=["step", "layer", "expert", "tokens"]).to_csv(
@@ -159,16 +159,20 @@ def test_trace_node_tokens(make_scenario, tmp_path: Path, split: str) -> None:  
         gate={
             "layers_simulated": 1,
             "routed_tokens_per_sequence": 64,
-            "trace": {"path": str(tmp_path / "t.csv")},
+            "trace": {"path": str(tmp_path / "t.csv"), "split": split},
         },
     )
     rng = np.random.default_rng(0)
     sample = trace_samples(scenario, [0], 16, 16, rng)[0]
     _check_bounds(sample, 64, 4)
     assert sample.node_tokens.sum() > 0
+    # The split decides how an expert's load spreads over (micro-batch, source rank) cells:
+    # evenly (within one token) or at random.
+    spread = np.ptp(sample.counts, axis=(1, 2)).max()
+    assert spread <= 1 if split == "even" else spread > 1
 
 
-def test_balanced_trace_reproduces_the_balanced_node_tokens(make_scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_balanced_trace_reproduces_the_balanced_node_tokens(make_scenario, tmp_path: Path) -> None:
     rows = [(0, 0, e, 1000) for e in range(16)]
     pd.DataFrame(rows, columns=["step", "layer", "expert", "tokens"]).to_csv(
         tmp_path / "flat.csv", index=False

@@ -141,11 +141,11 @@ def test_rescale_and_split() -> None:
     np.testing.assert_array_equal(random.sum(axis=1), [5, 5, 5, 5, 4])
     assert np.ptp(random, axis=0).max() > 1
     with pytest.raises(ValueError, match="split"):
-        split_loads(c, 5, "round")  # type: ignore[arg-type]
+        split_loads(c, 5, "round")
 
 
 @pytest.fixture
-def traced(make_scenario, tmp_path: Path):  # type: ignore[no-untyped-def]
+def traced(make_scenario, tmp_path: Path):
     """The gate tests' base scenario (16 experts, top-2, EP 8, 8 micro-batches) with a trace."""
     _frame([0, 100, 200], 2, 16).to_csv(tmp_path / "loads.csv", index=False)
     return make_scenario(
@@ -155,9 +155,9 @@ def traced(make_scenario, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("split", ["multinomial", "even"])
-def test_trace_sample_shapes_totals_and_proportions(traced, split: str) -> None:  # type: ignore[no-untyped-def]
+def test_trace_sample_shapes_totals_and_proportions(traced, split: str) -> None:
     trace = scenario_trace(traced)
-    sample = trace_sample(traced, trace, 90, 8, 8, np.random.default_rng(0), split=split)  # type: ignore[arg-type]
+    sample = trace_sample(traced, trace, 90, 8, 8, np.random.default_rng(0), split=split)
     tokens, k = traced.model.seq_len, traced.model.moe.top_k
     assert sample.counts.shape == (2, traced.micro_batches, 8, 16)
     assert sample.counts.dtype == sample.dest_tokens.dtype == np.int64
@@ -177,13 +177,13 @@ def test_trace_sample_shapes_totals_and_proportions(traced, split: str) -> None:
     assert sample.metrics["nodes_per_token"] == 1.0
 
 
-def test_trace_sample_without_rescale_keeps_raw_counts(traced) -> None:  # type: ignore[no-untyped-def]
+def test_trace_sample_without_rescale_keeps_raw_counts(traced) -> None:
     trace = scenario_trace(traced)
     sample = trace_sample(traced, trace, 0, 8, 8, np.random.default_rng(0), rescale=False)
     np.testing.assert_array_equal(sample.counts.sum(axis=(1, 2)), trace.loads_at(0))
 
 
-def test_balanced_trace_reproduces_the_balanced_dispatch(make_scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_balanced_trace_reproduces_the_balanced_dispatch(make_scenario, tmp_path: Path) -> None:
     from moesim.gate.sampling import balanced_sample
 
     rows = [(0, 0, e, 1000) for e in range(16)]
@@ -204,7 +204,7 @@ def test_balanced_trace_reproduces_the_balanced_dispatch(make_scenario, tmp_path
     assert sample.metrics["maxvio_batch"] == 0.0
 
 
-def test_trace_must_match_the_scenario(traced, make_scenario) -> None:  # type: ignore[no-untyped-def]
+def test_trace_must_match_the_scenario(traced, make_scenario) -> None:
     trace = scenario_trace(traced)
     three = make_scenario(model={"seq_len": 256}, gate={"layers_simulated": 3})
     with pytest.raises(ValueError, match="trace"):
@@ -213,11 +213,23 @@ def test_trace_must_match_the_scenario(traced, make_scenario) -> None:  # type: 
         scenario_trace(three)
 
 
-def test_trace_sample_drives_the_engine(traced) -> None:  # type: ignore[no-untyped-def]
+def test_trace_sample_drives_the_engine(traced) -> None:
     from moesim.engine.step import build_context, simulate_step
+    from moesim.gate.sampling import gate_layer_map
 
     ctx = build_context(traced)
-    n_src, n_dest = ctx.layout.gpus_per_stage, ctx.layout.expert
-    sample = trace_samples(traced, [100], n_src, n_dest, np.random.default_rng(0))[0]
+    lay = ctx.layout
+    sample = trace_samples(traced, [100], lay.gpus_per_stage, lay.expert, np.random.default_rng(0))[
+        0
+    ]
     result = simulate_step(ctx, sample.counts, sample.dest_tokens)
-    assert result is not None
+    # Token conservation: each MoE layer's expert processes every assignment the trace routed
+    # to it in the simulated layer that layer maps to.
+    routed = sample.counts[gate_layer_map(traced)].sum(axis=(0, 1, 2))
+    processed = np.zeros(routed.shape)
+    np.add.at(
+        processed, lay.expert_slots(lay.experts_per_rank).ravel(), result.expert_tokens.ravel()
+    )
+    np.testing.assert_array_equal(processed, routed)
+    # Time conservation: every GPU's time split adds up to the step.
+    np.testing.assert_allclose(result.gpu_time_s, result.step_time_s, rtol=1e-12)

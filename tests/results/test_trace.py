@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from moesim.engine.recorder import Slice
+from moesim.records import Slice
 from moesim.results.trace import write_trace
 
 
