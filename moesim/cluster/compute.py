@@ -418,9 +418,11 @@ class ComputeModel:
         def grouped(phase: str, name: str, k: float, n: float, weight_grad: bool = False) -> None:
             flops = 2.0 * padded * k * n
             if weight_grad:
-                # One GEMM per expert with tokens, contracting over them; FP32 accumulation.
+                # One grouped launch (DeepGEMM's k-grouped weight-gradient GEMM): each expert
+                # with tokens contracts over its own rows into its FP32 gradient (read and
+                # written: the per-expert cost that replicas and many small experts add).
                 nbytes = total * (k + n) * a + active * k * n * 2 * FP32
-                secs = p.gemm_seconds(flops, nbytes, prec, gemms=np.maximum(active, 1))
+                secs = p.gemm_seconds(flops, nbytes, prec)
             else:
                 # Every local expert's weights are read, even a cold one's.
                 nbytes = n_exp * k * n * a + total * k * a + total * n * BF16

@@ -7,7 +7,7 @@ of moesim was chosen from it: the kernel constants come from benchmarks/device/s
 The figures below are read from that trace (per layer, means over its 4 layers).
 
 The tolerances are what the model honestly reaches today (see docs/model/compute.md): compute
-per pass within 22% (the model is 9–19% short), the pair's span within 22% (17% short), and
+per pass within 22% (the model is 9–20% short), the pair's span within 22% (17% short), and
 the all-to-all kernels' occupancy of their SMs within 55% (moesim counts wire time and waiting
 for peers; DeepEP's kernels in the trace stay resident about twice as long).
 """
