@@ -78,6 +78,21 @@ def test_quickstart_routing_quality_lands_in_the_run(quickstart_run):
     assert run.summary["aux_loss"]["interference_cos"] != 0.0
 
 
+def test_quickstart_kernel_table(quickstart_run):
+    """The run directory lists every kernel of one micro-batch, per op and pass, and the
+    routed experts' forward FLOPs are the micro-batch's assignments through three matrices."""
+    run = load(quickstart_run)
+    k = run.kernels
+    assert set(k["phase"]) == {"forward", "backward_input", "backward_weight"}
+    assert {"attention", "router", "shared_experts", "routed_experts", "head"} <= set(k["op"])
+    assert (k["seconds"] >= 0).all()
+    m = run.scenario.model
+    tokens = run.scenario.parallelism.micro_batch_size * m.seq_len
+    routed = k[(k["op"] == "routed_experts") & (k["phase"] == "forward")]["flops"].sum()
+    # Rows are padded to the 128-row tile per expert: at least the unpadded work.
+    assert routed >= 2 * tokens * m.moe.top_k * 3 * m.hidden * m.moe.expert_ffn
+
+
 def test_quickstart_physical_plausibility(quickstart_run):
     """GPU-hours = GPUs × wall-hours, and tokens/s × wall = the token budget."""
     run = load(quickstart_run)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 import numpy as np
 import numpy.typing as npt
 
+from moesim.cluster.kernels import Kernel
 from moesim.estimate.failures import FailureEstimate
 from moesim.records import StepResult
 from moesim.scenario.schema import Scenario
@@ -220,6 +221,9 @@ class RunEstimate:
     bands: list[BandRow] = field(default_factory=list)
     """Per strategy and point: percentiles over seeds of the cumulative curves
     (:mod:`moesim.estimate.montecarlo`); empty for a single-seed estimate."""
+    kernels: list[Kernel] = field(default_factory=list)
+    """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
+    (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""
 
     def summary_dict(self) -> dict[str, dict[str, Scalar]]:
         """The per-run summaries in their flat ``summary.json`` form."""

@@ -145,4 +145,5 @@ def estimate_run(
         balanced_s,
         summary=summary,
         timeline=timeline,
+        kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
     )

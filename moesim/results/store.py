@@ -6,7 +6,7 @@ Layout::
     metadata.json            moesim and package versions, seed, scenario hash
     summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
     timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
-    specialisation.parquet
+    specialisation.parquet kernels.parquet
     gpu_hours.png cost.png   curves against tokens trained, one line per strategy
     step_breakdown.png       where each strategy's GPU time goes in a step
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
@@ -45,6 +45,7 @@ TABLES = (
     "experts",
     "links",
     "specialisation",
+    "kernels",
 )
 _PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
 
@@ -74,6 +75,7 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
         "experts": tables.experts_table(est),
         "links": tables.links_table(est),
         "specialisation": tables.specialisation_table(est),
+        "kernels": tables.kernels_table(est),
     }
 
 
@@ -143,6 +145,7 @@ class RunResults:
     experts: pd.DataFrame
     links: pd.DataFrame
     specialisation: pd.DataFrame
+    kernels: pd.DataFrame
 
     def summary_frame(self) -> pd.DataFrame:
         """The summary as a DataFrame, one row per strategy."""

@@ -17,6 +17,9 @@ Tables (each becomes ``<name>.parquet`` in the run directory):
 - ``experts``: per simulated step and expert slot — tokens processed, mean queue wait.
 - ``links``: per simulated step and link — bytes carried, busy time and fraction.
 - ``specialisation``: per strategy, topic and expert — the final routers' load.
+- ``kernels``: every kernel of one micro-batch on one GPU under balanced routing — op, pass,
+  name, kind, FLOPs, bytes, seconds, and whether it is recomputed forward work (the fields of
+  :class:`~moesim.cluster.kernels.Kernel`).
 
 The ``steps``, ``gpus``, ``experts`` and ``links`` columns come from the fields of
 :class:`moesim.records.StepResult`, each of which names its columns in its metadata
@@ -33,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.cluster import build_layout
+from moesim.cluster.kernels import Kernel
 from moesim.estimate.records import BandRow, RunEstimate, SimulatedStep, TimelineRow
 from moesim.records import field_columns
 
@@ -45,6 +49,10 @@ def _records_frame(records: list[Any], record_type: type) -> pd.DataFrame:
     """One row per record, one column per field of ``record_type``, in field order."""
     columns = [f.name for f in fields(record_type)]
     return pd.DataFrame([{c: getattr(r, c) for c in columns} for r in records], columns=columns)
+
+
+def kernels_table(est: RunEstimate) -> pd.DataFrame:
+    return _records_frame(est.kernels, Kernel)
 
 
 def _step_keys(s: SimulatedStep) -> dict[str, Any]:
