@@ -392,7 +392,9 @@ class _StepModel:
         start = np.maximum(free, req.ready)
         gap = start - free
         acc = self.acc
-        if req.cause == "a2a":
+        if not gap.any():
+            pass  # started the moment the stream was free: no wait to attribute
+        elif req.cause == "a2a":
             if req.last_sender is not None:
                 # The part of the gap before the exchange's last sender was ready.
                 waited = np.minimum(np.maximum(np.minimum(req.last_sender, start) - free, 0), gap)
