@@ -401,7 +401,8 @@ class ComputeModel:
         zero = np.zeros_like(total)
 
         def mem(phase: str, name: str, nbytes: Array, kind: str, rec: bool = False) -> None:
-            out.append((phase, name, "memory", zero, nbytes, p.memory_seconds(nbytes, kind), rec))
+            """``rec``: a kernel selective recomputation redoes."""
+            out.append((phase, name, "memory", zero, nbytes, p.memory_seconds(nbytes, kind), False))
             if phase == "forward" and self.redoes(rec):
                 out.append(
                     (
@@ -498,9 +499,15 @@ class ComputeModel:
         """Every kernel of one micro-batch on one GPU: one MoE layer's ops, the routed experts
         at ``rows`` tokens per local expert, and the dense FFN, head, embedding and MTP where
         the model has them."""
+        m = self.model
+        absent = {
+            "dense_ffn": m.dense_layers == 0,
+            "mtp": m.mtp_depth == 0,
+        }
         out: list[Kernel] = []
-        for k in self._ops.values():
-            out.extend(k.out)
+        for name, k in self._ops.items():
+            if not absent.get(name, False):
+                out.extend(k.out)
         for phase, name, kind, flops, nbytes, secs, rec in self._expert_kernels(
             np.asarray(rows, dtype=np.float64)[None, :]
         ):

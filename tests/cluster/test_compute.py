@@ -139,7 +139,9 @@ def test_recomputation_adds_forward_work_to_the_backward(tiny_dict):
     e = [x.experts(rows) for x in (none, selective, full)]
     assert float(e[2].backward_input - e[0].backward_input) == pytest.approx(float(e[0].forward))
     assert float(e[0].backward_input) < float(e[1].backward_input) < float(e[2].backward_input)
-    # Selective redoes norms and activations, never a GEMM of a GQA model.
+    # Selective redoes norms and activations, never a GEMM of a GQA model; the forward
+    # kernels themselves are not marked, only their copies in the backward.
+    assert all(k.phase == "backward_input" for k in full.kernels(rows) if k.recompute)
     redone = [k for k in selective.kernels(rows) if k.recompute]
     assert redone
     assert all(k.kind == "memory" for k in redone)
@@ -168,6 +170,15 @@ def test_sms_reserved_for_communication_slow_fp8_compute(tiny_dict):
     assert float(reserved.experts(rows).forward) > float(plain.experts(rows).forward)
     a, b = plain.op_costs().attention, reserved.op_costs().attention
     assert b.forward > a.forward
+
+
+def test_kernel_table_lists_only_what_the_model_has(tiny_dict):
+    tiny_dict["model"]["dense_layers"] = 0
+    c = ComputeModel(scenario_from_dict(tiny_dict))
+    ops = {k.op for k in c.kernels(c.balanced_rows(4))}
+    assert "mtp" not in ops
+    assert "dense_ffn" not in ops
+    assert {"attention", "router", "routed_experts", "head", "embedding"} <= ops
 
 
 def test_mtp_module_adds_model_flops(tiny_dict):
