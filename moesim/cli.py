@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
     overrides = {"seed": args.seed} if args.seed is not None else None
-    scenario = load_scenario(args.scenario, overrides)
+    scenario = load_scenario(args.scenario, overrides, sets=args.sets)
     run_dir = Path(args.out) if args.out else _default_run_dir(scenario.name, scenario.output.dir)
     if run_dir.exists():
         raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
-    sc = load_scenario(args.scenario)
+    sc = load_scenario(args.scenario, sets=args.sets)
     print(
         f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
         f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
@@ -130,6 +130,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario field (dotted path, [i] for list items, YAML value), "
+        "e.g. --set strategies[1].gamma=1e-4; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moesim",
@@ -143,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory to create (default: output.dir/<name>)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_set_option(run)
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a scenario file without running it")
     val.add_argument("scenario")
+    _add_set_option(val)
     val.set_defaults(func=cmd_validate)
     sch = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
