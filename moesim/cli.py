@@ -100,6 +100,65 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+SWEEP_COLUMNS = (
+    ("gpu_hours", "GPU-hours", "{:,.4g}"),
+    ("cost_usd", "cost $", "{:,.4g}"),
+    ("step_time_s", "step s", "{:.4g}"),
+    ("maxvio_batch", "MaxVio", "{:.3f}"),
+)
+
+
+def format_sweep(table, keys: list[str]) -> str:  # type: ignore[no-untyped-def]
+    """The sweep table as aligned text: the varied keys, the strategy and the headline
+    columns (the P50 when the points ran several seeds)."""
+    header = [*keys, "strategy", *(label for _, label, _ in SWEEP_COLUMNS)]
+    rows = []
+    for _, r in table.iterrows():
+        cells = [str(r[k]) for k in keys] + [str(r["strategy"])]
+        for key, _, fmt in SWEEP_COLUMNS:
+            value = r.get(f"{key}_p50", r[key]) if f"{key}_p50" in r else r[key]
+            cells.append("–" if value is None or value != value else fmt.format(value))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+        for cells in [header, ["-" * w for w in widths], *rows]
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from moesim import sweep
+    from moesim.results.plots import write_sweep_plots
+
+    grid = [sweep.parse_axis(text, "--grid") for text in args.grid]
+    zipped = [sweep.parse_axis(text, "--zip") for text in args.zip]
+    sets: list[str | tuple[str, object]] = []
+    if args.design:
+        file_grid, file_zip, file_sets = sweep.load_design(args.design)
+        grid, zipped, sets = [*file_grid, *grid], [*file_zip, *zipped], [*file_sets]
+    sets += args.sets
+    points = sweep.plan(args.scenario, sweep.expand(grid, zipped), sets)
+    with tqdm(
+        total=len(points), desc="sweep", unit="point", file=sys.stderr, disable=args.quiet
+    ) as bar:
+
+        def tick(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        table = sweep.run_sweep(
+            points, args.out, args.executor, args.workers, args.scheduler, progress=tick
+        )
+    keys = sweep.varied_keys(table)
+    plots = write_sweep_plots(table, Path(args.out))
+    print(format_sweep(table, keys))
+    print(f"\nsweep table: {Path(args.out) / sweep.TABLE}")
+    print(f"plots: {', '.join(p.name for p in plots)}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
@@ -161,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("scenario")
     _add_set_option(val)
     val.set_defaults(func=cmd_validate)
+    sw = sub.add_parser(
+        "sweep",
+        help="run a scenario over a grid of overrides: one run directory per point and "
+        "one table (DIR/sweep.parquet); re-running resumes",
+    )
+    sw.add_argument("scenario", help="scenario YAML file")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values of one field to cross with the other --grid axes (cartesian product)",
+    )
+    sw.add_argument(
+        "--zip",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values varied together point by point (every --zip list of one length)",
+    )
+    sw.add_argument("--design", help="sweep file: YAML with grid:, zip: and set: mappings")
+    _add_set_option(sw)
+    sw.add_argument("--out", required=True, help="sweep directory (resumed if it exists)")
+    sw.add_argument("--workers", type=int, help="parallel points (default: available cores)")
+    sw.add_argument("--executor", choices=("process", "dask"), default="process")
+    sw.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
     sch = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
     plot = sub.add_parser("plot", help="redraw a run directory's plots")
