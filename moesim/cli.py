@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         estimate = estimate_with_bands(scenario, progress=tick)
-    path = write_run(estimate, run_dir)
+    path = write_run(estimate, run_dir, command=["moesim", *sys.argv[1:]])
     print(format_summary(estimate.summary_dict()))
     print(f"\nrun directory: {path}")
     return 0
@@ -149,13 +149,57 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             bar.update(1)
 
         table = sweep.run_sweep(
-            points, args.out, args.executor, args.workers, args.scheduler, progress=tick
+            points,
+            args.out,
+            args.executor,
+            args.workers,
+            args.scheduler,
+            progress=tick,
+            command=["moesim", *sys.argv[1:]],
         )
     keys = sweep.varied_keys(table)
     plots = write_sweep_plots(table, Path(args.out))
     print(format_sweep(table, keys))
     print(f"\nsweep table: {Path(args.out) / sweep.TABLE}")
     print(f"plots: {', '.join(p.name for p in plots)}")
+    return 0
+
+
+def _band(value: float, lo: float, hi: float, fmt: str) -> str:
+    text = fmt.format(value)
+    return text if lo == hi else f"{text} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moesim.results.compare import compare, headline, write_compare_figure
+
+    df = compare(args.runs)
+    gpu, gpu_lo, gpu_hi = headline(df, "gpu_hours")
+    cost, cost_lo, cost_hi = headline(df, "cost_usd")
+    header = ["run", "strategy", "GPU-hours", "cost $", "GPU-h vs first", "step s", "MaxVio"]
+    rows = [
+        [
+            str(r["run"]),
+            str(r["strategy"]),
+            _band(gpu[i], gpu_lo[i], gpu_hi[i], "{:,.4g}"),
+            _band(cost[i], cost_lo[i], cost_hi[i], "{:,.4g}"),
+            "–"
+            if r["gpu_hours_vs_first"] != r["gpu_hours_vs_first"]
+            else f"{r['gpu_hours_vs_first'] - 1:+.2%}",
+            f"{r['step_time_s']:.4g}",
+            f"{r['maxvio_batch']:.3f}",
+        ]
+        for i, r in df.iterrows()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for cells in [header, ["-" * w for w in widths], *rows]:
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    print(f"\nfigure: {write_compare_figure(df, args.figure)}")
     return 0
 
 
@@ -248,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sw.set_defaults(func=cmd_sweep)
+    cmp = sub.add_parser("compare", help="compare run directories: one table and one figure")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    cmp.add_argument(
+        "--figure",
+        default="compare.png",
+        help="figure to write (.png, .svg or .pdf; default: compare.png)",
+    )
+    cmp.set_defaults(func=cmd_compare)
     sch = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
     plot = sub.add_parser("plot", help="redraw a run directory's plots")

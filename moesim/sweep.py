@@ -156,13 +156,13 @@ def plan(
     return points
 
 
-def run_point(scenario: Scenario, run_dir: str) -> str:
+def run_point(scenario: Scenario, run_dir: str, command: Sequence[str] | None = None) -> str:
     """Estimate one point (with its seeds' bands) and write its run directory atomically."""
     from moesim.estimate import estimate_with_bands
     from moesim.results import write_run
 
     est = estimate_with_bands(scenario, workers=1)
-    return str(write_run(est, run_dir))
+    return str(write_run(est, run_dir, command))
 
 
 def is_finished(point: SweepPoint, out_dir: Path) -> bool:
@@ -197,6 +197,7 @@ def run_sweep(
     workers: int | None = None,
     scheduler: str | None = None,
     progress: Callable[[str], None] | None = None,
+    command: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Run the points not yet finished under ``out_dir`` and write ``out_dir/sweep.parquet``.
 
@@ -214,6 +215,8 @@ def run_sweep(
         A Dask scheduler address (``tcp://host:8786``); a local cluster when None.
     progress
         Called with a point's name as each point finishes (or is found finished).
+    command
+        The command line that asked for the sweep (recorded in each point's metadata).
 
     Returns
     -------
@@ -236,9 +239,9 @@ def run_sweep(
     if todo:
         n = max(1, min(workers or available_cores(), available_cores(), len(todo)))
         if executor == "dask":
-            _run_dask(todo, out, n, scheduler, tick)
+            _run_dask(todo, out, n, scheduler, tick, command)
         else:
-            _run_processes(todo, out, n, tick)
+            _run_processes(todo, out, n, tick, command)
     table = sweep_table(points, out)
     tmp = out / f".{TABLE}.tmp"
     table.to_parquet(tmp, index=False)
@@ -247,11 +250,17 @@ def run_sweep(
 
 
 def _run_processes(
-    todo: Sequence[SweepPoint], out: Path, workers: int, tick: Callable[[str], None]
+    todo: Sequence[SweepPoint],
+    out: Path,
+    workers: int,
+    tick: Callable[[str], None],
+    command: Sequence[str] | None,
 ) -> None:
     try:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(run_point, p.scenario, str(out / p.name)): p.name for p in todo}
+            futures = {
+                pool.submit(run_point, p.scenario, str(out / p.name), command): p.name for p in todo
+            }
             for future in as_completed(futures):
                 future.result()
                 tick(futures[future])
@@ -268,6 +277,7 @@ def _run_dask(
     workers: int,
     scheduler: str | None,
     tick: Callable[[str], None],
+    command: Sequence[str] | None,
 ) -> None:
     try:
         from dask.distributed import Client, LocalCluster
@@ -295,6 +305,7 @@ def _run_dask(
             run_point,
             [p.scenario for p in todo],
             [str(out / p.name) for p in todo],
+            [command] * len(todo),
             key=[f"moesim-{p.name}" for p in todo],
             pure=False,
         )
