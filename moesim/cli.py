@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # The gate multiplies small matrices thousands of times: BLAS threads cost more than they give
 # (the gate ran 10x slower with OpenBLAS's default threads on a shared 2-core machine). Set
@@ -22,32 +23,61 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from moesim import __version__  # noqa: E402
 from moesim.errors import MoesimError, ScenarioError  # noqa: E402
 
-SUMMARY_COLUMNS = (
-    ("step_time_s", "step s", "{:.3f}"),
-    ("balanced_step_time_s", "balanced s", "{:.3f}"),
-    ("straggler_overhead", "straggler", "{:.1%}"),
+
+def _sig(value: float) -> str:
+    """Four significant digits, thousands separated, never rounded to a bare 0 or 1."""
+    if value == 0 or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _share(part: str) -> Callable[[dict[str, Any]], float | None]:
+    def share(values: dict[str, Any]) -> float | None:
+        whole = values.get("gpu_hours")
+        return None if values.get(part) is None or not whole else values[part] / whole
+
+    return share
+
+
+SUMMARY_COLUMNS: tuple[tuple[str | Callable[[dict[str, Any]], float | None], str, Any], ...] = (
+    ("step_time_s", "step s", "{:.4g}"),
+    ("balanced_step_time_s", "balanced s", "{:.4g}"),
+    ("straggler_overhead", "lost vs balanced", "{:.1%}"),
+    (_share("imbalance_gpu_hours"), "imbalance", "{:.1%}"),
+    (_share("straggler_gpu_hours"), "hw straggler", "{:.1%}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("mfu", "MFU", "{:.1%}"),
-    ("gpu_hours", "GPU-hours", "{:,.1f}"),
-    ("cost_usd", "cost $", "{:,.0f}"),
-    ("imbalance_cost_usd", "imbalance $", "{:,.0f}"),
-    ("straggler_cost_usd", "hw straggler $", "{:,.0f}"),
+    ("gpu_hours", "GPU-hours", _sig),
+    ("cost_usd", "cost $", _sig),
+    ("imbalance_cost_usd", "imbalance $", _sig),
+    ("straggler_cost_usd", "hw straggler $", _sig),
     ("maxvio_batch", "MaxVio", "{:.3f}"),
     ("task_loss", "task loss", "{:.4f}"),
 )
+"""Summary table columns: summary key (or a function of the summary), label, format. The
+routing-imbalance and hardware-straggler overheads have their own columns (share of the run's
+GPU-hours, and dollars); ``lost vs balanced`` is the step time lost to both together."""
 
 
-def format_summary(summary: dict[str, dict[str, float | None]]) -> str:
-    """The per-strategy summary as an aligned text table."""
+def _cell(values: dict[str, Any], key: Any, fmt: Any) -> str:
+    """One summary cell; with several seeds, a banded key shows its P50 (P10–P90)."""
+    text = fmt if callable(fmt) else fmt.format
+    value = key(values) if callable(key) else values.get(key)
+    if value is None:
+        return "–"
+    seeds = values.get("seeds") or 1
+    if isinstance(key, str) and seeds > 1 and values.get(f"{key}_p50") is not None:
+        lo, mid, hi = (values[f"{key}_p{q}"] for q in (10, 50, 90))
+        return f"{text(mid)} ({text(lo)}–{text(hi)})"
+    return str(text(value))
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    """The per-strategy summary as an aligned text table. With several seeds the step time,
+    GPU-hours and cost show the median over seeds with its P10–P90 range."""
     header = ["strategy", *(label for _, label, _ in SUMMARY_COLUMNS)]
     rows = [
-        [
-            name,
-            *(
-                "–" if values[key] is None else fmt.format(values[key])
-                for key, _, fmt in SUMMARY_COLUMNS
-            ),
-        ]
+        [name, *(_cell(values, key, fmt) for key, _, fmt in SUMMARY_COLUMNS)]
         for name, values in summary.items()
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -58,7 +88,11 @@ def format_summary(summary: dict[str, dict[str, float | None]]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    seeds = max((values.get("seeds") or 1 for values in summary.values()), default=1)
+    if seeds > 1:
+        lines.append(f"\nP50 over {seeds} seeds (P10–P90 in brackets)")
+    return "\n".join(lines)
 
 
 def _default_run_dir(scenario_name: str, out_root: str) -> Path:

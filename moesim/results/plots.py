@@ -36,11 +36,13 @@ def plot_curve(
 ) -> Axes:
     """Cumulative ``column`` against tokens trained, one line per strategy, from the origin,
     with the same cluster under perfectly balanced routing dashed for reference, and, when
-    several seeds were run, the P10–P90 band over seeds shaded around each line."""
+    several seeds were run, the median over seeds drawn with its P10–P90 band shaded."""
     for name, df in timeline.groupby("strategy", sort=False):
         x = [0.0, *(df["tokens"] / units.GIGA)]
-        (line,) = ax.plot(x, [0.0, *df[column]], marker="o", markersize=3, label=str(name))
         band = None if bands is None else bands[bands["strategy"] == name]
+        banded = band is not None and len(band) == len(df) and f"{column}_p50" in band
+        y = band[f"{column}_p50"] if banded and band is not None else df[column]
+        (line,) = ax.plot(x, [0.0, *y], marker="o", markersize=3, label=str(name))
         if band is not None and len(band) and f"{column}_p10" in band:
             bx = [0.0, *(band["tokens"] / units.GIGA)]
             ax.fill_between(

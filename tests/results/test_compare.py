@@ -98,3 +98,24 @@ def test_metadata_records_when_how_and_what(two_runs):
     if meta["git"] is not None:  # a git checkout
         assert len(meta["git"]["commit"]) == 40
     assert json.loads((two_runs[0] / "metadata.json").read_text())["command"] is None
+
+
+def test_summary_table_headline_is_the_median_with_its_band(two_runs):
+    from moesim.cli import format_summary
+
+    summary = json.loads((two_runs[1] / "summary.json").read_text())
+    text = format_summary(summary)
+    header = text.splitlines()[0]
+    for label in ("lost vs balanced", "imbalance", "hw straggler", "imbalance $"):
+        assert label in header
+    row = next(line for line in text.splitlines() if line.startswith("aux_loss"))
+    values = summary["aux_loss"]
+    p50 = values["gpu_hours_p50"]
+    assert f"{p50:.4g} ({values['gpu_hours_p10']:.4g}–{values['gpu_hours_p90']:.4g})" in row
+    assert text.rstrip().endswith("P50 over 2 seeds (P10–P90 in brackets)")
+    # Small dollar amounts keep their significant digits instead of rounding to 0.
+    assert 0 < values["cost_usd_p50"] < 1
+    assert f"{values['cost_usd_p50']:.4g}" in row
+    single = format_summary(json.loads((two_runs[0] / "summary.json").read_text()))
+    assert "(" not in single
+    assert "seeds" not in single
