@@ -150,7 +150,8 @@ def write_run(est: RunEstimate, run_dir: str | Path, command: Sequence[str] | No
                 f"{g // (lay.expert * lay.data)} · EP rank {g % lay.expert}"
                 for g in sc.traced_gpus
             }
-            write_trace(tmp / "trace.json.gz", step.result.trace, labels)
+            context = {"strategy": step.strategy, "step": step.step, "point": step.point}
+            write_trace(tmp / "trace.json.gz", step.result.trace, labels, context)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
