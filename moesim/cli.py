@@ -142,7 +142,7 @@ SWEEP_COLUMNS = (
 )
 
 
-def format_sweep(table, keys: list[str]) -> str:  # type: ignore[no-untyped-def]
+def format_sweep(table: Any, keys: list[str]) -> str:
     """The sweep table as aligned text: the varied keys, the strategy and the headline
     columns (the P50 when the points ran several seeds)."""
     header = [*keys, "strategy", *(label for _, label, _ in SWEEP_COLUMNS)]

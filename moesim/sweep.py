@@ -127,7 +127,7 @@ def load_design(path: str | Path) -> tuple[list[Axis], list[Axis], list[tuple[st
             parse_path(str(key))
         return {str(k): v for k, v in value.items()}
 
-    axes = {}
+    axes: dict[str, list[Axis]] = {}
     for section in ("grid", "zip"):
         axes[section] = []
         for key, values in mapping(section).items():
@@ -309,7 +309,7 @@ def _run_dask(
             key=[f"moesim-{p.name}" for p in todo],
             pure=False,
         )
-        names = {f.key: f.key.removeprefix("moesim-") for f in futures}
+        names = {f.key: p.name for f, p in zip(futures, todo, strict=True)}
         for future in dask_completed(futures):
             future.result()
             tick(names[future.key])
