@@ -194,6 +194,7 @@ def test_killed_sweep_resumes_skipping_finished_points(killed_and_resumed):
     assert set(summary["aux_loss"]) <= set(table.columns)
     assert (out / "sweep_strategies_1_gamma.png").is_file()
     assert (out / "sweep_strategies_1_gamma.svg").is_file()
+    assert (out / "sweep_attribution.png").is_file()
     # γ only moves the loss-free runs; the aux-loss runs are the same run twice.
     aux = table[table["strategy"] == "aux_loss"]
     assert aux["gpu_hours"].nunique() == 1

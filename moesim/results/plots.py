@@ -407,10 +407,44 @@ def sweep_plot_name(key: str) -> str:
     return "sweep_" + "_".join(part for part in slug.split("_") if part)
 
 
+def plot_sweep_attribution(table: pd.DataFrame, ax: Axes) -> Axes:
+    """The GPU-hours of every point and strategy of a sweep, stacked by cause (the
+    ``attribution_<cause>_gpu_hours`` summary keys, which add up to the GPU-hours with
+    failures): one bar per point and strategy, labelled with the point's varied values."""
+    causes = [c for c in table.columns if c.startswith("attribution_")]
+    keys = _varied(table)
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}  # the field's own name
+    labels = [
+        "\n".join([*(f"{short[k]}={r[k]}" for k in keys), str(r["strategy"])])
+        for _, r in table.iterrows()
+    ]
+    x = np.arange(len(table))
+    bottom = np.zeros(len(table))
+    for cause in causes:
+        values = table[cause].astype(float).fillna(0.0).to_numpy()
+        name = cause.removeprefix("attribution_").removesuffix("_gpu_hours").replace("_", " ")
+        ax.bar(x, values, bottom=bottom, label=name)
+        bottom += values
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("GPU-hours")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
 def write_sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """For each varied key of a sweep table, ``sweep_<key>.png`` and ``.svg``: GPU-hours and
-    cost against that key, side by side (:func:`plot_sweep`)."""
+    cost against that key, side by side (:func:`plot_sweep`); and ``sweep_attribution.png``
+    and ``.svg``: every point's GPU-hours by cause (:func:`plot_sweep_attribution`)."""
     written = []
+    fig = _figure(figsize=(3.0 + 1.0 * len(table), 5.2), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    plot_sweep_attribution(table, ax)
+    ax.set_title("GPU-hours by cause, per point and strategy")
+    for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
+        path = out_dir / f"sweep_attribution{suffix}"
+        fig.savefig(path, metadata=meta)
+        written.append(path)
     for key in _varied(table):
         fig = _figure(figsize=(11.0, 4.2), dpi=120, layout="constrained")
         axes = fig.subplots(1, len(SWEEP_METRICS), squeeze=False)[0]
