@@ -18,7 +18,8 @@ same whichever executor ran the points, and whether or not the sweep was interru
 Executors: a local process pool (``workers`` processes, at most the cores this process may use)
 or Dask distributed (a scheduler address, or a local cluster when none is given), for sweeps
 that outgrow one machine; with a remote scheduler, ``DIR`` must be on a file system the workers
-share.
+share. Run one sweep at a time in a directory: a starting sweep removes the hidden temporary
+directories that killed runs of its unfinished points left behind.
 """
 
 from __future__ import annotations
@@ -282,6 +283,7 @@ def _run_dask(
     try:
         from dask.distributed import Client, LocalCluster
         from dask.distributed import as_completed as dask_completed
+        from distributed.scheduler import KilledWorker
     except ImportError:
         raise ScenarioError(
             "--executor", "dask needs Dask distributed: pip install 'moesim[sweep]'"
@@ -313,6 +315,11 @@ def _run_dask(
         for future in dask_completed(futures):
             future.result()
             tick(names[future.key])
+    except KilledWorker:
+        raise SimulationError(
+            "Dask workers kept dying on a sweep point (killed, or out of memory); finished "
+            "points are kept: run the same command again to resume"
+        ) from None
     finally:
         client.close()
         if cluster is not None:
