@@ -10,8 +10,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 # The gate multiplies small matrices thousands of times: BLAS threads cost more than they give
 # (the gate ran 10x slower with OpenBLAS's default threads on a shared 2-core machine). Set
@@ -22,32 +23,61 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from moesim import __version__  # noqa: E402
 from moesim.errors import MoesimError, ScenarioError  # noqa: E402
 
-SUMMARY_COLUMNS = (
-    ("step_time_s", "step s", "{:.3f}"),
-    ("balanced_step_time_s", "balanced s", "{:.3f}"),
-    ("straggler_overhead", "straggler", "{:.1%}"),
+
+def _sig(value: float) -> str:
+    """Four significant digits, thousands separated, never rounded to a bare 0 or 1."""
+    if value == 0 or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
+def _share(part: str) -> Callable[[dict[str, Any]], float | None]:
+    def share(values: dict[str, Any]) -> float | None:
+        whole = values.get("gpu_hours")
+        return None if values.get(part) is None or not whole else values[part] / whole
+
+    return share
+
+
+SUMMARY_COLUMNS: tuple[tuple[str | Callable[[dict[str, Any]], float | None], str, Any], ...] = (
+    ("step_time_s", "step s", "{:.4g}"),
+    ("balanced_step_time_s", "balanced s", "{:.4g}"),
+    ("straggler_overhead", "lost vs balanced", "{:.1%}"),
+    (_share("imbalance_gpu_hours"), "imbalance", "{:.1%}"),
+    (_share("straggler_gpu_hours"), "hw straggler", "{:.1%}"),
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("mfu", "MFU", "{:.1%}"),
-    ("gpu_hours", "GPU-hours", "{:,.1f}"),
-    ("cost_usd", "cost $", "{:,.0f}"),
-    ("imbalance_cost_usd", "imbalance $", "{:,.0f}"),
-    ("straggler_cost_usd", "hw straggler $", "{:,.0f}"),
+    ("gpu_hours", "GPU-hours", _sig),
+    ("cost_usd", "cost $", _sig),
+    ("imbalance_cost_usd", "imbalance $", _sig),
+    ("straggler_cost_usd", "hw straggler $", _sig),
     ("maxvio_batch", "MaxVio", "{:.3f}"),
     ("task_loss", "task loss", "{:.4f}"),
 )
+"""Summary table columns: summary key (or a function of the summary), label, format. The
+routing-imbalance and hardware-straggler overheads have their own columns (share of the run's
+GPU-hours, and dollars); ``lost vs balanced`` is the step time lost to both together."""
 
 
-def format_summary(summary: dict[str, dict[str, float | None]]) -> str:
-    """The per-strategy summary as an aligned text table."""
+def _cell(values: dict[str, Any], key: Any, fmt: Any) -> str:
+    """One summary cell; with several seeds, a banded key shows its P50 (P10–P90)."""
+    text = fmt if callable(fmt) else fmt.format
+    value = key(values) if callable(key) else values.get(key)
+    if value is None:
+        return "–"
+    seeds = values.get("seeds") or 1
+    if isinstance(key, str) and seeds > 1 and values.get(f"{key}_p50") is not None:
+        lo, mid, hi = (values[f"{key}_p{q}"] for q in (10, 50, 90))
+        return f"{text(mid)} ({text(lo)}–{text(hi)})"
+    return str(text(value))
+
+
+def format_summary(summary: dict[str, dict[str, Any]]) -> str:
+    """The per-strategy summary as an aligned text table. With several seeds the step time,
+    GPU-hours and cost show the median over seeds with its P10–P90 range."""
     header = ["strategy", *(label for _, label, _ in SUMMARY_COLUMNS)]
     rows = [
-        [
-            name,
-            *(
-                "–" if values[key] is None else fmt.format(values[key])
-                for key, _, fmt in SUMMARY_COLUMNS
-            ),
-        ]
+        [name, *(_cell(values, key, fmt) for key, _, fmt in SUMMARY_COLUMNS)]
         for name, values in summary.items()
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -58,7 +88,11 @@ def format_summary(summary: dict[str, dict[str, float | None]]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         )
 
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+    lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    seeds = max((values.get("seeds") or 1 for values in summary.values()), default=1)
+    if seeds > 1:
+        lines.append(f"\nP50 over {seeds} seeds (P10–P90 in brackets)")
+    return "\n".join(lines)
 
 
 def _default_run_dir(scenario_name: str, out_root: str) -> Path:
@@ -79,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
     overrides = {"seed": args.seed} if args.seed is not None else None
-    scenario = load_scenario(args.scenario, overrides)
+    scenario = load_scenario(args.scenario, overrides, sets=args.sets)
     run_dir = Path(args.out) if args.out else _default_run_dir(scenario.name, scenario.output.dir)
     if run_dir.exists():
         raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
@@ -94,16 +128,119 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         estimate = estimate_with_bands(scenario, progress=tick)
-    path = write_run(estimate, run_dir)
+    path = write_run(estimate, run_dir, command=["moesim", *sys.argv[1:]])
     print(format_summary(estimate.summary_dict()))
     print(f"\nrun directory: {path}")
+    return 0
+
+
+SWEEP_COLUMNS = (
+    ("gpu_hours", "GPU-hours", "{:,.4g}"),
+    ("cost_usd", "cost $", "{:,.4g}"),
+    ("step_time_s", "step s", "{:.4g}"),
+    ("maxvio_batch", "MaxVio", "{:.3f}"),
+)
+
+
+def format_sweep(table: Any, keys: list[str]) -> str:
+    """The sweep table as aligned text: the varied keys, the strategy and the headline
+    columns (the P50 when the points ran several seeds)."""
+    header = [*keys, "strategy", *(label for _, label, _ in SWEEP_COLUMNS)]
+    rows = []
+    for _, r in table.iterrows():
+        cells = [str(r[k]) for k in keys] + [str(r["strategy"])]
+        for key, _, fmt in SWEEP_COLUMNS:
+            value = r.get(f"{key}_p50", r[key]) if f"{key}_p50" in r else r[key]
+            cells.append("–" if value is None or value != value else fmt.format(value))
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
+        for cells in [header, ["-" * w for w in widths], *rows]
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from moesim import sweep
+    from moesim.results.plots import write_sweep_plots
+
+    grid = [sweep.parse_axis(text, "--grid") for text in args.grid]
+    zipped = [sweep.parse_axis(text, "--zip") for text in args.zip]
+    sets: list[str | tuple[str, object]] = []
+    if args.design:
+        file_grid, file_zip, file_sets = sweep.load_design(args.design)
+        grid, zipped, sets = [*file_grid, *grid], [*file_zip, *zipped], [*file_sets]
+    sets += args.sets
+    points = sweep.plan(args.scenario, sweep.expand(grid, zipped), sets)
+    with tqdm(
+        total=len(points), desc="sweep", unit="point", file=sys.stderr, disable=args.quiet
+    ) as bar:
+
+        def tick(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+        table = sweep.run_sweep(
+            points,
+            args.out,
+            args.executor,
+            args.workers,
+            args.scheduler,
+            progress=tick,
+            command=["moesim", *sys.argv[1:]],
+        )
+    keys = sweep.varied_keys(table)
+    plots = write_sweep_plots(table, Path(args.out))
+    print(format_sweep(table, keys))
+    print(f"\nsweep table: {Path(args.out) / sweep.TABLE}")
+    print(f"plots: {', '.join(p.name for p in plots)}")
+    return 0
+
+
+def _band(value: float, lo: float, hi: float, fmt: str) -> str:
+    text = fmt.format(value)
+    return text if lo == hi else f"{text} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moesim.results.compare import compare, headline, write_compare_figure
+
+    df = compare(args.runs)
+    gpu, gpu_lo, gpu_hi = headline(df, "gpu_hours")
+    cost, cost_lo, cost_hi = headline(df, "cost_usd")
+    header = ["run", "strategy", "GPU-hours", "cost $", "GPU-h vs first", "step s", "MaxVio"]
+    rows = [
+        [
+            str(r["run"]),
+            str(r["strategy"]),
+            _band(gpu[i], gpu_lo[i], gpu_hi[i], "{:,.4g}"),
+            _band(cost[i], cost_lo[i], cost_hi[i], "{:,.4g}"),
+            "–"
+            if r["gpu_hours_vs_first"] != r["gpu_hours_vs_first"]
+            else f"{r['gpu_hours_vs_first'] - 1:+.2%}",
+            f"{r['step_time_s']:.4g}",
+            f"{r['maxvio_batch']:.3f}",
+        ]
+        for i, r in df.iterrows()
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for cells in [header, ["-" * w for w in widths], *rows]:
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    print(f"\nfigure: {write_compare_figure(df, args.figure)}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
-    sc = load_scenario(args.scenario)
+    sc = load_scenario(args.scenario, sets=args.sets)
     print(
         f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
         f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
@@ -130,6 +267,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario field (dotted path, [i] for list items, YAML value), "
+        "e.g. --set strategies[1].gamma=1e-4; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moesim",
@@ -143,10 +292,48 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory to create (default: output.dir/<name>)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_set_option(run)
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a scenario file without running it")
     val.add_argument("scenario")
+    _add_set_option(val)
     val.set_defaults(func=cmd_validate)
+    sw = sub.add_parser(
+        "sweep",
+        help="run a scenario over a grid of overrides: one run directory per point and "
+        "one table (DIR/sweep.parquet); re-running resumes",
+    )
+    sw.add_argument("scenario", help="scenario YAML file")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values of one field to cross with the other --grid axes (cartesian product)",
+    )
+    sw.add_argument(
+        "--zip",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="values varied together point by point (every --zip list of one length)",
+    )
+    sw.add_argument("--design", help="sweep file: YAML with grid:, zip: and set: mappings")
+    _add_set_option(sw)
+    sw.add_argument("--out", required=True, help="sweep directory (resumed if it exists)")
+    sw.add_argument("--workers", type=int, help="parallel points (default: available cores)")
+    sw.add_argument("--executor", choices=("process", "dask"), default="process")
+    sw.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sw.set_defaults(func=cmd_sweep)
+    cmp = sub.add_parser("compare", help="compare run directories: one table and one figure")
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    cmp.add_argument(
+        "--figure",
+        default="compare.png",
+        help="figure to write (.png, .svg or .pdf; default: compare.png)",
+    )
+    cmp.set_defaults(func=cmd_compare)
     sch = sub.add_parser("schema", help="print the scenario JSON Schema (for editors)")
     sch.set_defaults(func=cmd_schema)
     plot = sub.add_parser("plot", help="redraw a run directory's plots")

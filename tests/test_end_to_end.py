@@ -124,6 +124,14 @@ def test_quickstart_notebook_executes(quickstart_run):
         if o.get("output_type") == "error"
     ]
     assert not errors
+    figures = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(figures) == 4  # the figures show inline: moesim leaves the backend alone
 
 
 def test_same_seed_identical_tables(tmp_path, tiny_dict):

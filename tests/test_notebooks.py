@@ -3,11 +3,17 @@
 ``notebooks/balancing_dilemma.ipynb`` trains ~17 small gates (about 25 s on two cores); it is
 written by ``notebooks/build_balancing_dilemma.py``, and the committed file must match it.
 ``quickstart.ipynb`` is executed by ``tests/test_end_to_end.py`` (it needs a run directory).
+``sweep.ipynb`` runs a three-point sweep of a shortened quickstart (about 15 s on two cores).
+Executed notebooks must show their figures: importing moesim must not switch matplotlib's
+backend away from Jupyter's inline one.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -61,3 +67,40 @@ def test_balancing_dilemma_notebook_executes() -> None:
     assert not errors, [f"{o['ename']}: {o['evalue']}" for o in errors]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 7  # R1, interference, R2, R3, R5, R6, R8 (two)
+
+
+def _execute(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
+    assert not errors, [f"{o['ename']}: {o['evalue']}" for o in errors]
+    return outputs
+
+
+def test_importing_results_keeps_the_backend():
+    code = "import moesim.results, matplotlib; print(matplotlib.get_backend())"
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == "svg"
+
+
+def test_sweep_notebook_committed_without_outputs():
+    for cell in _read("sweep.ipynb").cells:
+        if cell.cell_type == "code":
+            assert cell.get("outputs", []) == []
+            assert cell.get("execution_count") is None
+
+
+def test_sweep_notebook_executes_and_shows_its_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESIM_SWEEP_DIR", str(tmp_path / "sweep"))
+    outputs = _execute(_read("sweep.ipynb"))
+    figures = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(figures) == 2  # GPU-hours and cost against γ; the compare bars
+    assert (tmp_path / "sweep" / "sweep.parquet").is_file()

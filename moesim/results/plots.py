@@ -1,24 +1,30 @@
 """Plots of a run: GPU-hours and dollar cost against tokens trained, one line per strategy;
 where each strategy's step time goes; per-GPU waiting and per-expert load over training.
 
-Uses matplotlib's non-interactive Agg backend, so plots render on headless machines and in CI.
+Files are drawn on :class:`matplotlib.figure.Figure` objects, outside pyplot: importing this
+module never switches matplotlib's backend, so figures still show inline in Jupyter, and files
+render on headless machines and in CI (``savefig`` picks the canvas from the file's format).
+The ``plot_*`` functions draw on an ``Axes`` the caller owns, from pyplot or not.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import numpy.typing as npt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from moesim import units
 
-from moesim import units  # noqa: E402
+
+def _figure(**kwargs: Any) -> Figure:
+    """A figure that belongs to no pyplot window (nothing to close, no backend involved)."""
+    return Figure(**kwargs)
 
 
 def plot_curve(
@@ -30,11 +36,13 @@ def plot_curve(
 ) -> Axes:
     """Cumulative ``column`` against tokens trained, one line per strategy, from the origin,
     with the same cluster under perfectly balanced routing dashed for reference, and, when
-    several seeds were run, the P10–P90 band over seeds shaded around each line."""
+    several seeds were run, the median over seeds drawn with its P10–P90 band shaded."""
     for name, df in timeline.groupby("strategy", sort=False):
         x = [0.0, *(df["tokens"] / units.GIGA)]
-        (line,) = ax.plot(x, [0.0, *df[column]], marker="o", markersize=3, label=str(name))
         band = None if bands is None else bands[bands["strategy"] == name]
+        banded = band is not None and len(band) == len(df) and f"{column}_p50" in band
+        y = band[f"{column}_p50"] if banded and band is not None else df[column]
+        (line,) = ax.plot(x, [0.0, *y], marker="o", markersize=3, label=str(name))
         if band is not None and len(band) and f"{column}_p10" in band:
             bx = [0.0, *(band["tokens"] / units.GIGA)]
             ax.fill_between(
@@ -71,13 +79,13 @@ def write_plots(
         ("gpu_hours", "cumulative GPU-hours", "GPU-hours vs tokens trained", "gpu_hours.png"),
         ("cost_usd", "cumulative cost (USD)", "Cost vs tokens trained", "cost.png"),
     ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+        fig = _figure(figsize=(6.4, 4.0), dpi=120)
+        ax = fig.subplots()
         plot_curve(timeline, column, ylabel, ax, bands)
         ax.set_title(title)
         fig.tight_layout()
         path = out_dir / fname
         fig.savefig(path, metadata={"Software": None})
-        plt.close(fig)
         written.append(path)
     return written
 
@@ -111,12 +119,12 @@ def plot_step_breakdown(stages: pd.DataFrame, ax: Axes) -> Axes:
 
 
 def write_step_breakdown(stages: pd.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(8.4, 4.4), dpi=120)
+    fig = _figure(figsize=(8.4, 4.4), dpi=120)
+    ax = fig.subplots()
     plot_step_breakdown(stages, ax)
     ax.set_title("Where the step time goes")
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
     return path
 
 
@@ -238,14 +246,14 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
     boundaries = np.flatnonzero(np.diff(stage_of["stage"].to_numpy())) + 0.5
     data = {(col, name): wait_matrix(gpus, name, col) for col, _ in WAITS for name in strategies}
     widths = [max(2, len(data[(WAITS[0][0], name)][1])) for name in strategies]
-    fig, axes = plt.subplots(
+    fig = _figure(
+        figsize=(1.8 + 2.4 * len(strategies), 2.6 * len(WAITS)), dpi=120, layout="constrained"
+    )
+    axes = fig.subplots(
         len(WAITS),
         len(strategies),
-        figsize=(1.8 + 2.4 * len(strategies), 2.6 * len(WAITS)),
-        dpi=120,
         squeeze=False,
         sharey=True,
-        layout="constrained",
         gridspec_kw={"width_ratios": widths},
     )
     size = 1
@@ -275,7 +283,6 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
         fig.colorbar(mesh, ax=axes[r, :].tolist(), label=f"{label} ({unit})", fraction=0.04)
     fig.suptitle("Per-GPU waiting time per step")
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
     return path
 
 
@@ -290,14 +297,12 @@ def write_expert_load_heatmap(experts: pd.DataFrame, path: Path, max_bins: int =
     peak = max([float(np.nanmax(m, initial=1.0)) for m, _ in data.values()] or [2.0])
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, peak))
     widths = [max(2, len(steps)) for _, steps in data.values()] or [1]
-    fig, axes = plt.subplots(
+    fig = _figure(figsize=(1.8 + 2.6 * max(1, len(strategies)), 4.4), dpi=120, layout="constrained")
+    axes = fig.subplots(
         1,
         max(1, len(strategies)),
-        figsize=(1.8 + 2.6 * max(1, len(strategies)), 4.4),
-        dpi=120,
         squeeze=False,
         sharey=True,
-        layout="constrained",
         gridspec_kw={"width_ratios": widths},
     )
     mesh = None
@@ -318,7 +323,6 @@ def write_expert_load_heatmap(experts: pd.DataFrame, path: Path, max_bins: int =
         )
     fig.suptitle("Expert load over training (all MoE layers and replicas summed)")
     fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
     return path
 
 
@@ -338,3 +342,117 @@ def write_all(
         write_wait_heatmap(gpus, out_dir / "wait_heatmap.png"),
         write_expert_load_heatmap(experts, out_dir / "expert_load_heatmap.png"),
     ]
+
+
+SWEEP_METRICS = (
+    ("gpu_hours", "GPU-hours"),
+    ("cost_usd", "cost (USD)"),
+)
+
+
+def _headline(
+    df: pd.DataFrame, column: str
+) -> tuple[pd.Series, pd.Series | None, pd.Series | None]:
+    """``column`` of a summary frame, as its P50 with P10/P90 when several seeds ran."""
+    if f"{column}_p50" in df and df[f"{column}_p50"].notna().all():
+        return df[f"{column}_p50"], df[f"{column}_p10"], df[f"{column}_p90"]
+    return df[column], None, None
+
+
+def _varied(table: pd.DataFrame) -> list[str]:
+    """A sweep table's varied keys: its columns between ``point`` and ``strategy``."""
+    columns = list(table.columns)
+    return columns[columns.index("point") + 1 : columns.index("strategy")]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def plot_sweep(table: pd.DataFrame, key: str, column: str, ylabel: str, ax: Axes) -> Axes:
+    """One summary ``column`` of a sweep table against the varied ``key``: one line per
+    strategy (and per combination of the other varied keys), the P50 with a P10–P90 band when
+    the points ran several seeds. Numeric keys get a numeric axis (logarithmic when the values
+    span two decades or more), others one tick per value in the design's order."""
+    others = [k for k in _varied(table) if k != key]
+    values = list(pd.unique(table[key]))
+    numeric = all(_is_number(v) for v in values)
+    for group, df in table.groupby(["strategy", *others], sort=False):
+        names = group if isinstance(group, tuple) else (group,)
+        pairs = zip(others, names[1:], strict=True)
+        label = ", ".join([str(names[0]), *(f"{k}={v}" for k, v in pairs)])
+        x = df[key].astype(float) if numeric else df[key].map(values.index)
+        y, lo, hi = _headline(df, column)
+        (line,) = ax.plot(x, y, marker="o", markersize=4, label=label)
+        if lo is not None and hi is not None:
+            ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    if numeric:
+        positive = [float(v) for v in values if float(v) > 0]
+        if len(positive) == len(values) and max(positive) >= 100 * min(positive):
+            ax.set_xscale("log")
+    else:
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+    ax.set_xlabel(key)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def sweep_plot_name(key: str) -> str:
+    """``'strategies[1].gamma'`` → ``'sweep_strategies_1_gamma'``."""
+    slug = "".join(c if c.isalnum() else "_" for c in key)
+    return "sweep_" + "_".join(part for part in slug.split("_") if part)
+
+
+def plot_sweep_attribution(table: pd.DataFrame, ax: Axes) -> Axes:
+    """The GPU-hours of every point and strategy of a sweep, stacked by cause (the
+    ``attribution_<cause>_gpu_hours`` summary keys, which add up to the GPU-hours with
+    failures): one bar per point and strategy, labelled with the point's varied values."""
+    causes = [c for c in table.columns if c.startswith("attribution_")]
+    keys = _varied(table)
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}  # the field's own name
+    labels = [
+        "\n".join([*(f"{short[k]}={r[k]}" for k in keys), str(r["strategy"])])
+        for _, r in table.iterrows()
+    ]
+    x = np.arange(len(table))
+    bottom = np.zeros(len(table))
+    for cause in causes:
+        values = table[cause].astype(float).fillna(0.0).to_numpy()
+        name = cause.removeprefix("attribution_").removesuffix("_gpu_hours").replace("_", " ")
+        ax.bar(x, values, bottom=bottom, label=name)
+        bottom += values
+    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("GPU-hours")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def write_sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """For each varied key of a sweep table, ``sweep_<key>.png`` and ``.svg``: GPU-hours and
+    cost against that key, side by side (:func:`plot_sweep`); and ``sweep_attribution.png``
+    and ``.svg``: every point's GPU-hours by cause (:func:`plot_sweep_attribution`)."""
+    written = []
+    fig = _figure(figsize=(3.0 + 1.0 * len(table), 5.2), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    plot_sweep_attribution(table, ax)
+    ax.set_title("GPU-hours by cause, per point and strategy")
+    for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
+        path = out_dir / f"sweep_attribution{suffix}"
+        fig.savefig(path, metadata=meta)
+        written.append(path)
+    for key in _varied(table):
+        fig = _figure(figsize=(11.0, 4.2), dpi=120, layout="constrained")
+        axes = fig.subplots(1, len(SWEEP_METRICS), squeeze=False)[0]
+        for ax, (column, ylabel) in zip(axes, SWEEP_METRICS, strict=True):
+            plot_sweep(table, key, column, ylabel, ax)
+        fig.suptitle(f"GPU-hours and cost against {key}")
+        for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
+            path = out_dir / f"{sweep_plot_name(key)}{suffix}"
+            fig.savefig(path, metadata=meta)
+            written.append(path)
+    return written

@@ -3,7 +3,8 @@
 Layout::
 
     scenario.resolved.yaml   the scenario with presets and defaults written out
-    metadata.json            moesim and package versions, seed, scenario hash
+    metadata.json            moesim and package versions, seed, scenario hash; when it was written,
+                             the command line and the source's git commit (when available)
     summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
     timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
     specialisation.parquet kernels.parquet
@@ -12,7 +13,8 @@ Layout::
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
 A run is written into a hidden sibling directory and renamed into place only when complete, so
-a failed run leaves no partial directory behind. Nothing written depends on the wall clock.
+a failed run leaves no partial directory behind. Nothing but ``metadata.json`` depends on the
+wall clock or the machine: the same scenario and seed give identical tables and summary.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shlex
 import shutil
+import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,24 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+def source_commit() -> dict[str, Any] | None:
+    """The git commit of moesim's source, and whether the tree had uncommitted changes, when
+    moesim runs from a git checkout with git on the PATH; None otherwise."""
+    src = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(src), *args], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
 def scenario_hash(scenario: Scenario) -> str:
     return hashlib.sha256(dump_scenario(scenario).encode()).hexdigest()
 
@@ -79,8 +103,11 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
-    """Write the whole run directory atomically; returns its path."""
+def write_run(est: RunEstimate, run_dir: str | Path, command: Sequence[str] | None = None) -> Path:
+    """Write the whole run directory atomically; returns its path.
+
+    ``command``, the command line that asked for the run, goes into ``metadata.json``.
+    """
     target = Path(run_dir)
     if target.exists():
         raise FileExistsError(f"{target}: run directory already exists")
@@ -97,6 +124,9 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
             "scenario_sha256": scenario_hash(sc),
             "python": platform.python_version(),
             "packages": _package_versions(),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": shlex.join(command) if command else None,
+            "git": source_commit(),
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "summary.json").write_text(json.dumps(est.summary_dict(), indent=2) + "\n")
@@ -120,7 +150,8 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
                 f"{g // (lay.expert * lay.data)} · EP rank {g % lay.expert}"
                 for g in sc.traced_gpus
             }
-            write_trace(tmp / "trace.json.gz", step.result.trace, labels)
+            context = {"strategy": step.strategy, "step": step.step, "point": step.point}
+            write_trace(tmp / "trace.json.gz", step.result.trace, labels, context)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -146,6 +177,13 @@ class RunResults:
     links: pd.DataFrame
     specialisation: pd.DataFrame
     kernels: pd.DataFrame
+
+    def __repr__(self) -> str:
+        sc = self.scenario
+        return (
+            f"RunResults({str(self.path)!r}, scenario={sc.name!r}, seed={sc.seed}, "
+            f"gpus={sc.cluster.gpus}, strategies={list(self.summary)})"
+        )
 
     def summary_frame(self) -> pd.DataFrame:
         """The summary as a DataFrame, one row per strategy."""

@@ -7,6 +7,7 @@ dumped back to YAML with :func:`dump_scenario`, and reloads to an equal scenario
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from moesim.errors import ScenarioError
+from moesim.scenario.overrides import apply_overrides
 from moesim.scenario.presets import GPU_PRESETS
 from moesim.scenario.schema import Scenario
 
@@ -86,7 +88,11 @@ def scenario_from_dict(raw: Any, source: str = "scenario") -> Scenario:
         raise _from_validation_error(exc) from None
 
 
-def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> Scenario:
+def load_scenario(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    sets: Sequence[str | tuple[str, Any]] = (),
+) -> Scenario:
     """Read and validate a scenario file.
 
     Parameters
@@ -95,6 +101,9 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         A YAML scenario file.
     overrides : dict, optional
         Top-level keys replacing the file's (the CLI's ``--seed`` uses this).
+    sets : sequence, optional
+        ``KEY=VALUE`` overrides with dotted paths (``strategies[1].gamma=1e-4``; see
+        :mod:`moesim.scenario.overrides`), applied after ``overrides``.
     """
     p = Path(path)
     if not p.is_file():
@@ -108,6 +117,7 @@ def load_scenario(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ScenarioError(str(p), f"malformed YAML{where}: {problem}") from None
     if overrides and isinstance(raw, dict):
         raw = {**raw, **overrides}
+    raw = apply_overrides(raw, sets)
     return scenario_from_dict(raw, source=str(p))
 
 

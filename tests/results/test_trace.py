@@ -40,3 +40,17 @@ def test_trace_is_deterministic(tmp_path):
     a = write_trace(tmp_path / "a.json.gz", _slices(), {0: "GPU 0", 1: "GPU 1"})
     b = write_trace(tmp_path / "b.json.gz", _slices(), {0: "GPU 0", 1: "GPU 1"})
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_trace_events_carry_strategy_and_step(tmp_path):
+    context = {"strategy": "loss_free", "step": 120, "point": 1}
+    path = write_trace(tmp_path / "t.json.gz", _slices(), {0: "GPU 0", 1: "GPU 1"}, context)
+    payload = json.loads(gzip.decompress(path.read_bytes()))
+    assert payload["otherData"] == context
+    slices = [e for e in payload["traceEvents"] if e["ph"] in ("X", "b")]
+    assert len(slices) == 5
+    for event in slices:
+        assert event["args"]["strategy"] == "loss_free"
+        assert event["args"]["step"] == 120
+    experts = next(e for e in slices if e["name"] == "routed experts")
+    assert experts["args"]["layer"] == 1  # the slice's own args are kept
