@@ -97,6 +97,10 @@ class RunEstimate:
     bands: list[dict[str, Any]] = field(default_factory=list)
     """Per strategy and point: percentiles over seeds of the cumulative curves
     (:mod:`moesim.estimate.montecarlo`); empty for a single-seed estimate."""
+    gate_windows: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per run with a gate: :meth:`~moesim.gate.training.GateTrajectory.tail_summary`, its
+    MaxVio_global, MaxVio_batch, task loss, interference and bias perturbation over one window
+    (the last tenth of the gate updates)."""
 
 
 def sample_steps(total_steps: int, points: int, ramp_steps: int = 0) -> tuple[list[int], list[int]]:
@@ -182,9 +186,10 @@ def estimate_run(
     gate_records: dict[str, list[dict[str, float]]] = {}
     traced = None
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
+    gate_windows: dict[str, dict[str, float]] = {}
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
     sources = _routing_sources(
-        scenario, snapshots, gate_seed, n_src, n_dest, specialisation, workers
+        scenario, snapshots, gate_seed, n_src, n_dest, specialisation, workers, gate_windows
     )
     for name, records, samples in sources:
         gate_records[name] = records
@@ -234,7 +239,14 @@ def estimate_run(
             tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     estimate = RunEstimate(
-        scenario, simulated, balanced, gate_records, links, specialisation, balanced_s
+        scenario,
+        simulated,
+        balanced,
+        gate_records,
+        links,
+        specialisation,
+        balanced_s,
+        gate_windows=gate_windows,
     )
     _integrate(estimate)
     return estimate
@@ -401,6 +413,7 @@ def _routing_sources(
     n_dest: int,
     specialisation: dict[str, npt.NDArray[np.int64]],
     workers: int = 1,
+    gate_windows: dict[str, dict[str, float]] | None = None,
 ) -> Iterator[tuple[str, list[dict[str, float]], SampleAt]]:
     """Per run: its name, the gate's per-update records, and the routing sample at a point.
 
@@ -420,6 +433,8 @@ def _routing_sources(
         scenario.strategies, _train_gates(scenario, points, gate_seed, workers), strict=True
     ):
         specialisation[strategy.name] = _topic_load(scenario, trajectory)
+        if gate_windows is not None:
+            gate_windows[strategy.name] = trajectory.tail_summary()
 
         def routed(
             _i: int, step: int, rng: np.random.Generator, gate: GateTrajectory = trajectory
@@ -508,6 +523,18 @@ def _routing_summary(
         values = [r[key] for r in window if key in r and np.isfinite(r[key])]
         out[key] = float(np.mean(values)) if values else None
     return out
+
+
+def _gate_window_summary(window: dict[str, float] | None) -> dict[str, float | None]:
+    """The gate's window numbers in the summary: ``gate_maxvio_global`` and
+    ``gate_maxvio_batch`` over the window of ``task_loss`` (the last tenth of the gate updates),
+    ``task_loss_unbiased`` (the same routers without their bias) and ``bias_moved`` (share of
+    assignments the bias moves off the router's own top-k); None without a gate."""
+    keys = ("maxvio_global", "maxvio_batch", "task_loss_unbiased", "bias_moved")
+    names = ("gate_maxvio_global", "gate_maxvio_batch", "task_loss_unbiased", "bias_moved")
+    if window is None:
+        return dict.fromkeys(names)
+    return {name: window[key] for name, key in zip(names, keys, strict=True)}
 
 
 def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[str, float | None]:
@@ -662,6 +689,7 @@ def _integrate(est: RunEstimate) -> None:
             "wall_days": wall / 86400.0,
             "migration_s": float(sum(s.extra_wall_s for s in rows)),
             **_routing_summary(rows, records),
+            **_gate_window_summary(est.gate_windows.get(name.removesuffix(EPLB_SUFFIX))),
             **_failure_summary(sc, step_time, gpu_hours),
         }
         failure = est.summary[name]["failure_gpu_hours"]

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -97,7 +96,6 @@ __all__ = [
     "BIAS_RULES",
     "BalanceContext",
     "BalancingStrategy",
-    "STRATEGIES",
     "StrategySpec",
     "aux_loss_and_grad",
     "combined_loss_and_grad",
@@ -681,8 +679,6 @@ class BalancingStrategy:
         The loss-free bias, if any.
     """
 
-    kind: ClassVar[str] = ""
-
     def __init__(self, spec: StrategySpec) -> None:
         self.spec = spec
         composite: Composite = spec.canonical()
@@ -767,47 +763,7 @@ class BalancingStrategy:
                     recenter_bias(state.bias)
 
 
-STRATEGIES: dict[str, type[BalancingStrategy]] = {}
-
-
-def register(kind: str) -> Callable[[type[BalancingStrategy]], type[BalancingStrategy]]:
-    """Class decorator adding a strategy to :data:`STRATEGIES` under ``kind``."""
-
-    def add(cls: type[BalancingStrategy]) -> type[BalancingStrategy]:
-        cls.kind = kind
-        STRATEGIES[kind] = cls
-        return cls
-
-    return add
-
-
-@register("none")
-class NoBalancingStrategy(BalancingStrategy):
-    """No balancing at all: the router follows the task loss only."""
-
-
-@register("aux_loss")
-class AuxLossStrategy(BalancingStrategy):
-    """One auxiliary loss at micro-batch, sequence or global scope (routing.md §5.1, §3, §5.7)."""
-
-
-@register("loss_free")
-class LossFreeStrategy(BalancingStrategy):
-    """Auxiliary-loss-free balancing: sign-rule bias update after each step (routing.md §2.2),
-    additive or multiplicative (§2.5 Table 4)."""
-
-
-@register("composite")
-class CompositeStrategy(BalancingStrategy):
-    """Any sum of auxiliary losses plus an optional bias (e.g. DeepSeek-V3, routing.md §3)."""
-
-
 def make_strategy(spec: StrategySpec) -> BalancingStrategy:
-    """Build the strategy a scenario entry names, by its ``kind``.
-
-    Raises
-    ------
-    KeyError
-        If no strategy is registered under ``spec.kind``.
-    """
-    return STRATEGIES[spec.kind](spec)
+    """The strategy a scenario entry describes: every kind is one :class:`BalancingStrategy`,
+    built from the entry's composite form."""
+    return BalancingStrategy(spec)

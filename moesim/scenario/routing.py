@@ -288,15 +288,6 @@ class Gate(Frozen):
     ``bias_batch_sequences`` fresh sequences with the current weights and bias, update the bias
     from their loads, and step Adam with the last gradient. ``learning_rate`` stays the step of
     every optimizer step. The gate then records every k-th step only (one record per gradient).
-
-    **Blocks of bias steps** (``bias_steps_per_update: j > 1``, with k > 1). The bias steps
-    between two gradients run in blocks of up to j consecutive steps: the block's sub-batches
-    (``bias_batch_sequences`` sequences per step) are drawn and scored together, each with the
-    weights of its own step, and then each step's bias update reads its own sub-batch's loads
-    under the bias that step starts from — the j = 1 computation reordered, so the trajectory is
-    the same whatever j, only faster. (Rules that update the bias for several steps from loads
-    read once changed MaxVio_batch by far more than 10 %; :mod:`moesim.gate.training`.) j must
-    divide k, so that blocks tile the steps between two gradients.
     """
 
     layers_simulated: PositiveInt = Field(
@@ -333,20 +324,22 @@ class Gate(Frozen):
         "for the bias update of each step between gradients; none = batch_sequences (fewer is "
         "faster, but the bias reads noisier loads)",
     )
-    bias_steps_per_update: PositiveInt = Field(
-        1,
-        description="with steps_per_update > 1: bias steps run together in a block of up to "
-        "this many (their sub-batches drawn and scored at once, each step's bias update still "
-        "from its own sub-batch under its own bias and weights): the same trajectory as 1, "
-        "faster; must divide steps_per_update",
-    )
     init_logit_std: PositiveFloat = Field(
         0.19,
         description="spread of the initial router logits: the loss-free paper's init std 0.006 "
         "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (§2.3)",
     )
+    objective: Literal["experts", "teacher"] = Field(
+        "experts",
+        description="the routers' task loss: experts = a small MoE layer whose experts learn "
+        "per-topic targets (moesim.gate.experts); teacher = reproduce a fixed random teacher "
+        "router's weighted choice (moesim.gate.teacher; experts never learn, so imbalance "
+        "costs nothing)",
+    )
     teacher_temperature: PositiveFloat = Field(
-        1.0, description="softmax temperature of the teacher's weights over its top-k"
+        1.0,
+        description="objective: teacher only: softmax temperature of the teacher's weights "
+        "over its top-k",
     )
     routed_tokens_per_sequence: PositiveInt = Field(
         256, description="tokens routed per sequence when sampling engine load (rest resampled)"
@@ -354,14 +347,3 @@ class Gate(Frozen):
     trace: Trace | None = Field(
         None, description="replay recorded expert loads instead of training the synthetic gate"
     )
-
-    @model_validator(mode="after")
-    def _check_coarsening(self) -> Gate:
-        j, k = self.bias_steps_per_update, self.steps_per_update
-        if k % j:
-            raise ValueError(
-                f"bias_steps_per_update: {j} does not divide steps_per_update ({k}); blocks of "
-                "bias steps tile the steps between two gradients: choose a divisor of "
-                f"{k}, or a steps_per_update that is a multiple of {j}"
-            )
-        return self
