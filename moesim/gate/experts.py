@@ -215,9 +215,7 @@ class ExpertTask:
         # the token's residual, so each map's cap is a share of the stable step.
         self._maps = top_k + (1 if shared else 0)
         self._shared_curvature = 0.0
-        self._grads: tuple[npt.NDArray[np.floating], npt.NDArray[np.floating] | None] | None = (
-            None
-        )
+        self._grads: tuple[npt.NDArray[np.floating], npt.NDArray[np.floating] | None] | None = None
 
     def target(self, x: FloatArray, topics: npt.NDArray[np.int64]) -> FloatArray:
         """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM)."""

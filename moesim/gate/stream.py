@@ -1,9 +1,10 @@
 """Synthetic token stream: sequences drawn from a Zipf-weighted mixture of topics.
 
-The gate never sees real text. It sees router inputs ``u_t`` (routing.md §1) that have the
+The gate never sees real text. It sees router inputs ``u_t`` (docs/model/gate.md) that have the
 properties that make expert load uneven in practice: tokens cluster by *topic* (domain), a few
-topics are much more common than the rest (routing.md §8.1), data is often packed by domain so a
-micro-batch is nearly single-domain (routing.md §5.7), and the data mix changes over a run.
+topics are much more common than the rest (OLMoE, arXiv 2409.02060; arXiv 2412.19437 App. C), data
+is often packed by domain so a
+micro-batch is nearly single-domain (arXiv 2501.11873), and the data mix changes over a run.
 
 **Generative model.** A stream has ``topics`` random unit centroids in the router's
 ``dim``-dimensional input space and a Zipf popularity law ``p_r ∝ 1/(r+1)^s`` over topic ranks

@@ -117,7 +117,7 @@ class GateTrajectory:
         (``scenario.tokens_before(step + 1)``,
         tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
         of the update's gate-batch loads as processed — routed, less any capacity drops —
-        routing.md §2.4, §10 item 4), ``task_loss`` (nats),
+        arXiv 2408.15664 Eq. 4; docs/model/gate.md), ``task_loss`` (nats),
         ``aux_loss`` (the strategy's loss, 0 when it has none), ``teacher_capture``
         (:mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
         between ``∂L_aux/∂W`` and ``∂L_task/∂W`` on the router weights and ``‖∂L_aux/∂W‖ /
@@ -438,7 +438,8 @@ def balance_context(scenario: Scenario) -> BalanceContext:
     parallelism.data`` data-parallel ranks of a pipeline stage; devices the ``parallelism.expert``
     ranks of an expert-parallel group. The communication loss's device limit ``M`` is
     ``min(top_k, devices)``, further capped by group-limited routing at the devices the kept
-    groups span: ``router.device_limit`` itself (DeepSeek-V2's M = 3, routing.md §4),
+    groups span: ``router.device_limit`` itself (DeepSeek-V2's M = 3, DeepSeek-V2, arXiv 2405.04434
+    §2.2),
     ``router.node_limit`` nodes' worth of devices, or ``group_topk`` groups' worth.
     """
     p, moe = scenario.parallelism, scenario.model.moe
@@ -843,7 +844,7 @@ def train_gate(
                     cos, ratio = interference(grad_aux, grad)
                     grad += grad_aux
             adam.step(state.weights, grad)
-            counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
+            counts = routing.loads()  # as processed: after any capacity drops
             if step // every >= tail_from:
                 trajectory.tail_loads[layer] += counts
             if scope_sizes is not None:

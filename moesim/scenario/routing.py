@@ -1,6 +1,8 @@
 """Scenario sections for the numerical gate: router, token stream, gate training.
 
-``router`` says how a token picks its experts (routing.md §1, §3, §4, §6): the score function,
+``router`` says how a token picks its experts (docs/model/gate.md; DeepSeek-V3, arXiv 2412.19437
+§2.1.2; DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py):
+the score function,
 the gate values, group-limited routing (``node_limit``, ``device_limit`` or an explicit
 ``num_groups``/``group_topk`` pair; at most one of the three) and an optional expert capacity
 with token dropping (``capacity``; absent = dropless). ``stream`` shapes the synthetic tokens the
@@ -41,8 +43,9 @@ UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
 
 class Capacity(Frozen):
-    """Expert capacity and token dropping (routing.md §4 "Device-level token dropping", §5.1,
-    §6.2 item 4, §10 item 7).
+    """Expert capacity and token dropping (DeepSeek-V2, arXiv 2405.04434 §2.2 "Device-level token
+    dropping", §5.1,
+    Megatron-LM ``moe_expert_capacity_factor``).
 
     Capacity is counted per router call — per micro-batch of one rank: ``T`` tokens, ``K`` experts
     each. At ``level: expert`` every expert keeps at most ``ceil(T·K/N·factor)`` assignments; at
@@ -73,7 +76,8 @@ class Capacity(Frozen):
 
 
 class Router(Frozen):
-    """How tokens pick experts (routing.md §1, §3, §4, §6)."""
+    """How tokens pick experts (docs/model/gate.md; DeepSeek-V3, arXiv 2412.19437 §2.1.2; "
+    "DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py)."""
 
     score: Literal["sigmoid", "softmax"] = Field(
         "sigmoid",
@@ -220,7 +224,7 @@ class Stream(Frozen):
         "mixed",
         description="mixed = sequences of a micro-batch are independent; domain = all sequences "
         "of one rank's micro-batch share a dominant topic drawn by popularity (packed, "
-        "domain-sorted data, Demons §5.7), so micro-batch loads are far less balanced",
+        "domain-sorted data, arXiv 2501.11873), so micro-batch loads are far less balanced",
     )
     domain_share: UnitInterval = Field(
         0.9,
@@ -278,7 +282,7 @@ class Trace(Frozen):
 
 
 class Gate(Frozen):
-    """Numerical gate training (routing.md §10). The gate trains on a subsample of each global
+    """Numerical gate training (docs/model/gate.md). The gate trains on a subsample of each global
     batch: ``batch_sequences`` sequences of ``tokens_per_sequence`` tokens per update.
 
     **Coarsening** (``steps_per_update: k > 1``, for long runs; see :mod:`moesim.gate.training`).
@@ -310,7 +314,7 @@ class Gate(Frozen):
     learning_rate: PositiveFloat = Field(
         1e-3,
         description="Adam step on router weights at every optimizer step (loss-free paper peak "
-        "LR, §2.3)",
+        "LR, arXiv 2408.15664 §4.1)",
     )
     steps_per_update: PositiveInt = Field(
         1,
@@ -327,7 +331,7 @@ class Gate(Frozen):
     init_logit_std: PositiveFloat = Field(
         0.19,
         description="spread of the initial router logits: the loss-free paper's init std 0.006 "
-        "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (§2.3)",
+        "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (arXiv 2408.15664 §4.1)",
     )
     objective: Literal["experts", "teacher"] = Field(
         "experts",

@@ -98,7 +98,8 @@ def test_expert_gradients_match_finite_differences(rng: np.random.Generator) -> 
     routing = route(x, RouterState(weights=weights, bias=np.zeros(weights.shape[0])), **options)
     task.step(x, topics, routing, options, update=False)
     grads = task.expert_gradients()
-    assert grads is not None and grads[1] is not None
+    assert grads is not None
+    assert grads[1] is not None
     grad_experts, grad_shared = grads
     for array, grad in ((task.experts, grad_experts), (task.shared, grad_shared)):
         flat, flat_grad = array.reshape(-1), grad.reshape(-1)
@@ -121,9 +122,7 @@ def test_gate_backward_is_zero_outside_the_selection_except_for_all_expert_softm
     x, _, _, weights = _problem(rng)
     for changes in CASES[:5]:
         options = _options(**changes)
-        routing = route(
-            x, RouterState(weights=weights, bias=np.zeros(weights.shape[0])), **options
-        )
+        routing = route(x, RouterState(weights=weights, bias=np.zeros(weights.shape[0])), **options)
         d = gate_backward(routing, rng.normal(size=routing.selected.shape), options)
         outside = np.ones(d.shape, bool)
         np.put_along_axis(outside, routing.selected, False, axis=1)

@@ -56,11 +56,16 @@ def test_every_schema_kind_builds_one_strategy_form() -> None:
     """Every kind is the same class, built from the entry's composite form."""
     assert not make_strategy(Composite(kind="composite")).has_loss
     none = make_strategy(NoBalancing(kind="none"))
-    assert not none.has_loss and none.bias is None
+    assert not none.has_loss
+    assert none.bias is None
     aux = make_strategy(AuxLoss(kind="aux_loss", alpha=0.1))
-    assert aux.has_loss and aux.bias is None and aux.losses[0].alpha == 0.1
+    assert aux.has_loss
+    assert aux.bias is None
+    assert aux.losses[0].alpha == 0.1
     lf = make_strategy(LossFree(kind="loss_free", gamma=0.5, name="lf"))
-    assert not lf.has_loss and lf.bias is not None and lf.gamma_at(0.0) == 0.5
+    assert not lf.has_loss
+    assert lf.bias is not None
+    assert lf.gamma_at(0.0) == 0.5
     assert lf.name == "lf"
     assert all(type(s) is BalancingStrategy for s in (none, aux, lf))
 
