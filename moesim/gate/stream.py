@@ -24,8 +24,11 @@ micro-batch is nearly single-domain (arXiv 2501.11873), and the data mix changes
    ``domain_share · onehot(d) + (1 − domain_share) · θ``. Micro-batch loads then concentrate on
    the dominant topic's experts (Demons in the Detail's packed, single-domain micro-batches).
 4. *Tokens.* Every token draws its topic from its sequence's mixture and sits at that topic's
-   centroid plus isotropic Gaussian noise of total standard deviation ``noise``
-   (``noise · N(0, I) / sqrt(dim)``).
+   centroid plus a direction ``m`` common to all tokens (norm ``common``, drawn once) plus
+   isotropic Gaussian noise of total standard deviation ``noise``
+   (``noise · N(0, I) / sqrt(dim)``). The common part stands for the anisotropy of a language
+   model's hidden states (Ethayarajh, arXiv 1909.00512): a router vector that leans towards it
+   raises its expert's logit for every token.
 
 The Gaussian noise vectors come from a fixed pool of ``NOISE_POOL`` vectors drawn once at
 construction; each token picks one at random. Drawing fresh Gaussians is the most expensive part
@@ -61,7 +64,8 @@ class TokenStream:
     params : Stream
         The parameters given.
     topics : ndarray, shape (topics, dim), float32
-        Unit-norm topic centroids, uniformly distributed on the sphere.
+        Topic centroids: unit vectors uniformly distributed on the sphere, plus the common
+        direction ``m``.
     popularity : ndarray, shape (topics,), float64
         Zipf popularity ``p_k ∝ 1/(k+1)^zipf_exponent`` before any drift; sums to 1. Topic 0 is
         the most popular.
@@ -84,6 +88,11 @@ class TokenStream:
         )
         scale = np.float32(params.noise / np.sqrt(dim))
         self._noise_pool = rng.standard_normal((NOISE_POOL, dim), dtype=np.float32) * scale
+        if params.common > 0:
+            # Drawn last, so the centroids and the noise do not depend on it.
+            shared = rng.standard_normal(dim)
+            shared *= params.common / np.linalg.norm(shared)
+            self.topics = (centroids + shared).astype(np.float32)
 
     @property
     def dim(self) -> int:

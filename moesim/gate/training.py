@@ -9,7 +9,7 @@ the per-update token draws and the bias-step draws, so two strategies trained fr
 seed see the same task and the same token batches.
 
 Each layer has a router (:class:`~moesim.gate.router.RouterState`, weights ``N(0, σ²)`` with
-σ = ``init_logit_std / √(1 + noise²)`` so initial logits spread by ``init_logit_std``; bias
+σ = ``init_logit_std / √(E‖x‖²)`` so initial logits spread by ``init_logit_std``; bias
 neutral), its task (``gate.objective``: learning experts, :mod:`moesim.gate.experts`, or a fixed
 teacher router, :mod:`moesim.gate.teacher`) and its own Adam state (β1 0.9, β2 0.999, ε 1e-8,
 ``gate.learning_rate``). A *full update*:
@@ -714,9 +714,15 @@ def train_gate(
             for _ in range(n_layers)
         ]
     init_rng = np.random.default_rng(init_seed)
-    # Tokens have E‖x‖² = 1 + noise² (unit centroid plus noise), so this weight std gives the
-    # initial logits a standard deviation of init_logit_std.
-    init_std = gate.init_logit_std / float(np.sqrt(1.0 + scenario.stream.noise**2))
+    # Tokens have E‖x‖² = Σ_k p_k ‖centroid_k‖² + noise² (unit centroids, plus the common
+    # direction when there is one; p the topic popularity), so this weight std gives the initial logits a standard deviation of
+    # init_logit_std.
+    params = scenario.stream
+    centroid_sq = 1.0
+    if params.common > 0:
+        norms = np.sum(np.square(stream.topics, dtype=np.float64), axis=1)
+        centroid_sq = float(stream.popularity @ norms)
+    init_std = gate.init_logit_std / float(np.sqrt(centroid_sq + params.noise**2))
     balancer = make_strategy(strategy)
     mode = balancer.bias_mode
     neutral = np.float32(neutral_bias(mode))

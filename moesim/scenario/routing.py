@@ -220,6 +220,13 @@ class Stream(Frozen):
         "blurs topics, so routers separate them less cleanly",
     )
     dim: PositiveInt = Field(64, description="dimension of the router input vectors")
+    common: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="norm of one direction added to every token (hidden states of trained "
+        "language models share a large common component: Ethayarajh, arXiv 1909.00512); it "
+        "lets an expert that wins some tokens win others (the rich-get-richer path to routing "
+        "collapse); 0 = topic centroids only",
+    )
     packing: Literal["mixed", "domain"] = Field(
         "mixed",
         description="mixed = sequences of a micro-batch are independent; domain = all sequences "

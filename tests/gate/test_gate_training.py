@@ -103,10 +103,16 @@ def test_records_and_snapshots(tiny) -> None:  # type: ignore[no-untyped-def]
     assert all(len(states) == 2 for states in trajectory.states.values())
     initial = trajectory.states[0][0]
     assert (initial.bias == 0).all()
-    # Initial logits spread by init_logit_std whatever the token norm.
-    tokens, _ = trajectory.stream.sample(64, 16, np.random.default_rng(0))
-    logits = tokens.reshape(-1, tiny.stream.dim) @ initial.weights.T
-    assert logits.std() == pytest.approx(tiny.gate.init_logit_std, rel=0.2)
+    # Initial logits spread by init_logit_std whatever the token norm: in expectation over the
+    # router's draw (the common direction makes one router's spread depend on how its 16 rows
+    # happen to project on it), so the mean square is averaged over 40 seeds.
+    squares = []
+    for seed in range(40):
+        run = train_gate(tiny, NoBalancing(kind="none"), [0], np.random.SeedSequence(seed))
+        tokens, _ = run.stream.sample(64, 16, np.random.default_rng(0))
+        logits = tokens.reshape(-1, tiny.stream.dim) @ run.states[0][0].weights.T
+        squares.append(float(np.mean(logits.astype(np.float64) ** 2)))
+    assert np.sqrt(np.mean(squares)) == pytest.approx(tiny.gate.init_logit_std, rel=0.1)
     # Snapshots are copies taken before the step's update; the last equals the final routers.
     assert not np.array_equal(trajectory.states[5][0].weights, trajectory.states[12][0].weights)
     np.testing.assert_array_equal(trajectory.states[12][1].weights, trajectory.final[1].weights)
