@@ -13,8 +13,9 @@ entries scaled so that ``E‖B x‖² = SHARED_SHARE`` and ``E‖A_k x‖² = 1 
 unit-norm token. The topic part is what an expert must specialise on; the shared part is what
 every expert (or a shared expert) can learn from any token.
 
-**Layer.** Routed expert ``i`` is a linear map ``E_i(x) = V_i x`` (``TASK_DIM × dim``); the
-model's shared experts add one more linear map ``S`` applied to every token with weight 1
+**Layer.** Routed expert ``i`` is a small ReLU FFN ``E_i(x) = V_i relu(U_i x)`` with
+``EXPERT_HIDDEN`` hidden units; the model's shared experts add one linear map ``S`` applied to
+every token with weight 1
 (DeepSeekMoE, arXiv 2401.06066 §3: shared experts hold the common knowledge). The output is
 
     ŷ_t = S x_t + Σ_{j ∈ K_t} g_{t,j} E_j(x_t),
@@ -25,8 +26,8 @@ capacity (a dropped assignment skips the expert through the residual). The loss 
 
     L = (1/T) Σ_t ½ ‖ŷ_t − y_t‖².
 
-A linear expert reproduces one topic's map exactly but only a compromise of several: an expert
-that serves many topics fits each worse, one that receives few tokens learns slowly (its
+An expert with a few hidden units fits a few topics' maps well and many only as a compromise:
+an expert that serves many topics fits each worse, one that receives few tokens learns slowly (its
 gradient is the sum over its tokens), and one that has learnt the shared map ``B`` helps every
 token, so a router trained on this loss without balancing favours the experts that learnt
 first — the rich-get-richer collapse of an unbalanced MoE (Shazeer et al., arXiv 1701.06538 §4;
@@ -34,8 +35,9 @@ Switch Transformer, arXiv 2101.03961 §2.2).
 
 **Gradients.** With ``r_t = ŷ_t − y_t``:
 
-- expert ``i``: ``∂L/∂V_i = (1/T) Σ_{(t,j): K_t ∋ i} g_{t,j} r_t x_tᵀ``; shared:
-  ``∂L/∂S = (1/T) Σ_t r_t x_tᵀ``;
+- expert ``i``, with ``h = U_i x_t``, ``a = relu(h)`` and ``δ = (1/T) g_{t,j} r_t`` over its
+  kept assignments: ``∂L/∂V_i = Σ δ aᵀ``, ``∂L/∂U_i = Σ ((V_iᵀ δ) ⊙ 1[h > 0]) x_tᵀ``;
+  shared: ``∂L/∂S = (1/T) Σ_t r_t x_tᵀ``;
 - gate value: ``∂L/∂g_{t,j} = (1/T)⟨r_t, E_j(x_t)⟩`` at kept assignments, 0 at dropped ones;
 - router logits: the gate values' vector-Jacobian product (:func:`gate_backward`). The top-k
   selection and the capacity are piecewise constant and pass no gradient; the bias never does.
@@ -54,7 +56,8 @@ repeated, as the router's Adam does). The step of each map is capped at ``_STABL
 the trace of its Hessian (``Σ g²‖x‖²/T`` over its tokens) and over the number of maps a token's
 output sums (``K``, plus one with a shared expert), so that a flooded expert, or k steps
 taken at once, stays a stable gradient step; near the balanced load the cap is far from
-binding.
+binding. (For the first layer the trace uses ``‖V_i‖²·Σ g²‖x‖²/T``, for the second
+``Σ g²‖a‖²/T``.)
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ TASK_DIM = 8
 # Share of the target's variance every topic has in common (the shared map B). Half: a router
 # gains as much from an expert that learnt B as from one that learnt its topic.
 SHARED_SHARE = 0.5
+# Hidden units of a routed expert (a ReLU FFN): few, so that one expert fits a few topics' maps
+# well and many only as a compromise.
+EXPERT_HIDDEN = 8
 # Output variance of a freshly initialised expert, as a share of the target's (random, small
 # experts as in any network at initialisation; their differences give the router a first
 # gradient).
@@ -84,8 +90,12 @@ EXPERT_LEARNING_RATE = 0.5
 # on a quadratic): caps the step of an expert flooded with tokens, or of a coarsened gate's
 # k steps at once, and is inactive at loads near the balanced one.
 _STABLE_STEP = 0.5
-# Multiplier on the task loss's logit gradient (docs/model/gate.md, Gradient scale).
-TASK_GRADIENT_SCALE = 1.0
+# Multiplier on the task loss's logit gradient (docs/model/gate.md, Gradient scale). Calibrated
+# once, on one published point: the loss-free paper's 1B model (arXiv 2408.15664 Table 2: 64
+# routed + 2 shared experts, top-6, sigmoid, auxiliary loss α = 1e-3) has MaxVio_global 0.72.
+# The quickstart scenario has that router; over the grid α/scale ∈ {0.03, 0.1, 0.3} (seeds 7
+# and 8) its MaxVio_global was 1.25, 0.80 and 0.15, so α = 1e-3 must act as 0.1: scale 0.01.
+TASK_GRADIENT_SCALE = 0.01
 
 
 def gate_backward(routing: Routing, dgates: FloatArray, options: RouteOptions) -> FloatArray:
@@ -202,20 +212,30 @@ class ExpertTask:
         common = rng.standard_normal((TASK_DIM, dim)) * scale_shared
         topic = rng.standard_normal((n_topics, TASK_DIM, dim)) * scale_topic
         self.targets: npt.NDArray[np.floating] = (common[None] + topic).astype(dtype)
-        scale_init = np.sqrt(INIT_SHARE / TASK_DIM)
-        self.experts: npt.NDArray[np.floating] = (
-            rng.standard_normal((n_experts, TASK_DIM, dim)) * scale_init
+        # Fan-in initialisation of the first layer; the second scaled so that an expert's output
+        # variance is INIT_SHARE of the target's (the ReLU halves the second moment).
+        scale_down = np.sqrt(2 * INIT_SHARE * dim / (EXPERT_HIDDEN * TASK_DIM))
+        self.up: npt.NDArray[np.floating] = (
+            rng.standard_normal((n_experts, EXPERT_HIDDEN, dim)) / np.sqrt(dim)
         ).astype(dtype)
+        self.down: npt.NDArray[np.floating] = (
+            rng.standard_normal((n_experts, TASK_DIM, EXPERT_HIDDEN)) * scale_down
+        ).astype(dtype)
+        scale_init = np.sqrt(INIT_SHARE / TASK_DIM)
         self.shared: npt.NDArray[np.floating] | None = (
             (rng.standard_normal((TASK_DIM, dim)) * scale_init).astype(dtype) if shared else None
         )
         self.expert_step = EXPERT_LEARNING_RATE * n_experts / top_k
-        self._curvature = np.zeros(n_experts)
         # Maps a token's output sums: its k experts and the shared one. Their steps add up on
         # the token's residual, so each map's cap is a share of the stable step.
         self._maps = top_k + (1 if shared else 0)
-        self._shared_curvature = 0.0
-        self._grads: tuple[npt.NDArray[np.floating], npt.NDArray[np.floating] | None] | None = None
+        self._grads: dict[str, npt.NDArray[np.floating]] | None = None
+        self._curvature: dict[str, npt.NDArray[np.float64]] = {}
+
+    @property
+    def n_experts(self) -> int:
+        """Routed experts ``N``."""
+        return int(self.up.shape[0])
 
     def target(self, x: FloatArray, topics: npt.NDArray[np.int64]) -> FloatArray:
         """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM)."""
@@ -231,16 +251,18 @@ class ExpertTask:
 
     def _forward(
         self, x: FloatArray, routing: Routing
-    ) -> tuple[FloatArray, FloatArray, _Sorted, FloatArray]:
-        """Layer output (T, TASK_DIM), expert outputs per kept assignment in expert order,
-        the sort, and the gathered inputs in that order."""
+    ) -> tuple[FloatArray, FloatArray, FloatArray, _Sorted, FloatArray]:
+        """Layer output (T, TASK_DIM); per kept assignment in expert order, the expert's
+        output and hidden pre-activation; the sort; the gathered inputs in that order."""
         order = _sort_assignments(routing)
         xs = x[order.rows]
         outs = np.empty((xs.shape[0], TASK_DIM), dtype=x.dtype)
+        hidden = np.empty((xs.shape[0], EXPERT_HIDDEN), dtype=x.dtype)
         bounds = order.bounds
         for i in np.flatnonzero(np.diff(bounds)):
             lo, hi = bounds[i], bounds[i + 1]
-            np.matmul(xs[lo:hi], self.experts[i].T, out=outs[lo:hi])
+            np.matmul(xs[lo:hi], self.up[i].T, out=hidden[lo:hi])
+            np.matmul(np.maximum(hidden[lo:hi], 0), self.down[i].T, out=outs[lo:hi])
         gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
         n_tokens, k = routing.selected.shape
         per_slot = np.zeros((n_tokens * k, TASK_DIM), dtype=x.dtype)
@@ -248,11 +270,11 @@ class ExpertTask:
         y_hat = per_slot.reshape(n_tokens, k, TASK_DIM).sum(axis=1)
         if self.shared is not None:
             y_hat += x @ self.shared.T
-        return y_hat, outs, order, xs
+        return y_hat, outs, hidden, order, xs
 
     def evaluate(self, x: FloatArray, topics: npt.NDArray[np.int64], routing: Routing) -> float:
         """``L`` of the batch under ``routing`` at the current experts (no gradient, no update)."""
-        y_hat, _, _, _ = self._forward(x, routing)
+        y_hat = self._forward(x, routing)[0]
         r = y_hat - self.target(x, topics)
         return float(0.5 * np.einsum("td,td->", r, r, dtype=np.float64) / x.shape[0])
 
@@ -268,7 +290,7 @@ class ExpertTask:
         """``L``, the router-logit gradient, and (``update``) ``steps`` SGD steps' worth of the
         experts' gradient applied to them."""
         n_tokens = x.shape[0]
-        y_hat, outs, order, xs = self._forward(x, routing)
+        y_hat, outs, hidden, order, xs = self._forward(x, routing)
         r = y_hat - self.target(x, topics)
         loss = float(0.5 * np.einsum("td,td->", r, r, dtype=np.float64) / n_tokens)
         r /= x.dtype.type(n_tokens)  # ∂L/∂ŷ
@@ -278,22 +300,38 @@ class ExpertTask:
         dlogits = gate_backward(routing, dgates.reshape(routing.selected.shape), options)
         dlogits *= dlogits.dtype.type(TASK_GRADIENT_SCALE)
         gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
-        r_sorted *= gates[:, None]
-        grad_experts = np.zeros_like(self.experts)
+        r_sorted *= gates[:, None]  # ∂L/∂(expert output) per assignment
+        grad_up = np.zeros_like(self.up)
+        grad_down = np.zeros_like(self.down)
+        active = hidden > 0
+        act = np.where(active, hidden, hidden.dtype.type(0))
         bounds = order.bounds
+        # Traces of each expert's Hessian blocks (Gauss-Newton), bounds on their largest
+        # eigenvalues that cap the steps (apply): Σ g²‖a‖²/T for the second layer and
+        # ‖V‖²·Σ g²‖x‖²/T for the first.
+        g2 = gates.astype(np.float64) ** 2
+        curv_down = np.zeros(self.n_experts)
+        curv_up = np.zeros(self.n_experts)
+        x_sq = np.einsum("ad,ad->a", xs, xs, dtype=np.float64) * g2
+        a_sq = np.einsum("ah,ah->a", act, act, dtype=np.float64) * g2
         for i in np.flatnonzero(np.diff(bounds)):
             lo, hi = bounds[i], bounds[i + 1]
-            np.matmul(r_sorted[lo:hi].T, xs[lo:hi], out=grad_experts[i])
-        grad_shared = r.T @ x if self.shared is not None else None
-        # Trace of each expert's Hessian, Σ g²‖x‖²/T over its tokens (and ‖x‖²/T summed for the
-        # shared map): an upper bound on its largest eigenvalue, which caps the step (apply).
-        norms = np.einsum("ad,ad->a", xs, xs, dtype=np.float64)
-        weight = norms * gates.astype(np.float64) ** 2
-        owner = routing.selected.ravel()[order.slot]
-        self._curvature = np.bincount(owner, weights=weight, minlength=self.experts.shape[0])
-        self._curvature /= n_tokens
-        self._shared_curvature = float(np.einsum("td,td->", x, x, dtype=np.float64)) / n_tokens
-        self._grads = (grad_experts, grad_shared)
+            d_out = r_sorted[lo:hi]
+            np.matmul(d_out.T, act[lo:hi], out=grad_down[i])
+            d_hidden = d_out @ self.down[i]
+            d_hidden *= active[lo:hi]
+            np.matmul(d_hidden.T, xs[lo:hi], out=grad_up[i])
+            curv_down[i] = a_sq[lo:hi].sum()
+            curv_up[i] = x_sq[lo:hi].sum() * float(
+                np.sum(np.square(self.down[i], dtype=np.float64))
+            )
+        grads = {"up": grad_up, "down": grad_down}
+        self._curvature = {"up": curv_up / n_tokens, "down": curv_down / n_tokens}
+        if self.shared is not None:
+            grads["shared"] = r.T @ x
+            shared_sq = float(np.einsum("td,td->", x, x, dtype=np.float64)) / n_tokens
+            self._curvature["shared"] = np.array(shared_sq)
+        self._grads = grads
         if update:
             self.apply(steps)
         return TaskResult(loss=loss, dlogits=dlogits)
@@ -302,19 +340,18 @@ class ExpertTask:
         """``steps`` SGD steps with the gradient of the last :meth:`step`."""
         if self._grads is None:
             return
-        grad_experts, grad_shared = self._grads
-        dtype = self.experts.dtype
-        with np.errstate(divide="ignore"):
-            cap = _STABLE_STEP / (self._maps * self._curvature)
-        rate = np.minimum(self.expert_step * steps, cap).astype(dtype)
-        self.experts -= rate[:, None, None] * grad_experts
-        if self.shared is not None and grad_shared is not None:
-            cap_shared = _STABLE_STEP / (self._maps * self._shared_curvature)
-            shared_rate = min(EXPERT_LEARNING_RATE * steps, cap_shared)
-            self.shared -= dtype.type(shared_rate) * grad_shared
+        for name, grad in self._grads.items():
+            weights = getattr(self, name)
+            step = (EXPERT_LEARNING_RATE if name == "shared" else self.expert_step) * steps
+            with np.errstate(divide="ignore"):
+                cap = _STABLE_STEP / (self._maps * self._curvature[name])
+            rate = np.minimum(step, cap).astype(weights.dtype)
+            if rate.ndim:
+                weights -= rate[:, None, None] * grad
+            else:
+                weights -= rate * grad
 
-    def expert_gradients(
-        self,
-    ) -> tuple[npt.NDArray[np.floating], npt.NDArray[np.floating] | None] | None:
-        """``(∂L/∂V, ∂L/∂S)`` of the last :meth:`step` (for tests)."""
+    def expert_gradients(self) -> dict[str, npt.NDArray[np.floating]] | None:
+        """``∂L/∂`` each weight array (``up``, ``down``, ``shared``) of the last :meth:`step`
+        (for tests)."""
         return self._grads

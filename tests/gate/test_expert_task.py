@@ -40,7 +40,7 @@ def _problem(rng: np.random.Generator, shared: bool = True) -> tuple[Any, ...]:
     topics = rng.integers(0, n_topics, n_tokens).astype(np.int64)
     task = ExpertTask(n_topics, dim, n_experts, 3, shared, rng, dtype=np.float64)
     # Experts well away from their small start, so the gate gradient is large.
-    task.experts[...] = rng.normal(0, 0.5, task.experts.shape)
+    task.down[...] = rng.normal(0, 0.5, task.down.shape)
     if task.shared is not None:
         task.shared[...] = rng.normal(0, 0.5, task.shared.shape)
     weights = rng.normal(0, 1.0, (n_experts, dim))
@@ -99,10 +99,9 @@ def test_expert_gradients_match_finite_differences(rng: np.random.Generator) -> 
     task.step(x, topics, routing, options, update=False)
     grads = task.expert_gradients()
     assert grads is not None
-    assert grads[1] is not None
-    grad_experts, grad_shared = grads
-    for array, grad in ((task.experts, grad_experts), (task.shared, grad_shared)):
-        flat, flat_grad = array.reshape(-1), grad.reshape(-1)
+    assert set(grads) == {"up", "down", "shared"}
+    for name, grad in grads.items():
+        flat, flat_grad = getattr(task, name).reshape(-1), grad.reshape(-1)
         for i in rng.choice(flat.size, 12, replace=False):
             old = flat[i]
             flat[i] = old + EPS
@@ -112,8 +111,9 @@ def test_expert_gradients_match_finite_differences(rng: np.random.Generator) -> 
             flat[i] = old
             assert flat_grad[i] == pytest.approx((up - down) / (2 * EPS), rel=1e-5, abs=1e-10)
     # An expert no token reached has no gradient.
-    idle = np.setdiff1d(np.arange(task.experts.shape[0]), routing.selected)
-    assert not grad_experts[idle].any()
+    idle = np.setdiff1d(np.arange(task.n_experts), routing.selected)
+    assert not grads["up"][idle].any()
+    assert not grads["down"][idle].any()
 
 
 def test_gate_backward_is_zero_outside_the_selection_except_for_all_expert_softmax(
