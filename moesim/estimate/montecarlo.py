@@ -28,6 +28,10 @@ BANDED = (
     "cost_usd",
     "gpu_hours_with_failures",
     "cost_usd_with_failures",
+    # The gate's balance and task loss over one window (moesim.gate.training.tail_summary).
+    "task_loss",
+    "gate_maxvio_global",
+    "gate_maxvio_batch",
 )
 PERCENTILES = (10, 50, 90)
 CURVES = ("gpu_hours", "cost_usd")

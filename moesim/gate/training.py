@@ -86,7 +86,7 @@ _BIAS_CHUNK_TOKENS = 1 << 16
 # Longest block of bias steps run together (docs/decisions/2026-12-04-gate-coarsening.md): the
 # trajectory does not depend on it; 16 saved about 10 % at DeepSeek-V3 size
 # (benchmarks/gate_speed.py) and keeps a block's score buffers within a few tens of MB.
-_BIAS_BLOCK_STEPS = 16
+BIAS_BLOCK_STEPS = 16
 
 
 class UpdateMetrics(NamedTuple):
@@ -114,18 +114,20 @@ class GateTrajectory:
     records : list of dict
         One per full update, in step order (every step for ``gate.steps_per_update = 1``, every
         k-th step from step 0 otherwise): ``step`` (the real optimizer step), ``tokens``
-        (``scenario.tokens_before(step + 1)``,
-        tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
-        of the update's gate-batch loads as processed — routed, less any capacity drops —
-        arXiv 2408.15664 Eq. 4; docs/model/gate.md), ``task_loss`` (nats),
-        ``aux_loss`` (the strategy's loss, 0 when it has none), ``teacher_capture``
-        (:mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
+        (``scenario.tokens_before(step + 1)``, tokens seen once the step is done), and,
+        averaged over layers (:class:`UpdateMetrics`): ``maxvio_batch`` (MaxVio of the update's
+        gate-batch loads as processed — routed, less any capacity drops), ``task_loss`` (the
+        objective's loss before the update), ``aux_loss`` (the strategy's loss, 0 when it has
+        none), ``teacher_capture`` (only with ``gate.objective: teacher``,
+        :mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
         between ``∂L_aux/∂W`` and ``∂L_task/∂W`` on the router weights and ``‖∂L_aux/∂W‖ /
         ‖∂L_task/∂W‖``, :func:`~moesim.gate.balancing.interference`; both exactly 0 for a
         strategy without an auxiliary loss), ``bias_abs_mean`` (mean ``|b − b₀|`` after the
-        step's update, ``b₀`` the neutral bias: 0, or 1 for a multiplicative one), and
-        ``gamma`` (the bias update speed used after this step; the same for every layer, 0
-        without a bias).
+        step's update, ``b₀`` the neutral bias: 0, or 1 for a multiplicative one),
+        ``bias_moved`` (share of the assignments the bias moves off the router's own top-k; 0
+        while the bias is neutral), ``task_loss_unbiased`` (the task loss of the same weights
+        routed without the bias; the task loss while the bias is neutral), and ``gamma`` (the
+        bias update speed used after this step; the same for every layer, 0 without a bias).
     states : dict of int to list of RouterState
         Deep copies of every layer's router taken *before* the update of each requested step
         (the step ``total_steps`` means after the last update).
@@ -684,13 +686,13 @@ def train_gate(
     interference) when the strategy has a loss; everything is float32 and vectorised. A bias
     step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
     bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
-    step; blocks of bias steps (``bias_steps_per_update > 1``) score their sub-batches at once
+    step; blocks of bias steps (``BIAS_BLOCK_STEPS``) score their sub-batches at once
     and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
-    every, block = gate.steps_per_update, _BIAS_BLOCK_STEPS
+    every, block = gate.steps_per_update, BIAS_BLOCK_STEPS
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
@@ -715,8 +717,8 @@ def train_gate(
         ]
     init_rng = np.random.default_rng(init_seed)
     # Tokens have E‖x‖² = Σ_k p_k ‖centroid_k‖² + noise² (unit centroids, plus the common
-    # direction when there is one; p the topic popularity), so this weight std gives the initial logits a standard deviation of
-    # init_logit_std.
+    # direction when there is one; p the topic popularity), so this weight std gives the
+    # initial logits a standard deviation of init_logit_std.
     params = scenario.stream
     centroid_sq = 1.0
     if params.common > 0:
@@ -765,7 +767,7 @@ def train_gate(
         tokens_before = scenario.tokens_before(step)
         if step % every:
             # A block of bias steps (steps_per_update > 1; one step unless
-            # bias_steps_per_update > 1): each step's bias update from its own fresh batch,
+            # BIAS_BLOCK_STEPS > 1): each step's bias update from its own fresh batch,
             # and its Adam step with the last full update's gradient.
             period_end = min(total_steps, step - step % every + every)
             if bias_steps is None:

@@ -20,7 +20,7 @@ def test_percentiles_are_ordered_and_reproducible(tiny_dict):
     a = estimate_with_bands(sc)
     s = a.summary["aux_loss"]
     assert s["seeds"] == 3
-    for key in ("step_time_s", "gpu_hours", "cost_usd"):
+    for key in ("step_time_s", "gpu_hours", "cost_usd", "task_loss", "gate_maxvio_global"):
         assert s[f"{key}_p10"] <= s[f"{key}_p50"] <= s[f"{key}_p90"]
     # A worker's seed gives what that seed gives in this process (same seed, same result).
     # With three values a ≤ b ≤ c, linear interpolation gives P10 = a + 0.2(b − a), P50 = b,

@@ -1,4 +1,4 @@
-"""Blocks of bias steps (moesim.gate.training, ``_BIAS_BLOCK_STEPS = j``).
+"""Blocks of bias steps (moesim.gate.training, ``BIAS_BLOCK_STEPS = j``).
 
 Between two gradients (``gate.steps_per_update = k``) a coarsened gate takes one bias update and
 one Adam step per optimizer step. With j > 1 those steps run in blocks of up to j: the block's
@@ -67,12 +67,12 @@ def _train_j(
     scenario: Scenario, spec: object, samples: Sequence[int], seed: int, j: int
 ) -> GateTrajectory:
     """``train_gate`` with bias-step blocks of up to ``j`` steps."""
-    saved = training._BIAS_BLOCK_STEPS
-    training._BIAS_BLOCK_STEPS = j
+    saved = training.BIAS_BLOCK_STEPS
+    training.BIAS_BLOCK_STEPS = j
     try:
         return train_gate(scenario, spec, samples, np.random.SeedSequence(seed))  # type: ignore[arg-type]
     finally:
-        training._BIAS_BLOCK_STEPS = saved
+        training.BIAS_BLOCK_STEPS = saved
 
 
 def _assert_same(a: GateTrajectory, b: GateTrajectory) -> None:
@@ -97,7 +97,7 @@ def test_block_length_is_not_a_scenario_field(make_scenario) -> None:  # type: i
 # --------------------------------------------------------------------------- exactness
 
 # Records and final biases of coarsened runs (k = 4, or 6 with a capacity; seed 3) computed
-# before bias_steps_per_update existed (both layers): the loss-free gate of TINY, a group-limited
+# before blocks of bias steps existed (both layers): the loss-free gate of TINY, a group-limited
 # V3-like gate (64 experts, top-6, 4 of 8 groups, sequence loss, micro-batch bias scope) and a
 # capacity-limited gate with a rank-scope bias.
 GOLDEN = {
