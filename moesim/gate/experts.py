@@ -15,8 +15,8 @@ every expert (or a shared expert) can learn from any token.
 
 **Layer.** Routed expert ``i`` is a small ReLU FFN ``E_i(x) = V_i relu(U_i x)`` with
 ``EXPERT_HIDDEN`` hidden units; the model's shared experts add one linear map ``S`` applied to
-every token with weight 1
-(DeepSeekMoE, arXiv 2401.06066 §3: shared experts hold the common knowledge). The output is
+every token with weight 1 (DeepSeekMoE, arXiv 2401.06066 §3: shared experts hold the common
+knowledge). The output is
 
     ŷ_t = S x_t + Σ_{j ∈ K_t} g_{t,j} E_j(x_t),
 
@@ -29,9 +29,12 @@ capacity (a dropped assignment skips the expert through the residual). The loss 
 An expert with a few hidden units fits a few topics' maps well and many only as a compromise:
 an expert that serves many topics fits each worse, one that receives few tokens learns slowly (its
 gradient is the sum over its tokens), and one that has learnt the shared map ``B`` helps every
-token, so a router trained on this loss without balancing favours the experts that learnt
-first — the rich-get-richer collapse of an unbalanced MoE (Shazeer et al., arXiv 1701.06538 §4;
-Switch Transformer, arXiv 2101.03961 §2.2).
+token. A router trained on this loss without balancing has nothing that sends tokens back to a
+starved expert, while the experts that get the tokens keep improving — the self-reinforcing
+imbalance of an unbalanced MoE (Shazeer et al., arXiv 1701.06538 §4; Switch Transformer,
+arXiv 2101.03961 §2.2). On the default stream the routing starts collapsed (its common
+direction hands a few router rows every token) and stays so without balancing
+(``docs/model/gate.md``, R1).
 
 **Gradients.** With ``r_t = ŷ_t − y_t``:
 
@@ -52,12 +55,11 @@ shared expert, whatever ``N`` and ``K``), ``EXPERT_LEARNING_RATE`` on the shared
 the step proportional to the tokens an expert receives — an overloaded expert's gradient mixes
 its topics, a starved one hardly moves — where Adam would normalise that away. A coarsened gate
 (``gate.steps_per_update = k``) applies k steps' worth at each full update (the stale gradient
-repeated, as the router's Adam does). The step of each map is capped at ``_STABLE_STEP`` over
-the trace of its Hessian (``Σ g²‖x‖²/T`` over its tokens) and over the number of maps a token's
-output sums (``K``, plus one with a shared expert), so that a flooded expert, or k steps
-taken at once, stays a stable gradient step; near the balanced load the cap is far from
-binding. (For the first layer the trace uses ``‖V_i‖²·Σ g²‖x‖²/T``, for the second
-``Σ g²‖a‖²/T``.)
+repeated, as the router's Adam does). The step of each weight array is capped at ``_STABLE_STEP``
+over the trace of its Gauss-Newton curvature (``Σ g²‖a‖²/T`` over an expert's tokens for ``V``,
+``‖V‖²·Σ g²‖x‖²/T`` for ``U``, ``Σ‖x‖²/T`` for ``S``) and over the number of maps a token's
+output sums (``K``, plus one with a shared expert), so that a flooded expert, or k steps taken
+at once, stays a stable gradient step; near the balanced load the cap is far from binding.
 """
 
 from __future__ import annotations
@@ -145,11 +147,22 @@ def gate_backward(routing: Routing, dgates: FloatArray, options: RouteOptions) -
 @dataclass
 class _Sorted:
     """The kept assignments of a batch in expert order: ``rows`` the token of each, ``slot``
-    its position in ``selected.ravel()``, ``bounds`` where each expert's run starts."""
+    its position in ``selected.ravel()``, ``owner`` the expert of each and ``pos`` its place in
+    that expert's run. The experts' inputs are laid out as a zero-padded (N, longest run, ·)
+    stack, so that one batched product serves every expert: a few rows per expert at a time
+    cost far more in calls than in arithmetic."""
 
     rows: npt.NDArray[np.int64]
     slot: npt.NDArray[np.int64]
-    bounds: npt.NDArray[np.int64]
+    owner: npt.NDArray[np.int64]
+    pos: npt.NDArray[np.int64]
+    longest: int
+
+    def pad(self, values: FloatArray, n_experts: int) -> FloatArray:
+        """``values`` (one row per assignment, expert order) as an (N, longest, ·) stack."""
+        out = np.zeros((n_experts, self.longest, values.shape[1]), dtype=values.dtype)
+        out[self.owner, self.pos] = values
+        return out
 
 
 def _sort_assignments(routing: Routing) -> _Sorted:
@@ -159,9 +172,12 @@ def _sort_assignments(routing: Routing) -> _Sorted:
     slot = np.argsort(flat, kind="stable").astype(np.int64)
     if routing.dropped.any():
         slot = slot[~routing.dropped.ravel()[slot]]
-    counts = np.bincount(flat[slot], minlength=routing.n_experts)
-    bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    return _Sorted(rows=slot // k, slot=slot, bounds=bounds)
+    owner = flat[slot]
+    counts = np.bincount(owner, minlength=routing.n_experts)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    pos = np.arange(slot.size, dtype=np.int64) - starts[owner]
+    longest = int(counts.max()) if counts.size else 0
+    return _Sorted(rows=slot // k, slot=slot, owner=owner, pos=pos, longest=longest)
 
 
 @dataclass
@@ -256,13 +272,10 @@ class ExpertTask:
         output and hidden pre-activation; the sort; the gathered inputs in that order."""
         order = _sort_assignments(routing)
         xs = x[order.rows]
-        outs = np.empty((xs.shape[0], TASK_DIM), dtype=x.dtype)
-        hidden = np.empty((xs.shape[0], EXPERT_HIDDEN), dtype=x.dtype)
-        bounds = order.bounds
-        for i in np.flatnonzero(np.diff(bounds)):
-            lo, hi = bounds[i], bounds[i + 1]
-            np.matmul(xs[lo:hi], self.up[i].T, out=hidden[lo:hi])
-            np.matmul(np.maximum(hidden[lo:hi], 0), self.down[i].T, out=outs[lo:hi])
+        hidden_pad = np.matmul(order.pad(xs, self.n_experts), self.up.transpose(0, 2, 1))
+        outs_pad = np.matmul(np.maximum(hidden_pad, 0), self.down.transpose(0, 2, 1))
+        hidden = hidden_pad[order.owner, order.pos]
+        outs = outs_pad[order.owner, order.pos]
         gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
         n_tokens, k = routing.selected.shape
         per_slot = np.zeros((n_tokens * k, TASK_DIM), dtype=x.dtype)
@@ -301,30 +314,25 @@ class ExpertTask:
         dlogits *= dlogits.dtype.type(TASK_GRADIENT_SCALE)
         gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
         r_sorted *= gates[:, None]  # ∂L/∂(expert output) per assignment
-        grad_up = np.zeros_like(self.up)
-        grad_down = np.zeros_like(self.down)
+        grad_up = np.empty_like(self.up)
+        grad_down = np.empty_like(self.down)
         active = hidden > 0
         act = np.where(active, hidden, hidden.dtype.type(0))
-        bounds = order.bounds
         # Traces of each expert's Hessian blocks (Gauss-Newton), bounds on their largest
         # eigenvalues that cap the steps (apply): Σ g²‖a‖²/T for the second layer and
         # ‖V‖²·Σ g²‖x‖²/T for the first.
         g2 = gates.astype(np.float64) ** 2
-        curv_down = np.zeros(self.n_experts)
-        curv_up = np.zeros(self.n_experts)
         x_sq = np.einsum("ad,ad->a", xs, xs, dtype=np.float64) * g2
         a_sq = np.einsum("ah,ah->a", act, act, dtype=np.float64) * g2
-        for i in np.flatnonzero(np.diff(bounds)):
-            lo, hi = bounds[i], bounds[i + 1]
-            d_out = r_sorted[lo:hi]
-            np.matmul(d_out.T, act[lo:hi], out=grad_down[i])
-            d_hidden = d_out @ self.down[i]
-            d_hidden *= active[lo:hi]
-            np.matmul(d_hidden.T, xs[lo:hi], out=grad_up[i])
-            curv_down[i] = a_sq[lo:hi].sum()
-            curv_up[i] = x_sq[lo:hi].sum() * float(
-                np.sum(np.square(self.down[i], dtype=np.float64))
-            )
+        n = self.n_experts
+        d_out = order.pad(r_sorted, n)
+        np.matmul(d_out.transpose(0, 2, 1), order.pad(act, n), out=grad_down)
+        d_hidden = np.matmul(d_out, self.down)
+        d_hidden *= order.pad(active.astype(x.dtype), n)
+        np.matmul(d_hidden.transpose(0, 2, 1), order.pad(xs, n), out=grad_up)
+        curv_down = np.bincount(order.owner, weights=a_sq, minlength=n)
+        down_sq = np.sum(np.square(self.down, dtype=np.float64), axis=(1, 2))
+        curv_up = np.bincount(order.owner, weights=x_sq, minlength=n) * down_sq
         grads = {"up": grad_up, "down": grad_down}
         self._curvature = {"up": curv_up / n_tokens, "down": curv_down / n_tokens}
         if self.shared is not None:
