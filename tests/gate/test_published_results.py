@@ -167,7 +167,7 @@ def test_interference_grows_with_alpha(runs):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def softmax_runs(scenario):  # type: ignore[no-untyped-def]
     """Loss-free on a softmax router. A scenario file refuses softmax with the sign rule
-    (``check_strategies``; routing.md App. C, Megatron §6.1): ``model_copy`` bypasses that check
+    (``check_strategies``; arXiv 2408.15664 App. C, Megatron-LM): ``model_copy`` bypasses that check
     so the refused configuration can be measured."""
     softmax = scenario.model_copy(
         update={"router": scenario.router.model_copy(update={"score": "softmax"})}
