@@ -13,8 +13,8 @@
     global batch of 15360 × 4096 tokens and 235,000 optimizer steps (14.8T tokens) — one bias
     update and one Adam step per step — timed over all its steps with the coarsening of
     ``gate.steps_per_update`` (k) and the bias steps run in blocks of
-    ``gate.bias_steps_per_update`` (j); its first steps compared with a j = 1 run (the same
-    records, bit for bit) and with a k = 1 run.
+    ``moesim.gate.training.BIAS_BLOCK_STEPS`` (j, chosen inside the gate); its first steps
+    compared with a j = 1 run (the same records, bit for bit) and with a k = 1 run.
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.gate import train_gate
+from moesim.gate import train_gate, training
 from moesim.gate.router import RouterState, route, scores_from_logits
 from moesim.gate.training import bias_batch_sequences, routed_loads
 from moesim.scenario import scenario_from_dict
@@ -53,11 +53,10 @@ V3_SEQ = 4096
 # gate batch, so the bias reads loads as noisy as at k = 1) and takes an Adam step. The learning
 # rate is DeepSeek-V3's peak, the regime in which tests/gate/test_training_coarsening.py checks
 # this k against k = 1. The bias steps between two gradients run in blocks of
-# BIAS_STEPS_PER_UPDATE (drawn and scored together; the trajectory is that of 1, as
+# training.BIAS_BLOCK_STEPS (drawn and scored together; the trajectory is that of 1, as
 # tests/gate/test_bias_coarsening.py checks). REFERENCE_STEPS: the j = 1 and k = 1 runs the
 # trajectory's start is compared with.
 STEPS_PER_UPDATE = 16
-BIAS_STEPS_PER_UPDATE = 16
 GATE_BATCH = 4
 BIAS_BATCH = 4
 TOKENS_PER_SEQUENCE = 32
@@ -160,7 +159,6 @@ def v3_scenario(steps: int = V3_STEPS) -> dict[str, Any]:
             "batch_sequences": GATE_BATCH,
             "tokens_per_sequence": TOKENS_PER_SEQUENCE,
             "steps_per_update": STEPS_PER_UPDATE,
-            "bias_steps_per_update": BIAS_STEPS_PER_UPDATE,
             "bias_batch_sequences": BIAS_BATCH,
             "learning_rate": LEARNING_RATE,
         },
@@ -187,7 +185,7 @@ def v3_trajectory(steps: int) -> None:
         f"Adam steps), {len(trajectory.records)} gradients (steps_per_update k = "
         f"{gate.steps_per_update}, {gate.batch_sequences}×{gate.tokens_per_sequence} tokens; "
         f"bias batches {bias_batch_sequences(scenario)}×{gate.tokens_per_sequence} tokens in "
-        f"blocks of bias_steps_per_update j = {gate.bias_steps_per_update}), 1 layer, learning "
+        f"blocks of j = {training.BIAS_BLOCK_STEPS}), 1 layer, learning "
         f"rate {gate.learning_rate:g}"
     )
     print(
@@ -201,16 +199,19 @@ def v3_trajectory(steps: int) -> None:
         scenario_from_dict(v3_scenario(prefix)), strategy, [], np.random.SeedSequence(0)
     )
     raw = v3_scenario(prefix)
-    raw["gate"]["bias_steps_per_update"] = 1
-    start = time.perf_counter()
-    single = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
-    single_wall = time.perf_counter() - start
+    block, training.BIAS_BLOCK_STEPS = training.BIAS_BLOCK_STEPS, 1
+    try:
+        start = time.perf_counter()
+        single = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
+        single_wall = time.perf_counter() - start
+    finally:
+        training.BIAS_BLOCK_STEPS = block
     same = single.records == head.records and all(
         np.array_equal(a.bias, b.bias) and np.array_equal(a.weights, b.weights)
         for a, b in zip(single.final, head.final, strict=True)
     )
     print(
-        f"  steps 0..{prefix}: j={gate.bias_steps_per_update} and j=1 give the same records and "
+        f"  steps 0..{prefix}: j={training.BIAS_BLOCK_STEPS} and j=1 give the same records and "
         f"routers: {same}; the j=1 run took {single_wall / prefix * 1e6:.1f} µs per step "
         f"({single_wall / prefix * V3_STEPS:.0f} s for {V3_STEPS} steps)"
     )

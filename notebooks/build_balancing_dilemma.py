@@ -22,8 +22,14 @@ CELLS: list[tuple[str, str]] = [
         "md",
         r"""# The load-balancing dilemma in the numerical gate
 
+> **Note.** This notebook still shows the gate's earlier *teacher* objective
+> (`gate.objective: teacher`, on a stream without the common direction, `stream.common: 0`),
+> whose experts never learn. The default task is now a small MoE layer whose experts learn
+> (`moesim.gate.experts`); its reproductions of the same results are asserted in
+> `tests/gate/test_published_results.py` and summarised in `docs/model/gate.md`.
+
 This notebook reproduces, *qualitatively*, six published results on MoE load balancing
-(`reference/routing.md` §7: R1, R2, R3, R5, R6, R8) with moesim's numerical gate. The same
+(R1, R2, R3, R5, R6, R8 of `docs/model/gate.md`) with moesim's numerical gate. The same
 experiments, at the same size and seed, are asserted (direction of each effect) in
 `tests/gate/test_published_results.py`.
 
@@ -36,7 +42,7 @@ balancing has a price in perplexity in a real model. Each update sees 64 sequenc
 run is 1,000 updates of one simulated layer.
 
 **Metrics.**
-- *MaxVio* = (max load − mean load) / mean load (routing.md §2.4).
+- *MaxVio* = (max load − mean load) / mean load (arXiv 2408.15664 Eq. 4).
 - *MaxVio_batch*: of each update's training batch, recorded per update; curves are smoothed over
   100 updates as in the paper's figures.
 - *MaxVio_global*: the final router on 30 held-out batches of 64 sequences, loads pooled.
@@ -121,7 +127,12 @@ def make_scenario(**sections):
 
 
 def train(scenario, spec):
-    """One gate run; every run uses the same seed, so the same teacher and token batches."""
+    """One gate run; every run uses the same seed, so the same teacher and token batches. The
+    runs use the teacher objective and a stream without the common direction (see the note at
+    the top)."""
+    gate = scenario.gate.model_copy(update={"objective": "teacher"})
+    stream = scenario.stream.model_copy(update={"common": 0.0})
+    scenario = scenario.model_copy(update={"gate": gate, "stream": stream})
     return train_gate(scenario, spec, [], np.random.SeedSequence(SEED))
 
 
@@ -137,10 +148,10 @@ steps = np.arange(1, STEPS + 1)''',
         "md",
         r"""## R1 — the auxiliary-loss dilemma
 
-*Paper (Loss-Free Fig. 2, routing.md §7 R1):* a larger α lowers MaxVio but hurts the language-model
+*Paper (Loss-Free Fig. 2, arXiv 2408.15664):* a larger α lowers MaxVio but hurts the language-model
 objective; α = 0 leads to imbalance (collapse onto a few experts).
 
-We sweep α of the micro-batch auxiliary loss `α·N·Σ f_i P_i` (Switch form, routing.md §5.1) from 0
+We sweep α of the micro-batch auxiliary loss `α·N·Σ f_i P_i` (Switch form, arXiv 2101.03961) from 0
 to 3.""",
     ),
     (
@@ -250,7 +261,7 @@ no longer opposing the task, it is gaming its own loss (above).""",
         "md",
         r"""## R2 — loss-free sits below the auxiliary-loss frontier
 
-*Paper (Loss-Free Table 2, routing.md §7 R2):* loss-free balancing reaches MaxVio_global ≈ 0.04
+*Paper (Loss-Free Table 2, arXiv 2408.15664):* loss-free balancing reaches MaxVio_global ≈ 0.04
 against 0.5–0.7 for the aux loss, with a better objective.
 
 Each α gives one point (MaxVio_global, task loss); the lower-left envelope of those points is the
@@ -324,7 +335,7 @@ loss-free pays much less for it.""",
         "md",
         r"""## R3 — the bias update speed γ
 
-*Paper (Loss-Free Fig. 4, routing.md §7 R3):* u = 1e-4 converges slowly; u = 1e-2 balances fast
+*Paper (Loss-Free Fig. 4, arXiv 2408.15664):* u = 1e-4 converges slowly; u = 1e-2 balances fast
 but fluctuates late in training; 1e-3 is best.""",
     ),
     (
@@ -357,7 +368,7 @@ dithers by ±γ around the equilibrium, which is large next to the score gaps (l
         "md",
         r"""## R5 — softmax routers and the sign rule
 
-*Paper (Loss-Free App. C, routing.md §7 R5):* with a softmax gate the authors switch to the
+*Paper (Loss-Free App. C, arXiv 2408.15664):* with a softmax gate the authors switch to the
 proportional rule `b += u·e`, because "due to the normalization property of softmax … the score gap
 between two experts [is] sensitive to the scores of other experts"; softmax is "more sensitive to
 load imbalance".
@@ -365,7 +376,7 @@ load imbalance".
 **A configuration refused in scenario files.** A scenario with `router.score: softmax` and a
 sign-rule bias (`loss_free`, or `composite` with `bias.rule: sign`) fails validation
 (`moesim.scenario.strategies.check_strategies`), as Megatron refuses an expert bias with softmax
-(routing.md §6.1): a fixed-size step is mis-scaled against softmax score gaps. For this experiment
+(Megatron-LM TransformerConfig): a fixed-size step is mis-scaled against softmax score gaps. For this experiment
 we build the softmax scenario with `Scenario.model_copy(update=...)`, which bypasses validation, and
 hand the strategy to `train_gate` directly.""",
     ),
@@ -432,7 +443,7 @@ teacher's weights are a softmax, which a softmax student matches more easily."""
         "md",
         r"""## R6 — computation batch size
 
-*Paper (Loss-Free Fig. 5, §5.1, routing.md §7 R6):* as the computation batch grows (micro-batch ×
+*Paper (Loss-Free Fig. 5, §5.1, arXiv 2408.15664):* as the computation batch grows (micro-batch ×
 expert-parallel ranks), loss-free MaxVio keeps falling, while the aux-loss baseline stays at a
 roughly constant level.
 
@@ -474,7 +485,7 @@ sampling noise; the aux-loss runs flatten out at their global imbalance (α = 0.
         "md",
         r"""## R8 — balance scope with domain-homogeneous micro-batches
 
-*Paper (Demons in the Detail, Table 1, routing.md §5.7, §7 R8):* with packed, single-domain
+*Paper (Demons in the Detail, Table 1, arXiv 2501.11873; docs/model/gate.md):* with packed, single-domain
 micro-batches, a balance loss counted per micro-batch forces every domain to spread over all
 experts, which blocks specialisation and hurts quality; counting over the global batch helps. The
 same holds for the aux-free bias: updated from local counts, PPL goes from 8.080 to 8.521.

@@ -29,6 +29,10 @@ BANDED = (
     "cost_usd",
     "gpu_hours_with_failures",
     "cost_usd_with_failures",
+    # The gate's balance and task loss over one window (moesim.gate.training.tail_summary).
+    "task_loss",
+    "gate_maxvio_global",
+    "gate_maxvio_batch",
 )
 """Summary scalars reported as percentiles over seeds."""
 CURVES = ("gpu_hours", "cost_usd")
@@ -87,8 +91,8 @@ def with_bands(est: RunEstimate, results: list[SeedResult]) -> RunEstimate:
     for name, s in est.summary.items():
         percentiles = {}
         for key in BANDED:
-            values = [getattr(r[0][name], key) for r in results]
-            values = [v for v in values if v is not None]
+            present = [r[0][name].as_dict()[key] for r in results]
+            values = [float(v) for v in present if v is not None]
             if values:
                 percentiles[key] = _percentiles(values)
         summary[name] = replace(s, percentiles=percentiles, seeds=len(results))

@@ -103,6 +103,31 @@ class RoutingSummary:
 
 
 @dataclass(frozen=True)
+class GateWindow:
+    """The gate over one window, the last tenth of its updates
+    (:meth:`~moesim.gate.training.GateTrajectory.tail_summary`): MaxVio_global from the
+    window's pooled loads and MaxVio_batch over the same window as ``task_loss``; the task loss
+    of the same routers without their bias, and the share of assignments the bias moves off the
+    router's own top-k. None without a gate."""
+
+    gate_maxvio_global: float | None = None
+    gate_maxvio_batch: float | None = None
+    task_loss_unbiased: float | None = None
+    bias_moved: float | None = None
+
+    @classmethod
+    def of(cls, window: dict[str, float] | None) -> GateWindow:
+        if window is None:
+            return cls()
+        return cls(
+            gate_maxvio_global=window["maxvio_global"],
+            gate_maxvio_batch=window["maxvio_batch"],
+            task_loss_unbiased=window["task_loss_unbiased"],
+            bias_moved=window["bias_moved"],
+        )
+
+
+@dataclass(frozen=True)
 class Attribution:
     """The run's GPU-hours by cause (``attribution_<cause>_gpu_hours``); they add up to
     ``gpu_hours_with_failures``."""
@@ -137,6 +162,7 @@ class RunSummary:
     wall_days: float
     migration_s: float
     routing: RoutingSummary
+    gate_window: GateWindow
     failure: FailureEstimate | None
     """Expected failure and restart overhead (``faults.failures``; None when off)."""
     gpu_hours_with_failures: float
@@ -221,6 +247,9 @@ class RunEstimate:
     bands: list[BandRow] = field(default_factory=list)
     """Per strategy and point: percentiles over seeds of the cumulative curves
     (:mod:`moesim.estimate.montecarlo`); empty for a single-seed estimate."""
+    gate_windows: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per run with a gate: its window summary (``GateTrajectory.tail_summary``), from which
+    the summary's :class:`GateWindow` is read."""
     kernels: list[Kernel] = field(default_factory=list)
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""

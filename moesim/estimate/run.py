@@ -117,11 +117,13 @@ def _estimate_run(
     gate_records: dict[str, list[dict[str, float]]] = {}
     traced = None
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
+    gate_windows: dict[str, dict[str, float]] = {}
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
     for source in routing_sources(scenario, snapshots, seeds, n_src, n_dest, workers):
         name = source.name
         if source.gate is not None:
             specialisation[name] = topic_load(scenario, source.gate, seeds)
+            gate_windows[name] = source.gate.tail_summary()
         gate_records[name] = source.records
         tick(f"{name}: routing ready")
         if traced is None and scenario.output.trace:
@@ -159,7 +161,9 @@ def _estimate_run(
                 )
             tick(f"{name}: step {step}")
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
-    timeline, summary = integrate(scenario, simulated, balanced, balanced_s, gate_records)
+    timeline, summary = integrate(
+        scenario, simulated, balanced, balanced_s, gate_records, gate_windows
+    )
     return RunEstimate(
         scenario,
         simulated,
@@ -170,5 +174,6 @@ def _estimate_run(
         balanced_s,
         summary=summary,
         timeline=timeline,
+        gate_windows=gate_windows,
         kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
     )

@@ -19,6 +19,7 @@ from moesim.cluster import model_flops_per_token
 from moesim.estimate.attribution import attribute, failure_totals
 from moesim.estimate.records import (
     EPLB_SUFFIX,
+    GateWindow,
     RoutingSummary,
     RunSummary,
     SimulatedStep,
@@ -101,13 +102,16 @@ def integrate(
     balanced: SimulatedStep,
     balanced_step_s: dict[int, float],
     gate_records: dict[str, list[dict[str, float]]],
+    gate_windows: dict[str, dict[str, float]] | None = None,
 ) -> tuple[list[TimelineRow], dict[str, RunSummary]]:
     """The cumulative curves of every run (one row per sampled point) and its summary.
 
     ``steps`` are the simulated steps of every run, ``balanced`` the balanced reference step,
-    ``balanced_step_s`` the balanced step time by micro-batches per pipeline, and
-    ``gate_records`` each strategy's gate records (empty for a trace replay).
+    ``balanced_step_s`` the balanced step time by micro-batches per pipeline,
+    ``gate_records`` each strategy's gate records (empty for a trace replay) and
+    ``gate_windows`` each gate's window summary (``GateTrajectory.tail_summary``).
     """
+    gate_windows = gate_windows or {}
     sc = scenario
     gpus = sc.cluster.gpus
     price = sc.cluster.price_usd_per_gpu_hour
@@ -178,6 +182,7 @@ def integrate(
             wall_days=units.seconds_to_days(wall),
             migration_s=float(sum(s.extra_wall_s for s in rows)),
             routing=routing_summary(rows, records),
+            gate_window=GateWindow.of(gate_windows.get(name.removesuffix(EPLB_SUFFIX))),
             failure=failures.failure,
             gpu_hours_with_failures=failures.gpu_hours_with_failures,
             cost_usd_with_failures=failures.cost_usd_with_failures,

@@ -1,12 +1,13 @@
 """The numerical gate: routers trained under a balancing strategy, in pure numpy.
 
 The gate produces the expert load the cluster engine simulates. A synthetic token stream
-(:mod:`~moesim.gate.stream`) feeds top-k routers (:mod:`~moesim.gate.router`) trained against a
-teacher objective (:mod:`~moesim.gate.teacher`) under a balancing strategy
-(:mod:`~moesim.gate.balancing`); :func:`train_gate` runs one strategy over the scenario's steps and
-keeps router snapshots, and :func:`routing_sample` turns a snapshot into per-rank loads for the
-engine (:class:`RoutingSample`). Formulas follow ``reference/routing.md`` (§1–3, §5.1, §6.2–6.3,
-§10). Nothing here imports the engine or an event loop.
+(:mod:`~moesim.gate.stream`) feeds top-k routers (:mod:`~moesim.gate.router`) trained on a small
+MoE task whose experts learn (:mod:`~moesim.gate.experts`; or a fixed teacher router,
+:mod:`~moesim.gate.teacher`) under a balancing strategy (:mod:`~moesim.gate.balancing`);
+:func:`train_gate` runs one strategy over the scenario's steps and keeps router snapshots, and
+:func:`routing_sample` turns a snapshot into per-rank loads for the engine
+(:class:`RoutingSample`). The model, its equations and sources are in ``docs/model/gate.md``.
+Nothing here imports the engine or an event loop.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ bias from the loads that step produced (:meth:`BalancingStrategy.after_step`). E
 kind (``none``, ``aux_loss``, ``loss_free``, ``composite``) is first brought to the general
 :class:`~moesim.scenario.strategies.Composite` form, so one implementation serves them all.
 
-**Auxiliary losses** (routing.md §3, §4, §5.1, §5.3, §5.7, §6.2 item 5, §10 item 6). Counts
+**Auxiliary losses** (DeepSeek-V3, arXiv 2412.19437 §2.1.2; DeepSeek-V2, arXiv 2405.04434 §2.2;
+Switch, arXiv 2101.03961; ST-MoE, arXiv 2202.08906; arXiv 2501.11873; Megatron-LM
+megatron/core/transformer/moe/router.py; docs/model/gate.md). Counts
 come from the *unbiased, ungrouped* top-k of the scores and are constants of the loss; the
 gradient flows only through the probabilities ``p``: ``p = softmax(z)`` for softmax routers,
 ``p = σ(z)/Σ_j σ(z_j)`` (normalised over all experts, DeepSeek-V3 Eq. 19) for sigmoid routers.
@@ -30,7 +32,7 @@ Every balance loss is linear in ``p`` with constant coefficients,
   D/(M·T)·Σ_t 1(token t reaches device d)`` (``M`` the device limit) and ``P''_d = Σ_{j∈d} P_j``.
 
 Devices are the expert-parallel ranks, each with a contiguous block of ``N/D`` experts. With
-``ī_t = Σ_i C_{g(t),i} p_{t,i}`` the gradient is, for token ``t`` (routing.md §5.1):
+``ī_t = Σ_i C_{g(t),i} p_{t,i}`` the gradient is, for token ``t`` (Switch, arXiv 2101.03961):
 
 - softmax: ``∂L/∂z_{t,j} = p_{t,j}·(C_{g(t),j} − ī_t)``;
 - sigmoid: ``∂L/∂z_{t,j} = σ_j(1 − σ_j)/Σ_i σ_i · (C_{g(t),j} − ī_t)``,
@@ -38,10 +40,13 @@ Devices are the expert-parallel ranks, each with a contiguous block of ``N/D`` e
 and ``L = Σ_t ī_t``. Several terms add their coefficients on the common refinement of their
 token groups, so a composite costs one gradient pass however many balance terms it has. The
 router z-loss ``α·(1/T)·Σ_t LSE(z_t)²`` has the gradient ``(2α/T)·LSE_t·softmax(z_t)``
-(routing.md §5.3); it is added separately.
+(ST-MoE, arXiv 2202.08906); it is added separately.
 
-**Loss-free bias** (routing.md §2.2, §2.5, §6.3, §10 item 5). After the step, with the loads
-``c`` *as processed* (bias and group limits applied, capacity drops removed; §6.2 item 6) of
+**Loss-free bias** (arXiv 2408.15664 Algorithm 1; Megatron-LM
+megatron/core/distributed/finalize_model_grads.py; docs/model/gate.md). After the step, with the
+loads
+``c`` *as processed* (bias and group limits applied, capacity drops removed, as Megatron-LM counts
+the final routing map) of
 each count group ``g`` of the configured scope and their mean ``c̄_g``:
 
 - sign rule: ``b_i += γ·mean_g sign(c̄_g − c_{g,i})``;
@@ -53,12 +58,12 @@ The scope sets the groups: ``global`` one group, the whole batch of the step (Me
 all-reduced counts); ``micro_batch`` each micro-batch; ``rank`` each data-parallel rank's share
 (the gate's micro-batches dealt in contiguous blocks to ``parallelism.expert × parallelism.data``
 ranks). The per-group updates are averaged: every group asks for its own balance, as with
-unsynchronised local counts (Demons in the Detail, routing.md §5.7). The proportional rule is
+unsynchronised local counts (Demons in the Detail, arXiv 2501.11873). The proportional rule is
 linear in the counts, so with equal groups its local scopes equal the global one; the sign rule's
 are not. The bias is float32; the new value first affects the next step. γ may follow a schedule
 (:meth:`~moesim.scenario.strategies.Bias.gamma_at`).
 
-The multiplicative bias of routing.md §2.5 Table 4 (``bias.mode: mul``): the router selects by
+The multiplicative bias of arXiv 2408.15664 Table 4 (``bias.mode: mul``): the router selects by
 ``s·b`` (``RouterState.bias_mode``), the factors start at 1 and move by
 :func:`multiplicative_rule_update`, ``b_i ← b_i·(1 + γ·mean_g sign(c̄_g − c_{g,i}))``.
 
@@ -66,7 +71,7 @@ Re-centring (``bias.recenter``, additive bias only): after the rule, the mean bi
 (:func:`recenter_bias`). A common shift leaves every top-k and group-limited selection as it was
 (:mod:`moesim.scenario.strategies`, *Re-centring*) and stops the sign rule's common drift.
 
-**Interference** (routing.md §2.6): :func:`interference` compares ``∂L_aux/∂W`` and
+**Interference** (arXiv 2408.15664 Table 1): :func:`interference` compares ``∂L_aux/∂W`` and
 ``∂L_task/∂W`` on the router weights. The bias never enters a gradient, so a loss-free strategy
 has none by construction.
 """
@@ -75,7 +80,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -97,7 +101,6 @@ __all__ = [
     "BIAS_RULES",
     "BalanceContext",
     "BalancingStrategy",
-    "STRATEGIES",
     "StrategySpec",
     "aux_loss_and_grad",
     "combined_loss_and_grad",
@@ -144,7 +147,7 @@ def grouped_counts(
     sizes: npt.ArrayLike,
     dropped: npt.NDArray[np.bool_] | None = None,
 ) -> IntArray:
-    """Expert loads of consecutive token groups (routing.md §1).
+    """Expert loads of consecutive token groups (docs/model/gate.md).
 
     Parameters
     ----------
@@ -155,7 +158,8 @@ def grouped_counts(
     sizes : array_like, shape (G,), int
         Tokens in each consecutive group; they sum to ``T``.
     dropped : ndarray, shape (T, k), bool, optional
-        Assignments dropped by a capacity; they do not count (routing.md §6.2 item 6).
+        Assignments dropped by a capacity; they do not count (Megatron-LM
+        megatron/core/transformer/moe/router.py).
 
     Returns
     -------
@@ -339,7 +343,8 @@ def aux_loss_and_grad(
     micro_batches: int | Sequence[int],
     selected: IntArray | None = None,
 ) -> tuple[float, FloatArray]:
-    """Micro-batch Switch/GShard auxiliary loss and its exact gradient (routing.md §5.1, §6.2).
+    """Micro-batch Switch/GShard auxiliary loss and its exact gradient (Switch, arXiv 2101.03961;
+    Megatron-LM megatron/core/transformer/moe/router.py).
 
     For micro-batch ``m`` of ``T_m`` tokens, ``L_m = α·N·Σ_i f_{m,i}·P_{m,i}`` with ``f_{m,i} =
     c_{m,i}/(K·T_m)`` (no gradient) and ``P_{m,i} = (1/T_m) Σ_{t∈m} p_{t,i}``; the loss is
@@ -380,7 +385,7 @@ def aux_loss_and_grad(
 
 
 def z_loss_and_grad(logits: FloatArray, alpha: float) -> tuple[float, FloatArray]:
-    """Router z-loss ``α·(1/T)·Σ_t LSE(z_t)²`` and its gradient (routing.md §5.3).
+    """Router z-loss ``α·(1/T)·Σ_t LSE(z_t)²`` and its gradient (ST-MoE, arXiv 2202.08906).
 
     ``∂L/∂z_{t,j} = (2α/T)·LSE_t·softmax_j(z_t)``, whatever the router's score function.
 
@@ -531,7 +536,8 @@ def _load_error(counts: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDA
 
 
 def sign_rule_update(bias: npt.NDArray[np.float32], counts: npt.ArrayLike, gamma: float) -> None:
-    """Loss-free bias update, in place: ``b_i += γ·sign(c̄ − c_i)`` (routing.md §2.2, §6.3).
+    """Loss-free bias update, in place: ``b_i += γ·sign(c̄ − c_i)`` (arXiv 2408.15664 Algorithm 1;
+    Megatron-LM megatron/core/distributed/finalize_model_grads.py).
 
     Parameters
     ----------
@@ -563,7 +569,7 @@ def sign_rule_update(bias: npt.NDArray[np.float32], counts: npt.ArrayLike, gamma
 def proportional_rule_update(
     bias: npt.NDArray[np.float32], counts: npt.ArrayLike, gamma: float
 ) -> None:
-    """Proportional update, in place: ``b_i += γ·(c̄ − c_i)/c̄`` (routing.md §2.5 Table 3, App. C).
+    """Proportional update, in place: ``b_i += γ·(c̄ − c_i)/c̄`` (arXiv 2408.15664 Table 3, App. C).
 
     The load error is divided by the mean load (our normalisation; the paper writes ``u·e`` with
     raw counts): γ is then dimensionless and the step does not grow with the batch size.
@@ -588,7 +594,7 @@ def multiplicative_rule_update(
 ) -> None:
     """Multiplicative bias update, in place: ``b_i ← b_i·(1 + γ·sign(c̄ − c_i))``.
 
-    For selection on ``s·b`` with ``b`` initialised to 1 (routing.md §2.5 Table 4; a strategy
+    For selection on ``s·b`` with ``b`` initialised to 1 (arXiv 2408.15664 Table 4; a strategy
     with ``bias.mode: mul``). The paper gives the rate but not the form; a relative step keeps
     every factor positive, and near ``b = 1`` it is the additive sign step.
 
@@ -631,7 +637,7 @@ def interference(g_aux: FloatArray | None, g_task: FloatArray) -> tuple[float, f
 
     Both are gradients of losses being *minimised*, taken on the same parameters (the router
     weights, flattened): a negative cosine means a step down the auxiliary loss climbs the task
-    loss (routing.md §2.6, "interference gradients").
+    loss (arXiv 2408.15664 Table 1, "interference gradients").
 
     Parameters
     ----------
@@ -680,8 +686,6 @@ class BalancingStrategy:
     bias : Bias or None
         The loss-free bias, if any.
     """
-
-    kind: ClassVar[str] = ""
 
     def __init__(self, spec: StrategySpec) -> None:
         self.spec = spec
@@ -767,47 +771,7 @@ class BalancingStrategy:
                     recenter_bias(state.bias)
 
 
-STRATEGIES: dict[str, type[BalancingStrategy]] = {}
-
-
-def register(kind: str) -> Callable[[type[BalancingStrategy]], type[BalancingStrategy]]:
-    """Class decorator adding a strategy to :data:`STRATEGIES` under ``kind``."""
-
-    def add(cls: type[BalancingStrategy]) -> type[BalancingStrategy]:
-        cls.kind = kind
-        STRATEGIES[kind] = cls
-        return cls
-
-    return add
-
-
-@register("none")
-class NoBalancingStrategy(BalancingStrategy):
-    """No balancing at all: the router follows the task loss only."""
-
-
-@register("aux_loss")
-class AuxLossStrategy(BalancingStrategy):
-    """One auxiliary loss at micro-batch, sequence or global scope (routing.md §5.1, §3, §5.7)."""
-
-
-@register("loss_free")
-class LossFreeStrategy(BalancingStrategy):
-    """Auxiliary-loss-free balancing: sign-rule bias update after each step (routing.md §2.2),
-    additive or multiplicative (§2.5 Table 4)."""
-
-
-@register("composite")
-class CompositeStrategy(BalancingStrategy):
-    """Any sum of auxiliary losses plus an optional bias (e.g. DeepSeek-V3, routing.md §3)."""
-
-
 def make_strategy(spec: StrategySpec) -> BalancingStrategy:
-    """Build the strategy a scenario entry names, by its ``kind``.
-
-    Raises
-    ------
-    KeyError
-        If no strategy is registered under ``spec.kind``.
-    """
-    return STRATEGIES[spec.kind](spec)
+    """The strategy a scenario entry describes: every kind is one :class:`BalancingStrategy`,
+    built from the entry's composite form."""
+    return BalancingStrategy(spec)

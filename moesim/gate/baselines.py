@@ -1,11 +1,13 @@
 """Baseline routers: Expert Choice and Sinkhorn (S-BASE) routing.
 
-**Expert Choice** (Zhou et al. 2022; routing.md §5.4). Scores ``S = softmax(X·Wᵀ)`` over the
+**Expert Choice** (Zhou et al. 2022; Expert Choice, arXiv 2202.09368). Scores ``S = softmax(X·Wᵀ)``
+over the
 experts, as token choice has; then each *expert* picks the ``c·n/E`` tokens of a chunk of ``n``
 tokens with the highest scores (``c``, the capacity factor, is the average number of experts per
 token). Expert loads are perfectly balanced by construction; a token may get no expert or many.
 
-Expert Choice is **not causal** (routing.md §2.6, §7 R7): whether expert ``e`` takes token ``t``
+Expert Choice is **not causal** (arXiv 2408.15664 Table 1; docs/model/gate.md): whether expert ``e``
+takes token ``t``
 depends on how ``t`` ranks among *all* tokens of its chunk, including later ones, so changing a
 later token can change an earlier token's experts — in an autoregressive language model that is
 information from the future. The loss-free paper bounds what an EC layer can leak: with sparsity
@@ -14,8 +16,9 @@ layer for ``R = 2/16``, > 50 bits over 9 layers), see :func:`expert_choice_leaka
 smaller the chunk, the more a token's selection reveals about its neighbours (App. D.2: a
 512-token chunk gives an abnormal ~10% loss drop).
 
-**Sinkhorn** (S-BASE, Clark et al. 2022; Megatron's ``sinkhorn`` balancing type, routing.md §5.6,
-§6.4). In training the experts are the top-k of a Sinkhorn-normalised matrix: start from
+**Sinkhorn** (S-BASE, Clark et al. 2022; Megatron's ``sinkhorn`` balancing type, S-BASE, arXiv
+2202.01169; Megatron-LM megatron/core/transformer/moe/moe_utils.py). In training the experts are the
+top-k of a Sinkhorn-normalised matrix: start from
 ``exp(z)``, alternately rescale rows (tokens) and columns (experts) towards equal sums until the
 mean absolute change of the column scalings is below ``tol`` (1e-4), all in float32 without
 gradient; the result is an approximately doubly-stochastic (balanced) transport plan. The gate
@@ -97,7 +100,8 @@ def expert_choice(
     capacity_factor: float,
     chunk_size: int | None = None,
 ) -> ExpertChoice:
-    """Expert Choice routing (routing.md §5.4): each expert takes its top tokens per chunk.
+    """Expert Choice routing (Expert Choice, arXiv 2202.09368): each expert takes its top tokens per
+    chunk.
 
     Parameters
     ----------
@@ -138,7 +142,7 @@ def expert_choice(
 
 
 def expert_choice_leakage_bits(top_k: float, n_experts: int, layers: int = 1) -> float:
-    """The loss-free paper's leakage bound for Expert Choice (routing.md §2.6, App. D.1).
+    """The loss-free paper's leakage bound for Expert Choice (arXiv 2408.15664 Table 1, App. D.1).
 
     An EC layer with sparsity ``R = K/N`` can leak more than ``K·log2((1 − R)/R)`` bits per
     token; ``layers`` such layers add up. (``K`` is the average experts per token, EC's
@@ -157,7 +161,8 @@ def expert_choice_leakage_bits(top_k: float, n_experts: int, layers: int = 1) ->
 
 
 def sinkhorn(logits: FloatArray, tol: float = 1e-4, max_iter: int = 1000) -> FloatArray:
-    """Sinkhorn normalisation of ``exp(logits)`` (Megatron's ``sinkhorn``, routing.md §6.4).
+    """Sinkhorn normalisation of ``exp(logits)`` (Megatron's ``sinkhorn``, Megatron-LM
+    megatron/core/transformer/moe/moe_utils.py).
 
     With ``C = exp(z − max z)`` (the shift only rescales the plan's scalings and keeps ``exp``
     finite), repeat: token scalings ``d0 = (1/T) / (C·d1)``, expert scalings
@@ -198,7 +203,8 @@ def sinkhorn(logits: FloatArray, tol: float = 1e-4, max_iter: int = 1000) -> Flo
 def sinkhorn_route(
     x: FloatArray, state: RouterState, top_k: int, training: bool = True, tol: float = 1e-4
 ) -> Routing:
-    """Sinkhorn (S-BASE) routing as Megatron does it (routing.md §5.6, §6.4).
+    """Sinkhorn (S-BASE) routing as Megatron does it (S-BASE, arXiv 2202.01169; Megatron-LM
+    megatron/core/transformer/moe/moe_utils.py).
 
     Parameters
     ----------

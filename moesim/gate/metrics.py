@@ -1,13 +1,16 @@
 """Load-balance metrics over expert loads.
 
 A load vector counts the (token, expert) assignments each expert received in some scope — a
-micro-batch, a global batch, a validation set (routing.md §1). The headline metric is the paper's
-MaxVio, the relative excess of the most loaded expert over the mean (routing.md §2.4, Eq. 4): it is
+micro-batch, a global batch, a validation set (docs/model/gate.md). The headline metric is the
+paper's
+MaxVio, the relative excess of the most loaded expert over the mean (arXiv 2408.15664 Eq. 4, Eq. 4):
+it is
 what an expert-parallel step waits for, since the busiest expert's rank finishes last. The
 elementary functions reduce along the last axis, so a stack of loads (layers × micro-batches ×
 experts) is handled in one call.
 
-MaxVio at the paper's three scopes (routing.md §2.4, §7 "cluster-level metric"), from a sample's
+MaxVio at the paper's three scopes (arXiv 2408.15664 Eq. 4; docs/model/gate.md "cluster-level
+metric"), from a sample's
 count array ``(L, M, n_src, E)`` (layers, micro-batches, source ranks, experts) and always
 averaged over layers:
 
@@ -15,12 +18,14 @@ averaged over layers:
   validation set) — the efficiency bound for an unbounded batch;
 - *batch* (:func:`max_vio_batch`): loads of one training step (all micro-batches and ranks);
 - *computation batch* (:func:`max_vio_compute_batch`): loads of one micro-batch summed over the
-  source ranks that feed the same experts — ``micro_batch_size × ranks`` sequences, §5.1;
+  source ranks that feed the same experts — ``micro_batch_size × ranks`` sequences, arXiv 2408.15664
+  §5.1;
 - *micro-batch* per rank is the finest scope (``sources_per_batch=1``).
 
 Also: the coefficient of variation, dead experts (zero load), the dropped fraction, the mean
 number of distinct nodes (or devices) a token reaches, and the topic × expert load matrix that
-shows specialisation (routing.md §10 item 8, §3 Fig. 9, §8.1).
+shows specialisation (docs/model/gate.md; arXiv 2412.19437 Fig. 9; OLMoE, arXiv 2409.02060; arXiv
+2412.19437 App. C).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import numpy.typing as npt
 
 
 def max_vio(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """MaxVio = (max_i c_i − mean c) / mean c along the last axis (routing.md §2.4).
+    """MaxVio = (max_i c_i − mean c) / mean c along the last axis (arXiv 2408.15664 Eq. 4).
 
     Parameters
     ----------
@@ -50,7 +55,7 @@ def max_vio(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
 
 
 def coefficient_of_variation(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Coefficient of variation std(c) / mean(c) along the last axis (routing.md §10 item 8).
+    """Coefficient of variation std(c) / mean(c) along the last axis (docs/model/gate.md).
 
     Parameters
     ----------
@@ -73,7 +78,7 @@ def expert_counts(
     weights: npt.NDArray[np.integer] | None = None,
     dropped: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.int64]:
-    """Load of every expert: the number of (token, expert) assignments (routing.md §1).
+    """Load of every expert: the number of (token, expert) assignments (docs/model/gate.md).
 
     Parameters
     ----------
@@ -85,7 +90,7 @@ def expert_counts(
         Multiplicity of each token (bootstrap weights); default 1.
     dropped : ndarray, shape (T, k), bool, optional
         Assignments dropped by a capacity (:attr:`Routing.dropped`); they are not counted
-        (routing.md §10 item 4: loads exclude dropped tokens).
+        (docs/model/gate.md: loads exclude dropped tokens).
 
     Returns
     -------
@@ -106,7 +111,7 @@ def expert_counts(
 
 
 def max_vio_global(counts: npt.ArrayLike | list[npt.ArrayLike]) -> float:
-    """MaxVio_global (routing.md §2.4): per-layer loads summed over all given samples.
+    """MaxVio_global (arXiv 2408.15664 Eq. 4): per-layer loads summed over all given samples.
 
     Parameters
     ----------
@@ -131,7 +136,8 @@ def max_vio_global(counts: npt.ArrayLike | list[npt.ArrayLike]) -> float:
 
 
 def max_vio_batch(counts: npt.ArrayLike) -> float:
-    """MaxVio_batch (routing.md §2.4): each layer's loads over the whole step, mean over layers.
+    """MaxVio_batch (arXiv 2408.15664 Eq. 4): each layer's loads over the whole step, mean over
+    layers.
 
     Parameters
     ----------
@@ -142,7 +148,8 @@ def max_vio_batch(counts: npt.ArrayLike) -> float:
 
 
 def max_vio_compute_batch(counts: npt.ArrayLike, sources_per_batch: int | None = None) -> float:
-    """MaxVio_computation-batch (routing.md §2.4, §5.1), mean over layers and batches.
+    """MaxVio_computation-batch (arXiv 2408.15664 Eq. 4; Switch, arXiv 2101.03961), mean over layers
+    and batches.
 
     A computation batch is one micro-batch of the ``sources_per_batch`` consecutive source ranks
     whose tokens meet at the same expert copies — an expert-parallel group, so
@@ -165,7 +172,7 @@ def max_vio_compute_batch(counts: npt.ArrayLike, sources_per_batch: int | None =
 
 
 def dead_experts(counts: npt.ArrayLike) -> npt.NDArray[np.int64]:
-    """Experts with zero load along the last axis (routing.md §10 item 8).
+    """Experts with zero load along the last axis (docs/model/gate.md).
 
     Parameters
     ----------
@@ -180,7 +187,7 @@ def dead_experts(counts: npt.ArrayLike) -> npt.NDArray[np.int64]:
 
 
 def dropped_fraction(dropped: npt.ArrayLike, assignments: npt.ArrayLike) -> float:
-    """Share of (token, expert) assignments dropped by the capacity (routing.md §7 R12).
+    """Share of (token, expert) assignments dropped by the capacity (docs/model/gate.md).
 
     Parameters
     ----------
@@ -204,8 +211,7 @@ def distinct_groups_per_token(
     dropped: npt.NDArray[np.bool_] | None = None,
     weights: npt.NDArray[np.integer] | None = None,
 ) -> float:
-    """Mean number of distinct expert groups (nodes, devices) a token reaches (routing.md §7
-    R11, §10 item 8).
+    """Mean number of distinct expert groups (nodes, devices) a token reaches (docs/model/gate.md).
 
     Groups are contiguous blocks of ``experts_per_group`` experts — a node holds ``E /
     ep_nodes`` experts, a device ``E / ep``. Dropped assignments reach nothing; a token whose
@@ -251,8 +257,9 @@ def topic_expert_load(
 ) -> npt.NDArray[np.int64]:
     """The topic × expert load matrix: assignments of each topic's tokens to each expert.
 
-    Specialisation shows as rows concentrated on a few experts (routing.md §3 Fig. 9, §7 R8,
-    §8.1). Dropped assignments are excluded.
+    Specialisation shows as rows concentrated on a few experts (arXiv 2412.19437 Fig. 9;
+    docs/model/gate.md; OLMoE, arXiv 2409.02060; arXiv 2412.19437 App. C). Dropped assignments are
+    excluded.
 
     Parameters
     ----------
@@ -279,7 +286,8 @@ def topic_expert_load(
 
 def relative_load(load: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Load over the balanced load along the last axis: ``c_i / mean(c)`` (DeepSeek-V3's
-    "relative expert load", routing.md §8.1); rows with no load give 0.
+    "relative expert load", OLMoE, arXiv 2409.02060; arXiv 2412.19437 App. C); rows with no load
+    give 0.
 
     Parameters
     ----------

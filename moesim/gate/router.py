@@ -1,23 +1,30 @@
 """Top-k routers: logits, affinity scores, biased selection, group limits and gate values.
 
-A router maps a token ``u_t`` to logits ``z_t = W u_t`` over the ``E`` routed experts (routing.md
-§1), turns them into affinity scores ``s_t = G(z_t)`` — an element-wise sigmoid (DeepSeek-V3,
-routing.md §3) or a softmax over the experts — and selects the ``k`` experts with the largest
+A router maps a token ``u_t`` to logits ``z_t = W u_t`` over the ``E`` routed experts
+(docs/model/gate.md), turns them into affinity scores ``s_t = G(z_t)`` — an element-wise sigmoid
+(DeepSeek-V3,
+DeepSeek-V3, arXiv 2412.19437 §2.1.2) or a softmax over the experts — and selects the ``k`` experts
+with the largest
 *selection* scores ``s_t + b``. The per-expert bias ``b`` is the auxiliary-loss-free balancing knob
-(routing.md §2.1): it only steers selection. A router whose ``bias_mode`` is ``mul`` selects by
-``s_t·b`` instead, ``b`` starting at 1 (the multiplicative variant, routing.md §2.5 Table 4).
+(arXiv 2408.15664 Eq. 3): it only steers selection. A router whose ``bias_mode`` is ``mul`` selects
+by
+``s_t·b`` instead, ``b`` starting at 1 (the multiplicative variant, arXiv 2408.15664 Table 4).
 The gate values that weight the experts' outputs are the **unbiased** scores at the selected
 experts, optionally renormalised to sum to one over the selection and multiplied by a scaling
-factor (routing.md §3, §6.2 item 3, §10 item 3).
+factor (DeepSeek-V3, arXiv 2412.19437 §2.1.2; Megatron-LM megatron/core/transformer/moe/router.py;
+docs/model/gate.md).
 
 Group-limited (device- or node-limited) routing splits the experts into ``n_groups`` contiguous,
 equal groups, scores each group by the sum of its top ``k // group_topk`` selection scores, keeps
-the ``group_topk`` best groups and picks the top-k among their experts only (routing.md §3
-"Node-limited routing", §6.2 item 3).
+the ``group_topk`` best groups and picks the top-k among their experts only (DeepSeek-V3, arXiv
+2412.19437 §2.1.2
+"Node-limited routing"; Megatron-LM ``moe_router_group_topk``).
 
-Softmax routers come in two flavours (routing.md §6.1 ``moe_router_pre_softmax``, §10 item 3):
+Softmax routers come in two flavours (Megatron-LM TransformerConfig ``moe_router_pre_softmax``;
+docs/model/gate.md):
 softmax over all experts, then top-k — the gates are those probabilities, renormalised over the
-selection only when ``normalize`` (DeepSeek-V2 does not, routing.md §4) — or top-k first with the
+selection only when ``normalize`` (DeepSeek-V2 does not, DeepSeek-V2, arXiv 2405.04434 §2.2) — or
+top-k first with the
 gates a softmax over the *selected logits* only (``topk_before_softmax``, Mixtral). The two
 renormalised forms agree mathematically (the all-expert denominator cancels); the second is
 computed from the logits directly, so it stays exact where the all-expert probabilities of the
@@ -28,7 +35,8 @@ Group-limited routing comes from the scenario as node-limited (groups = the node
 expert-parallel group, DeepSeek-V3 M = 4), device-limited (groups = the expert-parallel ranks,
 DeepSeek-V2 M = 3) or explicit ``num_groups``/``group_topk`` (:func:`route_options`).
 
-**Capacity and token dropping** (routing.md §4, §5.1, §6.2 item 4, §10 item 7). With a
+**Capacity and token dropping** (DeepSeek-V2, arXiv 2405.04434 §2.2; Switch, arXiv 2101.03961;
+Megatron-LM megatron/core/transformer/moe/router.py; docs/model/gate.md). With a
 :class:`CapacitySpec`, every router call (a *segment*: one micro-batch of one rank, ``T`` tokens)
 gives each expert a budget of ``ceil(T·K/N·CF)`` assignments — or, at device level, each
 expert-parallel rank a budget of ``ceil(T·K/D·CF)`` for its experts together (DeepSeek-V2 at
@@ -73,12 +81,12 @@ class RouterState:
     Attributes
     ----------
     weights : ndarray, shape (E, dim), float32
-        Router matrix ``W``; row ``i`` is expert ``i``'s centroid ``e_i`` (routing.md §1).
+        Router matrix ``W``; row ``i`` is expert ``i``'s centroid ``e_i`` (docs/model/gate.md).
     bias : ndarray, shape (E,), float32
-        Selection-only expert bias ``b`` (routing.md §2.1). Never a gradient target.
+        Selection-only expert bias ``b`` (arXiv 2408.15664 Eq. 3). Never a gradient target.
     bias_mode : {'add', 'mul'}
         How ``b`` enters selection: ``s + b`` (neutral value 0) or ``s·b`` (neutral value 1,
-        routing.md §2.5 Table 4). :func:`route` reads it unless told otherwise.
+        arXiv 2408.15664 Table 4). :func:`route` reads it unless told otherwise.
     """
 
     weights: npt.NDArray[np.float32]
@@ -98,8 +106,9 @@ class RouterState:
         rng: np.random.Generator,
         bias_mode: BiasMode = "add",
     ) -> RouterState:
-        """A fresh router: weights ``N(0, init_std²)``, bias neutral — zero (routing.md §2.2
-        step 1), or one for ``bias_mode='mul'`` (§2.5 Table 4). The bias draws nothing, so both
+        """A fresh router: weights ``N(0, init_std²)``, bias neutral — zero (arXiv 2408.15664
+        Algorithm 1 step 1), or one for ``bias_mode='mul'`` (arXiv 2408.15664 Table 4). The bias
+        draws nothing, so both
         modes get the same weights from the same ``rng``."""
         weights = (rng.standard_normal((n_experts, dim)) * init_std).astype(np.float32)
         bias = np.full(n_experts, neutral_bias(bias_mode), dtype=np.float32)
@@ -136,7 +145,7 @@ def neutral_bias(bias_mode: BiasMode) -> float:
 def apply_bias(
     scores: FloatArray, bias: FloatArray | None, bias_mode: BiasMode = "add"
 ) -> FloatArray:
-    """Selection scores: ``s + b`` or ``s·b`` (routing.md §2.1 Eq. 3, §2.5 Table 4).
+    """Selection scores: ``s + b`` or ``s·b`` (arXiv 2408.15664 Eq. 3 Table 4).
 
     Returns ``scores`` itself (no copy) when the bias is ``None`` or neutral, a new array
     otherwise.
@@ -205,8 +214,8 @@ class Routing:
         return int(np.count_nonzero(self.dropped))
 
     def loads(self) -> npt.NDArray[np.int64]:
-        """Kept assignments per expert, shape (E,): the load the experts process (routing.md
-        §6.2 item 6 counts the final routing map, after dropping)."""
+        """Kept assignments per expert, shape (E,): the load the experts process (Megatron-LM "
+        "megatron/core/transformer/moe/router.py counts the final routing map, after dropping)."""
         n_experts = self.n_experts
         if not self.dropped.any():
             return np.bincount(self.selected.ravel(), minlength=n_experts).astype(np.int64)
@@ -216,7 +225,8 @@ class Routing:
 
 @dataclass(frozen=True)
 class CapacitySpec:
-    """Expert capacity of a router call and what to drop beyond it (routing.md §4, §6.2 item 4).
+    """Expert capacity of a router call and what to drop beyond it (DeepSeek-V2, arXiv 2405.04434
+    §2.2; Megatron-LM megatron/core/transformer/moe/router.py).
 
     Attributes
     ----------
@@ -282,12 +292,14 @@ class RouteOptions(TypedDict):
 
 
 def group_limits(scenario: Scenario) -> tuple[int, int | None]:
-    """``(n_groups, group_topk)`` of the scenario's group-limited routing (routing.md §6.2 item 3).
+    """``(n_groups, group_topk)`` of the scenario's group-limited routing (Megatron-LM
+    megatron/core/transformer/moe/router.py).
 
     - ``router.node_limit``: one group per node of the expert-parallel group (``n_groups =
-      scenario.ep_nodes``), when the group spans more than one node (DeepSeek-V3, §3);
+      scenario.ep_nodes``), when the group spans more than one node (DeepSeek-V3, arXiv 2412.19437
+      §2.1.2);
     - ``router.device_limit``: one group per expert-parallel rank (``n_groups =
-      parallelism.expert``), when there is more than one (DeepSeek-V2, §4);
+      parallelism.expert``), when there is more than one (DeepSeek-V2, arXiv 2405.04434 §2.2);
     - ``router.num_groups``/``group_topk``: as given (Megatron's ``moe_router_num_groups``).
 
     ``(1, None)`` when routing is not group-limited.
@@ -420,7 +432,7 @@ def top_k_mask(values: FloatArray, k: int) -> npt.NDArray[np.bool_]:
 
 
 def scores_from_logits(logits: FloatArray, score: ScoreFunction) -> FloatArray:
-    """Affinity scores ``G(z)`` (routing.md §1).
+    """Affinity scores ``G(z)`` (docs/model/gate.md).
 
     Parameters
     ----------
@@ -486,7 +498,8 @@ def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk:
     """Selection scores with the experts of all but the best ``group_topk`` groups set to -inf.
 
     A group's score is the sum of its ``max(1, top_k // group_topk)`` largest selection scores
-    (routing.md §3 "node-limited routing", §6.2 item 3: Megatron's ``topk(k // group_topk)``
+    (DeepSeek-V3, arXiv 2412.19437 §2.1.2 "node-limited routing", §6.2 item 3: Megatron's ``topk(k
+    // group_topk)``
     sum; the ``max(1, ·)`` keeps a score when ``group_topk > top_k``)."""
     n_tokens, n_experts = selection.shape
     if n_experts % n_groups:
@@ -513,7 +526,7 @@ def select_experts(
     bias_mode: BiasMode = "add",
 ) -> npt.NDArray[np.int64]:
     """Top-k selection on ``scores + bias`` (or ``scores·bias``), group-limited if asked
-    (routing.md §2.1, §2.5 Table 4, §6.2).
+    (arXiv 2408.15664 Eq. 3 Table 4; Megatron-LM megatron/core/transformer/moe/router.py).
 
     Parameters
     ----------
@@ -568,7 +581,8 @@ def segment_sizes(segments: int | Sequence[int], n_tokens: int) -> npt.NDArray[n
 
 
 def exempt_sequences(n_sequences: int, fraction: float, first: int = 0) -> npt.NDArray[np.bool_]:
-    """Which sequences are exempt from dropping (routing.md §4: about 10% in DeepSeek-V2).
+    """Which sequences are exempt from dropping (DeepSeek-V2, arXiv 2405.04434 §2.2: about 10% in
+    DeepSeek-V2).
 
     Sequence ``i`` (counted from ``first``) is exempt when ``floor((i+1)·f) > floor(i·f)``: a
     deterministic, evenly spread choice, so any ``n`` consecutive sequences starting at 0 hold
@@ -595,7 +609,8 @@ def capacity_kept(
     positions: npt.NDArray[np.integer] | None = None,
     exempt: npt.NDArray[np.bool_] | None = None,
 ) -> npt.NDArray[np.int64]:
-    """How much of every assignment survives the capacity (routing.md §4, §6.2 item 4).
+    """How much of every assignment survives the capacity (DeepSeek-V2, arXiv 2405.04434 §2.2;
+    Megatron-LM megatron/core/transformer/moe/router.py).
 
     Each segment (one router call) of ``T_s = Σ weights`` tokens gives every bin — an expert, or
     at device level a rank's block of ``N/D`` experts — the budget
@@ -730,7 +745,9 @@ def route(
     tokens_per_sequence: int | None = None,
     bias_mode: BiasMode | None = None,
 ) -> Routing:
-    """Route a batch of tokens (routing.md §2.1, §3, §4, §6.2, §10 items 1–3 and 7).
+    """Route a batch of tokens (arXiv 2408.15664 Eq. 3; DeepSeek-V3, arXiv 2412.19437 §2.1.2;
+    DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py;
+    docs/model/gate.md).
 
     Parameters
     ----------
@@ -764,7 +781,8 @@ def route(
         means the position in the sequence and ``capacity.exempt_fraction`` picks whole
         sequences (:func:`exempt_sequences`); without it every row is a sequence of its own.
     bias_mode : {'add', 'mul'} or None
-        Select by ``s + b`` (``add``, routing.md §2.1 Eq. 3) or ``s·b`` (``mul``, §2.5 Table 4);
+        Select by ``s + b`` (``add``, arXiv 2408.15664 Eq. 3) or ``s·b`` (``mul``, arXiv 2408.15664
+        Table 4);
         default ``state.bias_mode``. The bias steers selection only, in either mode.
 
     Returns

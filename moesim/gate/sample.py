@@ -7,10 +7,12 @@ expert's GEMMs — how many distinct tokens travel to each destination expert-pa
 the all-to-all dispatch volume (a token whose experts share a rank is sent there once) — and how
 many distinct tokens travel to each node of the expert-parallel group, the inter-node volume of
 DeepSeek-style node-limited dispatch, which sends a token once per destination node and forwards
-it over NVLink there (DESIGN.md "Links", routing.md §3 "Node-limited routing"). Loads are
-counted in assignments as in routing.md §1, and MaxVio is routing.md §2.4's. With an expert
-capacity (routing.md §4, §6.2 item 4) the counts and dispatch volumes hold the *kept* assignments
-only; the dropped ones are counted separately (they skip the expert through the residual).
+it over NVLink there (DeepSeek-V3, arXiv 2412.19437 §2.1.2 "Node-limited routing"). Loads are
+counted in assignments (docs/model/gate.md), and MaxVio is arXiv 2408.15664 Eq. 4's. With an
+expert capacity (DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM
+``megatron/core/transformer/moe/router.py``) the counts and dispatch volumes hold the *kept*
+assignments only; the dropped ones are counted separately (they skip the expert through the
+residual).
 
 Shapes use ``L`` = ``gate.layers_simulated`` (MoE layer ``i`` uses sample layer
 :func:`~moesim.gate.sampling.gate_layer_of` ``(scenario, i)``, set by ``gate.layer_map``),

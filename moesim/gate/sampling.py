@@ -2,7 +2,8 @@
 
 :func:`routing_sample` routes fresh stream tokens with the routers as they stand at a training
 step and counts, for each simulated layer, micro-batch and source rank of one expert-parallel
-group, the (token, expert) assignments per expert (routing.md §1) and the distinct tokens sent to
+group, the (token, expert) assignments per expert (docs/model/gate.md) and the distinct tokens sent
+to
 each destination rank. Routing every token of every sequence would be wasteful, so each sequence
 routes ``gate.routed_tokens_per_sequence`` tokens (``R``) and stands for its full ``seq_len``
 (``S``) tokens by a bootstrap: each routed token counts once and the ``S − R`` unrouted positions
@@ -15,7 +16,8 @@ router. The tokens come from the stream as it stands at the step (its drift afte
 dominant topic.
 
 **Capacity.** With ``router.capacity`` every (micro-batch, source rank) cell is one router call
-of ``micro_batch_size × seq_len`` tokens (routing.md §6.2 item 4): budgets and drops follow
+of ``micro_batch_size × seq_len`` tokens (Megatron-LM megatron/core/transformer/moe/router.py):
+budgets and drops follow
 :func:`~moesim.gate.router.capacity_kept`, counting each routed token with its bootstrap weight
 (a token's resampled copies are identical, so a token straddling the budget is kept in part).
 Routed token ``j`` of a sequence stands at position ``j`` for the ``position`` policy (its copies
@@ -141,7 +143,8 @@ def sample_metrics(
     dropped: npt.NDArray[np.int64] | None = None,
     nodes_per_token: float = float("nan"),
 ) -> dict[str, float]:
-    """Summary metrics of a (L, M, n_src, E) count array (routing.md §2.4, §10 item 8).
+    """Summary metrics of a (L, M, n_src, E) count array (arXiv 2408.15664 Eq. 4;
+    docs/model/gate.md).
 
     Keys (all averaged over layers):
 
@@ -247,7 +250,8 @@ def routing_sample(
     n_dest: int,
     rng: np.random.Generator,
 ) -> RoutingSample:
-    """Expert loads of one step, routed by the given routers (routing.md §1, §2.4, §4, §6.2).
+    """Expert loads of one step, routed by the given routers (docs/model/gate.md; arXiv 2408.15664
+    Eq. 4; DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py).
 
     For every micro-batch (``scenario.micro_batches_at(step)``) and source rank (``n_src``),
     ``parallelism.micro_batch_size`` sequences are drawn from ``stream`` (drift at

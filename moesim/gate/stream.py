@@ -1,9 +1,10 @@
 """Synthetic token stream: sequences drawn from a Zipf-weighted mixture of topics.
 
-The gate never sees real text. It sees router inputs ``u_t`` (routing.md §1) that have the
+The gate never sees real text. It sees router inputs ``u_t`` (docs/model/gate.md) that have the
 properties that make expert load uneven in practice: tokens cluster by *topic* (domain), a few
-topics are much more common than the rest (routing.md §8.1), data is often packed by domain so a
-micro-batch is nearly single-domain (routing.md §5.7), and the data mix changes over a run.
+topics are much more common than the rest (OLMoE, arXiv 2409.02060; arXiv 2412.19437 App. C), data
+is often packed by domain so a
+micro-batch is nearly single-domain (arXiv 2501.11873), and the data mix changes over a run.
 
 **Generative model.** A stream has ``topics`` random unit centroids in the router's
 ``dim``-dimensional input space and a Zipf popularity law ``p_r ∝ 1/(r+1)^s`` over topic ranks
@@ -23,8 +24,11 @@ micro-batch is nearly single-domain (routing.md §5.7), and the data mix changes
    ``domain_share · onehot(d) + (1 − domain_share) · θ``. Micro-batch loads then concentrate on
    the dominant topic's experts (Demons in the Detail's packed, single-domain micro-batches).
 4. *Tokens.* Every token draws its topic from its sequence's mixture and sits at that topic's
-   centroid plus isotropic Gaussian noise of total standard deviation ``noise``
-   (``noise · N(0, I) / sqrt(dim)``).
+   centroid plus a direction ``m`` common to all tokens (norm ``common``, drawn once) plus
+   isotropic Gaussian noise of total standard deviation ``noise``
+   (``noise · N(0, I) / sqrt(dim)``). The common part stands for the anisotropy of a language
+   model's hidden states (Ethayarajh, arXiv 1909.00512): a router vector that leans towards it
+   raises its expert's logit for every token.
 
 The Gaussian noise vectors come from a fixed pool of ``NOISE_POOL`` vectors drawn once at
 construction; each token picks one at random. Drawing fresh Gaussians is the most expensive part
@@ -60,7 +64,8 @@ class TokenStream:
     params : Stream
         The parameters given.
     topics : ndarray, shape (topics, dim), float32
-        Unit-norm topic centroids, uniformly distributed on the sphere.
+        Topic centroids: unit vectors uniformly distributed on the sphere, plus the common
+        direction ``m``.
     popularity : ndarray, shape (topics,), float64
         Zipf popularity ``p_k ∝ 1/(k+1)^zipf_exponent`` before any drift; sums to 1. Topic 0 is
         the most popular.
@@ -83,6 +88,11 @@ class TokenStream:
         )
         scale = np.float32(params.noise / np.sqrt(dim))
         self._noise_pool = rng.standard_normal((NOISE_POOL, dim), dtype=np.float32) * scale
+        if params.common > 0:
+            # Drawn last, so the centroids and the noise do not depend on it.
+            shared = rng.standard_normal(dim)
+            shared *= params.common / np.linalg.norm(shared)
+            self.topics = (centroids + shared).astype(np.float32)
 
     @property
     def dim(self) -> int:

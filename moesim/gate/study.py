@@ -1,11 +1,11 @@
 """Small measurements on trained gates, shared by the published-result tests and the notebook.
 
-The reproductions of routing.md §7 (``tests/gate/test_published_results.py``,
+The reproductions of docs/model/gate.md (``tests/gate/test_published_results.py``,
 ``notebooks/balancing_dilemma.ipynb``) train the gate under several strategies with
 :func:`~moesim.gate.training.train_gate` and compare them on a few numbers: the late-training mean
 of a record (:func:`tail_mean`), a smoothed curve (:func:`smooth`), and the MaxVio of held-out
 batches of a chosen size routed by the final routers (:func:`maxvio_by_batch`), which gives both
-MaxVio_computation-batch (§2.4, §5.1) and, pooled, MaxVio_global. Pure NumPy.
+MaxVio_computation-batch (arXiv 2408.15664 Eq. 4, §5.1) and, pooled, MaxVio_global. Pure NumPy.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def head_mean(trajectory: GateTrajectory, key: str, updates: int) -> float:
 def smooth(values: npt.ArrayLike, window: int) -> npt.NDArray[np.float64]:
     """Trailing moving average over ``window`` points (shorter at the start), same length.
 
-    The loss-free paper smooths MaxVio_batch over 100 neighbouring steps (routing.md §2.4).
+    The loss-free paper smooths MaxVio_batch over 100 neighbouring steps (arXiv 2408.15664 Eq. 4).
     """
     v = np.asarray(values, dtype=np.float64)
     if window < 1:
@@ -62,10 +62,12 @@ def maxvio_by_batch(
     Draws ``batches`` batches of ``sequences × gate.tokens_per_sequence`` tokens from the
     trajectory's stream (its popularity at the start of training, mixed packing: the batches
     stand for computation batches cut from a shuffled validation set), routes them with each
-    layer's final router (bias included, as at inference, routing.md §2.2 step 3) and returns
+    layer's final router (bias included, as at inference, arXiv 2408.15664 Algorithm 1 step 3) and
+    returns
 
     - the mean over batches and layers of each batch's MaxVio (MaxVio_computation-batch for a
-      computation batch of ``sequences`` sequences, routing.md §2.4, §5.1), and
+      computation batch of ``sequences`` sequences, arXiv 2408.15664 Eq. 4; Switch, arXiv
+      2101.03961), and
     - the MaxVio of all batches' loads pooled, averaged over layers (MaxVio_global over a
       held-out set of ``batches × sequences`` sequences).
 
@@ -93,8 +95,8 @@ def maxvio_by_batch(
 def pareto_front(x: npt.ArrayLike, y: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """Indices of the points no other point beats on both ``x`` and ``y`` (lower is better).
 
-    For (MaxVio_global, task loss) pairs this is the trade-off frontier of a sweep (routing.md
-    §7 R1–R2). Returned in increasing ``x``; of exactly equal points the first is kept.
+    For (MaxVio_global, task loss) pairs this is the trade-off frontier of a sweep
+    (docs/model/gate.mdR2). Returned in increasing ``x``; of exactly equal points the first is kept.
     """
     xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1:

@@ -1,7 +1,8 @@
 """The gate's task objective: reproduce a fixed teacher router's weighted choice of experts.
 
 A real router is trained by the language-model loss, which reaches it only through the gate values
-of the experts it selected (routing.md §2.1: "the language-model gradient still reaches ``e_i``
+of the experts it selected (arXiv 2408.15664 Eq. 3: "the language-model gradient still reaches
+``e_i``
 through the unbiased ``s_{i,t}`` of the selected experts"). The gate has no language model, so it
 replaces that loss with a stand-in with the same structure and a real, finite optimum.
 
@@ -21,7 +22,7 @@ expert ``j`` costs at least ``½ q_j²``; weight on an expert the teacher did no
 ``½ w_i²``. Tokens cluster by topic and topics follow a Zipf law (:mod:`moesim.gate.stream`), so
 the teacher's choices are overloaded: balancing the load forces some tokens off their teacher
 experts, and balancing has a real price in ``L_task``, as an auxiliary loss has a price in
-perplexity (routing.md §2.5, §2.6).
+perplexity (arXiv 2408.15664; arXiv 2408.15664 Table 1).
 
 **Gradient.** ``L_task`` depends on the logits only through the selected experts' weights; the
 top-k selection is piecewise constant and passes no gradient. With ``g_j = w_j − q_j`` (the
@@ -31,7 +32,8 @@ derivative in ``w_j``) and ``ḡ_t = Σ_{S_t} w g``, for ``j ∈ S_t``:
   ``∂L/∂z_j = (1/T)(g_j − ḡ_t) σ_j(1 − σ_j) / Σ_{S_t} σ``;
 - softmax scores, ``w_j = exp z_j / Σ_{S_t} exp z``: ``∂L/∂z_j = (1/T) w_j (g_j − ḡ_t)``;
 
-and zero for unselected experts. The selection bias ``b`` never receives a gradient (§2.1).
+and zero for unselected experts. The selection bias ``b`` never receives a gradient (arXiv
+2408.15664 Eq. 3).
 
 **Capacity drops.** Under a capacity (``router.capacity``) some assignments of ``S_t`` are dropped
 (``Routing.dropped``): the token skips that expert through the residual, so the expert adds

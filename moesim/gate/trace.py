@@ -1,8 +1,9 @@
 """Trace replay: drive the engine from recorded expert loads instead of the synthetic gate.
 
 A trace records, per optimizer step and MoE layer, how many (token, expert) assignments each
-expert received — the shape of Megatron's logged ``tokens_per_expert`` (routing.md §6.2 item 6,
-§8). The file is CSV or Parquet with (at least) the integer columns
+expert received — the shape of Megatron's logged ``tokens_per_expert`` (Megatron-LM
+megatron/core/transformer/moe/router.py; docs/model/gate.md). The file is CSV or Parquet with (at
+least) the integer columns
 
 ``step``
     optimizer step (≥ 0); steps need not be contiguous;

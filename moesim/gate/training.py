@@ -1,106 +1,42 @@
-"""Training the numerical gate under one balancing strategy (routing.md §10).
+"""Training the numerical gate under one balancing strategy.
 
-The gate stands in for the routers of a real training run. Each simulated layer has a student
-router (:class:`~moesim.gate.router.RouterState`, initialised ``N(0, σ²)`` with
-σ = ``init_logit_std / √(1 + noise²)`` so initial logits spread by ``init_logit_std`` whatever the
-token norm, bias neutral: zero, or one for a multiplicative bias),
-a fixed random teacher (:class:`~moesim.gate.teacher.Teacher`) that defines the task loss, and
-its own Adam state. Every optimizer step of the scenario is one gate update:
+Contract: :func:`train_gate` trains every simulated layer's router over the scenario's
+optimizer steps under one balancing strategy and returns a :class:`GateTrajectory` — one record
+per full update, router snapshots at the requested steps, the final routers and the window
+summary the estimate reports. Runs are deterministic given the seed sequence: independent child
+sequences drive the stream geometry, the task (targets or teachers), the router initialisation,
+the per-update token draws and the bias-step draws, so two strategies trained from the same
+seed see the same task and the same token batches.
 
-1. draw ``gate.batch_sequences × gate.tokens_per_sequence`` tokens from the stream — one batch,
-   shared by all layers, standing for the step's global batch (the stream's popularity at the
-   tokens trained so far, domain packing by micro-batch, :mod:`moesim.gate.stream`);
-2. for each layer: route (bias for selection only, group limits and capacity as in
-   :func:`~moesim.gate.router.route_options`, one router call per micro-batch); the teacher's
-   weighted choice and the task loss with its gradient
-   (:func:`~moesim.gate.teacher.task_loss_and_grad`); the strategy's loss and gradient
-   (:mod:`moesim.gate.balancing`), on micro-batches of ``parallelism.micro_batch_size``
-   consecutive sequences and sequences of ``gate.tokens_per_sequence`` tokens; the weight
-   gradients ``dW = dlogitsᵀ x`` of the task and of the auxiliary loss, and their interference
-   (cosine and norm ratio); one Adam step on their sum (β1 0.9, β2 0.999, ε 1e-8,
-   ``gate.learning_rate``); then the strategy's post-step bias update from this step's loads as
-   processed (routed, less any capacity drops), counted over the bias scope, with γ from its
-   schedule at the tokens trained before the step. The new bias first affects the next step
-   (routing.md §2.2, §6.3): one bias update per optimizer step of the real run.
+Each layer has a router (:class:`~moesim.gate.router.RouterState`, weights ``N(0, σ²)`` with
+σ = ``init_logit_std / √(E‖x‖²)`` so initial logits spread by ``init_logit_std``; bias
+neutral), its task (``gate.objective``: learning experts, :mod:`moesim.gate.experts`, or a fixed
+teacher router, :mod:`moesim.gate.teacher`) and its own Adam state (β1 0.9, β2 0.999, ε 1e-8,
+``gate.learning_rate``). A *full update*:
 
-**Coarsening** (``gate.steps_per_update = k > 1``). The bias dynamics depend on the number of
-updates, not on the tokens (routing.md §2.2, §2.7: the sign rule moves every bias by ``±γ`` per
-step), so every optimizer step of the run still takes one bias update and one Adam step. What
-runs only every k-th step is the expensive part: the teacher, the task and balance losses and
-their weight gradients on the full gate batch.
+1. draws ``gate.batch_sequences × gate.tokens_per_sequence`` tokens from the stream (one batch
+   shared by all layers, at the stream's popularity for the tokens trained so far, packed by
+   micro-batch as :mod:`moesim.gate.stream` says);
+2. per layer: routes it (bias for selection only, group limits and capacity per micro-batch of
+   ``parallelism.micro_batch_size`` sequences, :func:`~moesim.gate.router.route`); computes the
+   task loss and its logit gradient (the experts take their step); the strategy's balancing loss
+   and gradient (:mod:`moesim.gate.balancing`); their interference on the router weights
+   (cosine and norm ratio, :func:`~moesim.gate.balancing.interference`); for a biased router,
+   the bias's perturbation — the share of assignments it moves off the router's own top-k and
+   the task loss at the same weights without it; one Adam step on the summed gradient; then the
+   strategy's bias update from this step's loads as processed (routed, less capacity drops),
+   counted over the bias scope, with γ at the tokens trained before the step. The new bias
+   first affects the next step (arXiv 2408.15664 Algorithm 1; Megatron-LM
+   ``megatron/core/distributed/finalize_model_grads.py`` updates it once per optimizer step).
 
-- Steps ``0, k, 2k, …`` are *full* updates, exactly the steps above. The n-th full update draws
-  the tokens a ``k = 1`` run draws at its n-th step (the same random sequence, consumed the same
-  way).
-- Every other step is a *bias step*: ``gate.bias_batch_sequences`` fresh sequences (default
-  ``gate.batch_sequences``, so the bias reads loads as noisy as at ``k = 1``) are routed by every
-  layer with its current weights and bias — group limits and capacity as in a full update, the
-  batch cut into micro-batches of ``parallelism.micro_batch_size`` sequences — and the strategy's
-  bias rule reads their loads as processed over its scope, with γ at the tokens trained before
-  the step. Then each layer takes an Adam step with the gradient of the last full update. No
-  teacher, no loss, no new gradient. Without a bias (or while γ is 0) the routing is skipped.
-
-``gate.learning_rate`` thus keeps its meaning, the step of every optimizer step, and the weights
-move at the pace of a ``k = 1`` run; Adam's moments see each gradient k times in a row. What
-changes is that the gradient is up to k − 1 steps old: the router answers the bias's moves (the
-task gradient pulls diverted tokens back to the teacher's experts) only at full updates, and the
-load imbalance comes out lower than at ``k = 1``. How much depends on the router's speed
-relative to the bias's. With DeepSeek-V3's ratio (peak learning rate 2.2e-4, γ = 1e-3) the
-time-averaged MaxVio_batch of a 16-expert top-2 gate over 3000 steps dropped by 2, 3, 6 and 10 %
-at k = 4, 8, 16 and 32 (twelve seeds pooled; ``tests/gate/test_training_coarsening.py`` checks
-k = 16); with the gate's default learning rate 1e-3 = γ it dropped by about 4–10 % at k = 4 and
-14–16 % at k = 8, so k must stay small there. (The other
-choice, the same step per gradient update and k times fewer Adam steps, slows the routers k-fold
-and halved MaxVio_batch at k = 4; it was rejected.) A smaller ``gate.bias_batch_sequences``
-makes a bias step cheaper but the loads it reads noisier, and the bias wanders more: at
-DeepSeek-V3 size, 8, 4 and 2 sequences instead of 32 raised MaxVio_batch by about 13, 28 and
-45 %. Over longer runs the stale gradient matters more: at DeepSeek-V3 size (256 experts,
-top-8, node limit 4, the benchmark's gate) the two agree over the first 3000 steps, but over
-16,000 steps (two seeds) k = 16, 32 and 64 all gave MaxVio_batch about 2.5 where k = 1 gave 3.3
-(−24 %): from about step 6000 on, k = 1's imbalance climbs to about 4 and the coarsened ones'
-does not.
-
-**Blocks of bias steps** (``gate.bias_steps_per_update = j > 1``; j divides k). The bias steps
-between two full updates run in blocks of up to j consecutive steps. A block takes one
-sub-batch of ``gate.bias_batch_sequences`` sequences per step from the chunk (below), walks the
-weights through its steps first — each sub-batch's logits taken with the weights of its own
-step, then that step's Adam update (Adam reads no bias) — scores all the sub-batches at once,
-and then runs the steps' bias updates in order: step r selects on its own sub-batch's scores
-with the bias it starts from, and the bias rule reads those loads with γ at its own step's
-tokens. That is the ``j = 1`` computation reordered, so the trajectory is the same bit for bit
-whatever j; a block only saves per-step overhead (the draws, the scores and the loop are
-batched). A block ends at the next multiple of j, at the next full update, at the next
-requested snapshot step (the state at the start of every requested step is exact), where γ
-starts or stops being 0 (no routing while it is 0) and at the end of a chunk.
-
-Coarser bias rules were tried and rejected: the load answers a single γ step strongly — at
-DeepSeek-V3 size one step of γ on one expert moves its load by 4 % of the mean load at
-initialisation, 13 % after 4000 steps and 36 % after 8000 — so every real step must read the
-loads its own bias produces. Against the time-averaged MaxVio_batch of ``j = 1`` (2.52 over
-16,000 steps at the benchmark's settings, k = 16, two seeds), one update of ``j·γ`` from one
-batch's loads gave +16 % at j = 2 and +56 % at j = 4; j sign updates from j sub-batches all
-routed with the block's first bias and weights +6, +27 and +82 % at j = 2, 4, 8, the imbalance
-running away after about 6000 steps (one update of ``j·γ`` from the j sub-batches pooled was
-+20 % at j = 8 over the first 3000 steps already); one batch re-selected at every step's bias
-+4 and +18 % at j = 2, 8; sub-batches selected at every step's bias but scored with the block's
-first weights +2 and +8 % at j = 4, 8. Only the one-batch rule is much cheaper (it routes a
-j-th of the tokens: about 45 % less time per step at j = 4); the others cost about what the
-exact block costs, since the time goes into scoring and counting every step's own tokens.
-
-The bias batches come from their own random sequence (a fifth child of the seed). They are
-drawn in chunks of consecutive bias steps (at most ``_BIAS_CHUNK_TOKENS`` tokens, never past the
-next full update), and a chunk takes the stream's popularity at its first step: a data-mix
-drift moves once per chunk. With domain packing, a bias batch whose sequences are not a whole
-number of micro-batches shares its last micro-batch's dominant topic with the next one.
-
-Records: one per full update — every step for ``k = 1``, every k-th step from step 0 otherwise
-— each with its real ``step`` (:meth:`GateTrajectory.record_at` looks a step up). Snapshots
-(``sample_steps``) may fall on any step.
-
-Runs are deterministic given the seed sequence: independent child sequences drive the stream
-geometry, the teachers, the student initialisation, the per-update token draws and the bias-step
-draws, so two strategies trained from the same seed see the same teachers and the same token
-batches.
+With ``gate.steps_per_update = k > 1`` only steps ``0, k, 2k, …`` are full updates; every other
+step is a *bias step*: ``gate.bias_batch_sequences`` fresh sequences are routed with the current
+weights and bias, the bias rule reads their loads, and Adam repeats the last full gradient (the
+experts take the period's k steps at its full update). The n-th full update draws the tokens a
+``k = 1`` run draws at its n-th step. Bias steps run in exact blocks (the same trajectory as one
+step at a time, faster); the bias batches come from their own random sequence, drawn in chunks
+that take the stream's popularity at their first step. The measurements behind these choices
+are in ``docs/decisions/2026-12-04-gate-coarsening.md``.
 """
 
 from __future__ import annotations
@@ -109,6 +45,7 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -121,6 +58,7 @@ from moesim.gate.balancing import (
     interference,
     make_strategy,
 )
+from moesim.gate.experts import ExpertTask
 from moesim.gate.metrics import max_vio
 from moesim.gate.router import (
     FloatArray,
@@ -145,6 +83,24 @@ _EPS = 1e-8
 _EXP_LIMIT = np.float32(80.0)
 # Bias-step tokens drawn and scored at once (the scores of one chunk are kept for every layer).
 _BIAS_CHUNK_TOKENS = 1 << 16
+# Longest block of bias steps run together (docs/decisions/2026-12-04-gate-coarsening.md): the
+# trajectory does not depend on it; 16 saved about 10 % at DeepSeek-V3 size
+# (benchmarks/gate_speed.py) and keeps a block's score buffers within a few tens of MB.
+BIAS_BLOCK_STEPS = 16
+
+
+class UpdateMetrics(NamedTuple):
+    """One layer's numbers at one full update (averaged over layers into a record)."""
+
+    maxvio_batch: float
+    task_loss: float
+    aux_loss: float
+    teacher_capture: float
+    interference_cos: float
+    interference_ratio: float
+    bias_abs_mean: float
+    bias_moved: float
+    task_loss_unbiased: float
 
 
 @dataclass
@@ -158,18 +114,20 @@ class GateTrajectory:
     records : list of dict
         One per full update, in step order (every step for ``gate.steps_per_update = 1``, every
         k-th step from step 0 otherwise): ``step`` (the real optimizer step), ``tokens``
-        (``scenario.tokens_before(step + 1)``,
-        tokens seen once the step is done), and, averaged over layers, ``maxvio_batch`` (MaxVio
-        of the update's gate-batch loads as processed — routed, less any capacity drops —
-        routing.md §2.4, §10 item 4), ``task_loss`` (nats),
-        ``aux_loss`` (the strategy's loss, 0 when it has none), ``teacher_capture``
-        (:mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
+        (``scenario.tokens_before(step + 1)``, tokens seen once the step is done), and,
+        averaged over layers (:class:`UpdateMetrics`): ``maxvio_batch`` (MaxVio of the update's
+        gate-batch loads as processed — routed, less any capacity drops), ``task_loss`` (the
+        objective's loss before the update), ``aux_loss`` (the strategy's loss, 0 when it has
+        none), ``teacher_capture`` (only with ``gate.objective: teacher``,
+        :mod:`moesim.gate.teacher`), ``interference_cos`` and ``interference_ratio`` (cosine
         between ``∂L_aux/∂W`` and ``∂L_task/∂W`` on the router weights and ``‖∂L_aux/∂W‖ /
         ‖∂L_task/∂W‖``, :func:`~moesim.gate.balancing.interference`; both exactly 0 for a
         strategy without an auxiliary loss), ``bias_abs_mean`` (mean ``|b − b₀|`` after the
-        step's update, ``b₀`` the neutral bias: 0, or 1 for a multiplicative one), and
-        ``gamma`` (the bias update speed used after this step; the same for every layer, 0
-        without a bias).
+        step's update, ``b₀`` the neutral bias: 0, or 1 for a multiplicative one),
+        ``bias_moved`` (share of the assignments the bias moves off the router's own top-k; 0
+        while the bias is neutral), ``task_loss_unbiased`` (the task loss of the same weights
+        routed without the bias; the task loss while the bias is neutral), and ``gamma`` (the
+        bias update speed used after this step; the same for every layer, 0 without a bias).
     states : dict of int to list of RouterState
         Deep copies of every layer's router taken *before* the update of each requested step
         (the step ``total_steps`` means after the last update).
@@ -180,9 +138,11 @@ class GateTrajectory:
         stream built from another seed has another topic geometry.
     steps_per_update : int
         ``gate.steps_per_update``: optimizer steps between two records.
-    bias_steps_per_update : int
-        ``gate.bias_steps_per_update``: the longest block of bias steps run together (the
-        trajectory does not depend on it).
+    tail_loads : ndarray, shape (layers, E), int64, or None
+        Each layer's gate-batch loads (as processed) summed over the last tenth of the full
+        updates (at least one): the window of :meth:`tail_summary`.
+    tail_updates : int
+        Full updates in that window.
     """
 
     strategy: str
@@ -191,11 +151,32 @@ class GateTrajectory:
     states: dict[int, list[RouterState]] = field(default_factory=dict)
     final: list[RouterState] = field(default_factory=list)
     steps_per_update: int = 1
-    bias_steps_per_update: int = 1
+    tail_loads: npt.NDArray[np.int64] | None = None
+    tail_updates: int = 0
 
     def column(self, key: str) -> npt.NDArray[np.float64]:
         """One record field over all updates, shape (updates,)."""
         return np.array([r[key] for r in self.records], dtype=np.float64)
+
+    def tail_summary(self) -> dict[str, float]:
+        """MaxVio_global, MaxVio_batch, task loss and the interference and perturbation
+        measures over one window, the last tenth of the full updates (at least one):
+        ``maxvio_global`` from the window's pooled loads (per layer, averaged over layers),
+        the others the means of the window's records."""
+        if not self.records or self.tail_loads is None:
+            raise ValueError("tail_summary: the trajectory has no records")
+        window = self.records[-self.tail_updates :]
+        out = {"maxvio_global": float(np.mean([max_vio(c) for c in self.tail_loads]))}
+        for key in (
+            "maxvio_batch",
+            "task_loss",
+            "task_loss_unbiased",
+            "bias_moved",
+            "interference_cos",
+            "interference_ratio",
+        ):
+            out[key] = float(np.mean([r[key] for r in window]))
+        return out
 
     def record_at(self, step: int) -> dict[str, float]:
         """The record of the last full update at or before ``step`` (the first record for a
@@ -459,7 +440,8 @@ def balance_context(scenario: Scenario) -> BalanceContext:
     parallelism.data`` data-parallel ranks of a pipeline stage; devices the ``parallelism.expert``
     ranks of an expert-parallel group. The communication loss's device limit ``M`` is
     ``min(top_k, devices)``, further capped by group-limited routing at the devices the kept
-    groups span: ``router.device_limit`` itself (DeepSeek-V2's M = 3, routing.md §4),
+    groups span: ``router.device_limit`` itself (DeepSeek-V2's M = 3, DeepSeek-V2, arXiv 2405.04434
+    §2.2),
     ``router.node_limit`` nodes' worth of devices, or ``group_topk`` groups' worth.
     """
     p, moe = scenario.parallelism, scenario.model.moe
@@ -658,6 +640,20 @@ class _BiasSteps:
                 balancer.after_step(state, self.counter(selection), block.trained[r])
 
 
+def _moved_fraction(
+    selected: npt.NDArray[np.int64], plain: npt.NDArray[np.int64], n_experts: int
+) -> float:
+    """Share of the (token, expert) assignments of ``selected`` not in ``plain`` (the router's
+    own top-k): the bias's perturbation of the routing."""
+    if selected is plain:
+        return 0.0
+    n_tokens, k = selected.shape
+    mask = np.zeros((n_tokens, n_experts), dtype=bool)
+    np.put_along_axis(mask, plain, True, axis=1)
+    kept = np.take_along_axis(mask, selected, axis=1)
+    return 1.0 - float(np.count_nonzero(kept)) / (n_tokens * k)
+
+
 def train_gate(
     scenario: Scenario,
     strategy: StrategySpec,
@@ -690,13 +686,13 @@ def train_gate(
     interference) when the strategy has a loss; everything is float32 and vectorised. A bias
     step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
     bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
-    step; blocks of bias steps (``bias_steps_per_update > 1``) score their sub-batches at once
+    step; blocks of bias steps (``BIAS_BLOCK_STEPS``) score their sub-batches at once
     and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
-    every, block = gate.steps_per_update, gate.bias_steps_per_update
+    every, block = gate.steps_per_update, BIAS_BLOCK_STEPS
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
@@ -704,15 +700,31 @@ def train_gate(
 
     stream_seed, teacher_seed, init_seed, data_seed, bias_seed = child_seeds(seed_seq, 5)
     stream = TokenStream(scenario.stream, np.random.default_rng(stream_seed))
-    teacher_rng = np.random.default_rng(teacher_seed)
-    teachers = [
-        Teacher.random(n_experts, dim, gate.teacher_temperature, teacher_rng)
-        for _ in range(n_layers)
-    ]
+    task_rng = np.random.default_rng(teacher_seed)
+    teachers: list[Teacher] = []
+    tasks: list[ExpertTask] = []
+    if gate.objective == "teacher":
+        teachers = [
+            Teacher.random(n_experts, dim, gate.teacher_temperature, task_rng)
+            for _ in range(n_layers)
+        ]
+    else:
+        tasks = [
+            ExpertTask(
+                scenario.stream.topics, dim, n_experts, top_k, moe.shared_experts > 0, task_rng
+            )
+            for _ in range(n_layers)
+        ]
     init_rng = np.random.default_rng(init_seed)
-    # Tokens have E‖x‖² = 1 + noise² (unit centroid plus noise), so this weight std gives the
+    # Tokens have E‖x‖² = Σ_k p_k ‖centroid_k‖² + noise² (unit centroids, plus the common
+    # direction when there is one; p the topic popularity), so this weight std gives the
     # initial logits a standard deviation of init_logit_std.
-    init_std = gate.init_logit_std / float(np.sqrt(1.0 + scenario.stream.noise**2))
+    params = scenario.stream
+    centroid_sq = 1.0
+    if params.common > 0:
+        norms = np.sum(np.square(stream.topics, dtype=np.float64), axis=1)
+        centroid_sq = float(stream.popularity @ norms)
+    init_std = gate.init_logit_std / float(np.sqrt(centroid_sq + params.noise**2))
     balancer = make_strategy(strategy)
     mode = balancer.bias_mode
     neutral = np.float32(neutral_bias(mode))
@@ -734,12 +746,11 @@ def train_gate(
     if every > 1 and scope is not None:
         bias_steps = _BiasSteps(scenario, stream, np.random.default_rng(bias_seed), options, scope)
 
-    trajectory = GateTrajectory(
-        strategy=balancer.name,
-        stream=stream,
-        steps_per_update=every,
-        bias_steps_per_update=block,
-    )
+    trajectory = GateTrajectory(strategy=balancer.name, stream=stream, steps_per_update=every)
+    n_records = -(-total_steps // every)
+    trajectory.tail_updates = max(1, n_records // 10)
+    tail_from = n_records - trajectory.tail_updates
+    trajectory.tail_loads = np.zeros((n_layers, n_experts), dtype=np.int64)
     stops = sorted(wanted)
 
     def block_end(start: int, period_end: int) -> int:
@@ -756,7 +767,7 @@ def train_gate(
         tokens_before = scenario.tokens_before(step)
         if step % every:
             # A block of bias steps (steps_per_update > 1; one step unless
-            # bias_steps_per_update > 1): each step's bias update from its own fresh batch,
+            # BIAS_BLOCK_STEPS > 1): each step's bias update from its own fresh batch,
             # and its Adam step with the last full update's gradient.
             period_end = min(total_steps, step - step % every + every)
             if bias_steps is None:
@@ -771,7 +782,7 @@ def train_gate(
             bias_steps.select(current, scores, states, optimizers, balancer)
             step = current.end
             continue
-        tokens, _ = stream.sample(
+        tokens, topics = stream.sample(
             gate.batch_sequences,
             gate.tokens_per_sequence,
             data_rng,
@@ -779,8 +790,11 @@ def train_gate(
             sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
         )
         x = tokens.reshape(-1, dim)
-        sums = np.zeros(7)
-        for state, teacher, adam in zip(states, teachers, optimizers, strict=True):
+        topic_ids = topics.ravel()
+        # Optimizer steps this full update stands for (the experts take them at once).
+        period = min(every, total_steps - step)
+        metrics: list[UpdateMetrics] = []
+        for layer, (state, adam) in enumerate(zip(states, optimizers, strict=True)):
             routing = route(
                 x,
                 state,
@@ -788,9 +802,46 @@ def train_gate(
                 segments=micro,
                 tokens_per_sequence=gate.tokens_per_sequence,
             )
-            choice = teacher.choice(x, top_k)
-            target = choice.at(routing.selected)
-            task, dtask = task_loss_and_grad(routing, target, row_sum(choice.weights**2), score)
+            plain_routing = routing
+            if state.biased:
+                # The router's own top-k at the same weights: what the bias perturbs.
+                unbiased = RouterState(
+                    weights=state.weights,
+                    bias=np.full(n_experts, neutral, dtype=np.float32),
+                    bias_mode=mode,
+                )
+                plain_routing = route(
+                    x,
+                    unbiased,
+                    **options,
+                    segments=micro,
+                    tokens_per_sequence=gate.tokens_per_sequence,
+                )
+            moved = _moved_fraction(routing.selected, plain_routing.selected, n_experts)
+            if tasks:
+                task_model = tasks[layer]
+                task_plain = (
+                    None
+                    if plain_routing is routing
+                    else task_model.evaluate(x, topic_ids, plain_routing)
+                )
+                result = task_model.step(x, topic_ids, routing, options, steps=period)
+                task, dtask = result.loss, result.dlogits
+                assert dtask is not None
+                capture = float("nan")
+                if task_plain is None:
+                    task_plain = task
+            else:
+                teacher = teachers[layer]
+                choice = teacher.choice(x, top_k)
+                target = choice.at(routing.selected)
+                sq = row_sum(choice.weights**2)
+                task, dtask = task_loss_and_grad(routing, target, sq, score)
+                capture = teacher_capture(target, routing.dropped)
+                task_plain = task
+                if plain_routing is not routing:
+                    plain_target = choice.at(plain_routing.selected)
+                    task_plain = task_loss_and_grad(plain_routing, plain_target, sq, score)[0]
             grad = dtask.T @ x
             aux, cos, ratio = 0.0, 0.0, 0.0
             if balancer.has_loss:
@@ -801,35 +852,39 @@ def train_gate(
                     cos, ratio = interference(grad_aux, grad)
                     grad += grad_aux
             adam.step(state.weights, grad)
-            counts = routing.loads()  # as processed: after any capacity drops (§6.2 item 6)
+            counts = routing.loads()  # as processed: after any capacity drops
+            if step // every >= tail_from:
+                trajectory.tail_loads[layer] += counts
             if scope_sizes is not None:
                 scoped = grouped_counts(routing.selected, n_experts, scope_sizes, routing.dropped)
                 balancer.after_step(state, scoped, tokens_before)
             elif scope is not None:
                 balancer.after_step(state, counts, tokens_before)
-            sums += (
-                float(max_vio(counts)),
-                task,
-                aux,
-                teacher_capture(target, routing.dropped),
-                cos,
-                ratio,
-                float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
+            metrics.append(
+                UpdateMetrics(
+                    maxvio_batch=float(max_vio(counts)),
+                    task_loss=task,
+                    aux_loss=aux,
+                    teacher_capture=capture,
+                    interference_cos=cos,
+                    interference_ratio=ratio,
+                    bias_abs_mean=float(np.abs(state.bias - neutral).mean(dtype=np.float64)),
+                    bias_moved=moved,
+                    task_loss_unbiased=task_plain,
+                )
             )
         if bias_steps is not None:
             bias_steps.invalidate()  # the next bias steps draw for the new period
-        sums /= n_layers
+        means = {
+            key: float(np.mean([getattr(m, key) for m in metrics]))
+            for key in UpdateMetrics._fields
+            if tasks == [] or key != "teacher_capture"  # no teacher: no capture
+        }
         trajectory.records.append(
             {
                 "step": step,
                 "tokens": scenario.tokens_before(step + 1),
-                "maxvio_batch": float(sums[0]),
-                "task_loss": float(sums[1]),
-                "aux_loss": float(sums[2]),
-                "teacher_capture": float(sums[3]),
-                "interference_cos": float(sums[4]),
-                "interference_ratio": float(sums[5]),
-                "bias_abs_mean": float(sums[6]),
+                **means,
                 "gamma": balancer.gamma_at(tokens_before),
             }
         )

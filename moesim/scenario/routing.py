@@ -1,7 +1,8 @@
 """Scenario sections for the numerical gate: router, token stream, gate training.
 
-``router`` says how a token picks its experts (DeepSeek-V3 arXiv:2412.19437 §2.1.2, DeepSeek-V2
-arXiv:2405.04434 §2.2, Megatron-LM ``megatron/core/transformer/moe/router.py``): the score function,
+``router`` says how a token picks its experts (docs/model/gate.md; DeepSeek-V3, arXiv 2412.19437
+§2.1.2; DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py):
+the score function,
 the gate values, group-limited routing (``node_limit``, ``device_limit`` or an explicit
 ``num_groups``/``group_topk`` pair; at most one of the three) and an optional expert capacity
 with token dropping (``capacity``; absent = dropless). ``stream`` shapes the synthetic tokens the
@@ -42,9 +43,9 @@ UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
 
 class Capacity(Frozen):
-    """Expert capacity and token dropping (DeepSeek-V2's device-level token dropping,
-    arXiv:2405.04434 §2.2; Switch Transformer capacity factor, arXiv:2101.03961 §2.1; Megatron-LM
-    ``megatron/core/transformer/moe/moe_utils.py``; docs/model/gate.md).
+    """Expert capacity and token dropping (DeepSeek-V2, arXiv 2405.04434 §2.2 "Device-level token
+    dropping", §5.1,
+    Megatron-LM ``moe_expert_capacity_factor``).
 
     Capacity is counted per router call — per micro-batch of one rank: ``T`` tokens, ``K`` experts
     each. At ``level: expert`` every expert keeps at most ``ceil(T·K/N·factor)`` assignments; at
@@ -75,8 +76,8 @@ class Capacity(Frozen):
 
 
 class Router(Frozen):
-    """How tokens pick experts (arXiv:2412.19437 §2.1.2, arXiv:2405.04434 §2.2, Megatron-LM
-    ``megatron/core/transformer/moe/router.py``)."""
+    """How tokens pick experts (docs/model/gate.md; DeepSeek-V3, arXiv 2412.19437 §2.1.2; "
+    "DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py)."""
 
     score: Literal["sigmoid", "softmax"] = Field(
         "sigmoid",
@@ -219,11 +220,18 @@ class Stream(Frozen):
         "blurs topics, so routers separate them less cleanly",
     )
     dim: PositiveInt = Field(64, description="dimension of the router input vectors")
+    common: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="norm of one direction added to every token (hidden states of trained "
+        "language models share a large common component: Ethayarajh, arXiv 1909.00512); it "
+        "lets an expert that wins some tokens win others (the rich-get-richer path to routing "
+        "collapse); 0 = topic centroids only",
+    )
     packing: Literal["mixed", "domain"] = Field(
         "mixed",
         description="mixed = sequences of a micro-batch are independent; domain = all sequences "
         "of one rank's micro-batch share a dominant topic drawn by popularity (packed, "
-        "domain-sorted data, arXiv:2501.11873), so micro-batch loads are far less balanced",
+        "domain-sorted data, arXiv 2501.11873), so micro-batch loads are far less balanced",
     )
     domain_share: UnitInterval = Field(
         0.9,
@@ -291,15 +299,6 @@ class Gate(Frozen):
     ``bias_batch_sequences`` fresh sequences with the current weights and bias, update the bias
     from their loads, and step Adam with the last gradient. ``learning_rate`` stays the step of
     every optimizer step. The gate then records every k-th step only (one record per gradient).
-
-    **Blocks of bias steps** (``bias_steps_per_update: j > 1``, with k > 1). The bias steps
-    between two gradients run in blocks of up to j consecutive steps: the block's sub-batches
-    (``bias_batch_sequences`` sequences per step) are drawn and scored together, each with the
-    weights of its own step, and then each step's bias update reads its own sub-batch's loads
-    under the bias that step starts from — the j = 1 computation reordered, so the trajectory is
-    the same whatever j, only faster. (Rules that update the bias for several steps from loads
-    read once changed MaxVio_batch by far more than 10 %; :mod:`moesim.gate.training`.) j must
-    divide k, so that blocks tile the steps between two gradients.
     """
 
     layers_simulated: PositiveInt = Field(
@@ -322,7 +321,7 @@ class Gate(Frozen):
     learning_rate: PositiveFloat = Field(
         1e-3,
         description="Adam step on router weights at every optimizer step (loss-free paper peak "
-        "LR, arXiv:2408.15664 §4.1)",
+        "LR, arXiv 2408.15664 §4.1)",
     )
     steps_per_update: PositiveInt = Field(
         1,
@@ -336,20 +335,22 @@ class Gate(Frozen):
         "for the bias update of each step between gradients; none = batch_sequences (fewer is "
         "faster, but the bias reads noisier loads)",
     )
-    bias_steps_per_update: PositiveInt = Field(
-        1,
-        description="with steps_per_update > 1: bias steps run together in a block of up to "
-        "this many (their sub-batches drawn and scored at once, each step's bias update still "
-        "from its own sub-batch under its own bias and weights): the same trajectory as 1, "
-        "faster; must divide steps_per_update",
-    )
     init_logit_std: PositiveFloat = Field(
         0.19,
         description="spread of the initial router logits: the loss-free paper's init std 0.006 "
-        "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (arXiv:2408.15664 §4.1)",
+        "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (arXiv 2408.15664 §4.1)",
+    )
+    objective: Literal["experts", "teacher"] = Field(
+        "experts",
+        description="the routers' task loss: experts = a small MoE layer whose experts learn "
+        "per-topic targets (moesim.gate.experts); teacher = reproduce a fixed random teacher "
+        "router's weighted choice (moesim.gate.teacher; experts never learn, so imbalance "
+        "costs nothing)",
     )
     teacher_temperature: PositiveFloat = Field(
-        1.0, description="softmax temperature of the teacher's weights over its top-k"
+        1.0,
+        description="objective: teacher only: softmax temperature of the teacher's weights "
+        "over its top-k",
     )
     routed_tokens_per_sequence: PositiveInt = Field(
         256, description="tokens routed per sequence when sampling engine load (rest resampled)"
@@ -357,14 +358,3 @@ class Gate(Frozen):
     trace: Trace | None = Field(
         None, description="replay recorded expert loads instead of training the synthetic gate"
     )
-
-    @model_validator(mode="after")
-    def _check_coarsening(self) -> Gate:
-        j, k = self.bias_steps_per_update, self.steps_per_update
-        if k % j:
-            raise ValueError(
-                f"bias_steps_per_update: {j} does not divide steps_per_update ({k}); blocks of "
-                "bias steps tile the steps between two gradients: choose a divisor of "
-                f"{k}, or a steps_per_update that is a multiple of {j}"
-            )
-        return self

@@ -1,4 +1,5 @@
-"""Scenario sections for load-balancing strategies (docs/model/gate.md; sources below).
+"""Scenario sections for load-balancing strategies (arXiv 2408.15664; Megatron-LM
+megatron/core/transformer/moe/router.py; docs/model/gate.md).
 
 A scenario lists the strategies to compare. Four kinds are accepted; the first three are
 shorthands for the general ``composite`` and build the same strategy object
@@ -8,17 +9,21 @@ shorthands for the general ``composite`` and build the same strategy object
     No balancing.
 ``aux_loss``
     One auxiliary loss ``α·N·Σ_i f_i·P_i``. ``scope`` picks where ``f`` and ``P`` are counted:
-    ``micro_batch`` (default; Switch Transformer arXiv:2101.03961, GShard arXiv:2006.16668,
-    Megatron ``aux_loss``), ``sequence`` (DeepSeek-V3 arXiv:2412.19437 Eqs. 17–20) or ``global``
-    (f from the whole batch, "Demons in the Detail" arXiv:2501.11873). Shorthand for
-    ``composite`` with one loss of kind ``switch``, ``sequence`` or ``global``.
+    ``micro_batch`` (default; Switch/GShard, Megatron ``aux_loss``, Switch, arXiv 2101.03961),
+    ``sequence`` (DeepSeek-V3 Eqs. 17–20, arXiv 2412.19437) or ``global`` (f from the whole batch,
+    Demons in
+    the Detail, arXiv 2501.11873). Shorthand for ``composite`` with one loss of kind ``switch``,
+    ``sequence``
+    or ``global``.
 ``loss_free``
     The auxiliary-loss-free bias with the sign rule at global scope, ``gamma`` its step
-    (arXiv:2408.15664 Algorithm 1). ``bias_mode: mul`` selects the multiplicative variant of
-    arXiv:2408.15664 Table 4 and ``recenter: true`` re-centres the additive bias (both below).
-    Shorthand for ``composite`` with ``bias: {rule: sign, gamma: γ, mode: …, recenter: …}``.
+    (arXiv 2408.15664 Algorithm 1). ``bias_mode: mul`` selects the multiplicative variant of arXiv
+    2408.15664 Table 4 and ``recenter: true`` re-centres the additive bias (both below). Shorthand
+    for
+    ``composite`` with ``bias: {rule: sign, gamma: γ, mode: …, recenter: …}``.
 ``composite``
-    Any sum of loss terms plus an optional bias. DeepSeek-V3 (arXiv:2412.19437 §2.1.2, §4.2) is::
+    Any sum of loss terms plus an optional bias. DeepSeek-V3 (DeepSeek-V3, arXiv 2412.19437 §2.1.2)
+    is::
 
         {name: v3, kind: composite,
          losses: [{kind: sequence, alpha: 1.0e-4}],
@@ -27,37 +32,39 @@ shorthands for the general ``composite`` and build the same strategy object
     (γ = 1e-3 for the first 14.3T tokens, then 0: the biases freeze for the last 500B.)
 
 Loss terms (``losses[i].kind``; all with the gradient through ``P`` only, counts held constant):
-``switch`` (micro-batch), ``sequence``, ``global`` (arXiv:2101.03961, arXiv:2412.19437,
-arXiv:2501.11873; Megatron-LM ``megatron/core/transformer/moe/router.py``), ``device`` and
-``communication`` (DeepSeek-V2, arXiv:2405.04434 §2.2; devices are the ``parallelism.expert``
-ranks of an expert-parallel group, each holding a contiguous block of experts) and ``z_loss``
-(ST-MoE, arXiv:2202.08906).
+``switch`` (micro-batch), ``sequence``, ``global`` (Switch, arXiv 2101.03961; DeepSeek-V3, arXiv
+2412.19437 §2.1.2; arXiv 2501.11873; Megatron-LM megatron/core/transformer/moe/router.py),
+``device`` and ``communication`` (DeepSeek-V2, arXiv 2405.04434 §2.2; devices are the
+``parallelism.expert`` ranks
+of an expert-parallel group, each holding a contiguous block of experts) and ``z_loss`` (ST-MoE,
+arXiv 2202.08906).
 
 Bias (``bias``): ``rule`` ``sign`` (``b_i += γ·sign(c̄ − c_i)``) or ``proportional`` (``b_i +=
 γ·(c̄ − c_i)/c̄``, the error normalised by the mean load so γ is dimensionless and does not
-depend on the batch size; arXiv:2408.15664 Table 3); ``scope`` of the counts: ``global`` (the
-whole batch of the step, default, as Megatron-LM's
-``megatron/core/distributed/finalize_model_grads.py`` counts it), ``micro_batch`` or ``rank``;
-``schedule`` of γ by tokens trained (below). The update always uses the loads of the step just
-taken and first affects the next step (arXiv:2408.15664 Algorithm 1).
+depend on the batch size; arXiv 2408.15664 Table 3); ``scope`` of the counts: ``global`` (the
+whole batch of the step, default, as Megatron-LM all-reduces the counts), ``micro_batch`` or
+``rank``; ``schedule`` of γ
+by tokens trained (below). The update always uses the loads of the step just taken and first
+affects the next step (arXiv 2408.15664 Algorithm 1).
 
 **Bias mode.** ``mode: add`` (default) selects experts by ``s + b`` with ``b`` starting at 0
-(arXiv:2408.15664 Eq. 3); ``mode: mul`` by ``s·b`` with ``b`` starting at 1, updated by the
-relative sign step ``b_i ← b_i·(1 + γ·sign(c̄ − c_i))`` (arXiv:2408.15664 Table 4; the paper gives
+(arXiv 2408.15664 Eq. 3, Eq. 3); ``mode: mul`` by ``s·b`` with ``b`` starting at 1, updated by the
+relative sign step ``b_i ← b_i·(1 + γ·sign(c̄ − c_i))`` (arXiv 2408.15664 Table 4; the paper gives
 the rates, not the form — a relative step keeps every factor positive). Either way the bias steers
 selection only; the gates are the unbiased scores. ``mul`` takes the sign rule only and ``γ < 1``
 (at ``γ ≥ 1`` an overloaded expert's factor would reach zero or below).
 
 **Re-centring** (``recenter: true``, additive bias only). The sign rule's steps need not sum to
-zero, so all biases can drift together (≈12 after 100k steps at γ = 1e-3), and at that size float32
-resolves ``s + b`` only to about 1e-6. After each update the mean bias is subtracted. A shift common
-to all experts does not change any token's top-k, nor a group-limited choice: every group's score, a
-sum of its ``max(1, k // group_topk)`` top biased scores, moves by the same amount (group scores as
-in Megatron-LM's ``moe_utils.py``). So selection is unchanged in exact arithmetic; in float32 the
-re-centred sums are the *more* precise ones, and the two can differ only for tokens whose selection
-scores tie to within the uncentred rounding. It also leaves the loads, losses and gates alone (none
-reads the bias). Off by default, as in Megatron and DeepSeek-V3, whose float32 biases drift
-(``finalize_model_grads.py``); the mean then stays at 0 up to rounding.
+zero, so all biases can drift together (≈12 after 100k steps at γ = 1e-3), and at that size
+float32 resolves ``s + b`` only to about 1e-6. After each update the mean bias is subtracted. A
+shift common to all experts does not change any token's top-k, nor a group-limited choice: every
+group's score, a sum of its ``max(1, k // group_topk)`` top biased scores, moves by the same
+amount (Megatron-LM megatron/core/transformer/moe/router.py). So selection is unchanged in exact
+arithmetic; in float32 the
+re-centred sums are the *more* precise ones, and the two can differ only for tokens whose
+selection scores tie to within the uncentred rounding. It also leaves the loads, losses and
+gates alone (none reads the bias). Off by default, as in Megatron and DeepSeek-V3, whose float32
+biases drift; the mean then stays at 0 up to rounding.
 
 **γ schedule.** ``schedule`` is a list of stages ``{until_tokens: X_k, gamma: γ_k}`` with
 increasing ``X_k``. The update that follows a step uses ``γ_k`` of the first stage with ``X_k``
@@ -66,12 +73,11 @@ applies. So ``{gamma: 0, schedule: [{until_tokens: 1e9, gamma: 1e-3}]}`` updates
 the steps that start before 1e9 tokens and freezes the bias afterwards. Without a schedule γ is
 ``gamma`` throughout.
 
-A bias with the sign rule needs a sigmoid router: with softmax, the gap between two experts' scores
-depends on every other expert's score, so a fixed-size step is mis-scaled (arXiv:2408.15664 Appendix
-C; Megatron-LM refuses it in its router configuration checks). :func:`check_strategies` enforces
-this across the scenario. The multiplicative bias is exempt: ``s_i·b_i`` over a softmax is ``∝
-exp(z_i + ln b_i)``, so its relative step moves one expert's logit by ``ln(1 ± γ)`` whatever the
-others' scores.
+A bias with the sign rule needs a sigmoid router: with softmax, the gap between two experts'
+scores depends on every other expert's score, so a fixed-size step is mis-scaled (arXiv 2408.15664
+App. C; Megatron-LM refuses it). :func:`check_strategies` enforces this across the
+scenario. The multiplicative bias is exempt: ``s_i·b_i`` over a softmax is ``∝ exp(z_i + ln
+b_i)``, so its relative step moves one expert's logit by ``ln(1 ± γ)`` whatever the others' scores.
 """
 
 from __future__ import annotations
@@ -102,8 +108,9 @@ AUX_SCOPE_LOSS: dict[str, LossKind] = {
 
 
 class LossTerm(Frozen):
-    """One auxiliary loss and its coefficient ``α`` (arXiv:2101.03961, arXiv:2405.04434 §2.2,
-    arXiv:2412.19437 Eqs. 17–20, arXiv:2202.08906, arXiv:2501.11873).
+    """One auxiliary loss and its coefficient ``α`` (DeepSeek-V3, arXiv 2412.19437 §2.1.2;
+    DeepSeek-V2, arXiv 2405.04434 §2.2; Switch, arXiv 2101.03961; ST-MoE, arXiv 2202.08906; arXiv
+    2501.11873).
 
     - ``switch``: ``α·N·Σ f_i P_i`` per micro-batch, averaged over micro-batches;
     - ``sequence``: the same per sequence, averaged over sequences (V3 Eqs. 17–20);
@@ -128,8 +135,8 @@ class GammaStage(Frozen):
 
 
 class Bias(Frozen):
-    """The auxiliary-loss-free selection bias and its update (arXiv:2408.15664 Algorithm 1,
-    Tables 3–4; Megatron-LM ``megatron/core/distributed/finalize_model_grads.py``)."""
+    """The auxiliary-loss-free selection bias and its update (arXiv 2408.15664 Algorithm 1; "
+    "Megatron-LM megatron/core/distributed/finalize_model_grads.py)."""
 
     rule: BiasRule = "sign"
     gamma: Coefficient = Field(1e-3, description="update speed γ (after the schedule, if any)")
@@ -144,7 +151,7 @@ class Bias(Frozen):
     mode: BiasMode = Field(
         "add",
         description="selection by s + b with b from 0 (add) or by s·b with b from 1 (mul, "
-        "arXiv:2408.15664 Table 4; sign rule, relative step γ < 1)",
+        "arXiv 2408.15664 Table 4; sign rule, relative step γ < 1)",
     )
     recenter: bool = Field(
         False,
@@ -179,7 +186,7 @@ def _check_multiplicative(
     """Refuse what the multiplicative bias cannot do; each message starts with its field."""
     if rule != "sign":
         raise ValueError(
-            f"rule: the multiplicative bias ({mode_field} mul, arXiv:2408.15664 Table 4) takes "
+            f"rule: the multiplicative bias ({mode_field} mul, arXiv 2408.15664 Table 4) takes "
             f"the sign rule only, not {rule!r}"
         )
     if recenter:
@@ -231,8 +238,8 @@ class NoBalancing(Frozen):
 
 
 class AuxLoss(Frozen):
-    """One auxiliary loss ``α·N·Σ f_i·P_i`` (arXiv:2101.03961, arXiv:2412.19437,
-    arXiv:2501.11873), by scope."""
+    """One auxiliary loss ``α·N·Σ f_i·P_i`` (Switch, arXiv 2101.03961; DeepSeek-V3, arXiv "
+    "2412.19437 §2.1.2; arXiv 2501.11873), by scope."""
 
     kind: Literal["aux_loss"]
     name: str = "aux_loss"
@@ -248,8 +255,9 @@ class AuxLoss(Frozen):
 
 
 class LossFree(Frozen):
-    """Auxiliary-loss-free bias balancing with the sign rule at global scope (arXiv:2408.15664
-    Algorithm 1), additive (default) or multiplicative (its Table 4)."""
+    """Auxiliary-loss-free bias balancing with the sign rule at global scope (arXiv 2408.15664
+    Algorithm 1),
+    additive (default) or multiplicative (arXiv 2408.15664 Table 4)."""
 
     kind: Literal["loss_free"]
     name: str = "loss_free"
@@ -310,8 +318,8 @@ def check_strategies(scenario: Scenario) -> None:
         ``"strategies[i].bias.rule: …"`` (or ``strategies[i].kind`` for the ``loss_free``
         shorthand) when a sign-rule bias meets a softmax router: the score gap between two
         experts then depends on all other experts' scores, so a fixed-size sign step is
-        mis-scaled (arXiv:2408.15664 Appendix C, which uses the proportional rule for softmax;
-        Megatron-LM forbids the bias with softmax). The multiplicative bias is exempt (module
+        mis-scaled (arXiv 2408.15664 App. C, which uses the proportional rule for softmax;
+        Megatron forbids the bias with softmax). The multiplicative bias is exempt (module
         docstring).
     """
     if scenario.router.score != "softmax":
@@ -330,5 +338,5 @@ def check_strategies(scenario: Scenario) -> None:
         raise ValueError(
             f"{where}: the sign rule needs router.score sigmoid; with softmax the score gap "
             f"between two experts depends on every other expert's score, so a fixed-size sign "
-            f"step is mis-scaled (arXiv:2408.15664 Appendix C; Megatron-LM forbids it); {fix}"
+            f"step is mis-scaled (arXiv 2408.15664 App. C, Megatron forbids it); {fix}"
         )

@@ -20,7 +20,7 @@ def test_percentiles_are_ordered_and_reproducible(tiny_dict):
     a = estimate_with_bands(sc)
     s = a.summary["aux_loss"]
     assert s.seeds == 3
-    for key in ("step_time_s", "gpu_hours", "cost_usd"):
+    for key in ("step_time_s", "gpu_hours", "cost_usd", "task_loss", "gate_maxvio_global"):
         p10, p50, p90 = s.percentiles[key]
         assert p10 <= p50 <= p90
     # A worker's seed gives what that seed gives in this process (same seed, same result).

@@ -27,7 +27,12 @@ def test_integrate_reproduces_the_estimate_and_reads_coarse_gate_records(tiny_di
     tiny_dict["output"] = {"trace": False}
     est = estimate_run(scenario_from_dict(tiny_dict))
     timeline, summary = integrate(
-        est.scenario, est.steps, est.balanced, est.balanced_step_s, est.gate_records
+        est.scenario,
+        est.steps,
+        est.balanced,
+        est.balanced_step_s,
+        est.gate_records,
+        est.gate_windows,
     )
     assert timeline == est.timeline
     assert summary == est.summary

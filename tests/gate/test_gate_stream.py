@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from moesim.gate.stream import TokenStream
 from moesim.scenario.routing import Stream
 
 
 def test_shapes_dtypes_and_geometry(rng: np.random.Generator) -> None:
-    stream = TokenStream(Stream(topics=12, dim=20), rng)
+    seed = int(rng.integers(1 << 30))
+    plain = TokenStream(Stream(topics=12, dim=20, common=0.0), np.random.default_rng(seed))
+    stream = TokenStream(Stream(topics=12, dim=20), np.random.default_rng(seed))
     assert stream.topics.shape == (12, 20)
     assert stream.topics.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(stream.topics, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(plain.topics, axis=1), 1.0, rtol=1e-6)
+    # The default adds one common direction of norm 1 to the same unit centroids.
+    shift = stream.topics - plain.topics
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-6)
+    assert np.linalg.norm(shift[0]) == pytest.approx(1.0, rel=1e-5)
     assert np.isclose(stream.popularity.sum(), 1.0)
     assert (np.diff(stream.popularity) < 0).all()
     tokens, topics = stream.sample(7, 11, rng)

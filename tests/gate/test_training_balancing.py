@@ -56,7 +56,8 @@ def behaviour(make_scenario) -> dict[str, tuple[Scenario, GateTrajectory]]:  # t
     softmax = scenario.model_copy(update={"router": Router(score="softmax")})
     runs = {
         "none": (scenario, NoBalancing(kind="none")),
-        "seq_strong": (scenario, AuxLoss(kind="aux_loss", alpha=1.0, scope="sequence")),
+        # Strong at the calibrated gradient scale (moesim.gate.experts.TASK_GRADIENT_SCALE).
+        "seq_strong": (scenario, AuxLoss(kind="aux_loss", alpha=1e-2, scope="sequence")),
         "loss_free": (scenario, LossFree(kind="loss_free", gamma=1e-3)),
         "v3": (scenario, V3),
         "none_softmax": (softmax, NoBalancing(kind="none")),
@@ -224,14 +225,15 @@ def test_aux_loss_interferes_with_the_task(behaviour) -> None:  # type: ignore[n
 
 
 def test_v3_balances_like_loss_free(behaviour) -> None:  # type: ignore[no-untyped-def]
-    """Bias + sequence-wise α = 1e-4 (DeepSeek-V3): the bias does the balancing, the tiny loss
-    interferes with a gradient hundreds of times smaller than the task's."""
+    """Bias + sequence-wise α = 1e-4 (DeepSeek-V3): the bias does the balancing; at the
+    calibrated gradient scale the small loss's gradient is still a fair fraction of the task's
+    (norm ratio about 0.3 here), without changing the task loss."""
     none = _final(behaviour["none"][1], "maxvio_batch")
     loss_free = _final(behaviour["loss_free"][1], "maxvio_batch")
     v3 = behaviour["v3"][1]
     assert _final(v3, "maxvio_batch") < 0.3 * none
     assert abs(_final(v3, "maxvio_batch") - loss_free) < 0.25 * loss_free
-    assert 0 < _final(v3, "interference_ratio") < 0.01
+    assert 0 < _final(v3, "interference_ratio") < 0.6
     assert abs(_final(v3, "task_loss") - _final(behaviour["loss_free"][1], "task_loss")) < 0.01
 
 

@@ -222,6 +222,10 @@ def _fidelity_run(make_scenario, k: int, seed: int) -> GateTrajectory:  # type: 
             "layers_simulated": 1,
             "learning_rate": V3_LEARNING_RATE,
             "steps_per_update": k,
+            # The router's coarsening alone: with learning experts the experts also see a
+            # gradient only every k-th step, which raises the task loss (about +25 % at k = 16
+            # here; docs/model/gate.md, Coarsening).
+            "objective": "teacher",
         },
         stream={"dim": 16},
         training={"total_tokens": STEPS * 64 * 1024},
