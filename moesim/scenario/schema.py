@@ -19,13 +19,26 @@ import functools
 import math
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from moesim import units
-from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
+from moesim.scenario.base import Efficiency, Frozen, NonNegInt, PositiveFloat, PositiveInt
 from moesim.scenario.faults import Faults, check_faults
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
+
+SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+"""Scenario and strategy names: they become directory names and plot labels, so no path
+separators, no '..' prefix, no control, shell or TeX special characters."""
+SAFE_DIR_PATTERN = r"^[^/\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+"""``output.dir``: relative, no control characters (and no '..' component, checked below)."""
+
+
+def _no_parent_dir(value: str) -> str:
+    if ".." in value.replace("\\", "/").split("/"):
+        raise ValueError("must not climb out with '..'")
+    return value
+
 
 # --------------------------------------------------------------------------- model
 
@@ -35,8 +48,8 @@ class Attention(Frozen):
     ``mla``: DeepSeek multi-head latent attention (low-rank Q and KV projections)."""
 
     kind: Literal["mha", "gqa", "mla"] = "gqa"
-    heads: PositiveInt
-    head_dim: PositiveInt = 128
+    heads: PositiveInt = Field(le=4096)
+    head_dim: PositiveInt = Field(128, le=4096)
     kv_heads: PositiveInt | None = Field(None, description="GQA key/value heads (default: heads)")
     q_lora_rank: PositiveInt | None = Field(None, description="MLA query compression rank")
     kv_lora_rank: PositiveInt | None = Field(None, description="MLA KV compression rank")
@@ -55,10 +68,12 @@ class Attention(Frozen):
 class Moe(Frozen):
     """Routed and shared experts of every MoE layer."""
 
-    routed_experts: PositiveInt
-    shared_experts: NonNegInt = 0
-    top_k: PositiveInt = Field(description="routed experts per token")
-    expert_ffn: PositiveInt = Field(description="intermediate size of one expert (SwiGLU)")
+    routed_experts: PositiveInt = Field(le=16384, description="at most 16,384 (DeepSeek-V3: 256)")
+    shared_experts: NonNegInt = Field(0, le=64)
+    top_k: PositiveInt = Field(le=256, description="routed experts per token")
+    expert_ffn: PositiveInt = Field(
+        le=1_048_576, description="intermediate size of one expert (SwiGLU)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Moe:
@@ -72,17 +87,24 @@ class Moe(Frozen):
 class Model(Frozen):
     """Transformer architecture. FFNs are SwiGLU (three matrices)."""
 
-    layers: PositiveInt
+    layers: PositiveInt = Field(le=1024, description="transformer layers (at most 1,024)")
     dense_layers: NonNegInt = Field(0, description="leading layers with a dense FFN")
-    hidden: PositiveInt
+    hidden: PositiveInt = Field(le=1_048_576)
     attention: Attention
-    vocab: PositiveInt
-    seq_len: PositiveInt
-    dense_ffn: PositiveInt | None = Field(None, description="intermediate size of dense FFNs")
+    vocab: PositiveInt = Field(le=16_777_216)
+    seq_len: PositiveInt = Field(
+        ge=16,
+        le=16_777_216,
+        description="tokens per sequence (16 to 16M: a sequence shorter "
+        "than a gate sample of tokens is not a training sequence)",
+    )
+    dense_ffn: PositiveInt | None = Field(
+        None, le=4_194_304, description="intermediate size of dense FFNs"
+    )
     moe: Moe
     gemm_precision: Literal["bf16", "fp8"] = "bf16"
     mtp_depth: NonNegInt = Field(
-        0, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
+        0, le=16, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
     )
 
     @model_validator(mode="after")
@@ -111,25 +133,29 @@ class Gpu(Frozen):
     ``(F + F_half) / (peak × eff_max)``, a fixed tile/wave overhead plus the streaming rate.
     """
 
-    name: str
-    bf16_tflops: PositiveFloat
-    fp8_tflops: PositiveFloat | None = None
-    hbm_gib: PositiveFloat
-    hbm_tbytes_per_s: PositiveFloat
-    nvlink_gbytes_per_s: PositiveFloat = Field(description="aggregate of both directions")
-    sms: PositiveInt
-    bf16_gemm_efficiency: Fraction = Field(description="large BF16 GEMM fraction of peak")
-    fp8_gemm_efficiency: Fraction = Field(description="large FP8 GEMM fraction of peak")
+    name: str = Field(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")
+    bf16_tflops: PositiveFloat = Field(ge=1, le=100_000, description="1 TFLOP/s to 100 PFLOP/s")
+    fp8_tflops: PositiveFloat | None = Field(None, ge=1, le=100_000)
+    hbm_gib: PositiveFloat = Field(ge=1, le=65_536)
+    hbm_tbytes_per_s: PositiveFloat = Field(ge=0.1, le=1_000)
+    nvlink_gbytes_per_s: PositiveFloat = Field(
+        ge=1, le=1_000_000, description="aggregate of both directions"
+    )
+    sms: PositiveInt = Field(le=100_000)
+    bf16_gemm_efficiency: Efficiency = Field(description="large BF16 GEMM fraction of peak")
+    fp8_gemm_efficiency: Efficiency = Field(description="large FP8 GEMM fraction of peak")
     bf16_gemm_half_gflop: PositiveFloat = Field(
-        description="GEMM work (GFLOP) at which BF16 efficiency is half its maximum"
+        le=10_000, description="GEMM work (GFLOP) at which BF16 efficiency is half its maximum"
     )
     fp8_gemm_half_gflop: PositiveFloat = Field(
-        description="GEMM work (GFLOP) at which FP8 efficiency is half its maximum"
+        le=10_000, description="GEMM work (GFLOP) at which FP8 efficiency is half its maximum"
     )
-    attention_fwd_efficiency: Fraction = Field(description="causal flash-attention forward")
-    attention_bwd_efficiency: Fraction = Field(description="causal flash-attention backward")
-    memory_efficiency: Fraction = Field(description="achievable fraction of HBM bandwidth")
-    kernel_launch_us: Annotated[float, Field(ge=0)] = Field(description="fixed cost per op")
+    attention_fwd_efficiency: Efficiency = Field(description="causal flash-attention forward")
+    attention_bwd_efficiency: Efficiency = Field(description="causal flash-attention backward")
+    memory_efficiency: Efficiency = Field(description="achievable fraction of HBM bandwidth")
+    kernel_launch_us: Annotated[float, Field(ge=0, le=1_000_000)] = Field(
+        description="fixed cost per op (at most 1 s)"
+    )
 
     @property
     def hbm_bytes_per_s(self) -> float:
@@ -148,18 +174,25 @@ class Link(Frozen):
     """A point-to-point link class: bandwidth per direction, latency, and the achievable fraction
     of nominal bandwidth (from collective micro-benchmarks)."""
 
-    latency_us: Annotated[float, Field(ge=0)]
-    efficiency: Fraction = 1.0
+    latency_us: Annotated[float, Field(ge=0, le=1_000_000)] = Field(
+        description="one-way latency in µs (at most 1 s)"
+    )
+    efficiency: Efficiency = 1.0
 
 
 class NvLink(Link):
     bandwidth_gbytes_per_s: PositiveFloat | None = Field(
-        None, description="per GPU per direction (default: half the GPU's NVLink aggregate)"
+        None,
+        ge=0.1,
+        le=1_000_000,
+        description="per GPU per direction (default: half the GPU's NVLink aggregate)",
     )
 
 
 class Nic(Link):
-    bandwidth_gbits_per_s: PositiveFloat = Field(description="per NIC per direction, in Gb/s")
+    bandwidth_gbits_per_s: PositiveFloat = Field(
+        ge=1, le=1_000_000, description="per NIC per direction, in Gb/s (1 Gb/s to 1 Pb/s)"
+    )
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -178,12 +211,14 @@ class Network(Frozen):
 
     topology: Literal["fat_tree", "rail_optimized", "multi_plane"] = "fat_tree"
     leaf_nics: PositiveInt = Field(
-        32, description="NICs under one leaf switch (half the ports of a 64-port switch)"
+        32,
+        le=1_000_000,
+        description="NICs under one leaf switch (half the ports of a 64-port switch)",
     )
-    oversubscription: Annotated[float, Field(ge=1)] = Field(
+    oversubscription: Annotated[float, Field(ge=1, le=1024)] = Field(
         1.0, description="leaf downlink to uplink bandwidth ratio (1 = full bisection)"
     )
-    cross_leaf_latency_us: Annotated[float, Field(ge=0)] | None = Field(
+    cross_leaf_latency_us: Annotated[float, Field(ge=0, le=1_000_000)] | None = Field(
         None, description="IB latency between leaves (default: nic.latency_us)"
     )
     nvlink_domain_gpus: PositiveInt | None = Field(
@@ -193,12 +228,14 @@ class Network(Frozen):
 
 class Cluster(Frozen):
     gpu: Gpu
-    nodes: PositiveInt
-    gpus_per_node: PositiveInt
+    nodes: PositiveInt = Field(le=1_000_000)
+    gpus_per_node: PositiveInt = Field(le=1024)
     nvlink: NvLink
     nic: Nic
     network: Network = Network()
-    price_usd_per_gpu_hour: Annotated[float, Field(ge=0)]
+    price_usd_per_gpu_hour: Annotated[float, Field(ge=0, le=100_000)] = Field(
+        description="USD per GPU-hour (at most 100,000)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Cluster:
@@ -236,13 +273,17 @@ class Parallelism(Frozen):
     pipeline: PositiveInt = 1
     expert: PositiveInt = 1
     data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
-    micro_batch_size: PositiveInt = Field(1, description="sequences per GPU per micro-batch")
+    micro_batch_size: PositiveInt = Field(
+        1, le=65_536, description="sequences per GPU per micro-batch"
+    )
     schedule: Literal["1f1b", "interleaved", "zb1p", "dualpipe"] = Field(
         "1f1b",
         description="pipeline schedule: 1f1b, interleaved (virtual_stages pieces per rank), "
         "zb1p (zero-bubble ZB-H1, split backward), dualpipe (DeepSeek-V3, bidirectional)",
     )
-    virtual_stages: PositiveInt = Field(1, description="model pieces per rank (interleaved)")
+    virtual_stages: PositiveInt = Field(
+        1, le=1024, description="model pieces per rank (interleaved)"
+    )
     layer_split: Literal["even", "balanced"] = Field(
         "even",
         description="how layers are cut into pipeline pieces: even = equal layer counts "
@@ -290,14 +331,18 @@ class BatchRamp(Frozen):
     pipeline), so a ramp may start above ``start_sequences``."""
 
     start_sequences: PositiveInt
-    over_tokens: PositiveFloat
+    over_tokens: PositiveFloat = Field(ge=1, le=1e16, description="tokens (at most 1e16)")
 
 
 class Training(Frozen):
-    total_tokens: PositiveFloat
-    global_batch_sequences: PositiveInt
+    total_tokens: PositiveFloat = Field(
+        ge=1, le=1e16, description="tokens trained (at most 1e16, 600× DeepSeek-V3's 14.8T)"
+    )
+    global_batch_sequences: PositiveInt = Field(le=16_777_216)
     batch_ramp: BatchRamp | None = None
-    sample_points: PositiveInt = Field(6, description="steps simulated in the engine along the run")
+    sample_points: PositiveInt = Field(
+        6, le=1000, description="steps simulated in the engine along the run"
+    )
 
 
 class Eplb(Frozen):
@@ -308,7 +353,7 @@ class Eplb(Frozen):
     placement."""
 
     enabled: bool = False
-    redundant_per_rank: PositiveInt = Field(1, description="spare expert slots per GPU")
+    redundant_per_rank: PositiveInt = Field(1, le=1024, description="spare expert slots per GPU")
     interval_steps: PositiveInt = Field(
         100, description="optimizer steps between placement recomputations"
     )
@@ -317,41 +362,61 @@ class Eplb(Frozen):
 class Uncertainty(Frozen):
     seeds: PositiveInt = Field(
         1,
+        le=1000,
         description="independent seeds the run is estimated under (seed, seed + 1, …): "
         "P10/P50/P90 of step time, GPU-hours and cost, and bands on the curves",
     )
     workers: PositiveInt | None = Field(
-        None, description="processes for the extra seeds (default: every local core)"
+        None,
+        le=1024,
+        description="processes for the extra seeds (default and cap: the cores available)",
     )
 
 
 class Engine(Frozen):
     memory_limit_gib: PositiveFloat = Field(
         4.0,
-        description="refuse up front a scenario whose simulation state (routing samples and "
-        "per-GPU records of one step) would exceed this",
+        le=1024,
+        description="refuse up front a scenario whose simulation state (gate training, routing "
+        "samples, per-GPU records and tables) would exceed this",
+    )
+    time_budget_minutes: PositiveFloat = Field(
+        60.0,
+        le=100_000,
+        description="refuse up front a scenario whose estimated single-core run time (gate "
+        "training plus simulated steps, from its size) would exceed this",
     )
 
 
 class Output(Frozen):
-    dir: str = "runs"
+    dir: Annotated[str, AfterValidator(_no_parent_dir)] = Field(
+        "runs",
+        min_length=1,
+        max_length=1024,
+        pattern=SAFE_DIR_PATTERN,
+        description="where run directories go: a relative path without '..' or control characters",
+    )
     trace: bool = Field(True, description="write trace.json.gz of one simulated step")
     trace_gpus: list[NonNegInt] | None = Field(
-        None, description="GPUs to trace (default: the first 16)"
+        None, max_length=4096, description="GPUs to trace (default: the first 16; at most 4,096)"
     )
 
 
 class Scenario(Frozen):
     """A validated, frozen scenario. Build it with :func:`moesim.scenario.load_scenario`."""
 
-    name: str
-    description: str = ""
-    seed: NonNegInt = 0
+    name: str = Field(
+        pattern=SAFE_NAME_PATTERN,
+        description="names the run directory: 1 to 100 letters, digits, '.', '_', '-' or '+', "
+        "not starting with '.' or '-'",
+    )
+    description: str = Field("", max_length=10_000)
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     model: Model
     cluster: Cluster
     parallelism: Parallelism
     router: Router = Router()
-    strategies: list[Strategy] = Field(min_length=1)
+    strategies: list[Strategy] = Field(min_length=1, max_length=64)
     stream: Stream = Stream()
     gate: Gate = Gate()
     training: Training

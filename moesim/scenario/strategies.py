@@ -82,7 +82,11 @@ from moesim.scenario.base import Frozen
 if TYPE_CHECKING:
     from moesim.scenario.schema import Scenario
 
-Coefficient = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Coefficient = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+"""A balancing coefficient (α, γ): published configs use at most 1e-1; 100 is far beyond any
+useful value and keeps the gate's arithmetic finite."""
+StrategyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")]
+"""Strategy names label tables, plots and the trace: letters, digits, '.', '_', '-', '+'."""
 LossKind = Literal["switch", "sequence", "global", "device", "communication", "z_loss"]
 AuxScope = Literal["micro_batch", "sequence", "global"]
 BiasRule = Literal["sign", "proportional"]
@@ -118,7 +122,7 @@ class LossTerm(Frozen):
 class GammaStage(Frozen):
     """One stage of a γ schedule: ``gamma`` for the steps that start before ``until_tokens``."""
 
-    until_tokens: Annotated[float, Field(gt=0)]
+    until_tokens: Annotated[float, Field(gt=0, le=1e16)]
     gamma: Coefficient
 
 
@@ -133,7 +137,7 @@ class Bias(Frozen):
         "each data-parallel rank's share; per-group updates are averaged",
     )
     schedule: list[GammaStage] | None = Field(
-        None, min_length=1, description="γ stages by tokens trained before the step"
+        None, max_length=256, min_length=1, description="γ stages by tokens trained before the step"
     )
     mode: BiasMode = Field(
         "add",
@@ -194,8 +198,8 @@ class Composite(Frozen):
     """Auxiliary losses (summed) and an optional loss-free bias, combined freely."""
 
     kind: Literal["composite"]
-    name: str = "composite"
-    losses: list[LossTerm] = Field(default_factory=list)
+    name: StrategyName = "composite"
+    losses: list[LossTerm] = Field(default_factory=list, max_length=16)
     bias: Bias | None = None
 
     @model_validator(mode="after")
@@ -217,7 +221,7 @@ class NoBalancing(Frozen):
     """No balancing: the router follows the task loss only."""
 
     kind: Literal["none"]
-    name: str = "none"
+    name: StrategyName = "none"
 
     def canonical(self) -> Composite:
         """The equivalent composite: no loss, no bias."""
@@ -228,7 +232,7 @@ class AuxLoss(Frozen):
     """One auxiliary loss ``α·N·Σ f_i·P_i`` (routing.md §5.1, §3, §5.7), by scope."""
 
     kind: Literal["aux_loss"]
-    name: str = "aux_loss"
+    name: StrategyName = "aux_loss"
     alpha: Coefficient = 1e-3
     scope: AuxScope = Field(
         "micro_batch", description="where f and P are counted: micro_batch, sequence or global"
@@ -245,7 +249,7 @@ class LossFree(Frozen):
     additive (default) or multiplicative (§2.5 Table 4)."""
 
     kind: Literal["loss_free"]
-    name: str = "loss_free"
+    name: StrategyName = "loss_free"
     gamma: Coefficient = 1e-3
     bias_mode: BiasMode = Field(
         "add", description="select by s + b (add) or by s·b with b from 1 (mul; γ < 1)"
