@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_COUNT = 2**31 - 1
 """Largest count a scenario field may hold (int32: NumPy index arithmetic stays exact)."""
@@ -22,8 +22,15 @@ class Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-PositiveInt = Annotated[int, Field(gt=0, le=MAX_COUNT)]
-NonNegInt = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+def _count(value: int) -> int:
+    # An AfterValidator, not ``le``: a field's own, tighter ``le`` would otherwise be replaced.
+    if value > MAX_COUNT:
+        raise ValueError(f"at most {MAX_COUNT:,} (a 32-bit count)")
+    return value
+
+
+PositiveInt = Annotated[int, Field(gt=0), AfterValidator(_count)]
+NonNegInt = Annotated[int, Field(ge=0), AfterValidator(_count)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Efficiency = Annotated[float, Field(ge=0.01, le=1)]

@@ -40,6 +40,15 @@ def _no_parent_dir(value: str) -> str:
     return value
 
 
+MAX_GPUS = 1 << 20
+"""Largest cluster simulated (about 1M GPUs, 10× the largest announced training cluster)."""
+MAX_STEPS = 10**10
+"""Most optimizer steps in a run (the step index stays exact in float64 and int64)."""
+MAX_SCHEDULE_SLOTS = 1 << 20
+"""Most (micro-batch × stage × virtual stage) slots in one step's pipeline schedule."""
+MAX_RAMP_STEPS = 10**6
+"""Most steps a batch ramp may take (its per-step batches are listed one by one)."""
+
 # --------------------------------------------------------------------------- model
 
 
@@ -492,6 +501,43 @@ class Scenario(Frozen):
         check_faults(self.faults, c.gpus)
         check_strategies(self)
         self.router.check_scenario(self)
+        return self
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Scenario:
+        """Derived sizes in exact integer arithmetic, then the resource estimate (memory and
+        time) against ``engine``'s limits — before anything iterates over steps."""
+        c, t = self.cluster, self.training
+        if c.gpus > MAX_GPUS:
+            raise ValueError(f"cluster.nodes: {c.gpus:,} GPUs; at most {MAX_GPUS:,} are simulated")
+        tokens = math.ceil(t.total_tokens)
+        steps = -(-tokens // self.tokens_per_step)
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"training.total_tokens: {steps:,} optimizer steps of {self.tokens_per_step:,} "
+                f"tokens; at most {MAX_STEPS:,}"
+            )
+        if self.micro_batches * self.parallelism.pipeline * self.parallelism.virtual_stages > (
+            MAX_SCHEDULE_SLOTS
+        ):
+            raise ValueError(
+                f"training.global_batch_sequences: {self.micro_batches:,} micro-batches × "
+                f"{self.parallelism.pipeline} stages is more than {MAX_SCHEDULE_SLOTS:,} "
+                "schedule slots per step"
+            )
+        ramp = t.batch_ramp
+        if ramp is not None:
+            smallest = self._batch_quantum * self.model.seq_len
+            span = math.ceil(min(ramp.over_tokens, t.total_tokens))
+            if -(-span // smallest) > MAX_RAMP_STEPS:
+                raise ValueError(
+                    f"training.batch_ramp.over_tokens: the ramp could take up to "
+                    f"{-(-span // smallest):,} steps of {smallest:,} tokens; at most "
+                    f"{MAX_RAMP_STEPS:,}"
+                )
+        from moesim.scenario.resources import check_resources
+
+        check_resources(self)
         return self
 
     def _check_schedule(self) -> None:
