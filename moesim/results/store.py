@@ -11,16 +11,20 @@ Layout::
     step_breakdown.png       where each strategy's GPU time goes in a step
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
-A run is written into a hidden sibling directory and renamed into place only when complete, so
-a failed run leaves no partial directory behind. Nothing written depends on the wall clock.
+A run is written into a hidden sibling directory (``.<name>.partial-<host>-<pid>-…``) and
+renamed into place only when complete, so a failed run leaves no partial directory behind; a
+killed one leaves only that hidden directory, which :func:`load` refuses and the next run in the
+same parent removes once its process is gone. Nothing written depends on the wall clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -30,10 +34,13 @@ from typing import Any
 import pandas as pd
 
 from moesim import __version__
+from moesim.errors import ScenarioError
 from moesim.estimate import RunEstimate
+from moesim.estimate.invariants import check_invariants
 from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
+from moesim.scenario.loader import show
 
 TABLES = (
     "timeline",
@@ -77,16 +84,110 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
-    """Write the whole run directory atomically; returns its path."""
+PARTIAL = ".partial-"
+"""Marks a run directory still being written: ``.<name>.partial-<host>-<pid>-<random>``."""
+MAX_PATH_CHARS = 4096
+
+
+def _bad_path(text: str) -> str | None:
+    if not text:
+        return "is empty"
+    if any(not c.isprintable() for c in text):
+        return "holds a control character (NUL, newline, escape)"
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in Path(text).parts):
+        return "is too long"
+    return None
+
+
+def check_output_dir(run_dir: str | Path, label: str = "--out") -> Path:
+    """Check, before any work, that ``run_dir`` can be created: a printable path that does not
+    exist yet (not even as a dangling symlink) under a directory this process can write.
+
+    Raises
+    ------
+    ScenarioError
+        Naming ``label`` (the option or field the path came from).
+    """
+    text = str(run_dir)
+    problem = _bad_path(text)
+    if problem:
+        raise ScenarioError(label, f"the output path {problem}")
+    target = Path(text)
+    shown = show(text, 120)
+    if os.path.lexists(target):
+        raise ScenarioError(label, f"{shown} already exists; choose a new directory")
+    parent = target.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ScenarioError(label, f"{show(str(parent), 120)} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScenarioError(label, f"cannot write under {show(str(parent), 120)}")
+    if parent == target.parent:
+        try:  # a real probe: access() does not see read-only mounts or quotas
+            tempfile.TemporaryDirectory(prefix=".moesim-probe-", dir=parent).cleanup()
+        except OSError as exc:
+            raise ScenarioError(
+                label, f"cannot write under {show(str(parent), 120)} ({exc.strerror})"
+            ) from None
+    return target
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_partials(parent: Path) -> list[Path]:
+    """Remove partial run directories under ``parent`` left by killed runs of this host (their
+    process is gone); returns what was removed. Others' and live runs' are left alone."""
+    removed = []
+    host = socket.gethostname()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and PARTIAL in name):
+            continue
+        owner = name.rsplit(PARTIAL, 1)[1].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if not _alive(int(owner[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def write_run(est: RunEstimate, run_dir: str | Path, label: str = "--out") -> Path:
+    """Write the whole run directory atomically; returns its path.
+
+    The output invariants (:mod:`moesim.estimate.invariants`) are checked on the final tables
+    and summary first: a violation raises :class:`SimulationError` and nothing is written.
+    The run is written into ``.<name>.partial-…`` beside the target and renamed into place
+    when complete; a run killed meanwhile leaves only that hidden partial directory, which
+    :func:`load` refuses and the next run under the same parent removes. Two runs racing for
+    the same target: one wins, the other fails with a :class:`ScenarioError`.
+    """
     target = Path(run_dir)
-    if target.exists():
-        raise FileExistsError(f"{target}: run directory already exists")
+    sc = est.scenario
+    frames = build_tables(est)
+    check_invariants(sc.name, frames, est.summary, sc.training.total_tokens)
+    summary_text = json.dumps(est.summary, indent=2, allow_nan=False) + "\n"
+    if os.path.lexists(target):
+        raise ScenarioError(label, f"{show(str(target), 120)} already exists; nothing written")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_stale_partials(target.parent)
+    prefix = f".{target.name[:100]}{PARTIAL}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a run directory is for sharing
     try:
-        sc = est.scenario
         (tmp / "scenario.resolved.yaml").write_text(dump_scenario(sc))
         meta = {
             "moesim_version": __version__,
@@ -97,8 +198,6 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
             "packages": _package_versions(),
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(est.summary, indent=2) + "\n")
-        frames = build_tables(est)
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         plots.write_all(
@@ -119,7 +218,20 @@ def write_run(est: RunEstimate, run_dir: str | Path) -> Path:
                 for g in sc.traced_gpus
             }
             write_trace(tmp / "trace.json.gz", step.result.trace, labels)
-        tmp.rename(target)
+        # summary.json last: a directory with it is complete (load() looks for it).
+        (tmp / "summary.json").write_text(summary_text)
+        try:
+            tmp.rename(target)
+        except OSError as exc:
+            if os.path.lexists(target):
+                raise ScenarioError(
+                    label,
+                    f"{show(str(target), 120)} was created by another run meanwhile; "
+                    "nothing written",
+                ) from None
+            raise ScenarioError(
+                label, f"cannot create {show(str(target), 120)} ({exc.strerror})"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -152,8 +264,15 @@ class RunResults:
 def load(run_dir: str | Path) -> RunResults:
     """Load a run directory written by ``moesim run``."""
     path = Path(run_dir)
+    if path.name.startswith(".") and PARTIAL in path.name:
+        raise FileNotFoundError(
+            f"{path}: a partial run directory (a run still writing, or killed); not a run"
+        )
     if not (path / "summary.json").is_file():
         raise FileNotFoundError(f"{path}: not a moesim run directory (no summary.json)")
+    missing = [name for name in TABLES if not (path / f"{name}.parquet").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: incomplete run directory (no {missing[0]}.parquet)")
     frames = {name: pd.read_parquet(path / f"{name}.parquet") for name in TABLES}
     return RunResults(
         path=path,
