@@ -619,7 +619,8 @@ class _StepModel:
         )
         gpus = self.span[rank]
         self.expert_tokens[gpus] += rows
-        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
+        # Clipped: under jitter an op can end before its nominal ``seconds`` have passed.
+        self.expert_wait_token_s[gpus] += np.maximum(t_exp - seconds - arrive, 0.0)[:, None] * rows
         self.expert_served[gpus] += rows
         back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=True)
         self._record(rank, "combine", "combine forward", t_exp, back)
@@ -646,7 +647,8 @@ class _StepModel:
             seconds, np.maximum(t_sh, arrive), "routed experts", "backward", "a2a", last, True
         )
         gpus = self.span[rank]
-        self.expert_wait_token_s[gpus] += (t_exp - seconds - arrive)[:, None] * rows
+        # Clipped: under jitter an op can end before its nominal ``seconds`` have passed.
+        self.expert_wait_token_s[gpus] += np.maximum(t_exp - seconds - arrive, 0.0)[:, None] * rows
         self.expert_served[gpus] += rows
         back, last = self._exchange(rank, t_exp, layer, micro, toward_experts=False, bf16=False)
         self._record(rank, "dispatch", "dispatch backward", t_exp, back)

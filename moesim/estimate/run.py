@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from moesim import units
 from moesim.cluster import model_flops_per_token
@@ -42,6 +43,7 @@ from moesim.cluster.stragglers import (
 )
 from moesim.engine import StepContext, StepResult, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
+from moesim.errors import ScenarioError
 from moesim.estimate.failures import failure_estimate
 from moesim.gate import (
     GateTrajectory,
@@ -135,6 +137,15 @@ def estimate_run(
     workers : int
         Processes for the strategies' gate training (identical results for any value).
     """
+    # BLAS reductions split over threads sum in a thread-count-dependent order (gate metrics
+    # moved by 4e-8 between 1 and 2 threads): one thread, whatever the environment says.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _estimate_run(scenario, progress, workers)
+
+
+def _estimate_run(
+    scenario: Scenario, progress: Callable[[str], None] | None, workers: int
+) -> RunEstimate:
     tick = progress or (lambda _label: None)
     ctx = build_context(scenario)
     contexts = {scenario.micro_batches: ctx}
@@ -434,7 +445,8 @@ def _routing_sources(
 def _train_one(
     args: tuple[Scenario, Strategy, list[int], np.random.SeedSequence],
 ) -> GateTrajectory:
-    return train_gate(*args)
+    with threadpool_limits(limits=1, user_api="blas"):  # in the worker process too
+        return train_gate(*args)
 
 
 def _train_gates(
@@ -510,6 +522,11 @@ def _routing_summary(
     return out
 
 
+MAX_FAILURE_OVERHEAD = 1e6
+"""Failure overhead (relative to the useful work) beyond which a run is refused as never
+finishing; it also keeps GPU-hours and costs far from float64 overflow."""
+
+
 def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[str, float | None]:
     """Expected failure and restart overhead of the run (``faults.failures``), reported apart
     from the failure-free GPU-hours and cost, and their sums."""
@@ -521,13 +538,23 @@ def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[s
             "gpu_hours_with_failures": gpu_hours,
             "cost_usd_with_failures": gpu_hours * price,
         }
-    fe = failure_estimate(
-        sc.faults.failures,
-        gpus=sc.cluster.gpus,
-        step_time_s=step_time,
-        steps=sc.total_steps,
-        price_usd_per_gpu_hour=price,
-    )
+    try:
+        fe = failure_estimate(
+            sc.faults.failures,
+            gpus=sc.cluster.gpus,
+            step_time_s=step_time,
+            steps=sc.total_steps,
+            price_usd_per_gpu_hour=price,
+        )
+    except ValueError as err:  # a segment of many job MTBFs: the run would never complete
+        raise ScenarioError("faults.failures", str(err)) from None
+    if not fe.overhead.overhead_fraction <= MAX_FAILURE_OVERHEAD:
+        raise ScenarioError(
+            "faults.failures",
+            f"failures would multiply the run's time by {fe.overhead.overhead_fraction:.3g} "
+            f"(job MTBF {fe.job_mtbf_s:.3g} s on {sc.cluster.gpus:,} GPUs): it would "
+            "essentially never finish; raise gpu_mtbf_hours or shorten restarts and checkpoints",
+        )
     return {
         **fe.summary(),
         "gpu_hours_with_failures": gpu_hours + fe.overhead_gpu_hours,
