@@ -176,8 +176,9 @@ def _expanded_nodes(root: Any) -> int:
 
 def parse_yaml(text: str, where: str = "scenario") -> Any:
     """Parse scenario YAML into Python objects; any parser failure is one ScenarioError."""
-    loader = _StrictLoader(text)
+    loader = None
     try:
+        loader = _StrictLoader(text)  # the reader already refuses control characters here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -195,7 +196,8 @@ def parse_yaml(text: str, where: str = "scenario") -> Any:
         # Constructors of tagged scalars (!!timestamp, !!int, !!binary) raise these.
         raise ScenarioError(where, f"malformed YAML: {show(str(exc))}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _error_path(loc: tuple[int | str, ...]) -> str:
