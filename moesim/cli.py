@@ -110,6 +110,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
     sc = load_scenario(args.scenario)
+    if sc.gate.trace is not None:  # the replayed file is part of the scenario: check it too
+        from moesim.gate.trace import scenario_trace
+
+        scenario_trace(sc)
     print(
         f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
         f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
