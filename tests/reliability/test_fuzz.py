@@ -52,7 +52,11 @@ def _check(data: bytes, command: str) -> None:
         )
     COUNTS[command][outcome] += 1
     if outcome not in ("ok", "clean_error"):
-        FAILURES.append(f"{command} {outcome}: {detail[:300]}")
+        keep = Path(tempfile.gettempdir()) / "moesim-fuzz-failures"
+        keep.mkdir(exist_ok=True)
+        case = keep / f"case-{len(FAILURES)}-{command}.yaml"
+        case.write_bytes(data)
+        FAILURES.append(f"{command} {outcome} ({case}): {detail[:300]}")
         if not FULL:
             pytest.fail(f"{outcome}: {detail}\n--- case ---\n{data[:2000]!r}")
 
