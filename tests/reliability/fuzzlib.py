@@ -157,13 +157,16 @@ def valid_small(draw: st.DrawFn) -> dict[str, Any]:
     experts = ep * draw(st.sampled_from([1, 2, 4]))
     doc["cluster"].update(nodes=nodes, gpus_per_node=gpn)
     doc["parallelism"].update(pipeline=pp, expert=ep, data=dp)
-    doc["parallelism"]["schedule"] = draw(st.sampled_from(["1f1b", "zb1p", "dualpipe"]))
+    schedules = ["1f1b", "zb1p", "dualpipe"] if pp % 2 == 0 else ["1f1b", "zb1p"]
+    doc["parallelism"]["schedule"] = draw(st.sampled_from(schedules))
     doc["model"]["layers"] = draw(st.integers(max(2, pp), 4))
     doc["model"]["moe"]["routed_experts"] = experts
     doc["model"]["moe"]["top_k"] = draw(st.integers(1, min(2, experts)))
     doc["training"]["global_batch_sequences"] = ep * dp * draw(st.sampled_from([2, 4]))
     doc["training"]["total_tokens"] = float(draw(st.integers(1, 4096 * 4)))
     doc["router"] = {"score": draw(st.sampled_from(["sigmoid", "softmax"]))}
+    if doc["router"]["score"] == "softmax":  # loss-free bias needs sigmoid scores
+        doc["strategies"][1] = {"name": "none", "kind": "none"}
     if draw(st.booleans()):
         doc["router"]["capacity"] = {"factor": draw(st.floats(0.5, 2.0))}
     doc["cluster"]["price_usd_per_gpu_hour"] = draw(st.floats(0, 100_000))
