@@ -828,7 +828,8 @@ def train_gate(
                 "aux_loss": float(sums[2]),
                 "teacher_capture": float(sums[3]),
                 "interference_cos": float(sums[4]),
-                "interference_ratio": float(sums[5]),
+                # inf where the task gradient vanished: undefined, so NaN (null, not applicable)
+                "interference_ratio": float(sums[5]) if np.isfinite(sums[5]) else float("nan"),
                 "bias_abs_mean": float(sums[6]),
                 "gamma": balancer.gamma_at(tokens_before),
             }

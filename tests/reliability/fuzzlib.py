@@ -310,6 +310,8 @@ def classify(
             return "crash", f"exit 2 with {len(lines)} lines: {stderr[-500:]}"
         if "internal error" in lines[0]:
             return "crash", lines[0]
+        if "output invariant" in lines[0]:
+            return "violation", lines[0]
         if out_dir.exists():
             return "crash", "a failed run left its directory"
         return "clean_error", lines[0]

@@ -565,3 +565,13 @@ def test_eplb_with_an_expert_group_smaller_than_a_node():
     )
     est = estimate_run(scenario_from_dict(doc))
     assert any(name.endswith("+eplb") for name in est.summary)
+
+
+def test_undefined_interference_ratio_is_null_not_inf():
+    """Two experts, top-1, one step: the task gradient on the router can vanish, and
+    ‖∂L_aux‖/‖∂L_task‖ is undefined — NaN (null), never inf (found by the fuzzer)."""
+    doc = _small(model__moe__routed_experts=2, model__moe__top_k=1, training__total_tokens=1.0)
+    est = estimate_run(scenario_from_dict(doc))
+    gate = build_tables(est)["gate"]
+    assert not np.isinf(gate["interference_ratio"].to_numpy(float)).any()
+    check_invariants("fuzz", build_tables(est), est.summary, est.scenario.training.total_tokens)
