@@ -27,7 +27,7 @@ from moesim.scenario.faults import Faults, check_faults
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
 
-SAFE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$"
+SAFE_NAME_PATTERN = r"^\w[\w.+-]{0,99}$"
 """Scenario and strategy names: they become directory names and plot labels, so no path
 separators, no '..' prefix, no control, shell or TeX special characters."""
 SAFE_DIR_PATTERN = r"^[^/\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
@@ -148,7 +148,7 @@ class Gpu(Frozen):
     hbm_gib: PositiveFloat = Field(ge=1, le=65_536)
     hbm_tbytes_per_s: PositiveFloat = Field(ge=0.1, le=1_000)
     nvlink_gbytes_per_s: PositiveFloat = Field(
-        ge=1, le=1_000_000, description="aggregate of both directions"
+        ge=1, le=1e12, description="aggregate of both directions (at most 1e12: idealised)"
     )
     sms: PositiveInt = Field(le=100_000)
     bf16_gemm_efficiency: Efficiency = Field(description="large BF16 GEMM fraction of peak")
@@ -193,14 +193,17 @@ class NvLink(Link):
     bandwidth_gbytes_per_s: PositiveFloat | None = Field(
         None,
         ge=0.1,
-        le=1_000_000,
+        le=1e12,
         description="per GPU per direction (default: half the GPU's NVLink aggregate)",
     )
 
 
 class Nic(Link):
     bandwidth_gbits_per_s: PositiveFloat = Field(
-        ge=1, le=1_000_000, description="per NIC per direction, in Gb/s (1 Gb/s to 1 Pb/s)"
+        ge=1,
+        le=1e12,
+        description="per NIC per direction, in Gb/s (at least 1; at most 1e12, an idealised "
+        "free link for what-if studies)",
     )
 
     @property
@@ -417,7 +420,7 @@ class Scenario(Frozen):
     name: str = Field(
         pattern=SAFE_NAME_PATTERN,
         description="names the run directory: 1 to 100 letters, digits, '.', '_', '-' or '+', "
-        "not starting with '.' or '-'",
+        "starting with a letter, digit or '_'",
     )
     description: str = Field("", max_length=10_000)
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0

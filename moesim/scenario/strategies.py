@@ -85,8 +85,9 @@ if TYPE_CHECKING:
 Coefficient = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 """A balancing coefficient (α, γ): published configs use at most 1e-1; 100 is far beyond any
 useful value and keeps the gate's arithmetic finite."""
-StrategyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")]
-"""Strategy names label tables, plots and the trace: letters, digits, '.', '_', '-', '+'."""
+StrategyName = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f$\\]{1,100}$")]
+"""Strategy names label tables, plots and the trace: 1 to 100 characters, no control
+characters, no '$' or backslash (Matplotlib would read them as TeX)."""
 LossKind = Literal["switch", "sequence", "global", "device", "communication", "z_loss"]
 AuxScope = Literal["micro_batch", "sequence", "global"]
 BiasRule = Literal["sign", "proportional"]
