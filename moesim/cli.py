@@ -180,7 +180,14 @@ class _Terminated(Exception):
     """SIGTERM, turned into an exception so that clean-up (temporary run directories) runs."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker inherited the handler: die as asked
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise _Terminated
 
 
@@ -189,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     and exit status 2 (130 on Ctrl-C, 143 on SIGTERM), never a traceback. ``MOESIM_DEBUG=1``
     re-raises unexpected errors to show their traceback."""
     args = build_parser().parse_args(argv)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

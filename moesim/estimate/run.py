@@ -523,8 +523,8 @@ def _routing_summary(
     return out
 
 
-MAX_FAILURE_OVERHEAD = 1e6
-"""Failure overhead (relative to the useful work) beyond which a run is refused as never
+MAX_FAILURE_WALL_S = 3.2e10
+"""Expected wall time with failures (about 1,000 years) beyond which a run is refused as never
 finishing; it also keeps GPU-hours and costs far from float64 overflow."""
 
 
@@ -549,10 +549,10 @@ def _failure_summary(sc: Scenario, step_time: float, gpu_hours: float) -> dict[s
         )
     except ValueError as err:  # a segment of many job MTBFs: the run would never complete
         raise ScenarioError("faults.failures", str(err)) from None
-    if not fe.overhead.overhead_fraction <= MAX_FAILURE_OVERHEAD:
+    if not fe.overhead.wall_s <= MAX_FAILURE_WALL_S:
         raise ScenarioError(
             "faults.failures",
-            f"failures would multiply the run's time by {fe.overhead.overhead_fraction:.3g} "
+            f"with failures the run would take about {fe.overhead.wall_s / units.HOUR:.3g} hours "
             f"(job MTBF {fe.job_mtbf_s:.3g} s on {sc.cluster.gpus:,} GPUs): it would "
             "essentially never finish; raise gpu_mtbf_hours or shorten restarts and checkpoints",
         )

@@ -575,3 +575,31 @@ def test_undefined_interference_ratio_is_null_not_inf():
     gate = build_tables(est)["gate"]
     assert not np.isinf(gate["interference_ratio"].to_numpy(float)).any()
     check_invariants("fuzz", build_tables(est), est.summary, est.scenario.training.total_tokens)
+
+
+def test_scenario_error_crosses_process_boundaries():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(ScenarioError("a.b", "bad")))
+    assert (err.path, err.message) == ("a.b", "bad")
+
+
+def test_long_checkpoints_on_a_tiny_run_with_seed_workers(tmp_path):
+    """Found by the fuzzer: a checkpoint write far longer than the run's useful work is a large
+    relative overhead but a finite run; and errors from seed workers arrive whole."""
+    doc = _small(
+        faults={
+            "failures": {
+                "enabled": True,
+                "gpu_mtbf_hours": 1e8,
+                "checkpoint_write_seconds": 26_117.0,
+                "restart_minutes": 7_121.0,
+            }
+        },
+        uncertainty={"seeds": 2, "workers": 17},
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    code, _, err = _cli(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0, err
+    assert "Traceback" not in err
