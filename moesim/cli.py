@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from moesim import __version__  # noqa: E402
-from moesim.errors import MoesimError, ScenarioError  # noqa: E402
+from moesim.errors import MoesimError  # noqa: E402
 
 
 def _sig(value: float) -> str:
@@ -97,10 +98,10 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
 
 def _default_run_dir(scenario_name: str, out_root: str) -> Path:
     base = Path(out_root) / scenario_name
-    if not base.exists():
+    if not os.path.lexists(base):
         return base
     n = 2
-    while (Path(out_root) / f"{scenario_name}-{n}").exists():
+    while os.path.lexists(Path(out_root) / f"{scenario_name}-{n}"):
         n += 1
     return Path(out_root) / f"{scenario_name}-{n}"
 
@@ -110,13 +111,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from moesim.estimate import estimate_with_bands, run_names, scenario_points
     from moesim.results import write_run
+    from moesim.results.store import check_output_dir
     from moesim.scenario import load_scenario
 
     overrides = {"seed": args.seed} if args.seed is not None else None
     scenario = load_scenario(args.scenario, overrides, sets=args.sets)
-    run_dir = Path(args.out) if args.out else _default_run_dir(scenario.name, scenario.output.dir)
-    if run_dir.exists():
-        raise ScenarioError("--out", f"{run_dir} already exists; choose a new directory")
+    if args.out is not None:
+        run_dir = check_output_dir(args.out, "--out")
+    else:
+        run_dir = check_output_dir(
+            _default_run_dir(scenario.name, scenario.output.dir), "output.dir"
+        )
     points = len(scenario_points(scenario)[0])
     total = 1 + len(run_names(scenario)) * (1 + points) + scenario.uncertainty.seeds - 1
     with tqdm(
@@ -128,7 +133,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         estimate = estimate_with_bands(scenario, progress=tick)
-    path = write_run(estimate, run_dir, command=["moesim", *sys.argv[1:]])
+    path = write_run(
+        estimate,
+        run_dir,
+        label="--out" if args.out is not None else "output.dir",
+        command=["moesim", *sys.argv[1:]],
+    )
     print(format_summary(estimate.summary_dict()))
     print(f"\nrun directory: {path}")
     return 0
@@ -241,6 +251,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.scenario import load_scenario
 
     sc = load_scenario(args.scenario, sets=args.sets)
+    if sc.gate.trace is not None:  # the replayed file is part of the scenario: check it too
+        from moesim.gate.trace import scenario_trace
+
+        scenario_trace(sc)
     print(
         f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
         f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
@@ -342,16 +356,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_MESSAGE_CHARS = 400
+"""An error line is cut to this length (values echoed in it are already shortened)."""
+
+
+def one_line(message: str) -> str:
+    """The message as one printable line: control characters (newlines, ANSI escapes)
+    escaped, cut to :data:`MAX_MESSAGE_CHARS`."""
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in message)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that clean-up (temporary run directories) runs."""
+
+
+_MAIN_PID = os.getpid()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker inherited the handler: die as asked
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line's one error boundary: every failure is one ``error:`` line on stderr
+    and exit status 2 (130 on Ctrl-C, 143 on SIGTERM), never a traceback. ``MOESIM_DEBUG=1``
+    re-raises unexpected errors to show their traceback."""
     args = build_parser().parse_args(argv)
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding caller): leave signals alone
+        previous = None
     try:
         code: int = args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("error: terminated", file=sys.stderr)
+        return 143
     except MoesimError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory (lower engine.memory_limit_gib's estimate)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if os.environ.get("MOESIM_DEBUG"):
+            raise
+        print(
+            f"error: internal error ({type(exc).__name__}: {one_line(str(exc))[:200]}); "
+            "please report it with the scenario (MOESIM_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return code
 
 

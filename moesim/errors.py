@@ -29,6 +29,10 @@ class ScenarioError(MoesimError):
         self.message = message
         super().__init__(f"{path}: {message}" if path else message)
 
+    def __reduce__(self) -> tuple[type[ScenarioError], tuple[str, str]]:
+        # Picklable, so an error raised in a worker process reaches the parent intact.
+        return (type(self), (self.path, self.message))
+
 
 class SimulationError(MoesimError):
     """The simulation cannot proceed with a valid scenario (for example a schedule deadlock)."""

@@ -163,7 +163,7 @@ def run_point(scenario: Scenario, run_dir: str, command: Sequence[str] | None = 
     from moesim.results import write_run
 
     est = estimate_with_bands(scenario, workers=1)
-    return str(write_run(est, run_dir, command))
+    return str(write_run(est, run_dir, command=command))
 
 
 def is_finished(point: SweepPoint, out_dir: Path) -> bool:

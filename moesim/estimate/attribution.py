@@ -16,10 +16,15 @@ from functools import reduce
 import numpy as np
 
 from moesim import units
+from moesim.errors import ScenarioError
 from moesim.estimate.failures import FailureEstimate, failure_estimate
 from moesim.estimate.records import Attribution, SimulatedStep
 from moesim.records import FloatArray
 from moesim.scenario.schema import Scenario
+
+MAX_FAILURE_WALL_S = 3.2e10
+"""Expected wall time with failures (about 1,000 years) beyond which a run is refused as never
+finishing; it also keeps GPU-hours and costs far from float64 overflow."""
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,23 @@ def failure_totals(sc: Scenario, step_time: float, gpu_hours: float) -> FailureT
     price = sc.cluster.price_usd_per_gpu_hour
     if not sc.faults.failures.enabled:
         return FailureTotals(None, gpu_hours, gpu_hours * price)
-    fe = failure_estimate(
-        sc.faults.failures,
-        gpus=sc.cluster.gpus,
-        step_time_s=step_time,
-        steps=sc.total_steps,
-        price_usd_per_gpu_hour=price,
-    )
+    try:
+        fe = failure_estimate(
+            sc.faults.failures,
+            gpus=sc.cluster.gpus,
+            step_time_s=step_time,
+            steps=sc.total_steps,
+            price_usd_per_gpu_hour=price,
+        )
+    except ValueError as err:  # a segment of many job MTBFs: the run would never complete
+        raise ScenarioError("faults.failures", str(err)) from None
+    if not fe.overhead.wall_s <= MAX_FAILURE_WALL_S:
+        raise ScenarioError(
+            "faults.failures",
+            f"with failures the run would take about {fe.overhead.wall_s / units.HOUR:.3g} hours "
+            f"(job MTBF {fe.job_mtbf_s:.3g} s on {sc.cluster.gpus:,} GPUs): it would "
+            "essentially never finish; raise gpu_mtbf_hours or shorten restarts and checkpoints",
+        )
     return FailureTotals(
         fe,
         gpu_hours + fe.overhead_gpu_hours,

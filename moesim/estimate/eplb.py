@@ -81,7 +81,8 @@ def eplb_step(
         expert_state_bytes(costs.expert_params, optimizer_shards=shards),
         sc.cluster.nic.bandwidth_bytes_per_s,
         layer_weight=np.full(placement.layers, max(1.0, moe_per_stage / sc.gate.layers_simulated)),
-        ranks_per_node=sc.cluster.gpus_per_node,
+        # An EP group smaller than a node lies inside one node (the schema makes it divide it).
+        ranks_per_node=min(sc.cluster.gpus_per_node, sc.parallelism.expert),
         intra_node_bytes_per_s=sc.cluster.nvlink_bytes_per_s,
     )
     metrics = dict(sample.metrics)

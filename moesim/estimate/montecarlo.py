@@ -55,6 +55,15 @@ def seed_scenarios(scenario: Scenario) -> list[Scenario]:
     ]
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under ``taskset`` or a container
+    quota), the cap on every worker count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def estimate_with_bands(
     scenario: Scenario,
     progress: Callable[[str], None] | None = None,
@@ -63,7 +72,7 @@ def estimate_with_bands(
     """:func:`estimate_run` for the scenario's seed, plus the other seeds' summaries and
     timelines in a process pool; the estimate with percentiles in its summaries and bands."""
     scenarios = seed_scenarios(scenario)
-    n = workers or scenario.uncertainty.workers or os.cpu_count() or 1
+    n = min(workers or scenario.uncertainty.workers or available_cores(), available_cores())
     est = estimate_run(scenario, progress, workers=n)
     results: list[SeedResult] = [(est.summary, est.timeline)]
     others = scenarios[1:]

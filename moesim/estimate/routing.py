@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.timeline import trace_run_name
@@ -80,7 +81,8 @@ def routing_sources(
 def _train_one(
     args: tuple[Scenario, Strategy, list[int], np.random.SeedSequence],
 ) -> GateTrajectory:
-    return train_gate(*args)
+    with threadpool_limits(limits=1, user_api="blas"):  # in a worker process too
+        return train_gate(*args)
 
 
 def _train_gates(

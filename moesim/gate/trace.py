@@ -52,6 +52,7 @@ that a token picks an expert at most once (an expert's cell load ``≤ T``) is n
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -115,6 +116,11 @@ class ExpertTrace:
         return self.loads[i]
 
 
+MAX_TRACE_TOKENS = 2**40
+"""Largest per-row load: sums over any number of experts (≤ 2^22 rows per step and layer) stay
+below 2^62, so no int64 sum of a trace can overflow."""
+
+
 def _row_label(index: int, csv: bool) -> str:
     return f"row {index + 1} (line {index + 2})" if csv else f"row {index + 1}"
 
@@ -133,7 +139,7 @@ def _integer_column(frame: pd.DataFrame, name: str, path: str, csv: bool) -> npt
     if bad.any():
         i = int(np.argmax(bad))
         raise ScenarioError(
-            path, f"{_row_label(i, csv)}, column {name!r}: {raw.iloc[i]!r} is not an integer"
+            path, f"{_row_label(i, csv)}, column {name!r}: not an integer (or beyond 2^62)"
         )
     return numbers.astype(np.int64)
 
@@ -156,9 +162,9 @@ def _read_frame(path: Path, fmt: str) -> pd.DataFrame:
             )
         if fmt == "parquet":
             return pd.read_parquet(path)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ScenarioError(name, f"cannot read the {fmt} trace: {first}") from None
+    except (ValueError, OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        # The exception's text is not echoed: parsers quote the offending file content.
+        raise ScenarioError(name, f"cannot read the {fmt} trace ({type(exc).__name__})") from None
     raise ScenarioError(name, f"unknown trace format {fmt!r} (csv or parquet)")
 
 
@@ -201,7 +207,11 @@ def load_trace(
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        have = ", ".join(map(str, frame.columns)) or "none"
+        # Only header cells that look like column names are echoed: the file may not be a
+        # trace at all, and its first line is not for an error message.
+        names = [c for c in frame.columns if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_ ]{0,31}", c)]
+        have = ", ".join(names[:8]) if names and len(names) == len(frame.columns) else None
+        have = have or f"{len(frame.columns)} unnamed"
         raise ScenarioError(
             name, f"missing column(s) {', '.join(map(repr, missing))} (columns: {have})"
         )
@@ -219,6 +229,7 @@ def load_trace(
     fail((layer < 0) | (layer >= n_layers), "layer", f"is outside 0..{n_layers - 1}")
     fail((expert < 0) | (expert >= n_experts), "expert", f"is outside 0..{n_experts - 1}")
     fail(tokens < 0, "tokens", "is negative")
+    fail(tokens > MAX_TRACE_TOKENS, "tokens", f"exceeds {MAX_TRACE_TOKENS:,}")
 
     steps, step_index = np.unique(step, return_inverse=True)
     cell = (step_index * n_layers + layer) * n_experts + expert

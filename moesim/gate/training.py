@@ -880,6 +880,9 @@ def train_gate(
             for key in UpdateMetrics._fields
             if tasks == [] or key != "teacher_capture"  # no teacher: no capture
         }
+        if "interference_ratio" in means and not np.isfinite(means["interference_ratio"]):
+            # The task gradient vanished: the ratio is undefined (null, not applicable).
+            means["interference_ratio"] = float("nan")
         trajectory.records.append(
             {
                 "step": step,

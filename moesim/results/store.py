@@ -12,18 +12,22 @@ Layout::
     step_breakdown.png       where each strategy's GPU time goes in a step
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
-A run is written into a hidden sibling directory and renamed into place only when complete, so
-a failed run leaves no partial directory behind. Nothing but ``metadata.json`` depends on the
-wall clock or the machine: the same scenario and seed give identical tables and summary.
+A run is written into a hidden sibling directory (``.<name>.partial-<host>-<pid>-…``) and
+renamed into place only when complete, so a failed run leaves no partial directory behind; a
+killed one leaves only that hidden directory, which :func:`load` refuses and the next run in the
+same parent removes once its process is gone. Nothing but ``metadata.json`` depends on the wall
+clock or the machine: the same scenario and seed give identical tables and summary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shlex
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -36,10 +40,13 @@ from typing import Any
 import pandas as pd
 
 from moesim import __version__
+from moesim.errors import ScenarioError
+from moesim.estimate.invariants import check_invariants
 from moesim.estimate.records import RunEstimate
 from moesim.results import plots, tables
 from moesim.results.trace import write_trace
 from moesim.scenario import Scenario, dump_scenario, load_scenario
+from moesim.scenario.loader import show
 
 TABLES = (
     "timeline",
@@ -103,19 +110,117 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
     }
 
 
-def write_run(est: RunEstimate, run_dir: str | Path, command: Sequence[str] | None = None) -> Path:
+PARTIAL = ".partial-"
+"""Marks a run directory still being written: ``.<name>.partial-<host>-<pid>-<random>``."""
+MAX_PATH_CHARS = 4096
+
+
+def _bad_path(text: str) -> str | None:
+    if not text:
+        return "is empty"
+    if any(not c.isprintable() for c in text):
+        return "holds a control character (NUL, newline, escape)"
+    if len(text) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in Path(text).parts):
+        return "is too long"
+    return None
+
+
+def check_output_dir(run_dir: str | Path, label: str = "--out") -> Path:
+    """Check, before any work, that ``run_dir`` can be created: a printable path that does not
+    exist yet (not even as a dangling symlink) under a directory this process can write.
+
+    Raises
+    ------
+    ScenarioError
+        Naming ``label`` (the option or field the path came from).
+    """
+    text = str(run_dir)
+    problem = _bad_path(text)
+    if problem:
+        raise ScenarioError(label, f"the output path {problem}")
+    target = Path(text)
+    shown = show(text, 120)
+    if os.path.lexists(target):
+        raise ScenarioError(label, f"{shown} already exists; choose a new directory")
+    parent = target.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ScenarioError(label, f"{show(str(parent), 120)} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScenarioError(label, f"cannot write under {show(str(parent), 120)}")
+    if parent == target.parent:
+        try:  # a real probe: access() does not see read-only mounts or quotas
+            tempfile.TemporaryDirectory(prefix=".moesim-probe-", dir=parent).cleanup()
+        except OSError as exc:
+            raise ScenarioError(
+                label, f"cannot write under {show(str(parent), 120)} ({exc.strerror})"
+            ) from None
+    return target
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_partials(parent: Path) -> list[Path]:
+    """Remove partial run directories under ``parent`` left by killed runs of this host (their
+    process is gone); returns what was removed. Others' and live runs' are left alone."""
+    removed: list[Path] = []
+    host = socket.gethostname()
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and PARTIAL in name):
+            continue
+        owner = name.rsplit(PARTIAL, 1)[1].rsplit("-", 2)
+        if len(owner) != 3 or owner[0] != host or not owner[1].isdigit():
+            continue
+        if not _alive(int(owner[1])):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def write_run(
+    est: RunEstimate,
+    run_dir: str | Path,
+    label: str = "--out",
+    command: Sequence[str] | None = None,
+) -> Path:
     """Write the whole run directory atomically; returns its path.
 
-    ``command``, the command line that asked for the run, goes into ``metadata.json``.
+    The output invariants (:mod:`moesim.estimate.invariants`) are checked on the final tables
+    and summary first: a violation raises :class:`SimulationError` and nothing is written.
+    The run is written into ``.<name>.partial-…`` beside the target and renamed into place
+    when complete; a run killed meanwhile leaves only that hidden partial directory, which
+    :func:`load` refuses and the next run under the same parent removes. Two runs racing for
+    the same target: one wins, the other fails with a :class:`ScenarioError`. ``command``, the
+    command line that asked for the run, goes into ``metadata.json``.
     """
     target = Path(run_dir)
-    if target.exists():
-        raise FileExistsError(f"{target}: run directory already exists")
+    sc = est.scenario
+    frames = build_tables(est)
+    summary = est.summary_dict()
+    check_invariants(sc.name, frames, summary, sc.training.total_tokens)
+    summary_text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    if os.path.lexists(target):
+        raise ScenarioError(label, f"{show(str(target), 120)} already exists; nothing written")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    clean_stale_partials(target.parent)
+    prefix = f".{target.name[:100]}{PARTIAL}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a run directory is for sharing
     try:
-        sc = est.scenario
         (tmp / "scenario.resolved.yaml").write_text(dump_scenario(sc))
         meta = {
             "moesim_version": __version__,
@@ -129,8 +234,6 @@ def write_run(est: RunEstimate, run_dir: str | Path, command: Sequence[str] | No
             "git": source_commit(),
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "summary.json").write_text(json.dumps(est.summary_dict(), indent=2) + "\n")
-        frames = build_tables(est)
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
         plots.write_all(
@@ -152,7 +255,20 @@ def write_run(est: RunEstimate, run_dir: str | Path, command: Sequence[str] | No
             }
             context = {"strategy": step.strategy, "step": step.step, "point": step.point}
             write_trace(tmp / "trace.json.gz", step.result.trace, labels, context)
-        tmp.rename(target)
+        # summary.json last: a directory with it is complete (load() looks for it).
+        (tmp / "summary.json").write_text(summary_text)
+        try:
+            tmp.rename(target)
+        except OSError as exc:
+            if os.path.lexists(target):
+                raise ScenarioError(
+                    label,
+                    f"{show(str(target), 120)} was created by another run meanwhile; "
+                    "nothing written",
+                ) from None
+            raise ScenarioError(
+                label, f"cannot create {show(str(target), 120)} ({exc.strerror})"
+            ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,8 +309,15 @@ class RunResults:
 def load(run_dir: str | Path) -> RunResults:
     """Load a run directory written by ``moesim run``."""
     path = Path(run_dir)
+    if path.name.startswith(".") and PARTIAL in path.name:
+        raise FileNotFoundError(
+            f"{path}: a partial run directory (a run still writing, or killed); not a run"
+        )
     if not (path / "summary.json").is_file():
         raise FileNotFoundError(f"{path}: not a moesim run directory (no summary.json)")
+    missing = [name for name in TABLES if not (path / f"{name}.parquet").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: incomplete run directory (no {missing[0]}.parquet)")
     frames = {name: pd.read_parquet(path / f"{name}.parquet") for name in TABLES}
     return RunResults(
         path=path,

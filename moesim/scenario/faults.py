@@ -149,6 +149,8 @@ class Failures(Frozen):
     enabled: bool = Field(False, description="add failure and checkpoint overhead to the run")
     gpu_mtbf_hours: PositiveFloat = Field(
         LLAMA3_GPU_MTBF_HOURS,
+        ge=1,
+        le=1e9,
         description="per-GPU mean time between job interruptions (default: Llama 3, 16,384 "
         "H100 × 54 days / 419 unexpected interruptions)",
     )
@@ -159,11 +161,13 @@ class Failures(Frozen):
     )
     checkpoint_write_seconds: PositiveFloat = Field(
         DEFAULT_CHECKPOINT_WRITE_SECONDS,
+        le=86_400,
         description="time training stalls per checkpoint (default: 4 GB per GPU × 16,384 GPUs "
         "at 2 TB/s, Llama 3 storage)",
     )
     restart_minutes: NonNegFloat = Field(
         DEFAULT_RESTART_MINUTES,
+        le=10_080,
         description="failure detection + restart + checkpoint load (assumption: 10 minutes)",
     )
 
@@ -176,8 +180,8 @@ class Failures(Frozen):
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("expected a positive number of minutes or 'optimal'")
-        if not value > 0:
-            raise ValueError("a fixed checkpoint interval must be positive (minutes)")
+        if not 0 < value <= 1e7:
+            raise ValueError("a fixed checkpoint interval must lie in (0, 1e7] minutes")
         return float(value)
 
     @property
@@ -230,9 +234,19 @@ def _finite(value: float) -> float:
     return value
 
 
+MAX_SLOWDOWN = 100.0
+"""Bound: a part 100× slower than its peers is dead, not a straggler (NVML's hardware slowdown
+halves clocks; Sinha et al.'s worst GPU is 1.5×)."""
+MIN_BANDWIDTH_FACTOR = 0.01
+"""Bound: a port below 1 % of its rate (4 Gb/s of 400) is down, not degraded."""
+
+
 def _slowdown_factor(value: float) -> float:
-    if not (math.isfinite(value) and value >= 1):
-        raise ValueError("a slowdown multiplies compute time and must be a finite number ≥ 1")
+    if not (math.isfinite(value) and 1 <= value <= MAX_SLOWDOWN):
+        raise ValueError(
+            f"a slowdown multiplies compute time and must be a finite number ≥ 1 "
+            f"(at most {MAX_SLOWDOWN:g})"
+        )
     return value
 
 
@@ -243,8 +257,11 @@ def _fraction(value: float) -> float:
 
 
 def _bandwidth_factor(value: float) -> float:
-    if not 0 < value <= 1:
-        raise ValueError("a bandwidth factor must lie in (0, 1] (1 = full bandwidth)")
+    if not MIN_BANDWIDTH_FACTOR <= value <= 1:
+        raise ValueError(
+            "a bandwidth factor must lie in (0, 1] (1 = full bandwidth), at least "
+            f"{MIN_BANDWIDTH_FACTOR:g}"
+        )
     return value
 
 
@@ -262,7 +279,7 @@ SlowdownFactor = Annotated[float, AfterValidator(_slowdown_factor)]
 UnitFraction = Annotated[float, AfterValidator(_fraction)]
 BandwidthFactor = Annotated[float, AfterValidator(_bandwidth_factor)]
 NonNegFinite = Annotated[float, Field(ge=0), AfterValidator(_finite)]
-JitterSigma = Annotated[float, AfterValidator(_jitter_sigma)]
+JitterSigma = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_jitter_sigma)]
 
 
 class FixedSlowdown(Frozen):
@@ -373,6 +390,7 @@ class Episodes(Frozen):
     )
     duration_seconds: PositiveFloat = Field(
         DEFAULT_EPISODE_SECONDS,
+        le=604_800,
         description="length of one episode (assumption: 60 s; FALCON fail-slows last from "
         "tens of seconds to hours)",
     )

@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from moesim.scenario.schema import Scenario
 
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(gt=0, le=1_048_576)]
+"""A gate size (sequences, tokens, dimensions, steps): at most 2^20."""
 
 
 class Capacity(Frozen):
@@ -55,8 +57,10 @@ class Capacity(Frozen):
     """
 
     factor: PositiveFloat = Field(
+        ge=0.01,
+        le=1000,
         description="capacity factor: the budget is this multiple of the balanced load; "
-        "larger drops fewer tokens (1.0 = exactly the mean load)"
+        "larger drops fewer tokens (1.0 = exactly the mean load)",
     )
     policy: Literal["probs", "position"] = Field(
         "probs",
@@ -85,7 +89,9 @@ class Router(Frozen):
         "routed experts (DeepSeek-V2, Mixtral)",
     )
     normalize: bool = Field(True, description="normalise gate values over the selected experts")
-    scaling_factor: PositiveFloat = Field(1.0, description="multiplies normalised gate values")
+    scaling_factor: PositiveFloat = Field(
+        1.0, le=1000, description="multiplies normalised gate values"
+    )
     topk_before_softmax: bool = Field(
         False,
         description="softmax only: true = top-k first, gate values = softmax over the selected "
@@ -200,27 +206,29 @@ class Stream(Frozen):
     ``drift_tokens`` rotates the popularity ranking as training proceeds.
     """
 
-    topics: PositiveInt = Field(
+    topics: Count = Field(
         64, description="number of topics (domains); more topics spread the load more evenly"
     )
-    zipf_exponent: Annotated[float, Field(ge=0)] = Field(
+    zipf_exponent: Annotated[float, Field(ge=0, le=10)] = Field(
         1.0,
         description="popularity of the topic of rank r ∝ 1/r^this; 0 = all topics equally "
         "common, larger = a few topics dominate (more expert-load skew)",
     )
     concentration: PositiveFloat = Field(
         0.3,
+        ge=1e-6,
+        le=1e6,
         description="Dirichlet concentration of a sequence's topic mixture (α = this·topics·"
         "popularity): small = one dominant topic per sequence, large = every sequence mixes "
         "topics by their popularity",
     )
-    noise: Annotated[float, Field(ge=0)] = Field(
+    noise: Annotated[float, Field(ge=0, le=100)] = Field(
         0.5,
         description="RMS norm of the Gaussian noise around a topic centroid (unit norm): larger "
         "blurs topics, so routers separate them less cleanly",
     )
-    dim: PositiveInt = Field(64, description="dimension of the router input vectors")
-    common: Annotated[float, Field(ge=0)] = Field(
+    dim: PositiveInt = Field(64, le=4096, description="dimension of the router input vectors")
+    common: Annotated[float, Field(ge=0, le=1e3)] = Field(
         1.0,
         description="norm of one direction added to every token (hidden states of trained "
         "language models share a large common component: Ethayarajh, arXiv 1909.00512); it "
@@ -241,6 +249,8 @@ class Stream(Frozen):
     )
     drift_tokens: PositiveFloat | None = Field(
         None,
+        ge=1,
+        le=1e16,
         description="data-mix drift: every this many tokens trained the popularity ranking "
         "moves one topic along (topic k takes the popularity topic k−1 had), blended linearly "
         "in between, so the hot experts move and a balancer must track them; none = a fixed mix",
@@ -257,7 +267,12 @@ class Trace(Frozen):
     Experts without a row got 0. Extra columns are ignored.
     """
 
-    path: str = Field(description="CSV or Parquet file (relative to the working directory)")
+    path: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="CSV or Parquet file (relative to the working directory)",
+    )
     format: Literal["csv", "parquet"] = Field(
         description="file format; defaults from the suffix (.csv, .parquet/.pq)"
     )
@@ -302,7 +317,9 @@ class Gate(Frozen):
     """
 
     layers_simulated: PositiveInt = Field(
-        2, description="independent routers trained, each standing for some MoE layers (layer_map)"
+        2,
+        le=1024,
+        description="independent routers trained, each standing for some MoE layers (layer_map)",
     )
     layer_map: Literal["round_robin", "blocks"] = Field(
         "round_robin",
@@ -310,26 +327,27 @@ class Gate(Frozen):
         "round_robin = l mod layers_simulated; blocks = contiguous blocks, "
         "l·layers_simulated // moe_layers",
     )
-    batch_sequences: PositiveInt = Field(
+    batch_sequences: Count = Field(
         64, description="sequences per gate update (as many as the global batch, ideally)"
     )
-    tokens_per_sequence: PositiveInt = Field(
+    tokens_per_sequence: Count = Field(
         64,
         description="tokens drawn per sequence for a gate update (capacity and exempt "
         "sequences count positions within these)",
     )
     learning_rate: PositiveFloat = Field(
         1e-3,
+        le=10,
         description="Adam step on router weights at every optimizer step (loss-free paper peak "
         "LR, arXiv 2408.15664 §4.1)",
     )
-    steps_per_update: PositiveInt = Field(
+    steps_per_update: Count = Field(
         1,
         description="optimizer steps per router gradient: 1 = every step is a full update; "
         "k > 1 = a new gradient every k-th step, Adam reusing it in between, the bias still "
         "updated every step from bias_batch_sequences fresh sequences; records every k-th step",
     )
-    bias_batch_sequences: PositiveInt | None = Field(
+    bias_batch_sequences: Count | None = Field(
         None,
         description="with steps_per_update > 1: sequences (of tokens_per_sequence tokens) routed "
         "for the bias update of each step between gradients; none = batch_sequences (fewer is "
@@ -337,6 +355,7 @@ class Gate(Frozen):
     )
     init_logit_std: PositiveFloat = Field(
         0.19,
+        le=100,
         description="spread of the initial router logits: the loss-free paper's init std 0.006 "
         "at hidden 1024 with unit-RMS inputs gives 0.006·√1024 ≈ 0.19 (arXiv 2408.15664 §4.1)",
     )
@@ -349,10 +368,12 @@ class Gate(Frozen):
     )
     teacher_temperature: PositiveFloat = Field(
         1.0,
+        ge=1e-3,
+        le=1e3,
         description="objective: teacher only: softmax temperature of the teacher's weights "
         "over its top-k",
     )
-    routed_tokens_per_sequence: PositiveInt = Field(
+    routed_tokens_per_sequence: Count = Field(
         256, description="tokens routed per sequence when sampling engine load (rest resampled)"
     )
     trace: Trace | None = Field(

@@ -19,10 +19,10 @@ import functools
 import math
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from moesim import units
-from moesim.scenario.base import Fraction, Frozen, NonNegInt, PositiveFloat, PositiveInt
+from moesim.scenario.base import Efficiency, Frozen, NonNegInt, PositiveFloat, PositiveInt
 from moesim.scenario.faults import Faults, check_faults
 from moesim.scenario.pipeline import (
     PipelineRuleError,
@@ -34,6 +34,28 @@ from moesim.scenario.pipeline import (
 from moesim.scenario.routing import Gate, Router, Stream
 from moesim.scenario.strategies import Strategy, check_strategies
 
+SAFE_NAME_PATTERN = r"^\w[\w.+-]{0,99}$"
+"""Scenario and strategy names: they become directory names and plot labels, so no path
+separators, no '..' prefix, no control, shell or TeX special characters."""
+SAFE_DIR_PATTERN = r"^[^/\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+"""``output.dir``: relative, no control characters (and no '..' component, checked below)."""
+
+
+def _no_parent_dir(value: str) -> str:
+    if ".." in value.replace("\\", "/").split("/"):
+        raise ValueError("must not climb out with '..'")
+    return value
+
+
+MAX_GPUS = 1 << 20
+"""Largest cluster simulated (about 1M GPUs, 10× the largest announced training cluster)."""
+MAX_STEPS = 10**10
+"""Most optimizer steps in a run (the step index stays exact in float64 and int64)."""
+MAX_SCHEDULE_SLOTS = 1 << 20
+"""Most (micro-batch × stage × virtual stage) slots in one step's pipeline schedule."""
+MAX_RAMP_STEPS = 10**6
+"""Most steps a batch ramp may take (its per-step batches are listed one by one)."""
+
 # --------------------------------------------------------------------------- model
 
 
@@ -42,8 +64,8 @@ class Attention(Frozen):
     ``mla``: DeepSeek multi-head latent attention (low-rank Q and KV projections)."""
 
     kind: Literal["mha", "gqa", "mla"] = "gqa"
-    heads: PositiveInt
-    head_dim: PositiveInt = 128
+    heads: PositiveInt = Field(le=4096)
+    head_dim: PositiveInt = Field(128, le=4096)
     kv_heads: PositiveInt | None = Field(None, description="GQA key/value heads (default: heads)")
     q_lora_rank: PositiveInt | None = Field(None, description="MLA query compression rank")
     kv_lora_rank: PositiveInt | None = Field(None, description="MLA KV compression rank")
@@ -62,10 +84,12 @@ class Attention(Frozen):
 class Moe(Frozen):
     """Routed and shared experts of every MoE layer."""
 
-    routed_experts: PositiveInt
-    shared_experts: NonNegInt = 0
-    top_k: PositiveInt = Field(description="routed experts per token")
-    expert_ffn: PositiveInt = Field(description="intermediate size of one expert (SwiGLU)")
+    routed_experts: PositiveInt = Field(le=16384, description="at most 16,384 (DeepSeek-V3: 256)")
+    shared_experts: NonNegInt = Field(0, le=64)
+    top_k: PositiveInt = Field(le=256, description="routed experts per token")
+    expert_ffn: PositiveInt = Field(
+        le=1_048_576, description="intermediate size of one expert (SwiGLU)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Moe:
@@ -79,17 +103,24 @@ class Moe(Frozen):
 class Model(Frozen):
     """Transformer architecture. FFNs are SwiGLU (three matrices)."""
 
-    layers: PositiveInt
+    layers: PositiveInt = Field(le=1024, description="transformer layers (at most 1,024)")
     dense_layers: NonNegInt = Field(0, description="leading layers with a dense FFN")
-    hidden: PositiveInt
+    hidden: PositiveInt = Field(le=1_048_576)
     attention: Attention
-    vocab: PositiveInt
-    seq_len: PositiveInt
-    dense_ffn: PositiveInt | None = Field(None, description="intermediate size of dense FFNs")
+    vocab: PositiveInt = Field(le=16_777_216)
+    seq_len: PositiveInt = Field(
+        ge=16,
+        le=16_777_216,
+        description="tokens per sequence (16 to 16M: a sequence shorter "
+        "than a gate sample of tokens is not a training sequence)",
+    )
+    dense_ffn: PositiveInt | None = Field(
+        None, le=4_194_304, description="intermediate size of dense FFNs"
+    )
     moe: Moe
     gemm_precision: Literal["bf16", "fp8"] = "bf16"
     mtp_depth: NonNegInt = Field(
-        0, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
+        0, le=16, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
     )
 
     @model_validator(mode="after")
@@ -120,44 +151,47 @@ class Gpu(Frozen):
     (``ceiling``, a fraction of the full-chip peak) binds.
     """
 
-    name: str
-    bf16_tflops: PositiveFloat
-    fp8_tflops: PositiveFloat | None = None
-    hbm_gib: PositiveFloat
-    hbm_tbytes_per_s: PositiveFloat
-    nvlink_gbytes_per_s: PositiveFloat = Field(description="aggregate of both directions")
-    sms: PositiveInt
-    bf16_gemm_efficiency: Fraction = Field(
+    name: str = Field(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")
+    bf16_tflops: PositiveFloat = Field(ge=1, le=100_000, description="1 TFLOP/s to 100 PFLOP/s")
+    fp8_tflops: PositiveFloat | None = Field(None, ge=1, le=100_000)
+    hbm_gib: PositiveFloat = Field(ge=1, le=65_536)
+    hbm_tbytes_per_s: PositiveFloat = Field(ge=0.1, le=1_000)
+    nvlink_gbytes_per_s: PositiveFloat = Field(
+        ge=1, le=1e12, description="aggregate of both directions (at most 1e12: idealised)"
+    )
+    sms: PositiveInt = Field(le=100_000)
+    bf16_gemm_efficiency: Efficiency = Field(
         description="large BF16 GEMM throughput per SM, as a fraction of the peak pro-rated to "
         "the SMs it runs on"
     )
-    fp8_gemm_efficiency: Fraction = Field(
+    fp8_gemm_efficiency: Efficiency = Field(
         description="large FP8 GEMM (1×128 / 128×128 block scaling) throughput per SM, as a "
         "fraction of the peak pro-rated to the SMs it runs on"
     )
-    bf16_gemm_ceiling: Fraction = Field(
+    bf16_gemm_ceiling: Efficiency = Field(
         description="most of the full-chip BF16 peak a GEMM reaches (power and clock limit)"
     )
-    fp8_gemm_ceiling: Fraction = Field(
+    fp8_gemm_ceiling: Efficiency = Field(
         description="most of the full-chip FP8 peak a GEMM reaches (power and clock limit)"
     )
     bf16_gemm_half_gflop: PositiveFloat = Field(
-        description="fixed cost of a BF16 GEMM launch, in GFLOP at the streaming rate"
+        le=10_000, description="fixed cost of a BF16 GEMM launch, in GFLOP at the streaming rate"
     )
     fp8_gemm_half_gflop: PositiveFloat = Field(
-        description="fixed cost of an FP8 GEMM launch, in GFLOP at the streaming rate"
+        le=10_000, description="fixed cost of an FP8 GEMM launch, in GFLOP at the streaming rate"
     )
-    attention_fwd_efficiency: Fraction = Field(
+    attention_fwd_efficiency: Efficiency = Field(
         description="causal flash-attention forward at head dim 128, fraction of BF16 peak"
     )
-    attention_bwd_efficiency: Fraction = Field(
+    attention_bwd_efficiency: Efficiency = Field(
         description="causal flash-attention backward at head dim 128, fraction of BF16 peak"
     )
-    memory_efficiency: Fraction = Field(
+    memory_efficiency: Efficiency = Field(
         description="achievable fraction of HBM bandwidth (a device-to-device copy)"
     )
-    kernel_launch_us: Annotated[float, Field(ge=0)] = Field(
-        description="GPU-side cost of each kernel launch (back-to-back kernels in a graph)"
+    kernel_launch_us: Annotated[float, Field(ge=0, le=1_000_000)] = Field(
+        description="GPU-side cost of each kernel launch (back-to-back kernels in a graph; "
+        "at most 1 s)"
     )
 
     @property
@@ -177,18 +211,28 @@ class Link(Frozen):
     """A point-to-point link class: bandwidth per direction, latency, and the achievable fraction
     of nominal bandwidth (from collective micro-benchmarks)."""
 
-    latency_us: Annotated[float, Field(ge=0)]
-    efficiency: Fraction = 1.0
+    latency_us: Annotated[float, Field(ge=0, le=1_000_000)] = Field(
+        description="one-way latency in µs (at most 1 s)"
+    )
+    efficiency: Efficiency = 1.0
 
 
 class NvLink(Link):
     bandwidth_gbytes_per_s: PositiveFloat | None = Field(
-        None, description="per GPU per direction (default: half the GPU's NVLink aggregate)"
+        None,
+        ge=0.1,
+        le=1e12,
+        description="per GPU per direction (default: half the GPU's NVLink aggregate)",
     )
 
 
 class Nic(Link):
-    bandwidth_gbits_per_s: PositiveFloat = Field(description="per NIC per direction, in Gb/s")
+    bandwidth_gbits_per_s: PositiveFloat = Field(
+        ge=1,
+        le=1e12,
+        description="per NIC per direction, in Gb/s (at least 1; at most 1e12, an idealised "
+        "free link for what-if studies)",
+    )
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -207,12 +251,14 @@ class Network(Frozen):
 
     topology: Literal["fat_tree", "rail_optimized", "multi_plane"] = "fat_tree"
     leaf_nics: PositiveInt = Field(
-        32, description="NICs under one leaf switch (half the ports of a 64-port switch)"
+        32,
+        le=1_000_000,
+        description="NICs under one leaf switch (half the ports of a 64-port switch)",
     )
-    oversubscription: Annotated[float, Field(ge=1)] = Field(
+    oversubscription: Annotated[float, Field(ge=1, le=1024)] = Field(
         1.0, description="leaf downlink to uplink bandwidth ratio (1 = full bisection)"
     )
-    cross_leaf_latency_us: Annotated[float, Field(ge=0)] | None = Field(
+    cross_leaf_latency_us: Annotated[float, Field(ge=0, le=1_000_000)] | None = Field(
         None, description="IB latency between leaves (default: nic.latency_us)"
     )
     nvlink_domain_gpus: PositiveInt | None = Field(
@@ -222,12 +268,14 @@ class Network(Frozen):
 
 class Cluster(Frozen):
     gpu: Gpu
-    nodes: PositiveInt
-    gpus_per_node: PositiveInt
+    nodes: PositiveInt = Field(le=1_000_000)
+    gpus_per_node: PositiveInt = Field(le=1024)
     nvlink: NvLink
     nic: Nic
     network: Network = Network()
-    price_usd_per_gpu_hour: Annotated[float, Field(ge=0)]
+    price_usd_per_gpu_hour: Annotated[float, Field(ge=0, le=100_000)] = Field(
+        description="USD per GPU-hour (at most 100,000)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Cluster:
@@ -265,13 +313,17 @@ class Parallelism(Frozen):
     pipeline: PositiveInt = 1
     expert: PositiveInt = 1
     data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
-    micro_batch_size: PositiveInt = Field(1, description="sequences per GPU per micro-batch")
+    micro_batch_size: PositiveInt = Field(
+        1, le=65_536, description="sequences per GPU per micro-batch"
+    )
     schedule: Literal["1f1b", "interleaved", "zb1p", "dualpipe"] = Field(
         "1f1b",
         description="pipeline schedule: 1f1b, interleaved (virtual_stages pieces per rank), "
         "zb1p (zero-bubble ZB-H1, split backward), dualpipe (DeepSeek-V3, bidirectional)",
     )
-    virtual_stages: PositiveInt = Field(1, description="model pieces per rank (interleaved)")
+    virtual_stages: PositiveInt = Field(
+        1, le=1024, description="model pieces per rank (interleaved)"
+    )
     layer_split: Literal["even", "balanced"] = Field(
         "even",
         description="how layers are cut into pipeline pieces: even = equal layer counts "
@@ -319,14 +371,18 @@ class BatchRamp(Frozen):
     pipeline), so a ramp may start above ``start_sequences``."""
 
     start_sequences: PositiveInt
-    over_tokens: PositiveFloat
+    over_tokens: PositiveFloat = Field(ge=1, le=1e16, description="tokens (at most 1e16)")
 
 
 class Training(Frozen):
-    total_tokens: PositiveFloat
-    global_batch_sequences: PositiveInt
+    total_tokens: PositiveFloat = Field(
+        ge=1, le=1e16, description="tokens trained (at most 1e16, 600× DeepSeek-V3's 14.8T)"
+    )
+    global_batch_sequences: PositiveInt = Field(le=16_777_216)
     batch_ramp: BatchRamp | None = None
-    sample_points: PositiveInt = Field(6, description="steps simulated in the engine along the run")
+    sample_points: PositiveInt = Field(
+        6, le=1000, description="steps simulated in the engine along the run"
+    )
 
 
 class Eplb(Frozen):
@@ -337,7 +393,7 @@ class Eplb(Frozen):
     placement."""
 
     enabled: bool = False
-    redundant_per_rank: PositiveInt = Field(1, description="spare expert slots per GPU")
+    redundant_per_rank: PositiveInt = Field(1, le=1024, description="spare expert slots per GPU")
     interval_steps: PositiveInt = Field(
         100, description="optimizer steps between placement recomputations"
     )
@@ -346,41 +402,61 @@ class Eplb(Frozen):
 class Uncertainty(Frozen):
     seeds: PositiveInt = Field(
         1,
+        le=1000,
         description="independent seeds the run is estimated under (seed, seed + 1, …): "
         "P10/P50/P90 of step time, GPU-hours and cost, and bands on the curves",
     )
     workers: PositiveInt | None = Field(
-        None, description="processes for the extra seeds (default: every local core)"
+        None,
+        le=1024,
+        description="processes for the extra seeds (default and cap: the cores available)",
     )
 
 
 class Engine(Frozen):
     memory_limit_gib: PositiveFloat = Field(
         4.0,
-        description="refuse up front a scenario whose simulation state (routing samples and "
-        "per-GPU records of one step) would exceed this",
+        le=1024,
+        description="refuse up front a scenario whose simulation state (gate training, routing "
+        "samples, per-GPU records and tables) would exceed this",
+    )
+    time_budget_minutes: PositiveFloat = Field(
+        60.0,
+        le=100_000,
+        description="refuse up front a scenario whose estimated single-core run time (gate "
+        "training plus simulated steps, from its size) would exceed this",
     )
 
 
 class Output(Frozen):
-    dir: str = "runs"
+    dir: Annotated[str, AfterValidator(_no_parent_dir)] = Field(
+        "runs",
+        min_length=1,
+        max_length=1024,
+        pattern=SAFE_DIR_PATTERN,
+        description="where run directories go: a relative path without '..' or control characters",
+    )
     trace: bool = Field(True, description="write trace.json.gz of one simulated step")
     trace_gpus: list[NonNegInt] | None = Field(
-        None, description="GPUs to trace (default: the first 16)"
+        None, max_length=4096, description="GPUs to trace (default: the first 16; at most 4,096)"
     )
 
 
 class Scenario(Frozen):
     """A validated, frozen scenario. Build it with :func:`moesim.scenario.load_scenario`."""
 
-    name: str
-    description: str = ""
-    seed: NonNegInt = 0
+    name: str = Field(
+        pattern=SAFE_NAME_PATTERN,
+        description="names the run directory: 1 to 100 letters, digits, '.', '_', '-' or '+', "
+        "starting with a letter, digit or '_'",
+    )
+    description: str = Field("", max_length=10_000)
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     model: Model
     cluster: Cluster
     parallelism: Parallelism
     router: Router = Router()
-    strategies: list[Strategy] = Field(min_length=1)
+    strategies: list[Strategy] = Field(min_length=1, max_length=64)
     stream: Stream = Stream()
     gate: Gate = Gate()
     training: Training
@@ -454,6 +530,43 @@ class Scenario(Frozen):
         check_faults(self.faults, c.gpus)
         check_strategies(self)
         self.router.check_scenario(self)
+        return self
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> Scenario:
+        """Derived sizes in exact integer arithmetic, then the resource estimate (memory and
+        time) against ``engine``'s limits — before anything iterates over steps."""
+        c, t = self.cluster, self.training
+        if c.gpus > MAX_GPUS:
+            raise ValueError(f"cluster.nodes: {c.gpus:,} GPUs; at most {MAX_GPUS:,} are simulated")
+        tokens = math.ceil(t.total_tokens)
+        steps = -(-tokens // self.tokens_per_step)
+        if steps > MAX_STEPS:
+            raise ValueError(
+                f"training.total_tokens: {steps:,} optimizer steps of {self.tokens_per_step:,} "
+                f"tokens; at most {MAX_STEPS:,}"
+            )
+        if self.micro_batches * self.parallelism.pipeline * self.parallelism.virtual_stages > (
+            MAX_SCHEDULE_SLOTS
+        ):
+            raise ValueError(
+                f"training.global_batch_sequences: {self.micro_batches:,} micro-batches × "
+                f"{self.parallelism.pipeline} stages is more than {MAX_SCHEDULE_SLOTS:,} "
+                "schedule slots per step"
+            )
+        ramp = t.batch_ramp
+        if ramp is not None:
+            smallest = self._batch_quantum * self.model.seq_len
+            span = math.ceil(min(ramp.over_tokens, t.total_tokens))
+            if -(-span // smallest) > MAX_RAMP_STEPS:
+                raise ValueError(
+                    f"training.batch_ramp.over_tokens: the ramp could take up to "
+                    f"{-(-span // smallest):,} steps of {smallest:,} tokens; at most "
+                    f"{MAX_RAMP_STEPS:,}"
+                )
+        from moesim.scenario.resources import check_resources
+
+        check_resources(self)
         return self
 
     def _check_schedule(self) -> None:

@@ -92,7 +92,12 @@ from moesim.scenario.base import Frozen
 if TYPE_CHECKING:
     from moesim.scenario.schema import Scenario
 
-Coefficient = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Coefficient = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+"""A balancing coefficient (α, γ): published configs use at most 1e-1; 100 is far beyond any
+useful value and keeps the gate's arithmetic finite."""
+StrategyName = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f$\\]{1,100}$")]
+"""Strategy names label tables, plots and the trace: 1 to 100 characters, no control
+characters, no '$' or backslash (Matplotlib would read them as TeX)."""
 LossKind = Literal["switch", "sequence", "global", "device", "communication", "z_loss"]
 AuxScope = Literal["micro_batch", "sequence", "global"]
 BiasRule = Literal["sign", "proportional"]
@@ -130,7 +135,7 @@ class LossTerm(Frozen):
 class GammaStage(Frozen):
     """One stage of a γ schedule: ``gamma`` for the steps that start before ``until_tokens``."""
 
-    until_tokens: Annotated[float, Field(gt=0)]
+    until_tokens: Annotated[float, Field(gt=0, le=1e16)]
     gamma: Coefficient
 
 
@@ -146,7 +151,7 @@ class Bias(Frozen):
         "each data-parallel rank's share; per-group updates are averaged",
     )
     schedule: list[GammaStage] | None = Field(
-        None, min_length=1, description="γ stages by tokens trained before the step"
+        None, max_length=256, min_length=1, description="γ stages by tokens trained before the step"
     )
     mode: BiasMode = Field(
         "add",
@@ -207,8 +212,8 @@ class Composite(Frozen):
     """Auxiliary losses (summed) and an optional loss-free bias, combined freely."""
 
     kind: Literal["composite"]
-    name: str = "composite"
-    losses: list[LossTerm] = Field(default_factory=list)
+    name: StrategyName = "composite"
+    losses: list[LossTerm] = Field(default_factory=list, max_length=16)
     bias: Bias | None = None
 
     @model_validator(mode="after")
@@ -230,7 +235,7 @@ class NoBalancing(Frozen):
     """No balancing: the router follows the task loss only."""
 
     kind: Literal["none"]
-    name: str = "none"
+    name: StrategyName = "none"
 
     def canonical(self) -> Composite:
         """The equivalent composite: no loss, no bias."""
@@ -242,7 +247,7 @@ class AuxLoss(Frozen):
     "2412.19437 §2.1.2; arXiv 2501.11873), by scope."""
 
     kind: Literal["aux_loss"]
-    name: str = "aux_loss"
+    name: StrategyName = "aux_loss"
     alpha: Coefficient = 1e-3
     scope: AuxScope = Field(
         "micro_batch", description="where f and P are counted: micro_batch, sequence or global"
@@ -260,7 +265,7 @@ class LossFree(Frozen):
     additive (default) or multiplicative (arXiv 2408.15664 Table 4)."""
 
     kind: Literal["loss_free"]
-    name: str = "loss_free"
+    name: StrategyName = "loss_free"
     gamma: Coefficient = 1e-3
     bias_mode: BiasMode = Field(
         "add", description="select by s + b (add) or by s·b with b from 1 (mul; γ < 1)"

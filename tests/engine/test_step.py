@@ -311,8 +311,17 @@ def test_recorder_captures_a_consistent_timeline(tiny_scenario):
 def test_memory_hungry_scenario_is_refused_up_front(tiny_dict):
     from moesim.errors import ScenarioError
 
+    # Validation refuses it first (moesim.scenario.resources) ...
     tiny_dict["engine"] = {"memory_limit_gib": 1e-6}
-    sc = scenario_from_dict(tiny_dict)
+    with pytest.raises(ScenarioError, match="would need about") as err:
+        scenario_from_dict(tiny_dict)
+    assert err.value.path == "engine.memory_limit_gib"
+    # ... and the engine still guards a scenario changed after validation.
+    del tiny_dict["engine"]
+    valid = scenario_from_dict(tiny_dict)
+    sc = valid.model_copy(
+        update={"engine": valid.engine.model_copy(update={"memory_limit_gib": 1e-6})}
+    )
     with pytest.raises(ScenarioError, match="needs about") as err:
         build_context(sc)
     assert err.value.path == "engine.memory_limit_gib"
