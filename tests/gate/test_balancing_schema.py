@@ -131,7 +131,7 @@ def test_duplicate_loss_kinds(raw_with) -> None:  # type: ignore[no-untyped-def]
 
 def test_sign_rule_with_softmax_is_refused_with_the_reason(raw_with) -> None:  # type: ignore[no-untyped-def]
     """The loss-free shorthand blames its kind; a composite blames its bias rule
-    (routing.md §2.5 App. C: with softmax a fixed-size sign step is mis-scaled)."""
+    (docs/model/gate.md)."""
     err = _error(raw_with(score="softmax"))  # BASE's strategies[1] is the loss_free shorthand
     assert err.path == "strategies[1].kind"
     assert "softmax" in err.message

@@ -1,4 +1,4 @@
-"""The multiplicative bias (routing.md §2.5 Table 4) and re-centring of the additive bias."""
+"""The multiplicative bias (docs/model/gate.md) and re-centring of the additive bias."""
 
 from __future__ import annotations
 

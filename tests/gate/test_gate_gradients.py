@@ -3,7 +3,7 @@
 The routing decision (which experts are selected, and the counts of the auxiliary loss) is held
 fixed while the logits move by ±ε: a top-k is piecewise constant, so the loss is smooth in the
 logits for a fixed selection, and that smooth function is what the analytic gradients
-differentiate (routing.md §2.1, §5.1, §6.2 item 5).
+differentiate (docs/model/gate.md).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_task_loss_ignores_gate_scaling_and_normalisation(rng: np.random.Generat
 
 
 def test_aux_loss_is_alpha_at_perfect_balance() -> None:
-    """Uniform probabilities and equal counts give L = α (routing.md §5.1)."""
+    """Uniform probabilities and equal counts give L = α (docs/model/gate.md)."""
     n_experts, top_k, alpha = 8, 2, 0.01
     n_tokens = n_experts * 3
     selected = np.array(
@@ -278,7 +278,7 @@ def test_every_balance_loss_is_alpha_at_perfect_balance(score: str, kind: str) -
 
 
 def test_z_loss_value_and_gradient_formula(rng: np.random.Generator) -> None:
-    """α·mean LSE², gradient (2α/T)·LSE·softmax (routing.md §5.3), whatever the scores."""
+    """α·mean LSE², gradient (2α/T)·LSE·softmax (docs/model/gate.md), whatever the scores."""
     z = np.zeros((6, 8))
     loss, grad = z_loss_and_grad(z, 0.5)
     assert loss == pytest.approx(0.5 * np.log(8) ** 2)
@@ -323,9 +323,9 @@ def _probabilities(z: np.ndarray, score: str) -> np.ndarray:
 def test_loss_values_against_the_papers_formulas(
     rng: np.random.Generator, score: str, devices: int, limit: int | None, m: int
 ) -> None:
-    """Plain loops over V3 Eqs. 17–20 and V2's device and communication losses (routing.md §3,
-    §4): 3 sequences of 4 tokens, 8 experts on D devices, K = 3, device limit M = min(K, D) or
-    the node limit's devices."""
+    """Plain loops over V3 Eqs. 17–20 and V2's device and communication losses
+    (docs/model/gate.md): 3 sequences of 4 tokens, 8 experts on D devices, K = 3, device limit
+    M = min(K, D) or the node limit's devices."""
     n_experts, top_k, tps, alpha = 8, 3, 4, 0.3
     z = _logits(rng, 12, n_experts)
     selected = top_k_indices(scores_from_logits(z, score), top_k)  # type: ignore[arg-type]

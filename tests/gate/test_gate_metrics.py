@@ -1,4 +1,4 @@
-"""Load metrics (routing.md §2.4)."""
+"""Load metrics (docs/model/gate.md)."""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def test_route_shapes_and_dtypes(rng: np.random.Generator) -> None:
 
 
 def test_bias_never_changes_gate_values(rng: np.random.Generator) -> None:
-    """Two biases that leave the selection unchanged give identical gates (routing.md §2.1)."""
+    """Two biases that leave the selection unchanged give identical gates (docs/model/gate.md)."""
     base = _state(rng, 24, 12)
     x = rng.standard_normal((200, 12)).astype(np.float32)
     unbiased = route(x, base, 4, "sigmoid", True, 2.5)

@@ -1,5 +1,5 @@
 """MaxVio at its three scopes, dead experts, dropped fraction, distinct groups per token and the
-topic × expert load matrix (routing.md §2.4, §10 item 8)."""
+topic × expert load matrix (docs/model/gate.md)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Baseline routers: Expert Choice (and its future-token leakage) and Sinkhorn (routing.md
-§2.6, §5.4, §5.6, §6.4)."""
+"""Baseline routers: Expert Choice (and its future-token leakage) and Sinkhorn
+(docs/model/gate.md)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_expert_choice_is_balanced_and_picks_top_tokens(rng: np.random.Generator
 
 def test_expert_choice_leaks_future_tokens(rng: np.random.Generator) -> None:
     """Changing only the *last* token of a chunk changes an *earlier* token's experts (the
-    selection is not causal, routing.md §2.6); token-choice routing is unaffected."""
+    selection is not causal, docs/model/gate.md); token-choice routing is unaffected."""
     state = _state(rng)
     x = rng.standard_normal((64, 8)).astype(np.float32)
     before = expert_choice(x, state, capacity_factor=1.0, chunk_size=64).assignment()

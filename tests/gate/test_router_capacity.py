@@ -1,4 +1,4 @@
-"""Expert capacity and token dropping (routing.md §4, §5.1, §6.2 item 4, §10 item 7)."""
+"""Expert capacity and token dropping (docs/model/gate.md)."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_position_is_the_position_in_the_sequence(rng: np.random.Generator) -> N
 
 def test_device_level_dropping_and_exempt_sequences(rng: np.random.Generator) -> None:
     """DeepSeek-V2: a budget per device at CF 1.0, the lowest gates dropped, exempt sequences
-    never dropped (routing.md §4)."""
+    never dropped (docs/model/gate.md)."""
     n_experts, n_devices, top_k, seq_len = 16, 4, 2, 32
     state = _skewed_state(rng, n_experts, 12)
     x = rng.standard_normal((20 * seq_len, 12)).astype(np.float32)

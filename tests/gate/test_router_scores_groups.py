@@ -1,5 +1,5 @@
 """Softmax gate orders (top-k before/after the softmax) and group-limited routing: node-,
-device- and explicitly group-limited (routing.md §3, §4, §6.1, §6.2 item 3)."""
+device- and explicitly group-limited (docs/model/gate.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The task loss under capacity drops (routing.md §4, §6.2 item 4; moesim.gate.teacher).
+"""The task loss under capacity drops (docs/model/gate.md; moesim.gate.teacher).
 
 A dropped assignment skips its expert through the residual: it carries no gate weight, the
 student's weights are renormalised over the kept experts, a token with every assignment dropped

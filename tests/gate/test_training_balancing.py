@@ -245,7 +245,7 @@ def test_proportional_bias_balances_a_softmax_router(behaviour) -> None:  # type
 
 def test_counts_exclude_capacity_drops(make_scenario) -> None:  # type: ignore[no-untyped-def]
     """Under a capacity the loads the bias reads and MaxVio measures are those processed
-    (routing.md §6.2 item 6, §10 item 4): capacity factor 1 per micro-batch caps every expert at
+    (docs/model/gate.md): capacity factor 1 per micro-batch caps every expert at
     its share, so MaxVio is lower than dropless."""
     selected = np.array([[0, 1], [0, 2], [0, 3], [1, 2]])
     dropped = np.array([[False, False], [True, False], [True, False], [False, True]])
