@@ -29,6 +29,7 @@ import numpy.typing as npt
 from moesim import units
 from moesim.cluster.kernels import (
     ATTENTION_BACKWARD_FLOPS,
+    FP8_BLOCK,
     FP32,
     GEMM_TILE_ROWS,
     Kernel,
@@ -176,7 +177,7 @@ class _Kernels:
             self.memory(
                 "backward_weight",
                 f"FP8 cast: {name} input, transposed",
-                2.0 * m * k + m * k / 128 * FP32,
+                2.0 * m * k + m * k / FP8_BLOCK * FP32,
                 "quantise",
             )
         self.gemm(
