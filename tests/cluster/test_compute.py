@@ -55,6 +55,35 @@ def test_bf16_power_ceiling_and_fp8_sm_scaling(tiny_dict):
     )
 
 
+def test_attention_closed_form(tiny_dict):
+    """Flash attention: FLOP over the measured efficiency × BF16 peak pro-rated to the SMs left,
+    the MLA head dims scaled by their measured factor; the backward does 2.5× the FLOP."""
+    from moesim.cluster.kernels import MLA_ATTENTION_FACTOR
+
+    gpu = scenario_from_dict(tiny_dict).cluster.gpu
+    p = KernelPricer(gpu, 20)
+    peak = gpu.bf16_tflops * 1e12 * 112 / 132
+    flops = 1e12
+    launch = gpu.kernel_launch_us * 1e-6
+    assert p.attention_seconds(flops, backward=False, mla=False) == pytest.approx(
+        flops / (gpu.attention_fwd_efficiency * peak) + launch
+    )
+    assert p.attention_seconds(flops, backward=True, mla=True) == pytest.approx(
+        flops / (gpu.attention_bwd_efficiency * peak * MLA_ATTENTION_FACTOR[1]) + launch
+    )
+    c = ComputeModel(scenario_from_dict(tiny_dict))
+    core = [k for k in c.kernels(c.balanced_rows(4)) if k.kind == "attention"]
+    fwd = next(k for k in core if k.phase == "forward")
+    bwd = next(k for k in core if k.phase == "backward_input")
+    assert bwd.flops == pytest.approx(2.5 * fwd.flops)
+    m = c.model
+    att = m.attention
+    # Causal: each token attends to half the sequence, QKᵀ and PV over every head.
+    assert fwd.flops == pytest.approx(
+        c.tokens * 2 * m.seq_len * att.heads * (att.head_dim + att.head_dim) / 2
+    )
+
+
 def test_memory_kernel_closed_form(tiny_dict):
     p = KernelPricer(scenario_from_dict(tiny_dict).cluster.gpu, 0)
     for kind, fraction in MEMORY_KIND_FRACTION.items():
