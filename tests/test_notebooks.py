@@ -55,16 +55,7 @@ def test_balancing_dilemma_matches_its_builder() -> None:
 
 
 def test_balancing_dilemma_notebook_executes() -> None:
-    nb = _read("balancing_dilemma.ipynb")
-    NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOKS)}},
-    ).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    errors = [o for o in outputs if o.get("output_type") == "error"]
-    assert not errors, [f"{o['ename']}: {o['evalue']}" for o in errors]
+    outputs = _execute(_read("balancing_dilemma.ipynb"))
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(figures) >= 7  # R1, interference, R2, R3, R5, R6, R8 (two)
 
