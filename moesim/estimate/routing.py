@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import threadpool_limits
 
 from moesim.estimate.seeds import SeedPlan
+from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
 from moesim.gate.metrics import topic_expert_load
@@ -81,7 +81,7 @@ def routing_sources(
 def _train_one(
     args: tuple[Scenario, Strategy, list[int], np.random.SeedSequence],
 ) -> GateTrajectory:
-    with threadpool_limits(limits=1, user_api="blas"):  # in a worker process too
+    with blas_threads():  # in a worker process too
         return train_gate(*args)
 
 

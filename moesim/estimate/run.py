@@ -14,12 +14,10 @@ so differences between strategies come from the strategies, not from sampling no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
-from threadpoolctl import threadpool_limits
 
 from moesim.engine import StepContext, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
@@ -28,23 +26,10 @@ from moesim.estimate.hardware import point_hardware, simulate_on
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
 from moesim.estimate.routing import routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
+from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import integrate, scenario_points
 from moesim.gate import balanced_sample
 from moesim.scenario.schema import Scenario
-
-
-@contextmanager
-def blas_threads(limit: int = 1) -> Iterator[None]:
-    """BLAS limited to ``limit`` threads inside the block (threadpoolctl), whoever calls.
-
-    The gate multiplies small matrices thousands of times: extra BLAS threads cost more than
-    they give (10x slower with OpenBLAS's default threads on a loaded 2-core machine), and a
-    multi-threaded BLAS may sum in another order, so a notebook and the CLI would not give
-    identical results. The CLI also sets ``OPENBLAS_NUM_THREADS`` before NumPy loads; this
-    limit holds for the Python API and sweep workers too.
-    """
-    with threadpool_limits(limits=limit, user_api="blas"):
-        yield
 
 
 def estimate_run(
