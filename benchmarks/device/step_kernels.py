@@ -87,6 +87,21 @@ def bf16_gemm(m: int, k: int, n: int):
     return lambda: a @ b
 
 
+ALL_KINDS = (("fp8_block", fp8_blockwise), ("fp8_tensor", fp8_tensorwise), ("bf16", bf16_gemm))
+
+
+def time_gemms(row: dict, m: int, k: int, n: int, kinds) -> dict:
+    """``row`` with each kind's median seconds and TFLOP/s (or its error) for an m×k×n GEMM."""
+    for kind, make in kinds:
+        try:
+            s = bench(make(m, k, n), 25.0)
+            row[f"{kind}_s"] = s
+            row[f"{kind}_tflops"] = 2 * m * k * n / s / 1e12
+        except Exception as exc:  # report, keep measuring the rest
+            row[f"{kind}_error"] = repr(exc)[:300]
+    return row
+
+
 # (name, K, N): DeepSeek-V3 shapes (hidden 7168, expert FFN 2048, MLA ranks 1536 / 512).
 GEMM_SHAPES = [
     ("expert_up", 7168, 4096),  # gate + up fused
@@ -108,18 +123,7 @@ def gemm():
         for name, k, n in GEMM_SHAPES:
             for m in ROWS if name.startswith("expert") else [4096, 16384]:
                 row = {"shape": name, "m": m, "k": k, "n": n, "carveout_sms": carve}
-                for kind, make in (
-                    ("fp8_block", fp8_blockwise),
-                    ("fp8_tensor", fp8_tensorwise),
-                    ("bf16", bf16_gemm),
-                ):
-                    try:
-                        s = bench(make(m, k, n), 25.0)
-                        row[f"{kind}_s"] = s
-                        row[f"{kind}_tflops"] = 2 * m * k * n / s / 1e12
-                    except Exception as exc:
-                        row[f"{kind}_error"] = repr(exc)[:300]
-                out.append(row)
+                out.append(time_gemms(row, m, k, n, ALL_KINDS))
         set_carveout(0)
     return out
 
@@ -138,14 +142,7 @@ def gemm_backward():
             ("wgrad_down", 7168, rows, 2048),
         ):
             row = {"shape": name, "rows": rows, "m": m, "k": k, "n": n, "carveout_sms": 20}
-            for kind, make in (("fp8_block", fp8_blockwise), ("bf16", bf16_gemm)):
-                try:
-                    s = bench(make(m, k, n), 25.0)
-                    row[f"{kind}_s"] = s
-                    row[f"{kind}_tflops"] = 2 * m * k * n / s / 1e12
-                except Exception as exc:
-                    row[f"{kind}_error"] = repr(exc)[:300]
-            out.append(row)
+            out.append(time_gemms(row, m, k, n, ALL_KINDS[::2]))
     set_carveout(0)
     return out
 
