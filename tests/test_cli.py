@@ -26,7 +26,10 @@ def _write(tmp_path: Path, raw) -> Path:
     [
         (lambda d: d["cluster"].update(bogus=1), "error: cluster.bogus: unknown key"),
         (lambda d: d["model"].update(layers="four"), "error: model.layers:"),
-        (lambda d: d["parallelism"].update(pipeline=4), "error: parallelism: pipeline×expert×data"),
+        (
+            lambda d: d["parallelism"].update(pipeline=4),
+            "error: parallelism: pipeline×expert_tensor×expert×data",
+        ),
     ],
     ids=["unknown-key", "wrong-type", "impossible-parallelism"],
 )

@@ -311,6 +311,18 @@ class Cluster(Frozen):
 
 class Parallelism(Frozen):
     pipeline: PositiveInt = 1
+    tensor: PositiveInt = Field(
+        1,
+        le=1024,
+        description="tensor-parallel degree of attention and dense layers (Megatron-style, "
+        "with sequence parallelism); a pipeline stage's GPUs = tensor × attention data-parallel",
+    )
+    expert_tensor: PositiveInt = Field(
+        1,
+        le=1024,
+        description="tensor-parallel degree inside each expert (Megatron-Core parallel "
+        "folding); a pipeline stage's GPUs = expert_tensor × expert × data",
+    )
     expert: PositiveInt = 1
     data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
     micro_batch_size: PositiveInt = Field(
@@ -469,11 +481,17 @@ class Scenario(Frozen):
     @model_validator(mode="after")
     def _cross_checks(self) -> Scenario:
         p, c, m = self.parallelism, self.cluster, self.model
-        product = p.pipeline * p.expert * p.data
+        product = p.pipeline * p.expert_tensor * p.expert * p.data
         if product != c.gpus:
             raise ValueError(
-                f"parallelism: pipeline×expert×data = {p.pipeline}×{p.expert}×{p.data} = "
-                f"{product}, but the cluster has {c.nodes}×{c.gpus_per_node} = {c.gpus} GPUs"
+                f"parallelism: pipeline×expert_tensor×expert×data = {p.pipeline}×"
+                f"{p.expert_tensor}×{p.expert}×{p.data} = {product}, but the cluster has "
+                f"{c.nodes}×{c.gpus_per_node} = {c.gpus} GPUs"
+            )
+        if p.tensor > 1 or p.expert_tensor > 1:
+            raise ValueError(
+                f"parallelism.tensor: tensor = {p.tensor}, expert_tensor = {p.expert_tensor}; "
+                "tensor parallelism is not priced yet, so only 1 is accepted"
             )
         if m.moe.routed_experts % p.expert:
             raise ValueError(

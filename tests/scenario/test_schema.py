@@ -64,7 +64,7 @@ def test_parallel_degrees_must_multiply_to_gpus(tiny_dict):
     tiny_dict["parallelism"]["pipeline"] = 4
     err = _error(tiny_dict)
     assert err.path == "parallelism"
-    assert "4×4×1 = 16" in err.message
+    assert "4×1×4×1 = 16" in err.message
     assert "8 GPUs" in err.message
 
 
@@ -153,3 +153,10 @@ def test_trace_gpus_must_exist(tiny_dict):
     err = _error(tiny_dict)
     assert err.path == "output.trace_gpus"
     assert "[8]" in err.message
+
+
+def test_tensor_parallelism_is_refused_until_priced(tiny_dict):
+    tiny_dict["parallelism"]["tensor"] = 2
+    err = _error(tiny_dict)
+    assert err.path == "parallelism.tensor"
+    assert "not priced yet" in err.message
