@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from moesim.errors import ScenarioError
-from moesim.scenario.overrides import apply_overrides
+from moesim.scenario.overrides import apply_overrides, read_yaml12_floats
 from moesim.scenario.presets import GPU_PRESETS
 from moesim.scenario.schema import Scenario
 
@@ -107,7 +107,8 @@ def decode_scenario_bytes(data: bytes, where: str = "scenario") -> str:
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader (no Python tags) that also refuses duplicate keys, nesting deeper
-    than :data:`MAX_DEPTH` and documents that alias expansion would blow up."""
+    than :data:`MAX_DEPTH` and documents that alias expansion would blow up, and reads
+    ``5e9`` as the number YAML 1.2 says it is."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -144,6 +145,9 @@ class _StrictLoader(yaml.SafeLoader):
                         problem=f"duplicate key {show(key)}", problem_mark=key_node.start_mark
                     )
         return super().construct_mapping(node, deep=deep)
+
+
+read_yaml12_floats(_StrictLoader)
 
 
 def _expanded_nodes(root: Any) -> int:

@@ -59,15 +59,23 @@ def format_path(parts: Iterable[PathPart]) -> str:
     return out
 
 
+YAML12_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+"""Floats in scientific notation as YAML 1.2 reads them. PyYAML follows YAML 1.1, whose float
+needs a decimal point and a signed exponent, so it reads ``5e9`` and ``14.8e12`` as strings."""
+
+
+def read_yaml12_floats(loader: type[yaml.SafeLoader]) -> None:
+    """Make ``loader`` (a SafeLoader subclass) read :data:`YAML12_EXPONENT_FLOAT` as floats."""
+    loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", YAML12_EXPONENT_FLOAT, list("-+0123456789.")
+    )
+
+
 class _Loader(yaml.SafeLoader):
     """YAML with floats as YAML 1.2 writes them: ``1e-4`` is a number, not a string."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
+read_yaml12_floats(_Loader)
 
 
 def parse_value(text: str, key: str = "--set") -> Any:
