@@ -4,7 +4,18 @@ A design varies scenario fields named by dotted paths (the ``--set`` syntax of
 :mod:`moesim.scenario.overrides`): ``--grid KEY=V1,V2,...`` axes are crossed (cartesian
 product, the first axis varying slowest), and ``--zip KEY=V1,V2,...`` lists, all of one length,
 vary together point by point (a zipped design), crossed with the grid. A design file (YAML)
-says the same with ``grid:``, ``zip:`` and ``set:`` mappings.
+says the same with ``grid:``, ``zip:`` and ``set:`` mappings, and may ask for a random design
+instead of ``zip:``::
+
+    random:
+      points: 8        # how many points
+      seed: 1          # the same seed draws the same points
+      vary:
+        strategies[1].gamma: {low: 1e-5, high: 1e-2, log: true}   # log-uniform
+        cluster.price_usd_per_gpu_hour: {low: 2, high: 5}          # integers: uniform integers
+        router.score: [sigmoid, softmax]                           # a choice
+
+(:func:`random_axes`): its points vary together like zipped lists, crossed with the grid.
 
 Every point is validated before any runs, so a bad value fails the whole sweep at once with the
 scenario's one-line error. Each point is then a normal run directory ``DIR/<point>`` written
@@ -36,12 +47,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from moesim.errors import ScenarioError, SimulationError
 from moesim.scenario import Scenario, load_scenario
-from moesim.scenario.overrides import parse_path, parse_value, split_assignment, split_values
+from moesim.scenario.overrides import (
+    Yaml12Loader,
+    parse_path,
+    parse_value,
+    split_assignment,
+    split_values,
+)
 
 Axis = tuple[str, list[Any]]
 """A varied key and its values."""
@@ -104,21 +122,99 @@ def expand(grid: Sequence[Axis], zipped: Sequence[Axis] = ()) -> list[dict[str, 
     ]
 
 
+RANDOM_DIGITS = 4
+"""Significant digits a random design keeps of a drawn float (readable tables and names)."""
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.{RANDOM_DIGITS}g}")
+
+
+def _number(value: Any, where: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise ScenarioError(where, f"must be a finite number (got {value!r})")
+    return value
+
+
+def random_axes(spec: Any, where: str = "random") -> list[Axis]:
+    """A random design's points as axes that vary together (zipped).
+
+    ``spec`` is ``{points: N, seed: S, vary: {key: range | [choices]}}``. A range
+    ``{low, high, log}`` draws uniformly in [low, high] (log-uniformly with ``log: true``,
+    which needs low > 0), integers when ``low`` and ``high`` are both integers, and a float
+    rounded to :data:`RANDOM_DIGITS` significant digits otherwise; a list draws one of its
+    values. The keys are drawn in the order given, from one generator seeded with ``seed``:
+    the same spec gives the same points."""
+    if not isinstance(spec, dict):
+        raise ScenarioError(where, "must be a mapping with points:, seed: and vary:")
+    unknown = set(spec) - {"points", "seed", "vary"}
+    if unknown:
+        raise ScenarioError(f"{where}.{sorted(unknown)[0]}", "unknown key (points, seed, vary)")
+    points, seed, vary = spec.get("points"), spec.get("seed"), spec.get("vary")
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= 100_000:
+        raise ScenarioError(f"{where}.points", f"must be an integer from 1 to 100000 ({points!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ScenarioError(f"{where}.seed", f"must be a non-negative integer (got {seed!r})")
+    if not isinstance(vary, dict) or not vary:
+        raise ScenarioError(f"{where}.vary", "must map field paths to ranges or lists")
+    rng = np.random.default_rng(seed)
+    axes: list[Axis] = []
+    for key, how in vary.items():
+        at = f"{where}.vary.{key}"
+        parse_path(str(key))
+        if isinstance(how, list):
+            if not how:
+                raise ScenarioError(at, "no values to choose from")
+            picks = rng.integers(0, len(how), size=points)
+            axes.append((str(key), [how[int(i)] for i in picks]))
+            continue
+        if not isinstance(how, dict) or not {"low", "high"} <= set(how) <= {"low", "high", "log"}:
+            raise ScenarioError(at, "must be {low, high, log} or a list of values")
+        low, high = _number(how["low"], f"{at}.low"), _number(how["high"], f"{at}.high")
+        log = how.get("log", False)
+        if not isinstance(log, bool):
+            raise ScenarioError(f"{at}.log", f"must be true or false (got {log!r})")
+        if not low <= high:
+            raise ScenarioError(at, f"low {low} is above high {high}")
+        if log and low <= 0:
+            raise ScenarioError(f"{at}.low", "a log range needs low > 0")
+        integers = isinstance(low, int) and isinstance(high, int)
+        values: list[Any]
+        if integers and not log:  # every integer equally likely, both ends included
+            values = [int(v) for v in rng.integers(low, high + 1, size=points)]
+        else:
+            u = rng.random(points)
+            span = (np.log(low), np.log(high)) if log else (low, high)
+            drawn = span[0] + u * (span[1] - span[0])
+            drawn = np.exp(drawn) if log else drawn
+            if integers:
+                values = [int(v) for v in np.clip(np.floor(drawn + 0.5), low, high)]
+            else:
+                values = [min(max(_round(float(v)), float(low)), float(high)) for v in drawn]
+        axes.append((str(key), values))
+    return axes
+
+
 def load_design(path: str | Path) -> tuple[list[Axis], list[Axis], list[tuple[str, Any]]]:
-    """A sweep file: ``grid:`` and ``zip:`` mappings of key → list of values, and ``set:``
-    fixed overrides of key → value. Returns (grid axes, zipped axes, fixed overrides)."""
+    """A sweep file: ``grid:`` and ``zip:`` mappings of key → list of values, ``set:`` fixed
+    overrides of key → value, and a ``random:`` design (:func:`random_axes`, in place of
+    ``zip:``). Returns (grid axes, zipped or random axes, fixed overrides)."""
     p = Path(path)
     if not p.is_file():
         raise ScenarioError(str(p), "no such sweep file")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(), Loader=Yaml12Loader) or {}  # safe: a SafeLoader
     except yaml.YAMLError as exc:
         raise ScenarioError(str(p), f"malformed YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(str(p), "a sweep file holds grid:, zip: and set: mappings")
-    unknown = set(raw) - {"grid", "zip", "set"}
+    unknown = set(raw) - {"grid", "zip", "set", "random"}
     if unknown:
-        raise ScenarioError(sorted(unknown)[0], "unknown key in a sweep file (grid, zip, set)")
+        raise ScenarioError(
+            sorted(unknown)[0], "unknown key in a sweep file (grid, zip, random, set)"
+        )
+    if raw.get("random") is not None and raw.get("zip"):
+        raise ScenarioError("random", "a sweep file has zip: or random:, not both")
 
     def mapping(section: str) -> dict[str, Any]:
         value = raw.get(section) or {}
@@ -135,6 +231,8 @@ def load_design(path: str | Path) -> tuple[list[Axis], list[Axis], list[tuple[st
             if not isinstance(values, list):
                 raise ScenarioError(f"{section}.{key}", "must be a list of values")
             axes[section].append((key, values))
+    if raw.get("random") is not None:
+        axes["zip"] = random_axes(raw["random"])
     return axes["grid"], axes["zip"], list(mapping("set").items())
 
 

@@ -238,3 +238,63 @@ def test_dask_local_cluster_gives_the_identical_table(killed_and_resumed, tmp_pa
                 pd.read_parquet(tmp_path / "dask" / point / name),
                 pd.read_parquet(out / point / name),
             )
+
+
+def test_random_design_is_deterministic_and_in_range(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "grid:\n  cluster.nodes: [2, 4]\n"
+        "random:\n  points: 6\n  seed: 7\n  vary:\n"
+        f"    {GAMMA}: {{low: 1e-5, high: 1e-2, log: true}}\n"
+        "    cluster.price_usd_per_gpu_hour: {low: 2.0, high: 5.0}\n"
+        "    parallelism.micro_batches: {low: 2, high: 8}\n"
+        "    router.score: [sigmoid, softmax]\n"
+    )
+    grid, zipped, sets = load_design(path)
+    assert grid == [("cluster.nodes", [2, 4])] and sets == []
+    again = load_design(path)[1]
+    assert zipped == again  # same seed, same points
+    values = dict(zipped)
+    assert all(len(v) == 6 for v in values.values())
+    gammas = values[GAMMA]
+    assert all(1e-5 <= g <= 1e-2 for g in gammas)
+    assert max(gammas) / min(gammas) > 3  # log-uniform over three decades spreads out
+    assert all(
+        2.0 <= p <= 5.0 and isinstance(p, float) for p in values["cluster.price_usd_per_gpu_hour"]
+    )
+    assert all(isinstance(m, int) and 2 <= m <= 8 for m in values["parallelism.micro_batches"])
+    assert set(values["router.score"]) <= {"sigmoid", "softmax"}
+    # Crossed with the grid: 2 × 6 points.
+    assert len(expand(grid, zipped)) == 12
+    path.write_text(path.read_text().replace("seed: 7", "seed: 8"))
+    assert load_design(path)[1] != zipped
+
+
+@pytest.mark.parametrize(
+    ("random", "message"),
+    [
+        ({"points": 0, "seed": 1, "vary": {"seed": [1]}}, r"^random\.points: must be"),
+        ({"points": 2, "vary": {"seed": [1]}}, r"^random\.seed: must be"),
+        ({"points": 2, "seed": 1, "vary": {}}, r"^random\.vary: must map"),
+        ({"points": 2, "seed": 1, "vary": {"x": {"low": 0, "high": 1, "log": True}}}, "low > 0"),
+        ({"points": 2, "seed": 1, "vary": {"x": {"low": 2, "high": 1}}}, "above high"),
+        ({"points": 2, "seed": 1, "vary": {"x": 3}}, r"^random\.vary\.x: must be"),
+        ({"points": 2, "seed": 1, "vary": {"x": [1]}, "extra": 1}, r"^random\.extra: unknown"),
+    ],
+)
+def test_bad_random_designs(tmp_path, random, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"random": random}))
+    with pytest.raises(ScenarioError, match=message):
+        load_design(path)
+
+
+def test_random_design_and_zip_are_exclusive(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"zip": {"seed": [1]}, "random": {"points": 1, "seed": 0, "vary": {"x": [1]}}}
+        )
+    )
+    with pytest.raises(ScenarioError, match=r"^random: a sweep file has zip: or random:"):
+        load_design(path)

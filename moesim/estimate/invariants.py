@@ -13,7 +13,9 @@ A run directory is only written when its numbers obey what they mean:
   ``gpu_hours_with_failures``;
 - **tokens conserved**: each strategy's timeline reaches exactly ``training.total_tokens``,
   never going back, and at every simulated step the experts' tokens add up to the GPUs';
-- **bands ordered**: P10 ≤ P50 ≤ P90 in the bands table and in the summary.
+- **bands ordered**: P10 ≤ P50 ≤ P90 in the bands table and in the summary;
+- **headline in its band**: the summary's step time, GPU-hours and cost lie within their own
+  P10–P90 (:mod:`moesim.estimate.montecarlo` takes them from the median-GPU-hours seed).
 
 A violation is a :class:`~moesim.errors.SimulationError` naming the scenario, the invariant and
 where it failed — a bug to report, never a table to trust.
@@ -30,6 +32,9 @@ import pandas as pd
 
 from moesim.errors import SimulationError
 
+HEADLINE_IN_BAND = ("step_time_s", "gpu_hours", "cost_usd")
+"""Summary scalars that are the headline seed's and must lie in their own P10–P90 band (they
+are all the run's wall time scaled, and the headline seed is the median-GPU-hours one)."""
 REL_TOL = 1e-6
 """Relative tolerance of sums (attribution, tokens): float64 sums of a few hundred terms."""
 NEG_TOL = 1e-9
@@ -172,6 +177,17 @@ def _check_summary(chk: _Checker, summary: Mapping[str, Mapping[str, Any]]) -> N
                 tol = REL_TOL * max(1.0, abs(p90))
                 if p10 > p50 + tol or p50 > p90 + tol:
                     chk.fail("bands ordered", f"summary {name}.{base}: P10 ≤ P50 ≤ P90 fails")
+                headline = values.get(base)
+                if (
+                    base in HEADLINE_IN_BAND
+                    and isinstance(headline, int | float)
+                    and not p10 - tol <= headline <= p90 + tol
+                ):
+                    chk.fail(
+                        "headline in its band",
+                        f"summary {name}.{base} = {headline:.6g} outside P10–P90 "
+                        f"[{p10:.6g}, {p90:.6g}]",
+                    )
 
 
 def check_invariants(

@@ -7,7 +7,20 @@ initialisation, the engine's routing samples, hardware straggler draws and the f
 cores, keeping only their summaries and timelines) and reports the P10 / P50 / P90 of step time,
 GPU-hours and cost per strategy, and bands around the GPU-hour and cost curves.
 
-Percentiles use NumPy's default linear interpolation; with one seed the three coincide.
+P10 and P90 use NumPy's default linear interpolation; P50 is the lower median (with an even
+number of seeds, the lower of the two middle values: a value one seed gave, not the mean of
+two); with one seed the three coincide.
+
+The headline. Each strategy's summary and timeline are those of one seed, its *headline
+seed*: the seed of median GPU-hours (the lower median, as P50; ties go to the lower seed), so
+the headline GPU-hours and cost are their P50. Every scalar
+of the summary then comes from one run and stays consistent with the others, and since step
+time, GPU-hours, cost (with and without failures), tokens/s and MFU all follow the run's wall
+time, each lies inside its P10–P90 band. The measures of the gate's last window (task loss and
+the window's MaxVio) do not follow the wall time, so the summary gives them as the P50 of their
+bands. The per-step tables and the trace of the run directory stay those of the scenario's own
+seed (the only one kept in full); ``headline_seed`` in the summary says which seed the headline
+is.
 """
 
 from __future__ import annotations
@@ -90,23 +103,57 @@ def estimate_with_bands(
 
 
 def _percentiles(values: list[float]) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.percentile(values, PERCENTILES))
+    """P10, P50, P90 of ``values``: P50 the lower median (see the module)."""
+    return tuple(
+        float(np.percentile(values, q, method="lower" if q == 50 else "linear"))
+        for q in PERCENTILES
+    )
+
+
+WINDOW_MEASURES = ("task_loss", "gate_maxvio_global", "gate_maxvio_batch")
+"""Banded scalars averaged over the gate's last window: the headline gives their P50."""
+
+
+def headline_index(gpu_hours: list[float]) -> int:
+    """Index of the median-GPU-hours seed: the lower middle one for an even count, the first
+    of equal values (a stable sort)."""
+    order = sorted(range(len(gpu_hours)), key=lambda i: gpu_hours[i])
+    return order[(len(order) - 1) // 2]
 
 
 def with_bands(est: RunEstimate, results: list[SeedResult]) -> RunEstimate:
-    """``est`` with percentiles over the seeds' ``results`` (its own first) of the banded
-    summary scalars, and bands around its cumulative curves."""
+    """``est`` with each strategy's summary and timeline taken from its headline seed among
+    ``results`` (the seeds' results, ``est``'s own first; see the module), percentiles over
+    them of the banded summary scalars, and bands around the cumulative curves."""
     summary = {}
-    for name, s in est.summary.items():
+    headline: dict[str, int] = {}
+    for name in est.summary:
         percentiles = {}
         for key in BANDED:
             present = [r[0][name].as_dict()[key] for r in results]
             values = [float(v) for v in present if v is not None]
             if values:
                 percentiles[key] = _percentiles(values)
-        summary[name] = replace(s, percentiles=percentiles, seeds=len(results))
+        pick = headline_index([r[0][name].gpu_hours for r in results])
+        headline[name] = pick
+        chosen = results[pick][0][name]
+        p50 = {key: percentiles[key][1] for key in WINDOW_MEASURES if key in percentiles}
+        summary[name] = replace(
+            chosen,
+            task_loss=p50.get("task_loss", chosen.task_loss),
+            gate_window=replace(
+                chosen.gate_window,
+                **{k: v for k, v in p50.items() if k.startswith("gate_")},
+            ),
+            percentiles=percentiles,
+            seeds=len(results),
+            headline_seed=est.scenario.seed + pick,
+        )
+    timeline = [
+        row for name, pick in headline.items() for row in results[pick][1] if row.strategy == name
+    ]
     bands = []
-    for row in est.timeline:
+    for row in timeline:
         curves = {}
         for curve in CURVES:
             values = [
@@ -119,4 +166,4 @@ def with_bands(est: RunEstimate, results: list[SeedResult]) -> RunEstimate:
                 {f"{curve}_p{q}": v for q, v in zip(PERCENTILES, _percentiles(values), strict=True)}
             )
         bands.append(BandRow(strategy=row.strategy, point=row.point, tokens=row.tokens, **curves))
-    return replace(est, summary=summary, bands=bands)
+    return replace(est, summary=summary, timeline=timeline, bands=bands)

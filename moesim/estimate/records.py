@@ -176,6 +176,9 @@ class RunSummary:
     """P10/P50/P90 over seeds of some of the scalars above (``estimate_with_bands``)."""
     seeds: int | None = None
     """Seeds the percentiles are over (None for a single-seed estimate)."""
+    headline_seed: int | None = None
+    """The seed whose run these scalars are (the median-GPU-hours seed, see
+    :mod:`moesim.estimate.montecarlo`; None for a single-seed estimate)."""
 
     @property
     def failure_gpu_hours(self) -> float | None:
@@ -201,9 +204,9 @@ class RunSummary:
             elif f.name == "percentiles":
                 for key, values in value.items():
                     out.update({f"{key}_p{q}": v for q, v in zip(PERCENTILES, values, strict=True)})
-            elif f.name == "seeds":
+            elif f.name in ("seeds", "headline_seed"):
                 if value is not None:
-                    out["seeds"] = value
+                    out[f.name] = value
             elif is_dataclass(value):
                 out.update(asdict(value))  # type: ignore[arg-type]
             else:

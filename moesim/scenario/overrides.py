@@ -71,17 +71,17 @@ def read_yaml12_floats(loader: type[yaml.SafeLoader]) -> None:
     )
 
 
-class _Loader(yaml.SafeLoader):
+class Yaml12Loader(yaml.SafeLoader):
     """YAML with floats as YAML 1.2 writes them: ``1e-4`` is a number, not a string."""
 
 
-read_yaml12_floats(_Loader)
+read_yaml12_floats(Yaml12Loader)
 
 
 def parse_value(text: str, key: str = "--set") -> Any:
     """A YAML value; scientific notation without a decimal point (``1e-4``) is a number too."""
     try:
-        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+        return yaml.load(text, Loader=Yaml12Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ScenarioError(key, f"value {text!r} is not valid YAML: {problem}") from None
