@@ -195,6 +195,8 @@ def test_killed_sweep_resumes_skipping_finished_points(killed_and_resumed):
     assert (out / "sweep_strategies_1_gamma.png").is_file()
     assert (out / "sweep_strategies_1_gamma.svg").is_file()
     assert (out / "sweep_attribution.png").is_file()
+    assert (out / "sweep_cost_over_balanced.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in (out / "sweep_cost_over_balanced.svg").read_bytes()[:1000]
     # γ only moves the loss-free runs; the aux-loss runs are the same run twice.
     aux = table[table["strategy"] == "aux_loss"]
     assert aux["gpu_hours"].nunique() == 1

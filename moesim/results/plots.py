@@ -287,26 +287,39 @@ def write_wait_heatmap(gpus: pd.DataFrame, path: Path, max_bins: int = MAX_BINS)
 
 
 def write_expert_load_heatmap(experts: pd.DataFrame, path: Path, max_bins: int = MAX_BINS) -> Path:
-    """Write ``expert_load_heatmap.png``: each routed expert's load relative to the mean expert
+    """Write ``expert_load_heatmap.png`` (:func:`expert_load_figure`)."""
+    expert_load_figure(experts, max_bins).savefig(path, metadata={"Software": None})
+    return path
+
+
+def expert_load_figure(experts: pd.DataFrame, max_bins: int = MAX_BINS) -> Figure:
+    """The expert-load heatmap: each routed expert's load relative to the mean expert
     (``expert_load_matrix``) at each sampled step, one panel per strategy, on one diverging
     colour scale centred at 1 (red: overloaded, blue: underloaded). The balanced-routing
     reference is left out: its load is even by construction. More than ``max_bins`` experts
-    are averaged in bins of consecutive experts."""
+    are averaged in bins of consecutive experts.
+
+    The rows of a redundant-expert run (``<strategy>+eplb``) are physical expert slots, not
+    experts: each EP rank holds its experts plus ``eplb.redundant_per_rank`` replicas (72 slots
+    for 64 experts on 8 ranks with one each), and which expert a slot hosts changes with the
+    layer and with each re-placement, so those panels are labelled by slot."""
     strategies = [s for s in pd.unique(experts["strategy"]) if s != BALANCED]
     data = {name: expert_load_matrix(experts, name) for name in strategies}
     peak = max([float(np.nanmax(m, initial=1.0)) for m, _ in data.values()] or [2.0])
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max(2.0, peak))
     widths = [max(2, len(steps)) for _, steps in data.values()] or [1]
     fig = _figure(figsize=(1.8 + 2.6 * max(1, len(strategies)), 4.4), dpi=120, layout="constrained")
+    rows = {name: len(m) for name, (m, _) in data.items()}
+    experts_n = min(rows.values(), default=0)  # the static placement: one row per expert
+    same_rows = len(set(rows.values())) <= 1
     axes = fig.subplots(
         1,
         max(1, len(strategies)),
         squeeze=False,
-        sharey=True,
+        sharey=same_rows,
         gridspec_kw={"width_ratios": widths},
     )
     mesh = None
-    size = 1
     for c, name in enumerate(strategies):
         ax = axes[0, c]
         matrix, steps = data[name]
@@ -316,14 +329,18 @@ def write_expert_load_heatmap(experts: pd.DataFrame, path: Path, max_bins: int =
         ax.set_ylim(edges[-1], edges[0])
         _step_ticks(ax, steps)
         ax.set_title(name, fontsize=9)
-    axes[0, 0].set_ylabel("routed expert" + ("" if size == 1 else f" (mean of {size} per row)"))
+        if rows[name] > experts_n:
+            what = f"physical expert slot ({rows[name]} slots for {experts_n} experts)"
+        else:
+            what = "routed expert"
+        if c == 0 or not same_rows:
+            ax.set_ylabel(what + ("" if size == 1 else f" (mean of {size} per row)"))
     if mesh is not None:
         fig.colorbar(
             mesh, ax=axes[0, :].tolist(), label="tokens / mean tokens per expert", fraction=0.04
         )
     fig.suptitle("Expert load over training (all MoE layers and replicas summed)")
-    fig.savefig(path, metadata={"Software": None})
-    return path
+    return fig
 
 
 def write_all(
@@ -379,12 +396,25 @@ def plot_sweep(table: pd.DataFrame, key: str, column: str, ylabel: str, ax: Axes
     others = [k for k in _varied(table) if k != key]
     values = list(pd.unique(table[key]))
     numeric = all(_is_number(v) for v in values)
-    for group, df in table.groupby(["strategy", *others], sort=False):
+    groups = table.groupby(["strategy", *others], sort=False)
+    # A random design (or a zip) varies every key at every point: no two points share the
+    # other keys' values, so there is no line to draw; one scatter per strategy instead.
+    scatter = bool(others) and groups.size().max() == 1
+    if scatter:
+        groups = table.groupby(["strategy"], sort=False)
+    for group, df in groups:
         names = group if isinstance(group, tuple) else (group,)
-        pairs = zip(others, names[1:], strict=True)
+        pairs = zip(others, names[1:], strict=False)
         label = ", ".join([str(names[0]), *(f"{k}={v}" for k, v in pairs)])
         x = df[key].astype(float) if numeric else df[key].map(values.index)
-        y, lo, hi = _headline(df, column)
+        order = np.argsort(np.asarray(x, dtype=float), kind="stable")
+        x = x.iloc[order]
+        y, lo, hi = (None if v is None else v.iloc[order] for v in _headline(df, column))
+        assert y is not None
+        if scatter:
+            yerr = None if lo is None or hi is None else np.vstack([y - lo, hi - y])
+            ax.errorbar(x, y, yerr=yerr, fmt="o", markersize=4, capsize=3, label=label)
+            continue
         (line,) = ax.plot(x, y, marker="o", markersize=4, label=label)
         if lo is not None and hi is not None:
             ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
@@ -432,27 +462,72 @@ def plot_sweep_attribution(table: pd.DataFrame, ax: Axes) -> Axes:
     return ax
 
 
+def plot_sweep_cost_over_balanced(
+    timelines: dict[str, pd.DataFrame], labels: dict[str, str], ax: Axes
+) -> Axes:
+    """Cumulative cost over the same run under perfectly balanced routing (``cost_usd −
+    balanced_cost_usd``: what imbalance and stragglers cost so far) against tokens trained,
+    one line per point and strategy. ``timelines`` are the points' ``timeline`` tables by point
+    name and ``labels`` their varied values as text."""
+    for point, df in timelines.items():
+        for strategy, rows in df.groupby("strategy", sort=False):
+            x = [0.0, *(rows["tokens"] / units.GIGA)]
+            extra = rows["cost_usd"] - rows["balanced_cost_usd"]
+            ax.plot(
+                x, [0.0, *extra], marker="o", markersize=2, label=f"{labels[point]}, {strategy}"
+            )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("tokens trained (billions)")
+    ax.set_ylabel("cost over balanced routing (USD)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def _save_png_svg(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """``stem.png`` and ``stem.svg`` without the software and date stamps (same bytes for the
+    same figure)."""
+    written = []
+    for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
+        path = out_dir / f"{stem}{suffix}"
+        fig.savefig(path, metadata=meta)
+        written.append(path)
+    return written
+
+
 def write_sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
     """For each varied key of a sweep table, ``sweep_<key>.png`` and ``.svg``: GPU-hours and
-    cost against that key, side by side (:func:`plot_sweep`); and ``sweep_attribution.png``
-    and ``.svg``: every point's GPU-hours by cause (:func:`plot_sweep_attribution`)."""
+    cost against that key, side by side (:func:`plot_sweep`); ``sweep_attribution.png`` and
+    ``.svg``: every point's GPU-hours by cause (:func:`plot_sweep_attribution`); and
+    ``sweep_cost_over_balanced.png`` and ``.svg``: every point's cost over balanced routing
+    against tokens (:func:`plot_sweep_cost_over_balanced`), from the timelines of the point
+    directories ``out_dir/<point>`` (points without one are left out)."""
     written = []
+    keys = _varied(table)
+    timelines = {}
+    labels = {}
+    for point, rows in table.groupby("point", sort=False):
+        path = out_dir / str(point) / "timeline.parquet"
+        if path.is_file():
+            timelines[str(point)] = pd.read_parquet(path)
+            first = rows.iloc[0]
+            labels[str(point)] = ", ".join(f"{k.rsplit('.', 1)[-1]}={first[k]}" for k in keys)
+    if timelines:
+        fig = _figure(figsize=(10.0, 4.8), dpi=120, layout="constrained")
+        ax = fig.subplots()
+        plot_sweep_cost_over_balanced(timelines, labels, ax)
+        ax.set_title("Cost over balanced routing, every point")
+        written += _save_png_svg(fig, out_dir, "sweep_cost_over_balanced")
     fig = _figure(figsize=(3.0 + 1.0 * len(table), 5.2), dpi=120, layout="constrained")
     ax = fig.subplots()
     plot_sweep_attribution(table, ax)
     ax.set_title("GPU-hours by cause, per point and strategy")
-    for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
-        path = out_dir / f"sweep_attribution{suffix}"
-        fig.savefig(path, metadata=meta)
-        written.append(path)
-    for key in _varied(table):
+    written += _save_png_svg(fig, out_dir, "sweep_attribution")
+    for key in keys:
         fig = _figure(figsize=(11.0, 4.2), dpi=120, layout="constrained")
         axes = fig.subplots(1, len(SWEEP_METRICS), squeeze=False)[0]
         for ax, (column, ylabel) in zip(axes, SWEEP_METRICS, strict=True):
             plot_sweep(table, key, column, ylabel, ax)
         fig.suptitle(f"GPU-hours and cost against {key}")
-        for suffix, meta in ((".png", {"Software": None}), (".svg", {"Date": None})):
-            path = out_dir / f"{sweep_plot_name(key)}{suffix}"
-            fig.savefig(path, metadata=meta)
-            written.append(path)
+        written += _save_png_svg(fig, out_dir, sweep_plot_name(key))
     return written

@@ -188,3 +188,80 @@ def test_write_all_writes_every_plot(tmp_path):
     for p in written:
         assert p.parent == tmp_path
         assert p.stat().st_size > 0
+
+
+def test_eplb_heatmap_rows_are_labelled_as_physical_slots():
+    """A redundant-expert run has more rows (slots) than there are experts: its panel says so."""
+    static = experts_frame(ep=4, per_rank=4)  # 16 experts
+    eplb = experts_frame(ep=4, per_rank=5)  # 20 slots: one redundant per rank
+    eplb = eplb[eplb["strategy"] == "loss_free"].assign(strategy="loss_free+eplb")
+    fig = plots.expert_load_figure(pd.concat([static, eplb], ignore_index=True))
+    labels = {ax.get_title(): ax.get_ylabel() for ax in fig.axes if ax.get_title()}
+    assert labels["loss_free"] == "routed expert"
+    assert labels["loss_free+eplb"] == "physical expert slot (20 slots for 16 experts)"
+
+
+def _sweep_table(tmp_path, points: int, seeds: bool) -> pd.DataFrame:
+    """A sweep table of a random design over two keys (every point differs in both), with a
+    timeline in each point's directory."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(points):
+        gamma, price = float(10 ** rng.uniform(-5, -2)), float(rng.uniform(2, 5))
+        name = f"point-{i:012d}"
+        timeline = []
+        for strategy in ("aux_loss", "loss_free"):
+            hours = 100.0 + 10 * i + (strategy == "loss_free")
+            row = {"point": name, "gamma": gamma, "price": price, "strategy": strategy}
+            row |= {"gpu_hours": hours, "cost_usd": hours * price}
+            row |= {f"attribution_{c}_gpu_hours": hours / 2 for c in ("compute", "failures")}
+            if seeds:
+                for column in ("gpu_hours", "cost_usd"):
+                    row |= {f"{column}_p10": row[column] * 0.9, f"{column}_p50": row[column]}
+                    row |= {f"{column}_p90": row[column] * 1.1}
+            rows.append(row)
+            for p, tokens in enumerate((1e9, 2e9)):
+                timeline.append(
+                    {
+                        "strategy": strategy,
+                        "point": p,
+                        "tokens": tokens,
+                        "cost_usd": hours * price * (p + 1) / 2,
+                        "balanced_cost_usd": 90 * price * (p + 1) / 2,
+                    }
+                )
+        (tmp_path / name).mkdir()
+        pd.DataFrame(timeline).to_parquet(tmp_path / name / "timeline.parquet")
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seeds", [False, True])
+def test_sweep_plots_are_written_for_a_random_design(tmp_path, seeds):
+    table = _sweep_table(tmp_path, points=5, seeds=seeds)
+    written = plots.write_sweep_plots(table, tmp_path)
+    names = {p.name for p in written}
+    for stem in ("sweep_gamma", "sweep_price", "sweep_attribution", "sweep_cost_over_balanced"):
+        assert {f"{stem}.png", f"{stem}.svg"} <= names
+    for path in written:
+        assert path.stat().st_size > 1000
+    # Every point differs in both keys: one scatter per strategy, not one line per point.
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    plots.plot_sweep(table, "gamma", "gpu_hours", "GPU-hours", ax)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["aux_loss", "loss_free"]
+
+
+def test_cost_over_balanced_has_one_line_per_point_and_strategy(tmp_path):
+    table = _sweep_table(tmp_path, points=3, seeds=False)
+    timelines = {p: pd.read_parquet(tmp_path / p / "timeline.parquet") for p in table["point"]}
+    labels = dict.fromkeys(timelines, "x")
+    from matplotlib.figure import Figure
+
+    ax = Figure().subplots()
+    plots.plot_sweep_cost_over_balanced(timelines, labels, ax)
+    lines = [line for line in ax.get_lines() if len(line.get_xdata()) == 3]
+    assert len(lines) == 3 * 2
+    first = table.iloc[0]  # from the origin to the last point's cost minus its balanced cost
+    assert lines[0].get_ydata()[0] == 0.0
+    assert lines[0].get_ydata()[-1] == pytest.approx((first["gpu_hours"] - 90) * first["price"])
