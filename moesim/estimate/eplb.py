@@ -99,4 +99,5 @@ def eplb_step(
         extra_wall_s=move.seconds * static.segment_steps / every,
         healthy_step_time_s=healthy,
         gate_record=static.gate_record,
+        balanced_step_time_s=static.balanced_step_time_s,  # the same kept work
     )

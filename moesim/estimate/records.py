@@ -57,6 +57,10 @@ class SimulatedStep:
     """The same step on healthy hardware (set when hardware stragglers are on)."""
     gate_record: dict[str, float] | None = None
     """The gate's record of the last update at or before ``step`` (None without a gate)."""
+    balanced_step_time_s: float | None = None
+    """The step with this sample's kept work perfectly balanced
+    (:func:`moesim.gate.balanced_like`; set when the router drops tokens, None otherwise: the
+    run's balanced reference step stands for every step)."""
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from moesim.estimate.routing import routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import integrate, scenario_points
-from moesim.gate import balanced_sample
+from moesim.gate import balanced_like, balanced_sample
 from moesim.scenario.schema import Scenario
 
 
@@ -128,6 +128,14 @@ def _estimate_run(
                 point_hw,
                 recorder,
             )
+            kept_balanced = None
+            if scenario.router.capacity is not None:
+                # A step that dropped tokens is compared with its own kept work balanced, not
+                # with the full work: imbalance is how the work is spread, not how much.
+                like = balanced_like(sample)
+                kept_balanced = simulate_step(
+                    step_ctx, like.counts, like.dest_tokens, node_tokens=like.node_tokens
+                ).step_time_s
             static = SimulatedStep(
                 name,
                 i,
@@ -138,6 +146,7 @@ def _estimate_run(
                 sample.counts.sum(axis=(1, 2)),
                 healthy_step_time_s=healthy,
                 gate_record=source.record_at(step),
+                balanced_step_time_s=kept_balanced,
             )
             simulated.append(static)
             if scenario.eplb.enabled:

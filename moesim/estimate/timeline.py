@@ -126,7 +126,11 @@ def integrate(
         balanced_wall = 0.0
         steps_done = 0
         for s in rows:
-            balanced_time = balanced_step_s[sc.micro_batches_at(s.step)]
+            balanced_time = (
+                s.balanced_step_time_s
+                if s.balanced_step_time_s is not None
+                else balanced_step_s[sc.micro_batches_at(s.step)]
+            )
             wall += s.segment_steps * s.result.step_time_s + s.extra_wall_s
             balanced_wall += s.segment_steps * balanced_time
             steps_done += s.segment_steps

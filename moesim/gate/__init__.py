@@ -33,6 +33,7 @@ from moesim.gate.metrics import (
 from moesim.gate.router import CapacitySpec, RouterState, Routing, capacity_kept, route
 from moesim.gate.sample import RoutingSample
 from moesim.gate.sampling import (
+    balanced_like,
     balanced_sample,
     gate_layer_map,
     gate_layer_of,
@@ -52,6 +53,7 @@ __all__ = [
     "Routing",
     "RoutingSample",
     "TokenStream",
+    "balanced_like",
     "balanced_sample",
     "capacity_kept",
     "dead_experts",

@@ -455,8 +455,43 @@ def uniform_reach(
     return 1.0 - miss
 
 
+def _even_split(totals: npt.NDArray[np.int64], parts: int) -> npt.NDArray[np.int64]:
+    """Each of ``totals`` split into ``parts`` integers as evenly as possible (the remainder
+    one each to the first parts); a new last axis of length ``parts``."""
+    base, remainder = np.divmod(totals, parts)
+    return base[..., None] + (np.arange(parts) < remainder[..., None])
+
+
+def balanced_like(sample: RoutingSample) -> RoutingSample:
+    """``sample``'s kept work, perfectly balanced: in every (layer, micro-batch, source) cell
+    the same kept assignments spread evenly over the experts, and the same distinct tokens
+    spread evenly over the destination ranks and nodes.
+
+    The reference for a routed sample that dropped tokens (``router.capacity``): against the
+    full-work :func:`balanced_sample`, a step that dropped a quarter of its assignments looks
+    faster than balanced routing, and routing imbalance would come out negative. Against this
+    one the routed step differs only in how its work is spread. Its ``dropped_fraction`` is the
+    sample's; its MaxVio is 0.
+    """
+    counts = _even_split(sample.counts.sum(axis=-1), sample.counts.shape[-1])
+    dest = _even_split(sample.dest_tokens.sum(axis=-1), sample.dest_tokens.shape[-1])
+    node = _even_split(sample.node_tokens.sum(axis=-1), sample.node_tokens.shape[-1])
+    per_expert = counts.sum(axis=(0, 1, 2))
+    metrics = {
+        **{k: 0.0 for k in ("maxvio_batch", "maxvio_micro", "maxvio_compute_batch", "cv_batch")},
+        "rank_maxvio_micro": 0.0,
+        "dead_experts": float(dead_experts(per_expert)),
+        "dropped_fraction": float(sample.metrics.get("dropped_fraction", 0.0)),
+        "nodes_per_token": float(sample.metrics.get("nodes_per_token", 0.0)),
+    }
+    return RoutingSample(
+        step=sample.step, counts=counts, dest_tokens=dest, metrics=metrics, node_tokens=node
+    )
+
+
 def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> RoutingSample:
-    """The perfectly balanced reference sample.
+    """The perfectly balanced reference sample (of routing that drops nothing; see
+    :func:`balanced_like` for the reference of a sample that dropped tokens).
 
     Every (layer, micro-batch, source) cell holds ``T = micro_batch_size · seq_len`` tokens whose
     ``T·k`` assignments are split as evenly as integers allow (the remainder, fewer than ``E``,
