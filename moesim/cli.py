@@ -74,8 +74,9 @@ def _cell(values: dict[str, Any], key: Any, fmt: Any) -> str:
 
 
 def format_summary(summary: dict[str, dict[str, Any]]) -> str:
-    """The per-strategy summary as an aligned text table. With several seeds the step time,
-    GPU-hours and cost show the median over seeds with its P10–P90 range."""
+    """The per-strategy summary as an aligned text table. With several seeds the banded
+    columns (step time, GPU-hours, cost, task loss) show their P50 over seeds with its P10–P90
+    range; the P50 of GPU-hours and cost is the headline seed's own value."""
     header = ["strategy", *(label for _, label, _ in SUMMARY_COLUMNS)]
     rows = [
         [name, *(_cell(values, key, fmt) for key, _, fmt in SUMMARY_COLUMNS)]
@@ -92,7 +93,15 @@ def format_summary(summary: dict[str, dict[str, Any]]) -> str:
     lines = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
     seeds = max((values.get("seeds") or 1 for values in summary.values()), default=1)
     if seeds > 1:
-        lines.append(f"\nP50 over {seeds} seeds (P10–P90 in brackets)")
+        picked = ", ".join(
+            f"{name} {values['headline_seed']}"
+            for name, values in summary.items()
+            if values.get("headline_seed") is not None
+        )
+        lines.append(
+            f"\nP50 over {seeds} seeds (P10–P90 in brackets); each row is the run of its "
+            f"median-GPU-hours seed ({picked})"
+        )
     return "\n".join(lines)
 
 
