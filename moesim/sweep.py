@@ -181,7 +181,7 @@ def random_axes(spec: Any, where: str = "random") -> list[Axis]:
         integers = isinstance(low, int) and isinstance(high, int)
         values: list[Any]
         if integers and not log:  # every integer equally likely, both ends included
-            values = [int(v) for v in rng.integers(low, high + 1, size=points)]
+            values = [int(v) for v in rng.integers(int(low), int(high) + 1, size=points)]
         else:
             u = rng.random(points)
             span = (np.log(low), np.log(high)) if log else (low, high)

@@ -253,7 +253,8 @@ def test_random_design_is_deterministic_and_in_range(tmp_path):
         "    router.score: [sigmoid, softmax]\n"
     )
     grid, zipped, sets = load_design(path)
-    assert grid == [("cluster.nodes", [2, 4])] and sets == []
+    assert grid == [("cluster.nodes", [2, 4])]
+    assert sets == []
     again = load_design(path)[1]
     assert zipped == again  # same seed, same points
     values = dict(zipped)

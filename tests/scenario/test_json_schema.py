@@ -49,7 +49,8 @@ def test_exponent_floats_load_as_numbers():
     """YAML 1.2 floats: PyYAML's YAML 1.1 rules would read these as strings."""
     doc = parse_yaml("a: 5e9\nb: 14.8e12\nc: -1E-4\nd: 1.5\ne: '5e9'\nf: 12\n")
     assert doc == {"a": 5e9, "b": 14.8e12, "c": -1e-4, "d": 1.5, "e": "5e9", "f": 12}
-    assert isinstance(doc["a"], float) and isinstance(doc["f"], int)
+    assert isinstance(doc["a"], float)
+    assert isinstance(doc["f"], int)
 
 
 def test_gpu_presets_by_name_and_with_overrides(validator):
