@@ -153,9 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-SWEEP_COLUMNS = (
-    ("gpu_hours", "GPU-hours", "{:,.4g}"),
-    ("cost_usd", "cost $", "{:,.4g}"),
+SWEEP_COLUMNS: tuple[tuple[str, str, Any], ...] = (
+    ("gpu_hours", "GPU-hours", _sig),
+    ("cost_usd", "cost $", _sig),
     ("step_time_s", "step s", "{:.4g}"),
     ("maxvio_batch", "MaxVio", "{:.3f}"),
 )
@@ -170,7 +170,8 @@ def format_sweep(table: Any, keys: list[str]) -> str:
         cells = [str(r[k]) for k in keys] + [str(r["strategy"])]
         for key, _, fmt in SWEEP_COLUMNS:
             value = r.get(f"{key}_p50", r[key]) if f"{key}_p50" in r else r[key]
-            cells.append("–" if value is None or value != value else fmt.format(value))
+            text = fmt if callable(fmt) else fmt.format
+            cells.append("–" if value is None or value != value else text(value))
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join(
@@ -218,9 +219,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _band(value: float, lo: float, hi: float, fmt: str) -> str:
-    text = fmt.format(value)
-    return text if lo == hi else f"{text} ({fmt.format(lo)}–{fmt.format(hi)})"
+def _band(value: float, lo: float, hi: float) -> str:
+    return _sig(value) if lo == hi else f"{_sig(value)} ({_sig(lo)}–{_sig(hi)})"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -234,8 +234,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         [
             str(r["run"]),
             str(r["strategy"]),
-            _band(gpu[i], gpu_lo[i], gpu_hi[i], "{:,.4g}"),
-            _band(cost[i], cost_lo[i], cost_hi[i], "{:,.4g}"),
+            _band(gpu[i], gpu_lo[i], gpu_hi[i]),
+            _band(cost[i], cost_lo[i], cost_hi[i]),
             "–"
             if r["gpu_hours_vs_first"] != r["gpu_hours_vs_first"]
             else f"{r['gpu_hours_vs_first'] - 1:+.2%}",

@@ -7,9 +7,12 @@ initialisation, the engine's routing samples, hardware straggler draws and the f
 cores, keeping only their summaries and timelines) and reports the P10 / P50 / P90 of step time,
 GPU-hours and cost per strategy, and bands around the GPU-hour and cost curves.
 
-P10 and P90 use NumPy's default linear interpolation; P50 is the lower median (with an even
-number of seeds, the lower of the two middle values: a value one seed gave, not the mean of
-two); with one seed the three coincide.
+Every percentile is a value one seed gave, never an interpolation between two: P50 is the lower
+median (with an even number of seeds, the lower of the two middle values), P10 rounds down and
+P90 rounds up to the nearest seed (NumPy's ``lower`` and ``higher`` methods), so the band holds
+the headline run even with two seeds (where linear interpolation would put P10 and P90 strictly
+between them, excluding both). With ten seeds or fewer the band is the seeds' whole range; with
+one seed the three coincide.
 
 The headline. Each strategy's summary and timeline are those of one seed, its *headline
 seed*: the seed of median GPU-hours (the lower median, as P50; ties go to the lower seed), so
@@ -103,9 +106,9 @@ def estimate_with_bands(
 
 
 def _percentiles(values: list[float]) -> tuple[float, ...]:
-    """P10, P50, P90 of ``values``: P50 the lower median (see the module)."""
+    """P10, P50, P90 of ``values``, each one of the values (see the module)."""
     return tuple(
-        float(np.percentile(values, q, method="lower" if q == 50 else "linear"))
+        float(np.percentile(values, q, method="higher" if q > 50 else "lower"))
         for q in PERCENTILES
     )
 

@@ -24,10 +24,9 @@ def test_percentiles_are_ordered_and_reproducible(tiny_dict):
         p10, p50, p90 = s.percentiles[key]
         assert p10 <= p50 <= p90
     # A worker's seed gives what that seed gives in this process (same seed, same result).
-    # With three values a ≤ b ≤ c, linear interpolation gives P10 = a + 0.2(b − a), P50 = b,
-    # P90 = b + 0.8(c − b): recover the three and find this seed's among them.
-    p10, b, p90 = s.percentiles["gpu_hours"]
-    values = (b - (b - p10) / 0.2, b, b + (p90 - b) / 0.8)
+    # Every percentile is one seed's value; with three seeds P10, P50 and P90 are all three.
+    values = s.percentiles["gpu_hours"]
+    p10, p90 = values[0], values[2]
     again = estimate_run(sc.model_copy(update={"seed": sc.seed + 2}))
     assert min(abs(again.summary["aux_loss"].gpu_hours - v) for v in values) < 1e-12
     # Different seeds give different routing, so the band has width.

@@ -47,3 +47,23 @@ def test_several_seeds_show_the_band_and_the_headline_seed():
     assert "0.003354 (0.003348–0.00336)" in table
     assert "P50 over 4 seeds" in table
     assert "median-GPU-hours seed (aux_loss 6)" in table
+
+
+def test_large_and_small_amounts_in_the_sweep_and_compare_tables():
+    import pandas as pd
+
+    from moesim.cli import _band, format_sweep
+
+    table = pd.DataFrame(
+        [
+            {"point": "p", "x": 1, "strategy": "a", "gpu_hours": 2_788_000.0},
+            {"point": "q", "x": 2, "strategy": "a", "gpu_hours": 0.001677},
+        ]
+    ).assign(cost_usd=lambda d: d["gpu_hours"] * 2, step_time_s=1.0, maxvio_batch=0.1)
+    text = format_sweep(table, ["x"])
+    assert "2,788,000" in text  # not 2.788e+06
+    assert "5,576,000" in text
+    assert "0.001677" in text
+    assert "0.003354" in text
+    assert _band(1_234_567.0, 1_000_000.0, 1_500_000.0) == "1,234,567 (1,000,000–1,500,000)"
+    assert _band(0.5, 0.5, 0.5) == "0.5"
