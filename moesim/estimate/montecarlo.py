@@ -108,8 +108,7 @@ def estimate_with_bands(
 def _percentiles(values: list[float]) -> tuple[float, ...]:
     """P10, P50, P90 of ``values``, each one of the values (see the module)."""
     return tuple(
-        float(np.percentile(values, q, method="higher" if q > 50 else "lower"))
-        for q in PERCENTILES
+        float(np.percentile(values, q, method="higher" if q > 50 else "lower")) for q in PERCENTILES
     )
 
 
