@@ -397,9 +397,9 @@ def plot_sweep(table: pd.DataFrame, key: str, column: str, ylabel: str, ax: Axes
     values = list(pd.unique(table[key]))
     numeric = all(_is_number(v) for v in values)
     groups = table.groupby(["strategy", *others], sort=False)
-    # A random design (or a zip) varies every key at every point: no two points share the
-    # other keys' values, so there is no line to draw; one scatter per strategy instead.
-    scatter = bool(others) and groups.size().max() == 1
+    # A line needs the key's every value at fixed values of the other keys, as in a grid. A
+    # random design (or a zip) varies every key at every point: one scatter per strategy.
+    scatter = bool(others) and bool((groups.size() != len(values)).any())
     if scatter:
         groups = table.groupby(["strategy"], sort=False)
     for group, df in groups:
