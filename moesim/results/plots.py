@@ -337,7 +337,10 @@ def expert_load_figure(experts: pd.DataFrame, max_bins: int = MAX_BINS) -> Figur
             ax.set_ylabel(what + ("" if size == 1 else f" (mean of {size} per row)"))
     if mesh is not None:
         fig.colorbar(
-            mesh, ax=axes[0, :].tolist(), label="tokens / mean tokens per expert", fraction=0.04
+            mesh,
+            ax=axes[0, :].tolist(),
+            label="tokens / mean tokens per expert (or slot)",
+            fraction=0.04,
         )
     fig.suptitle("Expert load over training (all MoE layers and replicas summed)")
     return fig
