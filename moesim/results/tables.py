@@ -4,7 +4,9 @@ Tables (each becomes ``<name>.parquet`` in the run directory):
 
 - ``timeline``: per strategy and sampled point — tokens trained, step time, cumulative wall
   time, GPU-hours and cost, MFU, MaxVio, task loss (the fields of
-  :class:`~moesim.estimate.TimelineRow`).
+  :class:`~moesim.estimate.TimelineRow`); with several seeds, each strategy's rows are those of
+  its headline seed (``headline_seed`` in ``summary.json``), while the per-step tables below
+  are the scenario's own seed's.
 - ``bands``: per strategy and sampled point — P10/P50/P90 over seeds of cumulative GPU-hours
   and cost (``uncertainty.seeds``; the fields of :class:`~moesim.estimate.BandRow`).
 - ``gate``: per strategy and gate update — MaxVio_batch, task loss, aux loss, teacher capture.
