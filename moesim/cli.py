@@ -276,7 +276,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from moesim.scenario.json_schema import scenario_json_schema
 
-    print(json.dumps(scenario_json_schema(), indent=2))
+    try:
+        print(json.dumps(scenario_json_schema(), indent=2), flush=True)
+    except BrokenPipeError:  # `moesim schema | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     return 0
 
 

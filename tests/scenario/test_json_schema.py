@@ -75,3 +75,17 @@ def test_wrong_values_are_refused(validator, path, value):
     doc = _raw(ROOT / "scenarios" / "quickstart.yaml")
     doc[path[0]][path[1]] = value
     assert not validator.is_valid(doc)
+
+
+def test_schema_piped_into_a_short_reader_ends_quietly():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", "import sys; from moesim.cli import main; sys.exit(main())"]
+    schema = subprocess.Popen([*cmd, "schema"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert schema.stdout is not None
+    schema.stdout.read(10)
+    schema.stdout.close()  # like `| head -c 10`; the schema outgrows a 64 KiB pipe buffer
+    _, err = schema.communicate(timeout=60)
+    assert schema.returncode == 0
+    assert err == b""
