@@ -12,8 +12,9 @@ instead of ``zip:``::
       seed: 1          # the same seed draws the same points
       vary:
         strategies[1].gamma: {low: 1e-5, high: 1e-2, log: true}   # log-uniform
-        cluster.price_usd_per_gpu_hour: {low: 2, high: 5}          # integers: uniform integers
-        router.score: [sigmoid, softmax]                           # a choice
+        cluster.price_usd_per_gpu_hour: {low: 2.0, high: 5.0}      # uniform
+        parallelism.micro_batch_size: {low: 1, high: 2}            # integer bounds: integers
+        router.normalize: [true, false]                            # a choice
 
 (:func:`random_axes`): its points vary together like zipped lists, crossed with the grid.
 

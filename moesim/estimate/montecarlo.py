@@ -16,10 +16,10 @@ one seed the three coincide.
 
 The headline. Each strategy's summary and timeline are those of one seed, its *headline
 seed*: the seed of median GPU-hours (the lower median, as P50; ties go to the lower seed), so
-the headline GPU-hours and cost are their P50. Every scalar
-of the summary then comes from one run and stays consistent with the others, and since step
-time, GPU-hours, cost (with and without failures), tokens/s and MFU all follow the run's wall
-time, each lies inside its P10–P90 band. The measures of the gate's last window (task loss and
+the headline GPU-hours and cost are their P50. Every scalar of the summary then comes from one
+run and stays consistent with the others, and since step time, GPU-hours, cost (with and
+without failures), tokens/s and MFU all follow the run's wall time, each lies inside its
+P10–P90 band. The measures of the gate's last window (task loss and
 the window's MaxVio) do not follow the wall time, so the summary gives them as the P50 of their
 bands. The per-step tables and the trace of the run directory stay those of the scenario's own
 seed (the only one kept in full); ``headline_seed`` in the summary says which seed the headline
