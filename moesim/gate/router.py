@@ -399,7 +399,8 @@ def top_k_indices(values: FloatArray, k: int) -> npt.NDArray[np.int64]:
     -------
     ndarray, shape (T, k), int64
         In no particular order. Every selected value is ``≥`` every unselected one in its row;
-        exact ties are resolved deterministically by :func:`numpy.argpartition`.
+        of exactly equal values at a row's threshold the lower indices are selected (a rule the
+        compiled load counts of :mod:`moesim.gate.kernels` follow too).
     """
     n_cols = values.shape[1]
     if not 1 <= k <= n_cols:
@@ -407,7 +408,15 @@ def top_k_indices(values: FloatArray, k: int) -> npt.NDArray[np.int64]:
     if k == n_cols:
         return np.broadcast_to(np.arange(n_cols, dtype=np.int64), values.shape).copy()
     part = np.argpartition(values, n_cols - k, axis=1)
-    return np.ascontiguousarray(part[:, n_cols - k :], dtype=np.int64)
+    chosen = np.ascontiguousarray(part[:, n_cols - k :], dtype=np.int64)
+    # A row with more than k values at or above its k-th largest has a tie at the threshold,
+    # which argpartition breaks arbitrarily: those rows take the stable order instead.
+    threshold = np.take_along_axis(values, part[:, n_cols - k, None], axis=1)
+    if int(np.count_nonzero(values >= threshold)) != values.shape[0] * k:
+        rows = np.flatnonzero(np.count_nonzero(values >= threshold, axis=1) != k)
+        order = np.argsort(-values[rows], axis=1, kind="stable")
+        chosen[rows] = order[:, :k]
+    return chosen
 
 
 def top_k_mask(values: FloatArray, k: int) -> npt.NDArray[np.bool_]:

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.gate.balancing import (
     BalanceContext,
     BalancingStrategy,
@@ -217,13 +218,20 @@ class _Adam:
         """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
         reused, the update computed in place (a coarsened gate's bias steps)."""
         self.t += 1
+        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
+        root = math.sqrt(1 - _BETA2**self.t)
+        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
+        if kernels.ENABLED and weights.flags.c_contiguous:
+            # The same float32 operations as below, in one pass without temporaries.
+            kernels.adam_repeat(
+                weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2,
+                _EPS * root, step_size,
+            )  # fmt: skip
+            return
         self.m *= _BETA1
         self.m += self._first
         self.v *= _BETA2
         self.v += self._second
-        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
-        root = math.sqrt(1 - _BETA2**self.t)
-        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
         buffer = np.sqrt(self.v, out=self._buffer)
         buffer += np.float32(_EPS * root)
         np.divide(self.m, buffer, out=buffer)
@@ -629,6 +637,23 @@ class _BiasSteps:
                     adam.repeat(state.weights)
             return
         assert self.counter is not None
+        if kernels.ENABLED:
+            # The counter's loads in one compiled pass per sub-batch (the bias applied there).
+            options, starts = self.options, self.counter.starts
+            for state, layer_scores in zip(states, scores, strict=True):
+                for r in range(n):
+                    loads = kernels.routed_counts(
+                        layer_scores[r * size : (r + 1) * size],
+                        state.bias,
+                        state.bias_mode == "mul",
+                        options["top_k"],
+                        options["n_groups"],
+                        options["group_topk"],
+                        starts,
+                    )
+                    counts = loads[0] if starts is None else loads
+                    balancer.after_step(state, counts, block.trained[r])
+            return
         for state, layer_scores in zip(states, scores, strict=True):
             for r in range(n):
                 selection = layer_scores[r * size : (r + 1) * size]

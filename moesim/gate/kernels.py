@@ -1,0 +1,232 @@
+"""Compiled loops for the coarsened gate's bias steps (numba), each with a NumPy twin.
+
+Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
+computes — the kernels only remove the temporaries and per-call overheads that dominate at the
+bias steps' small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
+test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
+
+- :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
+  ``s·b``, group-limited top-k, per-group expert loads) fused into one pass per token: a running
+  top-``per_group`` per group, a running top-``group_topk`` of the groups and a running top-k
+  of the kept experts, counted at once. Exact ties go to the lower index, the rule of
+  :func:`moesim.gate.router.top_k_indices`.
+- :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
+  in one pass over the weights, with the same float32 operations in the same order.
+
+Both run only where numba imports (:data:`AVAILABLE`) and :data:`ENABLED` is set; the callers
+keep their NumPy path otherwise. Compiled code is cached on disk (``cache=True``), so a machine
+compiles each kernel once (about a second each).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; kept optional for portability
+    numba = None
+
+AVAILABLE = numba is not None
+# Off with MOESIM_GATE_KERNELS=numpy (the NumPy twins then run; results are the same).
+ENABLED = AVAILABLE and os.environ.get("MOESIM_GATE_KERNELS", "numba") != "numpy"
+
+
+def _jit(fn: Any) -> Any:
+    """Compiled without fast-math (no reassociation, no fused multiply-add), so that every
+    float32 operation rounds as NumPy's does."""
+    if numba is None:
+        return fn
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
+
+
+@_jit
+def _insert(values: Any, index: Any, filled: int, size: int, value: Any, at: int) -> int:
+    """Insert ``(value, at)`` into the descending run ``values[:filled]`` (at most ``size``
+    long); an equal value stays ahead, so the earlier index wins a tie. Returns the new
+    length."""
+    if filled == size and not value > values[size - 1]:
+        return filled
+    i = filled if filled < size else size - 1
+    while i > 0 and values[i - 1] < value:
+        values[i] = values[i - 1]
+        index[i] = index[i - 1]
+        i -= 1
+    values[i] = value
+    index[i] = at
+    return filled + 1 if filled < size else filled
+
+
+@_jit
+def _routed_counts(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    starts: Any,
+    counts: Any,
+) -> None:
+    n_tokens, n_experts = scores.shape
+    group_size = n_experts // n_groups
+    grouped = group_topk < n_groups
+    dtype = scores.dtype
+    selection = np.empty(n_experts, dtype=dtype)
+    # Each group's per_group largest values (descending), for per_group <= 2 kept branch-free.
+    first = np.empty(n_groups, dtype=dtype)
+    second = np.empty(n_groups, dtype=dtype)
+    tops = np.empty(per_group, dtype=dtype)
+    top_index = np.empty(per_group, dtype=np.int64)
+    group_score = np.empty(n_groups, dtype=dtype)
+    group_rank = np.empty(group_topk, dtype=dtype)
+    kept = np.empty(group_topk, dtype=np.int64)
+    keep = np.ones(n_groups, dtype=np.bool_)
+    candidates = np.empty(n_experts, dtype=np.int64)
+    best_values = np.empty(top_k, dtype=dtype)
+    best = np.empty(top_k, dtype=np.int64)
+    segment = 0
+    for t in range(n_tokens):
+        while segment + 1 < starts.size and t >= starts[segment + 1]:
+            segment += 1
+        if multiply:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] * bias[e]
+        else:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] + bias[e]
+        # floor: a value no larger than the token's k-th largest eligible selection score (the
+        # smallest of top_k eligible values), so that only values >= floor need ranking.
+        floor = -np.inf
+        if grouped:
+            if per_group <= 2:
+                for g in range(n_groups):
+                    first[g] = selection[g * group_size]
+                    second[g] = -np.inf
+                for j in range(1, group_size):
+                    for g in range(n_groups):  # independent chains, one per group
+                        value = selection[g * group_size + j]
+                        second[g] = max(second[g], min(first[g], value))
+                        first[g] = max(first[g], value)
+                for g in range(n_groups):
+                    # Largest first, as a sorted row is summed.
+                    group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
+            else:
+                for g in range(n_groups):
+                    filled = 0
+                    for e in range(g * group_size, (g + 1) * group_size):
+                        filled = _insert(tops, top_index, filled, per_group, selection[e], e)
+                    total = tops[0]
+                    for i in range(1, per_group):
+                        total += tops[i]
+                    group_score[g] = total
+            filled = 0
+            for g in range(n_groups):
+                filled = _insert(group_rank, kept, filled, group_topk, group_score[g], g)
+            keep[:] = False
+            for i in range(group_topk):
+                keep[kept[i]] = True
+            if per_group <= 2 and group_topk * per_group >= top_k:
+                floor = np.inf
+                for i in range(group_topk):
+                    g = kept[i]
+                    low = second[g] if per_group == 2 else first[g]
+                    floor = min(floor, low)
+        elif top_k < n_experts:
+            # The maxima of top_k disjoint runs of the row are top_k of its values.
+            floor = np.inf
+            for i in range(top_k):
+                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
+                peak = selection[lo]
+                for e in range(lo + 1, hi):
+                    peak = max(peak, selection[e])
+                floor = min(floor, peak)
+        # Eligible experts at or above the floor, in index order (branch-free compaction).
+        n_candidates = 0
+        for g in range(n_groups):
+            if keep[g]:
+                for e in range(g * group_size, (g + 1) * group_size):
+                    candidates[n_candidates] = e
+                    n_candidates += selection[e] >= floor
+        filled = 0
+        for i in range(n_candidates):
+            e = candidates[i]
+            filled = _insert(best_values, best, filled, top_k, selection[e], e)
+        for i in range(top_k):
+            counts[segment, best[i]] += 1
+
+
+def routed_counts(
+    scores: npt.NDArray[np.floating],
+    bias: npt.NDArray[np.floating],
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    starts: npt.NDArray[np.int64] | None = None,
+) -> npt.NDArray[np.int64]:
+    """Expert loads of the top-k selection on ``scores + bias`` (``scores·bias`` when
+    ``multiply``), group-limited when ``group_topk < n_groups``: shape (G, E) for the token
+    groups starting at ``starts`` (default one group starting at 0).
+
+    The values are those of :class:`moesim.gate.training.LoadCounter` on the selection scores
+    (whose ties take :func:`moesim.gate.router.select_experts`' choice: the lower index); the
+    scores must be finite (no NaN). ``scores`` and ``bias`` share one float dtype.
+    """
+    n_tokens, n_experts = scores.shape
+    limit = n_groups if group_topk is None else min(group_topk, n_groups)
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    if starts is None:
+        starts = np.zeros(1, dtype=np.int64)
+    counts = np.zeros((starts.size, n_experts), dtype=np.int64)
+    _routed_counts(
+        scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
+        per_group, starts, counts,
+    )  # fmt: skip
+    return counts
+
+
+@_jit
+def _adam_repeat(
+    weights: Any,
+    m: Any,
+    v: Any,
+    first: Any,
+    second: Any,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    step_size: Any,
+) -> None:
+    w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
+    f, s = first.ravel(), second.ravel()
+    for i in range(w.size):
+        mi = mm[i] * beta1 + f[i]
+        vi = vv[i] * beta2 + s[i]
+        mm[i] = mi
+        vv[i] = vi
+        w[i] -= (mi / (np.sqrt(vi) + eps)) * step_size
+
+
+def adam_repeat(
+    weights: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    first: npt.NDArray[np.float32],
+    second: npt.NDArray[np.float32],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+) -> None:
+    """In place, per element: ``m ← β1·m + first``, ``v ← β2·v + second``,
+    ``w ← w − (m / (√v + eps))·step_size`` — every operation in float32 (the scalars rounded to
+    float32 first), as ``moesim.gate.training._Adam.repeat`` does. All arrays C-contiguous and
+    of one shape."""
+    f32 = np.float32
+    _adam_repeat(weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size))
