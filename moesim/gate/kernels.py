@@ -90,6 +90,7 @@ def _routed_counts(
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
+    lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
@@ -102,12 +103,12 @@ def _routed_counts(
                 selection[e] = scores[t, e] + bias[e]
         # floor: a value no larger than the token's k-th largest eligible selection score (the
         # smallest of top_k eligible values), so that only values >= floor need ranking.
-        floor = -np.inf
+        floor = lowest
         if grouped:
             if per_group <= 2:
                 for g in range(n_groups):
                     first[g] = selection[g * group_size]
-                    second[g] = -np.inf
+                    second[g] = lowest
                 for j in range(1, group_size):
                     for g in range(n_groups):  # independent chains, one per group
                         value = selection[g * group_size + j]
@@ -132,14 +133,14 @@ def _routed_counts(
             for i in range(group_topk):
                 keep[kept[i]] = True
             if per_group <= 2 and group_topk * per_group >= top_k:
-                floor = np.inf
+                floor = highest
                 for i in range(group_topk):
                     g = kept[i]
                     low = second[g] if per_group == 2 else first[g]
                     floor = min(floor, low)
         elif top_k < n_experts:
             # The maxima of top_k disjoint runs of the row are top_k of its values.
-            floor = np.inf
+            floor = highest
             for i in range(top_k):
                 lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
                 peak = selection[lo]

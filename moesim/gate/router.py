@@ -753,6 +753,7 @@ def route(
     segments: int | Sequence[int] = 1,
     tokens_per_sequence: int | None = None,
     bias_mode: BiasMode | None = None,
+    reuse: Routing | None = None,
 ) -> Routing:
     """Route a batch of tokens (arXiv 2408.15664 Eq. 3; DeepSeek-V3, arXiv 2412.19437 §2.1.2;
     DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py;
@@ -793,6 +794,9 @@ def route(
         Select by ``s + b`` (``add``, arXiv 2408.15664 Eq. 3) or ``s·b`` (``mul``, arXiv 2408.15664
         Table 4);
         default ``state.bias_mode``. The bias steers selection only, in either mode.
+    reuse : Routing or None
+        A routing of the same ``x`` with the same weights (another bias, say): its logits and
+        scores are taken instead of computed again (the arrays are shared, not copied).
 
     Returns
     -------
@@ -800,8 +804,11 @@ def route(
         Logits, scores, selection, gates and the dropped mask. Computed in float32 for float32
         inputs (float64 inputs stay float64, which the gradient checks use).
     """
-    logits = x @ state.weights.T
-    scores = scores_from_logits(logits, score)
+    if reuse is None:
+        logits = x @ state.weights.T
+        scores = scores_from_logits(logits, score)
+    else:
+        logits, scores = reuse.logits, reuse.scores
     mode = state.bias_mode if bias_mode is None else bias_mode
     selected = select_experts(scores, state.bias, top_k, n_groups, group_topk, mode)
     if topk_before_softmax:

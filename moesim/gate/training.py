@@ -841,16 +841,20 @@ def train_gate(
                     **options,
                     segments=micro,
                     tokens_per_sequence=gate.tokens_per_sequence,
+                    reuse=routing,  # same inputs and weights: its logits and scores
                 )
             moved = _moved_fraction(routing.selected, plain_routing.selected, n_experts)
             if tasks:
                 task_model = tasks[layer]
+                target = task_model.target(x, topic_ids)  # shared by both passes
                 task_plain = (
                     None
                     if plain_routing is routing
-                    else task_model.evaluate(x, topic_ids, plain_routing)
+                    else task_model.evaluate(x, topic_ids, plain_routing, target)
                 )
-                result = task_model.step(x, topic_ids, routing, options, steps=period)
+                result = task_model.step(
+                    x, topic_ids, routing, options, steps=period, target=target
+                )
                 task, dtask = result.loss, result.dlogits
                 assert dtask is not None
                 capture = float("nan")
