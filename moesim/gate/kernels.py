@@ -193,6 +193,60 @@ def routed_counts(
 
 
 @_jit
+def _sign_rule_block(
+    scores: Any,
+    bias: Any,
+    gammas: Any,
+    tokens: int,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+) -> None:
+    n_experts = scores.shape[1]
+    starts = np.zeros(1, dtype=np.int64)
+    counts = np.zeros((1, n_experts), dtype=np.int64)
+    for r in range(gammas.size):
+        counts[:] = 0
+        rows = scores[r * tokens : (r + 1) * tokens]
+        _routed_counts(
+            rows, bias, False, top_k, n_groups, group_topk, per_group, starts, counts
+        )  # fmt: skip
+        gamma = gammas[r]
+        if not gamma > 0:
+            continue
+        total = 0
+        for e in range(n_experts):
+            total += counts[0, e]
+        for e in range(n_experts):
+            error = total - n_experts * counts[0, e]  # sign(c̄ − c_e), in exact integers
+            step = np.float32(1.0) if error > 0 else np.float32(-1.0 if error < 0 else 0.0)
+            bias[e] += step * gamma
+
+
+def sign_rule_block(
+    scores: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32],
+    gammas: npt.NDArray[np.float32],
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+) -> None:
+    """Consecutive sign-rule bias steps on an additive float32 bias, in place: step ``r``
+    selects on ``scores[r·T:(r+1)·T] + bias`` (``T`` = rows / steps), counts the loads over
+    the whole sub-batch as :func:`routed_counts` does, and moves ``bias`` by
+    ``γ_r·sign(c̄ − c)`` as :func:`moesim.gate.balancing.sign_rule_update` does (nothing where
+    ``γ_r`` is 0) — the same values as one :func:`routed_counts` and one update per step."""
+    n_rows, n_experts = scores.shape
+    steps = gammas.size
+    if steps == 0 or n_rows % steps:
+        raise ValueError(f"gammas: {steps} steps do not split {n_rows} rows")
+    limit = n_groups if group_topk is None else min(group_topk, n_groups)
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    _sign_rule_block(scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group)
+
+
+@_jit
 def _adam_repeat(
     weights: Any,
     m: Any,

@@ -536,6 +536,20 @@ class _BiasSteps:
                 self.scope_sizes,
             )
 
+    def fused_sign_rule(self, balancer: BalancingStrategy, states: Sequence[RouterState]) -> bool:
+        """Whether :func:`moesim.gate.kernels.sign_rule_block` computes this strategy's bias
+        steps: the sign rule on an additive float32 bias, not re-centred, from the loads over the
+        whole sub-batch."""
+        bias = balancer.bias
+        return (
+            bias is not None
+            and bias.rule == "sign"
+            and bias.mode == "add"
+            and not bias.recenter
+            and self.scope_sizes is None
+            and all(s.bias.dtype == np.float32 and s.bias_mode == "add" for s in states)
+        )
+
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
@@ -637,6 +651,19 @@ class _BiasSteps:
                     adam.repeat(state.weights)
             return
         assert self.counter is not None
+        if kernels.ENABLED and self.fused_sign_rule(balancer, states):
+            # The whole block's selections, counts and sign-rule steps in one compiled call.
+            gammas = np.array([balancer.gamma_at(t) for t in block.trained], dtype=np.float32)
+            for state, layer_scores in zip(states, scores, strict=True):
+                kernels.sign_rule_block(
+                    layer_scores[: n * size],
+                    state.bias,
+                    gammas,
+                    self.options["top_k"],
+                    self.options["n_groups"],
+                    self.options["group_topk"],
+                )
+            return
         if kernels.ENABLED:
             # The counter's loads in one compiled pass per sub-batch (the bias applied there).
             options, starts = self.options, self.counter.starts

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moesim.gate import kernels, train_gate
+from moesim.gate.balancing import sign_rule_update
 from moesim.gate.router import select_experts, top_k_indices
 from moesim.gate.training import LoadCounter, _Adam
 from moesim.scenario.strategies import Bias, Composite, LossTerm
@@ -101,7 +102,7 @@ def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> N
 STEPS = 320
 
 
-def _v3_like(make_scenario, seed: int) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+def _v3_like(make_scenario, seed: int, bias: Bias) -> tuple[list, list]:  # type: ignore[no-untyped-def]
     """A short DeepSeek-V3-like coarsened run (benchmarks/gate_speed.py (b)): 256 experts,
     top-8 sigmoid, node-limited to 4 of 8 nodes, sequence loss plus loss-free bias, gradients
     every 16 steps; returns its records and final routers."""
@@ -125,21 +126,30 @@ def _v3_like(make_scenario, seed: int) -> tuple[list, list]:  # type: ignore[no-
         kind="composite",
         name="v3",
         losses=[LossTerm(kind="sequence", alpha=1e-4)],
-        bias=Bias(gamma=1e-3),
+        bias=bias,
     )
     trajectory = train_gate(scenario, spec, [], np.random.SeedSequence(seed))
     return trajectory.records, [(s.weights.copy(), s.bias.copy()) for s in trajectory.final]
 
 
 @needs_numba
+@pytest.mark.parametrize(
+    "bias",
+    [
+        Bias(gamma=1e-3),  # the fused block of sign-rule steps
+        Bias(gamma=1e-3, recenter=True),  # compiled counts, NumPy bias rule
+        Bias(gamma=1e-3, scope="micro_batch"),  # compiled counts per micro-batch
+    ],
+    ids=["fused", "recentred", "micro-batch"],
+)
 def test_coarsened_trajectory_is_the_same_on_both_paths(  # type: ignore[no-untyped-def]
-    make_scenario, monkeypatch: pytest.MonkeyPatch
+    make_scenario, monkeypatch: pytest.MonkeyPatch, bias: Bias
 ) -> None:
     monkeypatch.setattr(kernels, "ENABLED", True)
-    compiled = _v3_like(make_scenario, 4)
-    again = _v3_like(make_scenario, 4)
+    compiled = _v3_like(make_scenario, 4, bias)
+    again = _v3_like(make_scenario, 4, bias)
     monkeypatch.setattr(kernels, "ENABLED", False)
-    reference = _v3_like(make_scenario, 4)
+    reference = _v3_like(make_scenario, 4, bias)
     assert len(compiled[0]) == STEPS // 16
     for records, routers in (again, reference):
         assert records == compiled[0]
@@ -148,3 +158,21 @@ def test_coarsened_trajectory_is_the_same_on_both_paths(  # type: ignore[no-unty
             np.testing.assert_array_equal(b, b0)
     # The bias moved at the bias steps (the path under test did something).
     assert float(np.abs(compiled[1][0][1]).max()) > 16 * 1e-3
+
+
+@needs_numba
+def test_fused_sign_rule_block_equals_step_by_step() -> None:
+    """sign_rule_block against routed_counts and sign_rule_update one step at a time, on tied
+    inputs, with a γ of 0 in the middle (that step leaves the bias)."""
+    rng = np.random.default_rng(9)
+    scores, bias = _tied_selection(rng, 6 * 40, 256)
+    gammas = np.array([1e-3, 2e-3, 0.0, 1e-3, 5e-4, 1e-3], dtype=np.float32)
+    fused = bias.copy()
+    kernels.sign_rule_block(scores, fused, gammas, 8, 8, 4)
+    stepped = bias.copy()
+    for r, gamma in enumerate(gammas):
+        loads = kernels.routed_counts(scores[r * 40 : (r + 1) * 40], stepped, False, 8, 8, 4)
+        if gamma > 0:
+            sign_rule_update(stepped, loads[0], float(gamma))
+    np.testing.assert_array_equal(fused, stepped)
+    assert not np.array_equal(fused, bias)
