@@ -107,13 +107,22 @@ def _routed_counts(
         if grouped:
             if per_group <= 2:
                 for g in range(n_groups):
-                    first[g] = selection[g * group_size]
-                    second[g] = lowest
-                for j in range(1, group_size):
-                    for g in range(n_groups):  # independent chains, one per group
-                        value = selection[g * group_size + j]
-                        second[g] = max(second[g], min(first[g], value))
-                        first[g] = max(first[g], value)
+                    # The two largest of the group's values: two interleaved running pairs
+                    # (independent chains), then merged.
+                    base = g * group_size
+                    a1, a2, b1, b2 = selection[base], lowest, lowest, lowest
+                    for j in range(1, group_size - 1, 2):
+                        v, w = selection[base + j], selection[base + j + 1]
+                        a2 = max(a2, min(a1, v))
+                        a1 = max(a1, v)
+                        b2 = max(b2, min(b1, w))
+                        b1 = max(b1, w)
+                    if group_size % 2 == 0:
+                        v = selection[base + group_size - 1]
+                        a2 = max(a2, min(a1, v))
+                        a1 = max(a1, v)
+                    first[g] = max(a1, b1)
+                    second[g] = max(min(a1, b1), max(a2, b2))
                 for g in range(n_groups):
                     # Largest first, as a sorted row is summed.
                     group_score[g] = first[g] + second[g] if per_group == 2 else first[g]

@@ -19,9 +19,16 @@ from moesim.scenario.strategies import Bias, Composite, LossTerm
 
 needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
-# (experts, top_k, groups, groups kept): DeepSeek-V3's node limit (two per group summed), one
-# kept group, an insertion path (six per group summed), no group limit.
-ROUTINGS = [(256, 8, 8, 4), (64, 6, 8, 1), (64, 12, 4, 2), (64, 6, 1, None), (32, 32, 1, None)]
+# (experts, top_k, groups, groups kept): DeepSeek-V3's node limit (two per group summed), groups
+# of an odd size, one kept group, an insertion path (six per group summed), no group limit.
+ROUTINGS = [
+    (256, 8, 8, 4),
+    (21, 4, 3, 2),
+    (64, 6, 8, 1),
+    (64, 12, 4, 2),
+    (64, 6, 1, None),
+    (32, 32, 1, None),
+]
 
 
 def _tied_selection(
