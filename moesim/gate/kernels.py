@@ -13,162 +13,38 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
 - :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
   in one pass over the weights, with the same float32 operations in the same order.
 
-Both run only where numba imports (:data:`AVAILABLE`) and :data:`ENABLED` is set; the callers
-keep their NumPy path otherwise. Compiled code is cached on disk (``cache=True``), so a machine
-compiles each kernel once (about a second each).
+- :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
+  the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
+  step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
+
+They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set; the
+callers keep their NumPy path otherwise. The loops themselves live in
+:mod:`moesim.gate.compiled`, imported at the first call; they are compiled once per machine
+and cached on disk (about 20 s for all three on a busy two-core machine, then about 1 s to
+load them in a new process).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import os
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; kept optional for portability
-    numba = None
-
-AVAILABLE = numba is not None
+AVAILABLE = importlib.util.find_spec("numba") is not None
 # Off with MOESIM_GATE_KERNELS=numpy (the NumPy twins then run; results are the same).
 ENABLED = AVAILABLE and os.environ.get("MOESIM_GATE_KERNELS", "numba") != "numpy"
 
 
-def _jit(fn: Any) -> Any:
-    """Compiled without fast-math (no reassociation, no fused multiply-add), so that every
-    float32 operation rounds as NumPy's does."""
-    if numba is None:
-        return fn
-    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
-
-
-@_jit
-def _insert(values: Any, index: Any, filled: int, size: int, value: Any, at: int) -> int:
-    """Insert ``(value, at)`` into the descending run ``values[:filled]`` (at most ``size``
-    long); an equal value stays ahead, so the earlier index wins a tie. Returns the new
-    length."""
-    if filled == size and not value > values[size - 1]:
-        return filled
-    i = filled if filled < size else size - 1
-    while i > 0 and values[i - 1] < value:
-        values[i] = values[i - 1]
-        index[i] = index[i - 1]
-        i -= 1
-    values[i] = value
-    index[i] = at
-    return filled + 1 if filled < size else filled
-
-
-@_jit
-def _routed_counts(
-    scores: Any,
-    bias: Any,
-    multiply: bool,
-    top_k: int,
-    n_groups: int,
-    group_topk: int,
-    per_group: int,
-    starts: Any,
-    counts: Any,
-) -> None:
-    n_tokens, n_experts = scores.shape
-    group_size = n_experts // n_groups
-    grouped = group_topk < n_groups
-    dtype = scores.dtype
-    selection = np.empty(n_experts, dtype=dtype)
-    # Each group's per_group largest values (descending), for per_group <= 2 kept branch-free.
-    first = np.empty(n_groups, dtype=dtype)
-    second = np.empty(n_groups, dtype=dtype)
-    tops = np.empty(per_group, dtype=dtype)
-    top_index = np.empty(per_group, dtype=np.int64)
-    group_score = np.empty(n_groups, dtype=dtype)
-    group_rank = np.empty(group_topk, dtype=dtype)
-    kept = np.empty(group_topk, dtype=np.int64)
-    keep = np.ones(n_groups, dtype=np.bool_)
-    candidates = np.empty(n_experts, dtype=np.int64)
-    best_values = np.empty(top_k, dtype=dtype)
-    best = np.empty(top_k, dtype=np.int64)
-    lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
-    segment = 0
-    for t in range(n_tokens):
-        while segment + 1 < starts.size and t >= starts[segment + 1]:
-            segment += 1
-        if multiply:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] * bias[e]
-        else:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] + bias[e]
-        # floor: a value no larger than the token's k-th largest eligible selection score (the
-        # smallest of top_k eligible values), so that only values >= floor need ranking.
-        floor = lowest
-        if grouped:
-            if per_group <= 2:
-                for g in range(n_groups):
-                    # The two largest of the group's values: two interleaved running pairs
-                    # (independent chains), then merged.
-                    base = g * group_size
-                    a1, a2, b1, b2 = selection[base], lowest, lowest, lowest
-                    for j in range(1, group_size - 1, 2):
-                        v, w = selection[base + j], selection[base + j + 1]
-                        a2 = max(a2, min(a1, v))
-                        a1 = max(a1, v)
-                        b2 = max(b2, min(b1, w))
-                        b1 = max(b1, w)
-                    if group_size % 2 == 0:
-                        v = selection[base + group_size - 1]
-                        a2 = max(a2, min(a1, v))
-                        a1 = max(a1, v)
-                    first[g] = max(a1, b1)
-                    second[g] = max(min(a1, b1), max(a2, b2))
-                for g in range(n_groups):
-                    # Largest first, as a sorted row is summed.
-                    group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
-            else:
-                for g in range(n_groups):
-                    filled = 0
-                    for e in range(g * group_size, (g + 1) * group_size):
-                        filled = _insert(tops, top_index, filled, per_group, selection[e], e)
-                    total = tops[0]
-                    for i in range(1, per_group):
-                        total += tops[i]
-                    group_score[g] = total
-            filled = 0
-            for g in range(n_groups):
-                filled = _insert(group_rank, kept, filled, group_topk, group_score[g], g)
-            keep[:] = False
-            for i in range(group_topk):
-                keep[kept[i]] = True
-            if per_group <= 2 and group_topk * per_group >= top_k:
-                floor = highest
-                for i in range(group_topk):
-                    g = kept[i]
-                    low = second[g] if per_group == 2 else first[g]
-                    floor = min(floor, low)
-        elif top_k < n_experts:
-            # The maxima of top_k disjoint runs of the row are top_k of its values.
-            floor = highest
-            for i in range(top_k):
-                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
-                peak = selection[lo]
-                for e in range(lo + 1, hi):
-                    peak = max(peak, selection[e])
-                floor = min(floor, peak)
-        # Eligible experts at or above the floor, in index order (branch-free compaction).
-        n_candidates = 0
-        for g in range(n_groups):
-            if keep[g]:
-                for e in range(g * group_size, (g + 1) * group_size):
-                    candidates[n_candidates] = e
-                    n_candidates += selection[e] >= floor
-        filled = 0
-        for i in range(n_candidates):
-            e = candidates[i]
-            filled = _insert(best_values, best, filled, top_k, selection[e], e)
-        for i in range(top_k):
-            counts[segment, best[i]] += 1
+@functools.cache
+def _compiled() -> Any:
+    """The numba loops (:mod:`moesim.gate.compiled`), imported at first use: importing numba
+    takes about a second, which a run that never reaches a bias step need not pay."""
+    return importlib.import_module("moesim.gate.compiled")
 
 
 def routed_counts(
@@ -194,43 +70,11 @@ def routed_counts(
     if starts is None:
         starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((starts.size, n_experts), dtype=np.int64)
-    _routed_counts(
+    _compiled().routed_counts(
         scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
         per_group, starts, counts,
     )  # fmt: skip
     return counts
-
-
-@_jit
-def _sign_rule_block(
-    scores: Any,
-    bias: Any,
-    gammas: Any,
-    tokens: int,
-    top_k: int,
-    n_groups: int,
-    group_topk: int,
-    per_group: int,
-) -> None:
-    n_experts = scores.shape[1]
-    starts = np.zeros(1, dtype=np.int64)
-    counts = np.zeros((1, n_experts), dtype=np.int64)
-    for r in range(gammas.size):
-        counts[:] = 0
-        rows = scores[r * tokens : (r + 1) * tokens]
-        _routed_counts(
-            rows, bias, False, top_k, n_groups, group_topk, per_group, starts, counts
-        )  # fmt: skip
-        gamma = gammas[r]
-        if not gamma > 0:
-            continue
-        total = 0
-        for e in range(n_experts):
-            total += counts[0, e]
-        for e in range(n_experts):
-            error = total - n_experts * counts[0, e]  # sign(c̄ − c_e), in exact integers
-            step = np.float32(1.0) if error > 0 else np.float32(-1.0 if error < 0 else 0.0)
-            bias[e] += step * gamma
 
 
 def sign_rule_block(
@@ -252,29 +96,9 @@ def sign_rule_block(
         raise ValueError(f"gammas: {steps} steps do not split {n_rows} rows")
     limit = n_groups if group_topk is None else min(group_topk, n_groups)
     per_group = min(n_experts // n_groups, max(1, top_k // limit))
-    _sign_rule_block(scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group)
-
-
-@_jit
-def _adam_repeat(
-    weights: Any,
-    m: Any,
-    v: Any,
-    first: Any,
-    second: Any,
-    beta1: Any,
-    beta2: Any,
-    eps: Any,
-    step_size: Any,
-) -> None:
-    w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
-    f, s = first.ravel(), second.ravel()
-    for i in range(w.size):
-        mi = mm[i] * beta1 + f[i]
-        vi = vv[i] * beta2 + s[i]
-        mm[i] = mi
-        vv[i] = vi
-        w[i] -= (mi / (np.sqrt(vi) + eps)) * step_size
+    _compiled().sign_rule_block(
+        scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group
+    )
 
 
 def adam_repeat(
@@ -293,4 +117,6 @@ def adam_repeat(
     float32 first), as ``moesim.gate.training._Adam.repeat`` does. All arrays C-contiguous and
     of one shape."""
     f32 = np.float32
-    _adam_repeat(weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size))
+    _compiled().adam_repeat(
+        weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size)
+    )
