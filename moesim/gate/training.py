@@ -739,7 +739,9 @@ def train_gate(
     step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
     bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
     step; blocks of bias steps (``BIAS_BLOCK_STEPS``) score their sub-batches at once
-    and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size.
+    and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size. Where numba
+    is installed the loads, the sign-rule bias updates and Adam's repeated step of the bias
+    steps run as compiled loops (:mod:`moesim.gate.kernels`), with the same values.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
