@@ -6,16 +6,16 @@ bias steps' small shapes (a few hundred tokens, a few hundred experts). ``tests/
 test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
 
 - :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
-  ``s·b``, group-limited top-k, per-group expert loads) fused into one pass per token: a running
-  top-``per_group`` per group, a running top-``group_topk`` of the groups and a running top-k
-  of the kept experts, counted at once. Exact ties go to the lower index, the rule of
+  ``s·b``, group-limited top-k, per-group expert loads) in one pass per token: the largest
+  ``per_group`` values of each group, the best ``group_topk`` groups, a lower bound on the
+  token's k-th score (``top_k`` values known to be eligible), and a running top-k of the kept
+  experts at or above it, counted at once. Exact ties go to the lower index, the rule of
   :func:`moesim.gate.router.top_k_indices`.
-- :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
-  in one pass over the weights, with the same float32 operations in the same order.
-
 - :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
   the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
   step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
+- :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
+  in one pass over the weights, with the same float32 operations in the same order.
 
 They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set; the
 callers keep their NumPy path otherwise. The loops themselves live in
