@@ -14,7 +14,9 @@
     update and one Adam step per step — timed over all its steps with the coarsening of
     ``gate.steps_per_update`` (k) and the bias steps run in blocks of
     ``moesim.gate.training.BIAS_BLOCK_STEPS`` (j, chosen inside the gate); its first steps
-    compared with a j = 1 run (the same records, bit for bit) and with a k = 1 run.
+    compared with a j = 1 run (the same records, bit for bit), with a run on the NumPy twins
+    of the compiled bias-step kernels (``moesim.gate.kernels``; the same records, bit for bit,
+    and its time) and with a k = 1 run.
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
 
@@ -38,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.gate import train_gate, training
+from moesim.gate import kernels, train_gate, training
 from moesim.gate.router import RouterState, route, scores_from_logits
 from moesim.gate.training import bias_batch_sequences, routed_loads
 from moesim.scenario import scenario_from_dict
@@ -215,6 +217,25 @@ def v3_trajectory(steps: int) -> None:
         f"routers: {same}; the j=1 run took {single_wall / prefix * 1e6:.1f} µs per step "
         f"({single_wall / prefix * V3_STEPS:.0f} s for {V3_STEPS} steps)"
     )
+    if kernels.ENABLED:
+        kernels.ENABLED = False
+        try:
+            start = time.perf_counter()
+            twin = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
+            twin_wall = time.perf_counter() - start
+        finally:
+            kernels.ENABLED = True
+        same = twin.records == head.records and all(
+            np.array_equal(a.bias, b.bias) and np.array_equal(a.weights, b.weights)
+            for a, b in zip(twin.final, head.final, strict=True)
+        )
+        print(
+            f"  steps 0..{prefix}: compiled kernels and their NumPy twins give the same records "
+            f"and routers: {same}; the NumPy run took {twin_wall / prefix * 1e6:.1f} µs per step "
+            f"({twin_wall / prefix * V3_STEPS:.0f} s for {V3_STEPS} steps)"
+        )
+    else:
+        print("  (numba unavailable or MOESIM_GATE_KERNELS=numpy: NumPy paths only)")
     raw["gate"]["steps_per_update"] = 1
     start = time.perf_counter()
     fine = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))

@@ -285,10 +285,17 @@ class ExpertTask:
             y_hat += x @ self.shared.T
         return y_hat, outs, hidden, order, xs
 
-    def evaluate(self, x: FloatArray, topics: npt.NDArray[np.int64], routing: Routing) -> float:
-        """``L`` of the batch under ``routing`` at the current experts (no gradient, no update)."""
+    def evaluate(
+        self,
+        x: FloatArray,
+        topics: npt.NDArray[np.int64],
+        routing: Routing,
+        target: FloatArray | None = None,
+    ) -> float:
+        """``L`` of the batch under ``routing`` at the current experts (no gradient, no update);
+        ``target``: :meth:`target` of the batch when the caller has it."""
         y_hat = self._forward(x, routing)[0]
-        r = y_hat - self.target(x, topics)
+        r = y_hat - (self.target(x, topics) if target is None else target)
         return float(0.5 * np.einsum("td,td->", r, r, dtype=np.float64) / x.shape[0])
 
     def step(
@@ -299,12 +306,14 @@ class ExpertTask:
         options: RouteOptions,
         steps: int = 1,
         update: bool = True,
+        target: FloatArray | None = None,
     ) -> TaskResult:
         """``L``, the router-logit gradient, and (``update``) ``steps`` SGD steps' worth of the
-        experts' gradient applied to them."""
+        experts' gradient applied to them; ``target``: :meth:`target` of the batch when the
+        caller has it."""
         n_tokens = x.shape[0]
         y_hat, outs, hidden, order, xs = self._forward(x, routing)
-        r = y_hat - self.target(x, topics)
+        r = y_hat - (self.target(x, topics) if target is None else target)
         loss = float(0.5 * np.einsum("td,td->", r, r, dtype=np.float64) / n_tokens)
         r /= x.dtype.type(n_tokens)  # ∂L/∂ŷ
         r_sorted = r[order.rows]

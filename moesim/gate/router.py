@@ -399,7 +399,8 @@ def top_k_indices(values: FloatArray, k: int) -> npt.NDArray[np.int64]:
     -------
     ndarray, shape (T, k), int64
         In no particular order. Every selected value is ``≥`` every unselected one in its row;
-        exact ties are resolved deterministically by :func:`numpy.argpartition`.
+        of exactly equal values at a row's threshold the lower indices are selected (a rule the
+        compiled load counts of :mod:`moesim.gate.kernels` follow too).
     """
     n_cols = values.shape[1]
     if not 1 <= k <= n_cols:
@@ -407,7 +408,15 @@ def top_k_indices(values: FloatArray, k: int) -> npt.NDArray[np.int64]:
     if k == n_cols:
         return np.broadcast_to(np.arange(n_cols, dtype=np.int64), values.shape).copy()
     part = np.argpartition(values, n_cols - k, axis=1)
-    return np.ascontiguousarray(part[:, n_cols - k :], dtype=np.int64)
+    chosen = np.ascontiguousarray(part[:, n_cols - k :], dtype=np.int64)
+    # A row with more than k values at or above its k-th largest has a tie at the threshold,
+    # which argpartition breaks arbitrarily: those rows take the stable order instead.
+    threshold = np.take_along_axis(values, part[:, n_cols - k, None], axis=1)
+    if int(np.count_nonzero(values >= threshold)) != values.shape[0] * k:
+        rows = np.flatnonzero(np.count_nonzero(values >= threshold, axis=1) != k)
+        order = np.argsort(-values[rows], axis=1, kind="stable")
+        chosen[rows] = order[:, :k]
+    return chosen
 
 
 def top_k_mask(values: FloatArray, k: int) -> npt.NDArray[np.bool_]:
@@ -744,6 +753,7 @@ def route(
     segments: int | Sequence[int] = 1,
     tokens_per_sequence: int | None = None,
     bias_mode: BiasMode | None = None,
+    reuse: Routing | None = None,
 ) -> Routing:
     """Route a batch of tokens (arXiv 2408.15664 Eq. 3; DeepSeek-V3, arXiv 2412.19437 §2.1.2;
     DeepSeek-V2, arXiv 2405.04434 §2.2; Megatron-LM megatron/core/transformer/moe/router.py;
@@ -784,6 +794,9 @@ def route(
         Select by ``s + b`` (``add``, arXiv 2408.15664 Eq. 3) or ``s·b`` (``mul``, arXiv 2408.15664
         Table 4);
         default ``state.bias_mode``. The bias steers selection only, in either mode.
+    reuse : Routing or None
+        A routing of the same ``x`` with the same weights (another bias, say): its logits and
+        scores are taken instead of computed again (the arrays are shared, not copied).
 
     Returns
     -------
@@ -791,8 +804,11 @@ def route(
         Logits, scores, selection, gates and the dropped mask. Computed in float32 for float32
         inputs (float64 inputs stay float64, which the gradient checks use).
     """
-    logits = x @ state.weights.T
-    scores = scores_from_logits(logits, score)
+    if reuse is None:
+        logits = x @ state.weights.T
+        scores = scores_from_logits(logits, score)
+    else:
+        logits, scores = reuse.logits, reuse.scores
     mode = state.bias_mode if bias_mode is None else bias_mode
     selected = select_experts(scores, state.bias, top_k, n_groups, group_topk, mode)
     if topk_before_softmax:

@@ -50,6 +50,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.gate.balancing import (
     BalanceContext,
     BalancingStrategy,
@@ -217,13 +218,20 @@ class _Adam:
         """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
         reused, the update computed in place (a coarsened gate's bias steps)."""
         self.t += 1
+        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
+        root = math.sqrt(1 - _BETA2**self.t)
+        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
+        if kernels.ENABLED and weights.flags.c_contiguous:
+            # The same float32 operations as below, in one pass without temporaries.
+            kernels.adam_repeat(
+                weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2,
+                _EPS * root, step_size,
+            )  # fmt: skip
+            return
         self.m *= _BETA1
         self.m += self._first
         self.v *= _BETA2
         self.v += self._second
-        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
-        root = math.sqrt(1 - _BETA2**self.t)
-        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
         buffer = np.sqrt(self.v, out=self._buffer)
         buffer += np.float32(_EPS * root)
         np.divide(self.m, buffer, out=buffer)
@@ -528,6 +536,20 @@ class _BiasSteps:
                 self.scope_sizes,
             )
 
+    def fused_sign_rule(self, balancer: BalancingStrategy, states: Sequence[RouterState]) -> bool:
+        """Whether :func:`moesim.gate.kernels.sign_rule_block` computes this strategy's bias
+        steps: the sign rule on an additive float32 bias, not re-centred, from the loads over the
+        whole sub-batch."""
+        bias = balancer.bias
+        return (
+            bias is not None
+            and bias.rule == "sign"
+            and bias.mode == "add"
+            and not bias.recenter
+            and self.scope_sizes is None
+            and all(s.bias.dtype == np.float32 and s.bias_mode == "add" for s in states)
+        )
+
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
@@ -629,6 +651,36 @@ class _BiasSteps:
                     adam.repeat(state.weights)
             return
         assert self.counter is not None
+        if kernels.ENABLED and self.fused_sign_rule(balancer, states):
+            # The whole block's selections, counts and sign-rule steps in one compiled call.
+            gammas = np.array([balancer.gamma_at(t) for t in block.trained], dtype=np.float32)
+            for state, layer_scores in zip(states, scores, strict=True):
+                kernels.sign_rule_block(
+                    layer_scores[: n * size],
+                    state.bias,
+                    gammas,
+                    self.options["top_k"],
+                    self.options["n_groups"],
+                    self.options["group_topk"],
+                )
+            return
+        if kernels.ENABLED:
+            # The counter's loads in one compiled pass per sub-batch (the bias applied there).
+            options, starts = self.options, self.counter.starts
+            for state, layer_scores in zip(states, scores, strict=True):
+                for r in range(n):
+                    loads = kernels.routed_counts(
+                        layer_scores[r * size : (r + 1) * size],
+                        state.bias,
+                        state.bias_mode == "mul",
+                        options["top_k"],
+                        options["n_groups"],
+                        options["group_topk"],
+                        starts,
+                    )
+                    counts = loads[0] if starts is None else loads
+                    balancer.after_step(state, counts, block.trained[r])
+            return
         for state, layer_scores in zip(states, scores, strict=True):
             for r in range(n):
                 selection = layer_scores[r * size : (r + 1) * size]
@@ -687,7 +739,9 @@ def train_gate(
     step (``steps_per_update > 1``) costs one (tokens × experts × dim) product per layer on the
     bias batch, its scores, the loads of their selection (:func:`routed_loads`) and an Adam
     step; blocks of bias steps (``BIAS_BLOCK_STEPS``) score their sub-batches at once
-    and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size.
+    and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size. Where numba
+    is installed the loads, the sign-rule bias updates and Adam's repeated step of the bias
+    steps run as compiled loops (:mod:`moesim.gate.kernels`), with the same values.
     """
     moe, gate = scenario.model.moe, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
@@ -816,16 +870,20 @@ def train_gate(
                     **options,
                     segments=micro,
                     tokens_per_sequence=gate.tokens_per_sequence,
+                    reuse=routing,  # same inputs and weights: its logits and scores
                 )
             moved = _moved_fraction(routing.selected, plain_routing.selected, n_experts)
             if tasks:
                 task_model = tasks[layer]
+                target = task_model.target(x, topic_ids)  # shared by both passes
                 task_plain = (
                     None
                     if plain_routing is routing
-                    else task_model.evaluate(x, topic_ids, plain_routing)
+                    else task_model.evaluate(x, topic_ids, plain_routing, target)
                 )
-                result = task_model.step(x, topic_ids, routing, options, steps=period)
+                result = task_model.step(
+                    x, topic_ids, routing, options, steps=period, target=target
+                )
                 task, dtask = result.loss, result.dlogits
                 assert dtask is not None
                 capture = float("nan")

@@ -1,0 +1,122 @@
+"""Compiled loops for the coarsened gate's bias steps (numba), each with a NumPy twin.
+
+Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
+computes — the kernels only remove the temporaries and per-call overheads that dominate at the
+bias steps' small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
+test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
+
+- :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
+  ``s·b``, group-limited top-k, per-group expert loads) in one pass per token: the largest
+  ``per_group`` values of each group, the best ``group_topk`` groups, a lower bound on the
+  token's k-th score (``top_k`` values known to be eligible), and a running top-k of the kept
+  experts at or above it, counted at once. Exact ties go to the lower index, the rule of
+  :func:`moesim.gate.router.top_k_indices`.
+- :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
+  the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
+  step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
+- :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
+  in one pass over the weights, with the same float32 operations in the same order.
+
+They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set; the
+callers keep their NumPy path otherwise. The loops themselves live in
+:mod:`moesim.gate.compiled`, imported at the first call; they are compiled once per machine
+and cached on disk (about 20 s for all three on a busy two-core machine, then about 1 s to
+load them in a new process).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+AVAILABLE = importlib.util.find_spec("numba") is not None
+# Off with MOESIM_GATE_KERNELS=numpy (the NumPy twins then run; results are the same).
+ENABLED = AVAILABLE and os.environ.get("MOESIM_GATE_KERNELS", "numba") != "numpy"
+
+
+@functools.cache
+def _compiled() -> Any:
+    """The numba loops (:mod:`moesim.gate.compiled`), imported at first use: importing numba
+    takes about a second, which a run that never reaches a bias step need not pay."""
+    return importlib.import_module("moesim.gate.compiled")
+
+
+def routed_counts(
+    scores: npt.NDArray[np.floating],
+    bias: npt.NDArray[np.floating],
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    starts: npt.NDArray[np.int64] | None = None,
+) -> npt.NDArray[np.int64]:
+    """Expert loads of the top-k selection on ``scores + bias`` (``scores·bias`` when
+    ``multiply``), group-limited when ``group_topk < n_groups``: shape (G, E) for the token
+    groups starting at ``starts`` (default one group starting at 0).
+
+    The values are those of :class:`moesim.gate.training.LoadCounter` on the selection scores
+    (whose ties take :func:`moesim.gate.router.select_experts`' choice: the lower index); the
+    scores must be finite (no NaN). ``scores`` and ``bias`` share one float dtype.
+    """
+    n_tokens, n_experts = scores.shape
+    limit = n_groups if group_topk is None else min(group_topk, n_groups)
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    if starts is None:
+        starts = np.zeros(1, dtype=np.int64)
+    counts = np.zeros((starts.size, n_experts), dtype=np.int64)
+    _compiled().routed_counts(
+        scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
+        per_group, starts, counts,
+    )  # fmt: skip
+    return counts
+
+
+def sign_rule_block(
+    scores: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32],
+    gammas: npt.NDArray[np.float32],
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+) -> None:
+    """Consecutive sign-rule bias steps on an additive float32 bias, in place: step ``r``
+    selects on ``scores[r·T:(r+1)·T] + bias`` (``T`` = rows / steps), counts the loads over
+    the whole sub-batch as :func:`routed_counts` does, and moves ``bias`` by
+    ``γ_r·sign(c̄ − c)`` as :func:`moesim.gate.balancing.sign_rule_update` does (nothing where
+    ``γ_r`` is 0) — the same values as one :func:`routed_counts` and one update per step."""
+    n_rows, n_experts = scores.shape
+    steps = gammas.size
+    if steps == 0 or n_rows % steps:
+        raise ValueError(f"gammas: {steps} steps do not split {n_rows} rows")
+    limit = n_groups if group_topk is None else min(group_topk, n_groups)
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    _compiled().sign_rule_block(
+        scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group
+    )
+
+
+def adam_repeat(
+    weights: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    first: npt.NDArray[np.float32],
+    second: npt.NDArray[np.float32],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+) -> None:
+    """In place, per element: ``m ← β1·m + first``, ``v ← β2·v + second``,
+    ``w ← w − (m / (√v + eps))·step_size`` — every operation in float32 (the scalars rounded to
+    float32 first), as ``moesim.gate.training._Adam.repeat`` does. All arrays C-contiguous and
+    of one shape."""
+    f32 = np.float32
+    _compiled().adam_repeat(
+        weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size)
+    )

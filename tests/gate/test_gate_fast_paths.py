@@ -1,0 +1,185 @@
+"""The gate's compiled bias-step kernels against their NumPy twins, bit for bit.
+
+moesim/gate/kernels.py promises the same values as the NumPy code it replaces at the coarsened
+gate's bias steps: the load counts of LoadCounter (ties included, under the lower-index rule of
+top_k_indices) and the repeated Adam update. A whole coarsened trajectory must not depend on
+which path runs, and must repeat exactly from the same seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.gate import kernels, train_gate
+from moesim.gate.balancing import sign_rule_update
+from moesim.gate.router import select_experts, top_k_indices
+from moesim.gate.training import LoadCounter, _Adam
+from moesim.scenario.strategies import Bias, Composite, LossTerm
+
+needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+
+# (experts, top_k, groups, groups kept): DeepSeek-V3's node limit (two per group summed), groups
+# of an odd size, one kept group, an insertion path (six per group summed), no group limit.
+ROUTINGS = [
+    (256, 8, 8, 4),
+    (21, 4, 3, 2),
+    (64, 6, 8, 1),
+    (64, 12, 4, 2),
+    (64, 6, 1, None),
+    (32, 32, 1, None),
+]
+
+
+def _tied_selection(
+    rng: np.random.Generator, n_tokens: int, n_experts: int, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and a bias on a coarse dyadic lattice: sums are exact and ties frequent, at the
+    expert threshold and between group scores alike."""
+    scores = (rng.integers(0, 24, (n_tokens, n_experts)) / 16).astype(dtype)
+    bias = (rng.integers(-8, 8, n_experts) / 16).astype(dtype)
+    return scores, bias
+
+
+def test_top_k_ties_go_to_the_lower_index() -> None:
+    values = np.zeros((50, 16), dtype=np.float32)
+    values[:, ::3] = 1.0  # tied maxima at 0, 3, 6, 9, 12, 15
+    chosen = np.sort(top_k_indices(values, 4), axis=1)
+    np.testing.assert_array_equal(chosen, np.tile([0, 3, 6, 9], (50, 1)))
+    # Group limit: groups 1 and 2 tie for the second place; group 1 is kept.
+    row = np.array([[5, 5, 1, 1, 0, 0, 1, 1]], dtype=np.float32)
+    np.testing.assert_array_equal(np.sort(select_experts(row, None, 3, 4, 2)[0]), [0, 1, 2])
+
+
+@needs_numba
+@pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), ROUTINGS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_compiled_counts_equal_the_load_counter(
+    n_experts: int, top_k: int, n_groups: int, group_topk: int | None, tied: bool
+) -> None:
+    rng = np.random.default_rng(n_experts * 100 + top_k)
+    n_tokens = 300
+    if tied:
+        scores, bias = _tied_selection(rng, n_tokens, n_experts)
+    else:
+        scores = rng.random((n_tokens, n_experts), dtype=np.float32)
+        bias = rng.normal(0.0, 0.05, n_experts).astype(np.float32)
+    sizes = [100, 50, 150]
+    counter = LoadCounter(n_tokens, n_experts, top_k, n_groups, group_topk, sizes)
+    expected = counter(scores + bias)
+    got = kernels.routed_counts(
+        scores, bias, False, top_k, n_groups, group_topk, counter.starts
+    )  # fmt: skip
+    np.testing.assert_array_equal(got, expected)
+    # One group; and the selection's own counts (select_experts' indices) agree too.
+    whole = kernels.routed_counts(scores, bias, False, top_k, n_groups, group_topk)
+    chosen = select_experts(scores, bias, top_k, n_groups, group_topk)
+    np.testing.assert_array_equal(whole[0], np.bincount(chosen.ravel(), minlength=n_experts))
+    assert whole.sum() == n_tokens * top_k
+
+
+@needs_numba
+def test_compiled_counts_multiplicative() -> None:
+    rng = np.random.default_rng(3)
+    scores, _ = _tied_selection(rng, 200, 64)
+    factors = (1 + rng.integers(-4, 5, 64) / 8).astype(np.float32)
+    chosen = select_experts(scores, factors, 6, 8, 2, bias_mode="mul")
+    got = kernels.routed_counts(scores, factors, True, 6, 8, 2)
+    np.testing.assert_array_equal(got[0], np.bincount(chosen.ravel(), minlength=64))
+
+
+@needs_numba
+def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(5)
+    shape = (32, 16)
+    weights = rng.standard_normal(shape).astype(np.float32)
+    grad = (rng.standard_normal(shape) * 1e-3).astype(np.float32)
+    paths = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        w, adam = weights.copy(), _Adam(shape, 3e-4)
+        adam.step(w, grad)
+        for _ in range(20):
+            adam.repeat(w)
+        paths.append((w, adam.m, adam.v))
+    for compiled, reference in zip(*paths, strict=True):
+        np.testing.assert_array_equal(compiled, reference)
+
+
+STEPS = 320
+
+
+def _v3_like(make_scenario, seed: int, bias: Bias) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+    """A short DeepSeek-V3-like coarsened run (benchmarks/gate_speed.py (b)): 256 experts,
+    top-8 sigmoid, node-limited to 4 of 8 nodes, sequence loss plus loss-free bias, gradients
+    every 16 steps; returns its records and final routers."""
+    scenario = make_scenario(
+        model={"moe": {"routed_experts": 256, "top_k": 8}},
+        cluster={"nodes": 8, "gpus_per_node": 8},
+        parallelism={"expert": 64},
+        router={"score": "sigmoid", "normalize": True, "scaling_factor": 2.5, "node_limit": 4},
+        gate={
+            "layers_simulated": 1,
+            "batch_sequences": 4,
+            "tokens_per_sequence": 32,
+            "bias_batch_sequences": 4,
+            "steps_per_update": 16,
+            "learning_rate": 2.2e-4,
+        },
+        training={"total_tokens": STEPS * 64 * 1024},
+    )
+    assert scenario.total_steps == STEPS
+    spec = Composite(
+        kind="composite",
+        name="v3",
+        losses=[LossTerm(kind="sequence", alpha=1e-4)],
+        bias=bias,
+    )
+    trajectory = train_gate(scenario, spec, [], np.random.SeedSequence(seed))
+    return trajectory.records, [(s.weights.copy(), s.bias.copy()) for s in trajectory.final]
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "bias",
+    [
+        Bias(gamma=1e-3),  # the fused block of sign-rule steps
+        Bias(gamma=1e-3, recenter=True),  # compiled counts, NumPy bias rule
+        Bias(gamma=1e-3, scope="micro_batch"),  # compiled counts per micro-batch
+    ],
+    ids=["fused", "recentred", "micro-batch"],
+)
+def test_coarsened_trajectory_is_the_same_on_both_paths(  # type: ignore[no-untyped-def]
+    make_scenario, monkeypatch: pytest.MonkeyPatch, bias: Bias
+) -> None:
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    compiled = _v3_like(make_scenario, 4, bias)
+    again = _v3_like(make_scenario, 4, bias)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = _v3_like(make_scenario, 4, bias)
+    assert len(compiled[0]) == STEPS // 16
+    for records, routers in (again, reference):
+        assert records == compiled[0]
+        for (w, b), (w0, b0) in zip(routers, compiled[1], strict=True):
+            np.testing.assert_array_equal(w, w0)
+            np.testing.assert_array_equal(b, b0)
+    # The bias moved at the bias steps (the path under test did something).
+    assert float(np.abs(compiled[1][0][1]).max()) > 16 * 1e-3
+
+
+@needs_numba
+def test_fused_sign_rule_block_equals_step_by_step() -> None:
+    """sign_rule_block against routed_counts and sign_rule_update one step at a time, on tied
+    inputs, with a γ of 0 in the middle (that step leaves the bias)."""
+    rng = np.random.default_rng(9)
+    scores, bias = _tied_selection(rng, 6 * 40, 256)
+    gammas = np.array([1e-3, 2e-3, 0.0, 1e-3, 5e-4, 1e-3], dtype=np.float32)
+    fused = bias.copy()
+    kernels.sign_rule_block(scores, fused, gammas, 8, 8, 4)
+    stepped = bias.copy()
+    for r, gamma in enumerate(gammas):
+        loads = kernels.routed_counts(scores[r * 40 : (r + 1) * 40], stepped, False, 8, 8, 4)
+        if gamma > 0:
+            sign_rule_update(stepped, loads[0], float(gamma))
+    np.testing.assert_array_equal(fused, stepped)
+    assert not np.array_equal(fused, bias)
