@@ -194,6 +194,25 @@ def _check_holds(path: str, kept: int, per_group: int, top_k: int, what: str) ->
         )
 
 
+class Domain(Frozen):
+    """One data domain of the stream (a data source such as code, web text or papers): a block
+    of topics that its sequences draw from, and its share of the sequences."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="label in routing_by_domain.parquet (letters, digits, _ . -; not 'pooled')",
+    )
+    share: Annotated[float, Field(gt=0, le=1)] = Field(
+        description="share of the stream's sequences from this domain; shares sum to 1"
+    )
+    topics: Count = Field(
+        description="topics of this domain (its sequences mix only these); the domains' topics "
+        "sum to stream.topics, taken in order as contiguous blocks"
+    )
+
+
 class Stream(Frozen):
     """Synthetic token stream: sequences drawn from a mixture of topics (see
     :mod:`moesim.gate.stream` for the generative model).
@@ -247,6 +266,14 @@ class Stream(Frozen):
         "its micro-batch's dominant topic (the rest is the usual Dirichlet mixture); "
         "1 = single-topic micro-batches",
     )
+    domains: tuple[Domain, ...] | None = Field(
+        None,
+        max_length=256,
+        description="data domains as blocks of topics, each with its share of the sequences: a "
+        "sequence (a document) comes from one domain and mixes only its topics, the Zipf law "
+        "ranks topics within each domain, and packed micro-batches share a domain; none = one "
+        "domain of all topics (docs/model/gate.md, 'Data domains')",
+    )
     drift_tokens: PositiveFloat | None = Field(
         None,
         ge=1,
@@ -255,6 +282,26 @@ class Stream(Frozen):
         "moves one topic along (topic k takes the popularity topic k−1 had), blended linearly "
         "in between, so the hot experts move and a balancer must track them; none = a fixed mix",
     )
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> Stream:
+        if self.domains is None:
+            return self
+        names = [d.name for d in self.domains]
+        if "pooled" in names:
+            raise ValueError("domains: 'pooled' names all domains together; pick another name")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"domains: names must be unique; repeated: {', '.join(repeated)}")
+        n_topics = sum(d.topics for d in self.domains)
+        if n_topics != self.topics:
+            raise ValueError(
+                f"domains: their topics sum to {n_topics}, but stream.topics is {self.topics}"
+            )
+        total = sum(d.share for d in self.domains)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"domains: shares sum to {total:.6g}; they must sum to 1")
+        return self
 
 
 class Trace(Frozen):
