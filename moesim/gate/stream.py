@@ -35,7 +35,9 @@ data source (code, web text, papers): a contiguous block of topics and a share o
 sequences. Then the Zipf law ranks topics *within* each domain (domain ``d``'s topic of rank
 ``r`` has popularity ``share_d · (r+1)^−s / Σ_r' (r'+1)^−s``), every sequence first draws its
 domain by share and its mixture ``θ ~ Dirichlet(concentration · K_d · p_d)`` over that domain's
-``K_d`` topics only (``p_d`` the within-domain popularity), packed micro-batches draw one domain
+``K_d`` topics only (``p_d`` the within-domain popularity) — blended, with weight
+``domain_overlap``, with a second mixture over all topics at the stream's popularity (the kinds
+of tokens every domain has) — packed micro-batches draw one domain
 and a dominant topic inside it, and drift rolls the ranking inside each domain (a domain's share
 never changes). Without ``domains`` the stream is one domain of all topics and draws exactly as
 described in steps 1–4.
@@ -275,6 +277,12 @@ class TokenStream:
             start, end = starts[d], starts[d + 1]
             alpha = params.concentration * (end - start) * within[start:end]
             mixtures[rows, start:end] = rng.dirichlet(alpha, size=rows.size)
+        if params.domain_overlap > 0:
+            # The shared part: a mixture over all topics at the stream's (drifted) popularity.
+            popularity = self._drifted(self.popularity, tokens_trained)
+            shared = rng.dirichlet(params.concentration * params.topics * popularity, n_sequences)
+            mixtures *= 1.0 - params.domain_overlap
+            mixtures += params.domain_overlap * shared
         if packed:
             # Each micro-batch's dominant topic, drawn inside its domain by the within-domain
             # popularity (inverse CDF on the domain's block).
