@@ -20,7 +20,6 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
 
 from moesim.estimate.routing import domain_skew  # noqa: E402
 from moesim.estimate.seeds import SeedPlan  # noqa: E402

@@ -158,7 +158,9 @@ for i, (name, load) in enumerate(loads.items()):
     rel = np.sort(relative_load(load))[::-1]
     axes[1].bar(np.arange(16) + (i - 0.5) * width, rel, width, label=name)
 axes[1].axhline(1, color="black", lw=0.8)
-axes[1].set(xlabel="expert (by load)", ylabel="load / mean load", title="final router, held-out tokens")
+axes[1].set(
+    xlabel="expert (by load)", ylabel="load / mean load", title="final router, held-out tokens"
+)
 axes[1].legend()
 plt.show()
 
@@ -239,7 +241,9 @@ axes[0].set(xlabel="α", ylabel="cos(∂L_aux/∂W, ∂L_task/∂W)", title="int
 ax2 = axes[0].twinx()
 ax2.plot(labels, ratio, "ko-")
 ax2.set(yscale="log", ylabel="‖∂L_aux/∂W‖ / ‖∂L_task/∂W‖")
-axes[1].plot(steps, smooth(loss_free.column("bias_moved"), WINDOW), label="assignments moved by the bias")
+axes[1].plot(
+    steps, smooth(loss_free.column("bias_moved"), WINDOW), label="assignments moved by the bias"
+)
 axes[1].set(xlabel="update", ylabel="share", title="loss-free perturbation")
 axes[1].legend()
 plt.show()
@@ -341,7 +345,8 @@ fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
 names = list(rows)
 ax.bar(names, [rows[n].balanced_gpu_hours for n in names], label="balanced routing")
 ax.bar(names, [rows[n].gpu_hours - rows[n].balanced_gpu_hours for n in names],
-       bottom=[rows[n].balanced_gpu_hours for n in names], label="added by imbalance and stragglers")
+       bottom=[rows[n].balanced_gpu_hours for n in names],
+       label="added by imbalance and stragglers")
 ax.set(ylabel="GPU-hours (20M tokens)", title="quickstart, shortened")
 ax.legend()
 plt.show()
@@ -349,7 +354,7 @@ plt.show()
 lines = ["| strategy | GPU-hours | cost (USD) | imbalance GPU-hours | step time (s) | task loss |",
          "|---|---|---|---|---|---|"]
 for n, s in rows.items():
-    lines.append(f"| {n} | {s.gpu_hours:.2f} | {s.cost_usd:.2f} | {s.imbalance_gpu_hours:.2f} | "
+    lines.append(f"| {n} | {s.gpu_hours:.4f} | {s.cost_usd:.3f} | {s.imbalance_gpu_hours:.4f} | "
                  f"{s.step_time_s:.3f} | {s.task_loss:.4f} |")
 display(Markdown("\n".join(lines)))
 full = quick.training.total_tokens / short.training.total_tokens
@@ -358,11 +363,12 @@ dearest = max(rows, key=lambda n: rows[n].gpu_hours)
 gap = rows[dearest].gpu_hours - rows[cheapest].gpu_hours
 display(Markdown(
     f"Over these 20M tokens on {short.cluster.gpus} H100 at ${price:.2f}/GPU-hour, "
-    f"**{dearest}** costs {rows[dearest].gpu_hours:.2f} GPU-hours (${rows[dearest].cost_usd:.2f}) "
-    f"and **{cheapest}** {rows[cheapest].gpu_hours:.2f} (${rows[cheapest].cost_usd:.2f}): the "
-    f"imbalance alone adds {rows[dearest].imbalance_gpu_hours:.2f} GPU-hours under {dearest}. "
+    f"**{dearest}** costs {rows[dearest].gpu_hours:.3f} GPU-hours (${rows[dearest].cost_usd:.2f}) "
+    f"and **{cheapest}** {rows[cheapest].gpu_hours:.3f} (${rows[cheapest].cost_usd:.2f}), "
+    f"{100 * gap / rows[cheapest].gpu_hours:.0f} % more; the imbalance alone adds "
+    f"{rows[dearest].imbalance_gpu_hours:.3f} GPU-hours under {dearest}. "
     f"At the same rate per token the full run's {quick.training.total_tokens:.1e} tokens "
-    f"would differ by about {gap * full:.0f} GPU-hours (${gap * full * price:,.0f}) — an "
+    f"would differ by about {gap * full:.1f} GPU-hours (${gap * full * price:,.2f}) — an "
     f"extrapolation of early training, where balance is worst. The task-loss column is the other "
     f"side of the dilemma: the balanced strategies buy their GPU-hours with task loss "
     f"(aux) or with the router's reliance on the bias (loss-free)."
