@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moesim.gate.metrics import expert_counts, max_vio
-from moesim.gate.router import route, route_options
+from moesim.gate.router import RouterState, route, route_options
 from moesim.gate.training import GateTrajectory
 from moesim.scenario.schema import Scenario
 
@@ -135,7 +135,7 @@ def window_steps(total_steps: int, windows: int) -> list[int]:
 def held_out_loads(
     scenario: Scenario,
     trajectory: GateTrajectory,
-    routers: list,  # list[RouterState]
+    routers: list[RouterState],
     tokens_trained: float,
     sequences: int,
     seed: int = 9,
