@@ -81,3 +81,19 @@ def test_quickstart_loss_free_balance_is_stable_over_the_last_windows():
     assert np.abs(np.diff(glob)).max() < 0.05
     assert np.abs(np.diff(batch)).max() < 0.05
     assert (loss[1:] <= 1.05 * loss[:-1]).all()
+
+
+def test_windows_cover_the_run_and_need_their_snapshots(make_scenario):
+    assert window_steps(10, 3) == [0, 3, 7, 10]
+    with pytest.raises(ValueError, match="windows: 11"):
+        window_steps(10, 11)
+    scenario = make_scenario(training={"total_tokens": 12 * 64 * 1024})
+    run = train_gate(scenario, scenario.strategies[1], [6], np.random.SeedSequence(1))
+    with pytest.raises(ValueError, match=r"no router snapshots at steps \[12\]"):
+        window_balance(scenario, run, 2)
+    run = train_gate(scenario, scenario.strategies[1], [6, 12], np.random.SeedSequence(1))
+    first, second = window_balance(scenario, run, 2, sequences=64)
+    # The windows' record means are those of the updates inside them.
+    assert first["maxvio_batch"] == pytest.approx(run.column("maxvio_batch")[:6].mean())
+    assert second["task_loss"] == pytest.approx(run.column("task_loss")[6:].mean())
+    assert (first["start"], first["end"], second["end"]) == (0, 6, 12)
