@@ -100,14 +100,18 @@ class TokenStream:
         self.domain_shares: npt.NDArray[np.float64] = np.array(
             [1.0] if domains is None else [d.share for d in domains], dtype=np.float64
         )
-        self.domain_starts: npt.NDArray[np.int64] = np.concatenate(([0], np.cumsum(sizes)))
+        starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self.domain_starts: npt.NDArray[np.int64] = starts
         self.domain_of_topic: npt.NDArray[np.int64] = np.repeat(
             np.arange(len(sizes), dtype=np.int64), sizes
         )
         # Zipf ranks restart in every domain; one domain gives the plain Zipf law over all topics.
         ranks = np.concatenate([np.arange(1, n + 1, dtype=np.float64) for n in sizes])
         weights = ranks ** (-params.zipf_exponent)
-        block_sums = np.add.reduceat(weights, self.domain_starts[:-1])
+        # Each block's sum as np.sum gives it (one block: exactly the plain Zipf normalisation).
+        block_sums = np.array(
+            [weights[a:b].sum() for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        )
         self._within: npt.NDArray[np.float64] = weights / block_sums[self.domain_of_topic]
         self.popularity: npt.NDArray[np.float64] = (
             self._within

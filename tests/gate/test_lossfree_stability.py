@@ -73,7 +73,8 @@ def test_quickstart_loss_free_balance_is_stable_over_the_last_windows():
     run = train_gate(
         scenario, LossFree(kind="loss_free", gamma=1e-3), bounds[1:], np.random.SeedSequence(7)
     )
-    windows = window_balance(scenario, run, 10)[-4:]
+    windows = window_balance(scenario, run, 10, last=4)
+    print(windows)
     glob = np.array([w["maxvio_global"] for w in windows])
     batch = np.array([w["maxvio_batch"] for w in windows])
     loss = np.array([w["task_loss"] for w in windows])
