@@ -376,9 +376,15 @@ display(Markdown(
     f"{rows[dearest].imbalance_gpu_hours:.3f} GPU-hours under {dearest}. "
     f"At the same rate per token the full run's {quick.training.total_tokens:.1e} tokens "
     f"would differ by about {gap * full:.1f} GPU-hours (${gap * full * price:,.2f}) — an "
-    f"extrapolation of early training, where balance is worst. The task-loss column is the other "
-    f"side of the dilemma: the balanced strategies buy their GPU-hours with task loss "
-    f"(aux) or with the router's reliance on the bias (loss-free)."
+    f"extrapolation of early training, where balance is worst. "
+    + (
+        f"The cheapest strategy pays in task loss: {rows[cheapest].task_loss:.4f} against "
+        f"{rows['none'].task_loss:.4f} without balancing."
+        if rows[cheapest].task_loss > rows["none"].task_loss
+        else f"This early the cheapest strategy pays no task loss ({rows[cheapest].task_loss:.4f} "
+        f"against {rows['none'].task_loss:.4f} without balancing): the price in quality shows "
+        f"over a longer run, as in the sweep of section 2."
+    )
 ))""",
     ),
     (
