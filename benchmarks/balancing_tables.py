@@ -8,7 +8,7 @@ sequences routed by the routers at the window's end), the mean MaxVio_batch of t
 updates and their mean task loss. The tables print the last window and the spread of
 MaxVio_global over the last three. ``--seeds n`` repeats every run with n seeds (the scenario's
 seed, then 1, 2, …) and prints the min–max band over seeds; ``--only alpha`` or ``--only
-gamma`` runs one of the two sweeps.
+gamma`` runs one of the two sweeps, ``--alphas``/``--gammas`` pick their values.
 
 Run ``OPENBLAS_NUM_THREADS=1 python benchmarks/balancing_tables.py`` (about 10 minutes on one
 core; ``--steps N`` shortens the run to N optimizer steps for a quick look).
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--only", choices=["alpha", "gamma"], default=None)
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     args = parser.parse_args()
     scenario = shortened(load_scenario(args.scenario), args.steps)
     seeds = [scenario.seed, *range(1, args.seeds)]
@@ -80,13 +82,13 @@ def main() -> None:
     )
     print(f"{scenario.name}: {scenario.total_steps} steps, {args.windows} windows, seeds {seeds}")
     print(header.format("α"))
-    for alpha in ALPHAS if args.only != "gamma" else ():
+    for alpha in args.alphas if args.only != "gamma" else ():
         spec = NoBalancing(kind="none") if alpha == 0 else AuxLoss(kind="aux_loss", alpha=alpha)
         runs = [measure(scenario, spec, args.windows, s) for s in seeds]
         print(row(f"{alpha:g}", runs), flush=True)
     print()
     print(header.format("γ"))
-    for gamma in GAMMAS if args.only != "alpha" else ():
+    for gamma in args.gammas if args.only != "alpha" else ():
         runs = [
             measure(scenario, LossFree(kind="loss_free", gamma=gamma), args.windows, s)
             for s in seeds
