@@ -11,6 +11,7 @@ Layout::
     routing_by_domain.parquet  the final routers' load skew per data domain and pooled
     gpu_hours.png cost.png   curves against tokens trained, one line per strategy
     step_breakdown.png       where each strategy's GPU time goes in a step
+    routing_by_domain.png/.svg  that skew per domain (runs with a trained gate)
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
 A run is written into a hidden sibling directory (``.<name>.partial-<host>-<pid>-…``) and
