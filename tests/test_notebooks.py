@@ -1,7 +1,8 @@
 """The analysis notebooks run from a clean kernel and are committed without outputs.
 
-``notebooks/balancing_dilemma.ipynb`` trains 8 small gates and a shortened quickstart estimate; it is
-written by ``notebooks/build_balancing_dilemma.py``, and the committed file must match it.
+``notebooks/balancing_dilemma.ipynb`` trains 8 small gates and estimates a shortened quickstart
+(about 2 minutes on a busy two-core machine); it is written by
+``notebooks/build_balancing_dilemma.py``, and the committed file must match it.
 ``quickstart.ipynb`` is executed by ``tests/test_end_to_end.py`` (it needs a run directory).
 ``sweep.ipynb`` runs a three-point sweep of a shortened quickstart (about 15 s on two cores).
 Executed notebooks must show their figures: importing moesim must not switch matplotlib's
