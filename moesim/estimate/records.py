@@ -257,6 +257,9 @@ class RunEstimate:
     gate_windows: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per run with a gate: its window summary (``GateTrajectory.tail_summary``), from which
     the summary's :class:`GateWindow` is read."""
+    routing_by_domain: list[dict[str, float | int | str]] = field(default_factory=list)
+    """Per run with a gate, simulated layer and data domain (and ``pooled``): the final
+    routers' load skew (:func:`moesim.estimate.routing.domain_skew`)."""
     kernels: list[Kernel] = field(default_factory=list)
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""

@@ -1,6 +1,6 @@
 """Where each run's routing comes from: the gate trained under each strategy over the whole
 run (in parallel processes when asked), or a recorded trace replayed; and the final routers'
-topic × expert load (their specialisation)."""
+topic × expert load (their specialisation) and load skew per data domain."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
-from moesim.gate.metrics import topic_expert_load
+from moesim.gate.metrics import SKEW_STATS, expert_counts, load_skew, pooled_load, topic_expert_load
 from moesim.gate.router import route, route_options
 from moesim.gate.trace import scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
@@ -123,3 +123,85 @@ def topic_load(
         scenario.model.moe.routed_experts,
         routing.dropped,
     )
+
+
+DOMAIN_TOKENS = 100_000
+"""Routed tokens per domain (at least) for ``routing_by_domain``: with sequences of one
+topic-dominated mixture each, MaxVio's sampling noise falls with the number of sequences, and
+this many tokens keep it to a few hundredths at the quickstart's size."""
+
+DOMAIN_COLUMNS = ("strategy", "layer", "domain", *SKEW_STATS, "tokens")
+
+
+def domain_skew(
+    scenario: Scenario,
+    name: str,
+    trajectory: GateTrajectory,
+    seeds: SeedPlan,
+    tokens_per_domain: int = DOMAIN_TOKENS,
+) -> list[dict[str, float | int | str]]:
+    """The final routers' load skew per data domain, and pooled over the stream's domain mix.
+
+    Per domain of the stream (``stream.domains``; one domain without them), sequences of that
+    domain only are drawn at the popularity the stream has at the end of training (packed as in
+    training) until at least ``tokens_per_domain`` tokens, and every simulated layer's final
+    router routes them in micro-batches (bias and capacity as in training). A row per strategy,
+    layer and domain gives MaxVio, the coefficient of variation and min/mean of that domain's
+    expert loads (:func:`~moesim.gate.metrics.load_skew`), and one row ``pooled`` per layer
+    those of the domains' loads mixed by their shares (:func:`~moesim.gate.metrics.pooled_load`).
+    A stream without domains has only the ``pooled`` rows. ``name`` labels the rows (the run's
+    strategy). Every strategy routes the same
+    sequences (the ``domains`` seed).
+    """
+    gate, stream = scenario.gate, trajectory.stream
+    n_experts = scenario.model.moe.routed_experts
+    tps = gate.tokens_per_sequence
+    micro = scenario.parallelism.micro_batch_size
+    per_micro = micro * tps
+    sequences = -(-tokens_per_domain // per_micro) * micro
+    options = route_options(scenario)
+    rng = np.random.default_rng(seeds.domains)
+    n_layers = len(trajectory.final)
+    loads = np.zeros((n_layers, stream.n_domains, n_experts), dtype=np.int64)
+    tokens = np.zeros(stream.n_domains, dtype=np.int64)
+    for d in range(stream.n_domains):
+        x, _ = stream.sample(
+            sequences,
+            tps,
+            rng,
+            tokens_trained=scenario.training.total_tokens,
+            sequences_per_micro_batch=micro,
+            domain=d,
+        )
+        flat = x.reshape(-1, x.shape[-1])
+        tokens[d] = flat.shape[0]
+        for layer, state in enumerate(trajectory.final):
+            routing = route(
+                flat, state, **options, segments=flat.shape[0] // per_micro, tokens_per_sequence=tps
+            )
+            loads[layer, d] = expert_counts(routing.selected, n_experts, dropped=routing.dropped)
+    rows: list[dict[str, float | int | str]] = []
+    for layer in range(n_layers):
+        named = [] if scenario.stream.domains is None else list(enumerate(stream.domain_names))
+        for d, domain in named:
+            stats = load_skew(loads[layer, d])
+            rows.append(
+                {
+                    "strategy": name,
+                    "layer": layer,
+                    "domain": domain,
+                    **{k: float(v) for k, v in stats.items()},
+                    "tokens": int(tokens[d]),
+                }
+            )
+        pooled = load_skew(pooled_load(loads[layer], tokens, stream.domain_shares))
+        rows.append(
+            {
+                "strategy": name,
+                "layer": layer,
+                "domain": "pooled",
+                **{k: float(v) for k, v in pooled.items()},
+                "tokens": int(tokens.sum()),
+            }
+        )
+    return rows

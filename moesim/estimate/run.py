@@ -24,7 +24,7 @@ from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.eplb import eplb_step, eplb_steps
 from moesim.estimate.hardware import point_hardware, simulate_on
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
-from moesim.estimate.routing import routing_sources, topic_load
+from moesim.estimate.routing import domain_skew, routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import integrate, scenario_points
@@ -103,12 +103,14 @@ def _estimate_run(
     traced = None
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
     gate_windows: dict[str, dict[str, float]] = {}
+    by_domain: list[dict[str, float | int | str]] = []
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
     for source in routing_sources(scenario, snapshots, seeds, n_src, n_dest, workers):
         name = source.name
         if source.gate is not None:
             specialisation[name] = topic_load(scenario, source.gate, seeds)
             gate_windows[name] = source.gate.tail_summary()
+            by_domain.extend(domain_skew(scenario, name, source.gate, seeds))
         gate_records[name] = source.records
         tick(f"{name}: routing ready")
         if traced is None and scenario.output.trace:
@@ -169,5 +171,6 @@ def _estimate_run(
         summary=summary,
         timeline=timeline,
         gate_windows=gate_windows,
+        routing_by_domain=by_domain,
         kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
     )

@@ -12,6 +12,8 @@ Children of the root, by index:
    episodes and jitter (the others). The batch on which the final routers' topic × expert load
    is measured (``specialisation``) is drawn from this child's own stream, which the hardware
    draws never use (they use its children).
+3. ``domains``: the per-domain held-out sequences on which the final routers' skew by data
+   domain is measured (``routing_by_domain``).
 
 Each accessor builds its ``SeedSequence`` afresh, so the order in which the parts ask for their
 seeds does not matter.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-GATE, SAMPLES, HARDWARE = 0, 1, 2
+GATE, SAMPLES, HARDWARE, DOMAINS = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,8 @@ class SeedPlan:
     def specialisation(self) -> np.random.SeedSequence:
         """The seed of the held-out batch that measures the final routers' specialisation."""
         return self._child(HARDWARE)
+
+    @property
+    def domains(self) -> np.random.SeedSequence:
+        """The seed of the per-domain held-out sequences that measure the final routers' skew."""
+        return self._child(DOMAINS)

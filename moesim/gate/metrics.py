@@ -296,3 +296,66 @@ def relative_load(load: npt.ArrayLike) -> npt.NDArray[np.float64]:
     c = np.asarray(load, dtype=np.float64)
     mean = c.mean(axis=-1, keepdims=True)
     return np.divide(c, mean, out=np.zeros_like(c), where=mean > 0)
+
+
+def min_over_mean(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Load of the least loaded expert over the mean load along the last axis (1 when balanced,
+    0 when some expert gets nothing); an all-zero load gives 0.
+
+    Parameters
+    ----------
+    counts : array_like, shape (..., E)
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    mean = c.mean(axis=-1)
+    return np.divide(c.min(axis=-1), mean, out=np.zeros_like(mean), where=mean > 0)
+
+
+SKEW_STATS = ("maxvio", "cv", "min_over_mean")
+"""The skew statistics of one load vector, in the columns of ``routing_by_domain``."""
+
+
+def load_skew(counts: npt.ArrayLike) -> dict[str, npt.NDArray[np.float64]]:
+    """MaxVio, coefficient of variation and min/mean of loads along the last axis.
+
+    Parameters
+    ----------
+    counts : array_like, shape (..., E)
+
+    Returns
+    -------
+    dict of str to ndarray, shape (...)
+        Keys :data:`SKEW_STATS`.
+    """
+    return {
+        "maxvio": max_vio(counts),
+        "cv": coefficient_of_variation(counts),
+        "min_over_mean": min_over_mean(counts),
+    }
+
+
+def pooled_load(loads: npt.ArrayLike, tokens: npt.ArrayLike, shares: npt.ArrayLike) -> npt.NDArray:
+    """The load of a stream mixing domains by ``shares``, from per-domain loads measured on
+    ``tokens`` tokens each: ``Σ_d share_d · load_d / tokens_d`` (expected assignments per token
+    of the mixed stream), so each domain weighs by its share, not by its sample size.
+
+    Parameters
+    ----------
+    loads : array_like, shape (D, E)
+    tokens : array_like, shape (D,)
+        Tokens routed for each domain's row (all positive).
+    shares : array_like, shape (D,)
+        The domains' shares of the stream.
+
+    Returns
+    -------
+    ndarray, shape (E,), float64
+    """
+    c = np.asarray(loads, dtype=np.float64)
+    n = np.asarray(tokens, dtype=np.float64)
+    w = np.asarray(shares, dtype=np.float64)
+    if c.ndim != 2 or n.shape != (c.shape[0],) or w.shape != (c.shape[0],):
+        raise ValueError(f"loads, tokens, shares: shapes {c.shape}, {n.shape}, {w.shape}")
+    if np.any(n <= 0):
+        raise ValueError("tokens: every domain needs routed tokens")
+    return np.asarray((w / n) @ c, dtype=np.float64)

@@ -534,3 +534,44 @@ def write_sweep_plots(table: pd.DataFrame, out_dir: Path) -> list[Path]:
         fig.suptitle(f"GPU-hours and cost against {key}")
         written += _save_png_svg(fig, out_dir, sweep_plot_name(key))
     return written
+
+
+def write_routing_by_domain(table: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Write ``routing_by_domain.png`` and ``.svg``: the final routers' MaxVio and min/mean
+    load per data domain and pooled (``routing_by_domain.parquet``), one bar per strategy,
+    averaged over the simulated layers with their range as whiskers."""
+    domains = list(pd.unique(table["domain"]))
+    # The pooled row last, after the domains in their scenario order.
+    domains = [d for d in domains if d != "pooled"] + ["pooled"]
+    strategies = list(pd.unique(table["strategy"]))
+    fig = _figure(figsize=(2.4 + 0.9 * len(domains) * max(1, len(strategies)) / 2, 3.6), dpi=120)
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    width = 0.8 / max(1, len(strategies))
+    x = np.arange(len(domains))
+    for ax, column, label in (
+        (axes[0], "maxvio", "MaxVio (max / mean − 1)"),
+        (axes[1], "min_over_mean", "min / mean load"),
+    ):
+        for j, name in enumerate(strategies):
+            rows = table[table["strategy"] == name].groupby("domain")[column]
+            mean = rows.mean().reindex(domains).to_numpy(dtype=float)
+            low = mean - rows.min().reindex(domains).to_numpy(dtype=float)
+            high = rows.max().reindex(domains).to_numpy(dtype=float) - mean
+            ax.bar(x + (j - (len(strategies) - 1) / 2) * width, mean, width, label=name)
+            ax.errorbar(
+                x + (j - (len(strategies) - 1) / 2) * width,
+                mean,
+                yerr=[low, high],
+                fmt="none",
+                ecolor="black",
+                elinewidth=0.8,
+            )
+        ax.set_xticks(x, domains, rotation=30, ha="right")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Final routers' expert-load skew by data domain")
+    fig.tight_layout()
+    paths = [out_dir / "routing_by_domain.png", out_dir / "routing_by_domain.svg"]
+    for path in paths:
+        fig.savefig(path, metadata={"Software": None} if path.suffix == ".png" else {"Date": None})
+    return paths

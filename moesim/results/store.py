@@ -8,8 +8,10 @@ Layout::
     summary.json             per-strategy scalars (step time, GPU-hours, cost, MaxVio, …)
     timeline.parquet gate.parquet steps.parquet gpus.parquet experts.parquet links.parquet
     specialisation.parquet kernels.parquet
+    routing_by_domain.parquet  the final routers' load skew per data domain and pooled
     gpu_hours.png cost.png   curves against tokens trained, one line per strategy
     step_breakdown.png       where each strategy's GPU time goes in a step
+    routing_by_domain.png/.svg  that skew per domain (runs with a trained gate)
     trace.json.gz            one simulated step's timeline (Chrome trace format; Perfetto)
 
 A run is written into a hidden sibling directory (``.<name>.partial-<host>-<pid>-…``) and
@@ -59,6 +61,16 @@ TABLES = (
     "links",
     "specialisation",
     "kernels",
+    "routing_by_domain",
+)
+ROUTING_BY_DOMAIN_COLUMNS = (
+    "strategy",
+    "layer",
+    "domain",
+    "maxvio",
+    "cv",
+    "min_over_mean",
+    "tokens",
 )
 _PACKAGES = ("simpy", "numpy", "pandas", "pydantic", "pyarrow", "matplotlib")
 
@@ -107,6 +119,9 @@ def build_tables(est: RunEstimate) -> dict[str, pd.DataFrame]:
         "links": tables.links_table(est),
         "specialisation": tables.specialisation_table(est),
         "kernels": tables.kernels_table(est),
+        "routing_by_domain": pd.DataFrame(
+            est.routing_by_domain, columns=list(ROUTING_BY_DOMAIN_COLUMNS)
+        ),
     }
 
 
@@ -244,6 +259,8 @@ def write_run(
             frames["gpus"],
             frames["experts"],
         )
+        if not frames["routing_by_domain"].empty:
+            plots.write_routing_by_domain(frames["routing_by_domain"], tmp)
         traced = [s for s in est.steps if s.result.trace]
         if traced:
             step = traced[0]
@@ -293,6 +310,7 @@ class RunResults:
     links: pd.DataFrame
     specialisation: pd.DataFrame
     kernels: pd.DataFrame
+    routing_by_domain: pd.DataFrame
 
     def __repr__(self) -> str:
         sc = self.scenario

@@ -29,6 +29,8 @@ token, device-level dropping at capacity 1.0 with 10% of the sequences exempt)::
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -185,6 +187,53 @@ class Router(Frozen):
             raise ValueError(
                 "router.capacity: a gate.trace replays loads as processed; drop the capacity"
             )
+        for message in slow_bias_messages(scenario):
+            warnings.warn(message, BiasSpeedWarning, stacklevel=2)
+
+
+class BiasSpeedWarning(UserWarning):
+    """A loss-free bias step γ below the gate router's largest score change per update
+    (:func:`score_step_bound`): the bias can fall behind the router's learning."""
+
+
+def score_step_bound(scenario: Scenario) -> float:
+    """The largest change one Adam step can make to a router score of the gate:
+    ``slope · gate.learning_rate · E‖u‖₁`` (docs/model/gate.md, "Loss-free stability").
+
+    Adam moves every router weight by at most about ``learning_rate`` per update, so a logit
+    ``w_i·u`` moves by at most ``learning_rate · ‖u‖₁``; a sigmoid score by at most a quarter of
+    that (σ' ≤ 1/4), a softmax probability by at most half (``Σ_j |∂p_i/∂z_j| ≤ 2 p_i(1 − p_i)``).
+    The stream's inputs (unit centroid, common direction of norm ``common``, noise of RMS norm
+    ``noise``) have coordinates of variance ``(1 + common² + noise²)/dim``, close to Gaussian,
+    hence ``E‖u‖₁ = √(2·dim/π) · √(1 + common² + noise²)``.
+    """
+    stream = scenario.stream
+    slope = 0.25 if scenario.router.score == "sigmoid" else 0.5
+    l1 = math.sqrt(2.0 * stream.dim / math.pi) * math.sqrt(1.0 + stream.common**2 + stream.noise**2)
+    return slope * scenario.gate.learning_rate * l1
+
+
+def slow_bias_messages(scenario: Scenario) -> list[str]:
+    """One message per strategy whose additive sign-rule bias starts with γ below
+    :func:`score_step_bound` (none with ``gate.trace``, which trains no router)."""
+    if scenario.gate.trace is not None:
+        return []
+    bound = score_step_bound(scenario)
+    out = []
+    for i, strategy in enumerate(scenario.strategies):
+        bias = strategy.canonical().bias
+        if bias is None or bias.mode != "add" or bias.rule != "sign":
+            continue
+        gamma = bias.gamma_at(0.0)
+        if 0 < gamma < bound:
+            out.append(
+                f"strategies[{i}]: the bias step γ = {gamma:g} is below the largest change "
+                f"{bound:.2g} one gate update can make to a router score (¼·gate.learning_rate·"
+                f"E‖u‖₁, docs/model/gate.md 'Loss-free stability'): the bias can lag the "
+                f"router's learning and the gate's balance converge late; raise γ above it or "
+                f"lower gate.learning_rate below {gamma / bound * scenario.gate.learning_rate:.2g}"
+            )
+    return out
 
 
 def _check_holds(path: str, kept: int, per_group: int, top_k: int, what: str) -> None:
@@ -192,6 +241,25 @@ def _check_holds(path: str, kept: int, per_group: int, top_k: int, what: str) ->
         raise ValueError(
             f"{path}: {kept} {what}(s) of {per_group} experts cannot hold top_k = {top_k} experts"
         )
+
+
+class Domain(Frozen):
+    """One data domain of the stream (a data source such as code, web text or papers): a block
+    of topics that its sequences draw from, and its share of the sequences."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="label in routing_by_domain.parquet (letters, digits, _ . -; not 'pooled')",
+    )
+    share: Annotated[float, Field(gt=0, le=1)] = Field(
+        description="share of the stream's sequences from this domain; shares sum to 1"
+    )
+    topics: Count = Field(
+        description="topics of this domain (its sequences mix only these); the domains' topics "
+        "sum to stream.topics, taken in order as contiguous blocks"
+    )
 
 
 class Stream(Frozen):
@@ -247,6 +315,20 @@ class Stream(Frozen):
         "its micro-batch's dominant topic (the rest is the usual Dirichlet mixture); "
         "1 = single-topic micro-batches",
     )
+    domains: tuple[Domain, ...] | None = Field(
+        None,
+        max_length=256,
+        description="data domains as blocks of topics, each with its share of the sequences: a "
+        "sequence (a document) comes from one domain and mixes only its topics, the Zipf law "
+        "ranks topics within each domain, and packed micro-batches share a domain; none = one "
+        "domain of all topics (docs/model/gate.md, 'Data domains')",
+    )
+    domain_overlap: UnitInterval = Field(
+        0.5,
+        description="with domains: the share of each sequence's topic mixture drawn from all "
+        "topics at the stream's popularity (tokens of kinds every domain has: function words, "
+        "punctuation, numbers) rather than from its own domain's topics; 0 = disjoint domains",
+    )
     drift_tokens: PositiveFloat | None = Field(
         None,
         ge=1,
@@ -255,6 +337,26 @@ class Stream(Frozen):
         "moves one topic along (topic k takes the popularity topic k−1 had), blended linearly "
         "in between, so the hot experts move and a balancer must track them; none = a fixed mix",
     )
+
+    @model_validator(mode="after")
+    def _check_domains(self) -> Stream:
+        if self.domains is None:
+            return self
+        names = [d.name for d in self.domains]
+        if "pooled" in names:
+            raise ValueError("domains: 'pooled' names all domains together; pick another name")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"domains: names must be unique; repeated: {', '.join(repeated)}")
+        n_topics = sum(d.topics for d in self.domains)
+        if n_topics != self.topics:
+            raise ValueError(
+                f"domains: their topics sum to {n_topics}, but stream.topics is {self.topics}"
+            )
+        total = sum(d.share for d in self.domains)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"domains: shares sum to {total:.6g}; they must sum to 1")
+        return self
 
 
 class Trace(Frozen):
