@@ -176,6 +176,10 @@ class RunSummary:
     """P10/P50/P90 over seeds of some of the scalars above (``estimate_with_bands``)."""
     seeds: int | None = None
     """Seeds the percentiles are over (None for a single-seed estimate)."""
+    memory: dict[str, float] = field(default_factory=dict)
+    """The worst GPU's estimated peak memory: ``memory_<component>_gib`` for weights,
+    gradients, optimizer, activations, buffers and reserved, ``memory_total_gib`` and
+    ``memory_capacity_gib`` (:mod:`moesim.cluster.memory`); the same for every run."""
 
     @property
     def failure_gpu_hours(self) -> float | None:
@@ -204,6 +208,8 @@ class RunSummary:
             elif f.name == "seeds":
                 if value is not None:
                     out["seeds"] = value
+            elif f.name == "memory":
+                out.update(value)
             elif is_dataclass(value):
                 out.update(asdict(value))  # type: ignore[arg-type]
             else:

@@ -15,6 +15,7 @@ so differences between strategies come from the strategies, not from sampling no
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +24,7 @@ from moesim.engine import StepContext, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.eplb import eplb_step, eplb_steps
 from moesim.estimate.hardware import point_hardware, simulate_on
+from moesim.estimate.memory import check_memory
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
 from moesim.estimate.routing import routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
@@ -58,6 +60,7 @@ def _estimate_run(
 ) -> RunEstimate:
     tick = progress or (lambda _label: None)
     ctx = build_context(scenario)
+    memory = check_memory(scenario, ctx.piece_layers).gib()  # refuse before simulating
     contexts = {scenario.micro_batches: ctx}
 
     def context_at(step: int) -> StepContext:
@@ -149,6 +152,7 @@ def _estimate_run(
     timeline, summary = integrate(
         scenario, simulated, balanced, balanced_s, gate_records, gate_windows
     )
+    summary = {name: replace(s, memory=memory) for name, s in summary.items()}
     return RunEstimate(
         scenario,
         simulated,

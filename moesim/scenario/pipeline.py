@@ -329,3 +329,32 @@ def check_schedule(kind: str, stages: int, micro_batches: int, virtual: int) -> 
     """:func:`check_pipeline` and :func:`check_micro_batches` together."""
     check_pipeline(kind, stages, virtual)
     check_micro_batches(kind, stages, micro_batches)
+
+
+def in_flight_at_peak(
+    kind: str, stages: int, micro_batches: int, virtual: int, rank: int
+) -> dict[int, int]:
+    """Which pieces' activations ``rank`` holds at its :func:`peak_in_flight`, as
+    ``{piece: micro-batches}`` (the pieces may differ in size: the embedding and head pieces,
+    uneven splits).
+
+    * one piece per rank: all of them on that piece;
+    * ``interleaved``: the warm-up forwards and the first steady one, taken chunk by chunk in
+      groups of ``stages`` micro-batches;
+    * ``dualpipe``: with ``h = min(rank, stages − 1 − rank)``, ``h + 1`` micro-batches of the
+      direction that enters at the far end and the rest of the one that enters at this rank's
+      end (the warm-up order of the near direction, then the steady ``F``-before-``B`` units).
+    """
+    peak = peak_in_flight(kind, stages, micro_batches, virtual)[rank]
+    if kind == "interleaved":
+        held: dict[int, int] = {}
+        for k in range(peak):
+            chunk = (k % (stages * virtual)) // stages
+            piece = chunk * stages + rank
+            held[piece] = held.get(piece, 0) + 1
+        return held
+    if kind == "dualpipe":
+        h = min(rank, stages - 1 - rank)
+        near, far = (rank, stages - 1 - rank) if rank < stages // 2 else (stages - 1 - rank, rank)
+        return {near: peak - (h + 1), far: h + 1}
+    return {rank: peak}
