@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from moesim.cluster import model_costs
 from moesim.engine import build_context
 from moesim.engine.schedules import build_schedule
 from moesim.errors import ScenarioError
@@ -34,10 +35,12 @@ def test_94_layers_on_32_stages_by_3_with_embedding_and_head_counted():
     assert counts == (0,) + (1,) * 94 + (0,)
     sch = build_schedule("interleaved", 32, 64, 3)
     pieces = sch.piece_layers(94, BOTH)
-    assert pieces[0] == [] and pieces[-1] == []
+    assert pieces[0] == []
+    assert pieces[-1] == []
     assert [layer for piece in pieces for layer in piece] == list(range(94))
     # Piece 0 and the last piece sit on ranks 0 and 31; every rank holds 3 slots.
-    assert sch.rank_of(0, 0) == 0 and sch.rank_of(0, 95) == 31
+    assert sch.rank_of(0, 0) == 0
+    assert sch.rank_of(0, 95) == 31
     per_rank = [sum(len(pieces[p]) for p in sch.held_pieces(r)) for r in range(32)]
     assert per_rank == [2] + [3] * 30 + [2]
 
@@ -167,9 +170,13 @@ def test_engine_pieces_follow_the_rule(tiny_dict):
     tiny_dict["training"]["global_batch_sequences"] = 32
     ctx = build_context(scenario_from_dict(tiny_dict))
     assert ctx.piece_layers == [[], [0], [1], [2], [3], []]
-    # Rank 0 holds pieces 0, 2, 4: the embedding and layers 1 and 3 (one MoE layer's
-    # attention each); rank 1 pieces 1, 3, 5: the dense layer 0, MoE layer 2 and the head.
-    assert ctx.dense_params[0] > 0 and ctx.dense_params[1] > 0
+    # Rank 0 holds pieces 0, 2, 4: the embedding and MoE layers 1 and 3; rank 1 pieces
+    # 1, 3, 5: the dense layer 0, MoE layer 2 and the head.
+    c = model_costs(ctx.scenario.model)
+    moe_dense = c.attention.params + c.router_params + c.expert_params  # one shared expert
+    dense_layer = c.attention.params + c.dense_ffn_params
+    assert ctx.dense_params[0] == c.embedding_params + 2 * moe_dense
+    assert ctx.dense_params[1] == dense_layer + moe_dense + c.head_params
     del p["embedding_counts_as_layer"], p["head_counts_as_layer"]
     p.update(schedule="1f1b", virtual_stages=1, first_stage_layers=1)
     tiny_dict["training"]["global_batch_sequences"] = 16
