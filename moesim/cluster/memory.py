@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from moesim import units
 from moesim.cluster.model_costs import attention_costs, swiglu_params
-from moesim.scenario.pipeline import in_flight_at_peak, piece_layer_counts, pieces_on_rank
+from moesim.scenario.pipeline import in_flight_at_peak, piece_layers, pieces_on_rank
 from moesim.scenario.schema import Model, Parallelism, Scenario
 
 ADAM_BYTES_PER_PARAM = 12
@@ -396,12 +396,7 @@ def dp_bucket_bytes(grad_dtype: str, degrees: Degrees) -> float:
 def scenario_pieces(scenario: Scenario) -> list[list[int]]:
     """The layers of each piece under the scenario's split rule (``layer_split: even``)."""
     m, p = scenario.model, scenario.parallelism
-    counts = piece_layer_counts(m.layers, p.pipeline, p.virtual_stages, p.piece_split)
-    out, start = [], 0
-    for n in counts:
-        out.append(list(range(start, start + n)))
-        start += n
-    return out
+    return piece_layers(m.layers, p.pipeline, p.virtual_stages, p.piece_split)
 
 
 def gpu_memory(

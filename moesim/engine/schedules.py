@@ -63,7 +63,7 @@ from moesim.scenario.pipeline import (
     SCHEDULES,
     PieceSplit,
     check_schedule,
-    piece_layer_counts,
+    piece_layers,
     pieces_on_rank,
 )
 
@@ -231,12 +231,7 @@ class Schedule:
         head. Under ``'dualpipe'`` both directions use this split (piece ``p`` of either copy
         has the same layers).
         """
-        out: list[list[int]] = []
-        start = 0
-        for size in piece_layer_counts(n_layers, self.stages, self.virtual, split):
-            out.append(list(range(start, start + size)))
-            start += size
-        return out
+        return piece_layers(n_layers, self.stages, self.virtual, split)
 
     def peak_in_flight(self) -> list[int]:
         """Per rank, the most pieces whose activations are held at once.

@@ -216,6 +216,19 @@ def piece_layer_counts(
     return tuple(counts)
 
 
+def piece_layers(
+    layers: int, stages: int, virtual: int, split: PieceSplit = EVEN
+) -> list[list[int]]:
+    """The layer indices of each piece, in path order (:func:`piece_layer_counts` sizes,
+    consecutive layers)."""
+    out: list[list[int]] = []
+    start = 0
+    for size in piece_layer_counts(layers, stages, virtual, split):
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
 def _pinned_counts(layers: int, stages: int, virtual: int, split: PieceSplit) -> list[int]:
     first, last = split.first_stage_layers, split.last_stage_layers
     field = (
