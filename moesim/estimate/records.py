@@ -176,10 +176,6 @@ class RunSummary:
     """P10/P50/P90 over seeds of some of the scalars above (``estimate_with_bands``)."""
     seeds: int | None = None
     """Seeds the percentiles are over (None for a single-seed estimate)."""
-    memory: dict[str, float] = field(default_factory=dict)
-    """The worst GPU's estimated peak memory: ``memory_<component>_gib`` for weights,
-    gradients, optimizer, activations, buffers and reserved, ``memory_total_gib`` and
-    ``memory_capacity_gib`` (:mod:`moesim.cluster.memory`); the same for every run."""
 
     @property
     def failure_gpu_hours(self) -> float | None:
@@ -208,8 +204,6 @@ class RunSummary:
             elif f.name == "seeds":
                 if value is not None:
                     out["seeds"] = value
-            elif f.name == "memory":
-                out.update(value)
             elif is_dataclass(value):
                 out.update(asdict(value))  # type: ignore[arg-type]
             else:
@@ -260,6 +254,13 @@ class RunEstimate:
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""
 
+    memory: dict[str, float] = field(default_factory=dict)
+    """The worst GPU's estimated peak memory: ``memory_<component>_gib`` for weights,
+    gradients, optimizer, activations, buffers and reserved, ``memory_total_gib`` and
+    ``memory_capacity_gib`` (:mod:`moesim.cluster.memory`); a property of the layout, the
+    same for every run."""
+
     def summary_dict(self) -> dict[str, dict[str, Scalar]]:
-        """The per-run summaries in their flat ``summary.json`` form."""
-        return {name: s.as_dict() for name, s in self.summary.items()}
+        """The per-run summaries in their flat ``summary.json`` form, each with the layout's
+        memory estimate."""
+        return {name: {**s.as_dict(), **self.memory} for name, s in self.summary.items()}

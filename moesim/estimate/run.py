@@ -15,7 +15,6 @@ so differences between strategies come from the strategies, not from sampling no
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
@@ -152,7 +151,6 @@ def _estimate_run(
     timeline, summary = integrate(
         scenario, simulated, balanced, balanced_s, gate_records, gate_windows
     )
-    summary = {name: replace(s, memory=memory) for name, s in summary.items()}
     return RunEstimate(
         scenario,
         simulated,
@@ -165,4 +163,5 @@ def _estimate_run(
         timeline=timeline,
         gate_windows=gate_windows,
         kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
+        memory=memory,
     )
