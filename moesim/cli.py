@@ -264,13 +264,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
         from moesim.gate.trace import scenario_trace
 
         scenario_trace(sc)
+    from moesim.estimate.memory import check_memory
+
+    memory = check_memory(sc)  # a layout that does not fit the GPU is not valid
     print(
         f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
         f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
         f"{sc.micro_batches} micro-batches/step, {sc.total_steps:,} steps, "
         f"strategies: {', '.join(s.name for s in sc.strategies)}"
     )
+    print(format_memory(memory))
     return 0
+
+
+def format_memory(est: Any) -> str:
+    """The worst GPU's memory estimate (a :class:`moesim.cluster.memory.MemoryEstimate`) on
+    one line."""
+    from moesim import units
+    from moesim.cluster.memory import COMPONENTS
+
+    parts = ", ".join(f"{name} {getattr(est, name) / units.GiB:.1f}" for name in COMPONENTS)
+    return (
+        f"peak memory per GPU (worst: pipeline stage {est.stage}): "
+        f"{est.total / units.GiB:.1f} GiB of {est.capacity / units.GiB:.1f} GiB ({est.gpu}) "
+        f"— {parts} GiB"
+    )
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -248,10 +248,14 @@ def plan(
     design: Sequence[dict[str, Any]],
     sets: Sequence[str | tuple[str, Any]] = (),
 ) -> list[SweepPoint]:
-    """Validate the scenario at every point of ``design`` (fixed ``sets`` first)."""
+    """Validate the scenario at every point of ``design`` (fixed ``sets`` first), its
+    per-GPU memory estimate included."""
+    from moesim.estimate.memory import check_memory
+
     points = []
     for values in design:
         scenario = load_scenario(scenario_path, sets=[*sets, *values.items()])
+        check_memory(scenario)
         points.append(SweepPoint(point_name(values), values, scenario))
     return points
 

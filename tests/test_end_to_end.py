@@ -148,3 +148,21 @@ def test_same_seed_identical_tables(tmp_path, tiny_dict):
     c = tmp_path / "c"
     assert main(["run", str(scenario), "--out", str(c), "--seed", "99", "--quiet"]) == 0
     assert (a / "summary.json").read_text() != (c / "summary.json").read_text()
+
+
+def test_quickstart_summary_holds_the_memory_estimate(quickstart_run):
+    from moesim import units
+    from moesim.estimate.memory import memory_estimate
+    from moesim.scenario import load_scenario
+
+    expected = memory_estimate(load_scenario(ROOT / "scenarios" / "quickstart.yaml"))
+    summary = json.loads((quickstart_run / "summary.json").read_text())
+    for values in summary.values():
+        assert values["memory_total_gib"] == pytest.approx(expected.total / units.GiB)
+        assert values["memory_activations_gib"] == pytest.approx(expected.activations / units.GiB)
+        assert values["memory_capacity_gib"] == pytest.approx(
+            units.gigabytes_in_gib(80)  # the H100's 80 GB
+        )
+        parts = ("weights", "gradients", "optimizer", "activations", "buffers", "reserved")
+        total = sum(values[f"memory_{p}_gib"] for p in parts)
+        assert values["memory_total_gib"] == pytest.approx(total)

@@ -58,7 +58,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moesim.errors import SimulationError
-from moesim.scenario.pipeline import SCHEDULES, check_pieces, check_schedule
+from moesim.scenario.pipeline import (
+    EVEN,
+    SCHEDULES,
+    PieceSplit,
+    check_schedule,
+    piece_layers,
+    pieces_on_rank,
+)
 
 KINDS = SCHEDULES
 
@@ -168,11 +175,7 @@ class Schedule:
 
     def pieces_on(self, rank: int) -> list[tuple[int, int]]:
         """The ``(direction, piece)`` a rank holds: its chunks, or one piece per copy."""
-        if not 0 <= rank < self.stages:
-            raise ValueError(f"rank {rank} outside 0..{self.stages - 1}")
-        if self.kind == "dualpipe":
-            return [(0, rank), (1, self.stages - 1 - rank)]
-        return [(0, rank + c * self.stages) for c in range(self.virtual)]
+        return pieces_on_rank(self.kind, self.stages, self.virtual, rank)
 
     def held_pieces(self, rank: int) -> tuple[int, ...]:
         """Piece indices whose layers (and parameters) ``rank`` holds, ascending: its chunks,
@@ -218,23 +221,17 @@ class Schedule:
                 raise ValueError(f"unknown op kind {kind!r}")
         return [d for d in deps if d not in keys]
 
-    def piece_layers(self, n_layers: int) -> list[list[int]]:
+    def piece_layers(self, n_layers: int, split: PieceSplit = EVEN) -> list[list[int]]:
         """Split layer indices ``0 .. n_layers-1`` over the pieces of one path, in order.
 
-        Sizes differ by at most one, earlier pieces taking the extra layers. Under
-        ``'dualpipe'`` both directions use this split (piece ``p`` of either copy has the
-        same layers).
+        Piece sizes follow :func:`moesim.scenario.pipeline.piece_layer_counts`: by default
+        they differ by at most one, earlier pieces taking the extra layers; ``split`` applies
+        Megatron-Core's options (the embedding or head counted as a layer, pinned first and
+        last stages), so the first piece may hold only the embedding and the last only the
+        head. Under ``'dualpipe'`` both directions use this split (piece ``p`` of either copy
+        has the same layers).
         """
-        check_pieces(n_layers, self.stages, self.virtual)
-        k = self.n_pieces
-        base, extra = divmod(n_layers, k)
-        out: list[list[int]] = []
-        start = 0
-        for p in range(k):
-            size = base + (p < extra)
-            out.append(list(range(start, start + size)))
-            start += size
-        return out
+        return piece_layers(n_layers, self.stages, self.virtual, split)
 
     def peak_in_flight(self) -> list[int]:
         """Per rank, the most pieces whose activations are held at once.

@@ -198,7 +198,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     if p.layer_split == "balanced":
         pieces = balanced_split(scenario, compute, schedule.n_pieces)
     else:
-        pieces = schedule.piece_layers(m.layers)
+        pieces = schedule.piece_layers(m.layers, p.piece_split)
     costs = model_costs(m)
     held = [schedule.held_pieces(r) for r in range(p.pipeline)]
     sync = [schedule.replicas(r) for r in range(p.pipeline)]

@@ -264,6 +264,13 @@ class RunEstimate:
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""
 
+    memory: dict[str, float] = field(default_factory=dict)
+    """The worst GPU's estimated peak memory: ``memory_<component>_gib`` for weights,
+    gradients, optimizer, activations, buffers and reserved, ``memory_total_gib`` and
+    ``memory_capacity_gib`` (:mod:`moesim.cluster.memory`); a property of the layout, the
+    same for every run."""
+
     def summary_dict(self) -> dict[str, dict[str, Scalar]]:
-        """The per-run summaries in their flat ``summary.json`` form."""
-        return {name: s.as_dict() for name, s in self.summary.items()}
+        """The per-run summaries in their flat ``summary.json`` form, each with the layout's
+        memory estimate."""
+        return {name: {**s.as_dict(), **self.memory} for name, s in self.summary.items()}

@@ -23,6 +23,7 @@ from moesim.engine import StepContext, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.eplb import eplb_step, eplb_steps
 from moesim.estimate.hardware import point_hardware, simulate_on
+from moesim.estimate.memory import check_memory
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
 from moesim.estimate.routing import domain_skew, routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
@@ -58,6 +59,7 @@ def _estimate_run(
 ) -> RunEstimate:
     tick = progress or (lambda _label: None)
     ctx = build_context(scenario)
+    memory = check_memory(scenario, ctx.piece_layers).gib()  # refuse before simulating
     contexts = {scenario.micro_batches: ctx}
 
     def context_at(step: int) -> StepContext:
@@ -173,4 +175,5 @@ def _estimate_run(
         gate_windows=gate_windows,
         routing_by_domain=by_domain,
         kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
+        memory=memory,
     )

@@ -25,6 +25,7 @@ from moesim import units
 from moesim.scenario.base import Efficiency, Frozen, NonNegInt, PositiveFloat, PositiveInt
 from moesim.scenario.faults import Faults, check_faults
 from moesim.scenario.pipeline import (
+    PieceSplit,
     PipelineRuleError,
     check_micro_batches,
     check_pieces,
@@ -342,6 +343,28 @@ class Parallelism(Frozen):
         "(earlier pieces take the remainder); balanced = contiguous pieces of near-equal "
         "compute, counting the embedding, output head and MTP modules",
     )
+    embedding_counts_as_layer: bool = Field(
+        False,
+        description="the embedding takes one layer's place in the first pipeline piece "
+        "(Megatron-Core account_for_embedding_in_pipeline_split; layer_split even)",
+    )
+    head_counts_as_layer: bool = Field(
+        False,
+        description="the output head (and loss) takes one layer's place in the last pipeline "
+        "piece (Megatron-Core account_for_loss_in_pipeline_split; layer_split even)",
+    )
+    first_stage_layers: NonNegInt | None = Field(
+        None,
+        le=1024,
+        description="layers on the first pipeline stage, over all its virtual stages "
+        "(Megatron-Core decoder_first_pipeline_num_layers; layer_split even)",
+    )
+    last_stage_layers: NonNegInt | None = Field(
+        None,
+        le=1024,
+        description="layers on the last pipeline stage, over all its virtual stages "
+        "(Megatron-Core decoder_last_pipeline_num_layers; layer_split even)",
+    )
     dispatch: Literal["all_to_all", "node_limited"] = Field(
         "all_to_all",
         description="all_to_all: every GPU sends to every GPU hosting its tokens' experts; "
@@ -369,6 +392,16 @@ class Parallelism(Frozen):
         description="streaming multiprocessors reserved for communication kernels (DeepSeek-V3: "
         "20 of 132); compute runs on the rest",
     )
+
+    @property
+    def piece_split(self) -> PieceSplit:
+        """Megatron-Core's split options (:func:`~moesim.scenario.pipeline.piece_layer_counts`)."""
+        return PieceSplit(
+            embedding_counts_as_layer=self.embedding_counts_as_layer,
+            head_counts_as_layer=self.head_counts_as_layer,
+            first_stage_layers=self.first_stage_layers,
+            last_stage_layers=self.last_stage_layers,
+        )
 
 
 # --------------------------------------------------------------------------- run
@@ -589,6 +622,12 @@ class Scenario(Frozen):
 
     def _check_schedule(self) -> None:
         p, c, m = self.parallelism, self.cluster, self.model
+        if p.layer_split == "balanced" and p.piece_split != PieceSplit():
+            raise ValueError(
+                "parallelism.layer_split: balanced cuts the layers by compute itself; "
+                "embedding_counts_as_layer, head_counts_as_layer, first_stage_layers and "
+                "last_stage_layers apply to layer_split even"
+            )
         if p.dispatch == "node_limited" and p.expert % c.gpus_per_node:
             raise ValueError(
                 f"parallelism.dispatch: node_limited needs an expert-parallel group of whole "
@@ -603,7 +642,7 @@ class Scenario(Frozen):
         try:
             check_pipeline(p.schedule, p.pipeline, p.virtual_stages)
             check_micro_batches(p.schedule, p.pipeline, self.micro_batches)
-            check_pieces(m.layers, p.pipeline, p.virtual_stages)
+            check_pieces(m.layers, p.pipeline, p.virtual_stages, p.piece_split)
         except PipelineRuleError as err:
             raise ValueError(f"{err.field}: {err.message}") from None
 
