@@ -501,6 +501,8 @@ class ComputeModel:
         comm = ring_seconds(full, t, self.tp_bandwidth, self.tp_latency)
         out = []
         for op, kernels in self._ops.items():
+            if not kernels.out or (op == "mtp" and self.model.mtp_depth == 0):
+                continue  # an op the model does not run
             for phase, kind, what, gemm in self._tp_plan(op):
                 gemm_s = kernels.gemm_s(phase, gemm) if gemm else 0.0
                 out.append(
