@@ -208,7 +208,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
             "engine.memory_limit_gib",
             f"simulating one step needs about {need / units.GiB:.1f} GiB (routing samples "
             f"of {scenario.gate.layers_simulated} layers × {scenario.micro_batches} micro-batches "
-            f"× {p.expert * p.data} ranks × {m.experts.routed_experts} experts), more than the "
+            f"× {p.expert * p.data} ranks × {m.moe_spec.routed_experts} experts), more than the "
             f"{scenario.engine.memory_limit_gib:g} GiB allowed; lower gate.layers_simulated or "
             f"raise the limit",
         )
@@ -887,9 +887,10 @@ class _StepModel:
 
         Dense parameters are replicated over every GPU of the ranks with the same
         tensor-parallel rank (the attention-data-parallel group; every GPU without tensor
-        parallelism), routed experts over the expert-data-parallel peers. Plain data parallelism all-reduces the gradients and every
-        GPU updates every parameter it holds; ZeRO-1 reduce-scatters, each GPU updates its 1/n
-        shard, and the updated BF16 parameters are all-gather.
+        parallelism), routed experts over the expert-data-parallel peers. Plain data
+        parallelism all-reduces the gradients and every GPU updates every parameter it
+        holds; ZeRO-1 reduce-scatters, each GPU updates its 1/n shard, and the updated BF16
+        parameters are all-gather.
         """
         ctx = self.ctx
         zero1 = self.sc.parallelism.zero1

@@ -139,6 +139,6 @@ def topic_load(
         routing.selected,
         topics.ravel(),
         scenario.stream.topics,
-        scenario.model.moe.routed_experts,
+        scenario.model.moe_spec.routed_experts,
         routing.dropped,
     )

@@ -163,7 +163,7 @@ class Model(Frozen):
         return self.layers - self.ffn_dense_layers
 
     @property
-    def experts(self) -> Moe:
+    def moe_spec(self) -> Moe:
         """The MoE section, for code paths that only run on MoE models."""
         if self.moe is None:
             raise ValueError("model.moe: this is a dense model")

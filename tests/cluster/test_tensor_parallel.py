@@ -98,9 +98,7 @@ def test_overlap_rule():
 @pytest.mark.parametrize("tensor", [2, 4, 8])
 def test_layer_collectives_volume_and_time(tensor):
     sc = dense(tensor)
-    layer = [
-        c for c in ComputeModel(sc).tp_collectives() if c.op in ("attention", "dense_ffn")
-    ]
+    layer = [c for c in ComputeModel(sc).tp_collectives() if c.op in ("attention", "dense_ffn")]
     forward = [c for c in layer if c.phase == "forward"]
     backward = [c for c in layer if c.phase == "backward_input"]
     assert sorted(c.kind for c in forward) == ["all_gather"] * 2 + ["reduce_scatter"] * 2
