@@ -145,23 +145,27 @@ class StepContext:
 def balanced_split(scenario: Scenario, compute: ComputeModel, pieces: int) -> list[list[int]]:
     """Cut the layers into ``pieces`` contiguous pieces minimising the largest piece's forward
     + backward compute under balanced routing; the first piece also embeds, the last one runs
-    the output head and the MTP modules (what a tuned pipeline layout does by hand)."""
+    the output head and the MTP modules (what a tuned pipeline layout does by hand). Exposed
+    tensor-parallel communication counts with its op."""
     m = scenario.model
     ops = compute.op_costs()
     experts = compute.experts(compute.balanced_rows(scenario.parallelism.expert))
+    tp, _ = compute.tp_costs()
 
-    def both_passes(op: OpCost) -> float:
+    def both_passes(op: OpCost, name: str = "") -> float:
+        op = op + tp.get(name, NO_COST)
         return op.forward + op.backward
 
     moe = (
-        both_passes(ops.attention + ops.router + ops.shared_experts)
+        both_passes(ops.attention, "attention")
+        + both_passes(ops.router + ops.shared_experts)
         + float(np.sum(experts.forward))
         + float(np.sum(experts.backward))
     )
-    dense = both_passes(ops.attention + ops.dense_ffn)
+    dense = both_passes(ops.attention, "attention") + both_passes(ops.dense_ffn, "dense_ffn")
     layer_cost = np.array([dense if i < m.ffn_dense_layers else moe for i in range(m.layers)])
-    first = both_passes(ops.embedding)
-    last = both_passes(ops.head) + m.mtp_depth * both_passes(ops.mtp)
+    first = both_passes(ops.embedding, "embedding")
+    last = both_passes(ops.head, "head") + m.mtp_depth * both_passes(ops.mtp, "mtp")
     prefix = np.concatenate([[0.0], np.cumsum(layer_cost)])
     n = m.layers
     # best[k][i]: least max piece cost cutting layers[:i] into k pieces; cut[k][i]: last cut.
