@@ -361,7 +361,11 @@ class Parallelism(Frozen):
         "neighbouring GEMM in chunks (Megatron-Core / TransformerEngine userbuffers)",
     )
     expert: PositiveInt = 1
-    data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
+    data: PositiveInt = Field(
+        1,
+        description="expert-data-parallel degree (EP-group replicas); for a dense model, the "
+        "GPUs of a pipeline stage (tensor × data-parallel replicas)",
+    )
     micro_batch_size: PositiveInt = Field(
         1, le=65_536, description="sequences per GPU per micro-batch"
     )
