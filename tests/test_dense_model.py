@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +13,9 @@ from base_scenario import BASE, derive
 
 import moesim.results
 from moesim.cli import main
+from moesim.cluster import total_params
 from moesim.errors import ScenarioError
-from moesim.scenario import scenario_from_dict
+from moesim.scenario import load_scenario, scenario_from_dict
 
 DENSE = derive(
     BASE,
@@ -100,3 +102,12 @@ def test_impossible_tensor_layouts(tensor, data, heads, kv_heads, message):
     assert err.path == "parallelism.tensor"
     assert message in err.message
     assert "\n" not in err.message
+
+
+def test_llama3_70b_parameter_count():
+    """The dense parameter count of the shipped Llama-3-70B shape is the released checkpoint's
+    70,553,706,496 (huggingface.co/meta-llama/Meta-Llama-3-70B, safetensors total) less the
+    RMSNorm weights moesim does not count (two per layer and the final one, 8,192 each)."""
+    sc = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "llama3_70b_dense.yaml")
+    norms = (2 * sc.model.layers + 1) * sc.model.hidden
+    assert total_params(sc.model) + norms == 70_553_706_496
