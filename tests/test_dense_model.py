@@ -104,6 +104,23 @@ def test_impossible_tensor_layouts(tensor, data, heads, kv_heads, message):
     assert "\n" not in err.message
 
 
+@pytest.mark.parametrize(
+    ("tensor", "context", "seq_len", "message"),
+    [
+        (2, 8, 512, "must divide gpus_per_node"),  # 16 GPUs: beyond one node
+        (2, 2, 516, "is not a multiple of 2×context×tensor"),
+    ],
+    ids=["beyond-node", "sequence"],
+)
+def test_impossible_context_layouts(tensor, context, seq_len, message):
+    raw = copy.deepcopy(DENSE)
+    raw["parallelism"].update(tensor=tensor, context=context, pipeline=1, data=8)
+    raw["model"]["seq_len"] = seq_len
+    err = _error(raw)
+    assert err.path == "parallelism.context"
+    assert message in err.message
+
+
 def test_llama3_70b_parameter_count():
     """The dense parameter count of the shipped Llama-3-70B shape is the released checkpoint's
     70,553,706,496 (huggingface.co/meta-llama/Meta-Llama-3-70B, safetensors total) less the

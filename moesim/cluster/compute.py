@@ -27,6 +27,11 @@ the router and the routed and shared experts run on the GPU's ``b·s/t`` sequenc
 down-projections are replicated (every GPU runs them on the gathered tokens). The all-gathers
 and reduce-scatters between them are in :mod:`moesim.cluster.tensor_parallel`
 (:meth:`ComputeModel.tp_collectives`).
+
+Context parallelism (``parallelism.context = c``; ring attention as in Megatron-Core): each
+GPU holds ``1/c`` of every sequence (two load-balanced chunks, so causal attention work is even),
+so every op runs on ``b·s/c`` tokens and flash attention does ``1/c`` of the sequence's score
+work; the key/value chunks travel around the ring of ``c`` GPUs beside it.
 """
 
 from __future__ import annotations
@@ -273,8 +278,10 @@ class ComputeModel:
         self.model = model
         self.hidden = model.hidden
         self.tensor = par.tensor
-        self.tokens = float(par.micro_batch_size * model.seq_len)
-        """Tokens of a micro-batch of the tensor-parallel group (the GEMMs' rows)."""
+        self.context = par.context
+        self.tokens = float(par.micro_batch_size * model.seq_len) / par.context
+        """Tokens of a micro-batch of the tensor-parallel group (the GEMMs' rows): its
+        context-parallel chunk of the sequences."""
         self.local = self.tokens / par.tensor
         """The GPU's sequence shard of them (norms, adds, router, experts)."""
         self.costs = model_costs(model)
@@ -495,11 +502,11 @@ class ComputeModel:
         """Every tensor-parallel collective of one micro-batch's ops on one GPU (none when
         ``tensor = 1``), each over the full ``b·s × h`` BF16 activation."""
         t = self.tensor
+        out = self._kv_ring()
         if t < 2:
-            return []
+            return out
         full = self.tokens * self.hidden * BF16
         comm = ring_seconds(full, t, self.tp_bandwidth, self.tp_latency)
-        out = []
         for op, kernels in self._ops.items():
             if not kernels.out or (op == "mtp" and self.model.mtp_depth == 0):
                 continue  # an op the model does not run
@@ -518,6 +525,54 @@ class ComputeModel:
                         sent_bytes=ring_bytes(full, t),
                     )
                 )
+        return out
+
+    def _kv_ring(self) -> list[TpCollective]:
+        """Ring attention's key/value exchange (``context = c > 1``): in ``c − 1`` steps each
+        GPU passes its K and V chunk (its TP share of the KV heads) to the next GPU of the
+        context-parallel group while flash attention works on the chunk it holds; the backward
+        passes K, V and their gradients. The exchange always overlaps the attention (a ring of
+        ``c`` chunks: the rule of :func:`exposed_seconds`)."""
+        c = self.context
+        if c < 2:
+            return []
+        att = self.model.attention
+        t = self.tensor
+        if att.kind == "mla":
+            heads, k_dim = att.heads // t, att.head_dim + att.rope_head_dim
+        else:
+            heads = ((att.kv_heads or att.heads) if att.kind == "gqa" else att.heads) // t
+            k_dim = att.head_dim
+        v_dim = att.v_head_dim or att.head_dim
+        chunk = self.tokens * heads * (k_dim + v_dim) * BF16
+        step = chunk / self.tp_bandwidth + self.tp_latency
+        attention = self._ops["attention"]
+        out = []
+        for phase, factor, kernel in (
+            ("forward", 1, "flash attention"),
+            ("backward_input", 2, "flash attention backward"),
+        ):
+            comm = factor * (c - 1) * step
+            busy = float(
+                sum(
+                    k.seconds
+                    for k in attention.out
+                    if k.phase == phase and k.name == kernel and not k.recompute
+                )
+            )
+            out.append(
+                TpCollective(
+                    op="attention",
+                    phase=phase,
+                    kind="kv_ring",
+                    name="ring attention K/V" + (" and their gradients" if factor == 2 else ""),
+                    tensor_bytes=factor * c * chunk,
+                    comm_s=comm,
+                    gemm_s=busy,
+                    exposed_s=exposed_seconds(comm, busy, c, overlap=True),
+                    sent_bytes=factor * (c - 1) * chunk,
+                )
+            )
         return out
 
     def tp_costs(self) -> tuple[dict[str, OpCost], dict[str, OpCost]]:

@@ -17,6 +17,10 @@ chunk ``i``'s GEMM running while chunk ``i + 1`` moves. A two-stage pipeline of 
 chunks of ``C`` (communication) and ``G`` (GEMM) seconds takes ``max(C, G) + min(C, G)/t``, so
 the time added to the GEMM is ``max(0, C − G) + min(C, G)/t``: what the GEMM cannot cover plus
 one chunk of pipeline fill. Without overlap the whole collective is exposed.
+
+Context parallelism (ring attention) passes each GPU's key/value chunk around the ring of
+``c`` GPUs in ``c − 1`` point-to-point steps, each overlapped with flash attention on the chunk
+already there: the same pipeline rule with ``c`` chunks, always on.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Collective = Literal["all_gather", "reduce_scatter"]
+Collective = Literal["all_gather", "reduce_scatter", "kv_ring"]
 
 
 def ring_seconds(nbytes: float, members: int, bandwidth: float, latency: float) -> float:
@@ -59,11 +63,11 @@ class TpCollective:
     kind: Collective
     name: str
     tensor_bytes: float
-    """The full (gathered) tensor: ``b·s·h`` elements."""
+    """The full (gathered) tensor: ``b·s·h`` elements (ring attention: every GPU's K/V)."""
     comm_s: float
     """Ring time of the collective alone."""
     gemm_s: float
-    """The GEMM it overlaps with (0 when none)."""
+    """The GEMM (ring attention: the flash attention) it overlaps with (0 when none)."""
     exposed_s: float
     """Time it adds to the compute stream."""
     sent_bytes: float

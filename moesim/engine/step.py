@@ -32,6 +32,8 @@ parallelism sit between an op's kernels on the compute stream, so each op carrie
 they add (:meth:`~moesim.cluster.ComputeModel.tp_costs`; all of them, or what chunked overlap
 leaves), booked as exposed tensor-parallel communication, and their bytes go on the NVLink ports.
 The routed experts see each GPU's ``1/tensor`` sequence shard of its group's micro-batch.
+Context parallelism (``parallelism.context``) shards the sequences further; its ring-attention
+key/value exchange is priced and booked the same way, with the attention.
 
 Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
 (pipeline bubble and transfers), waiting for an all-to-all split into the part before the
@@ -266,8 +268,10 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
         sync_ranks=sync,
         dispatch_bytes_per_token=m.hidden * units.BYTES_PER_ELEMENT[m.gemm_precision],
         grad_bytes_per_token=m.hidden * bf16,
-        # Sequence parallelism: each GPU sends its shard to its peer in the next stage.
-        activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16) / p.tensor,
+        # Sequence (and context) parallelism: each GPU sends its shard to its peer in the
+        # next stage.
+        activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16)
+        / (p.tensor * p.context),
         dense_params=dense,
         expert_params=expert,
         grad_bytes_per_param=float(units.BYTES_PER_ELEMENT[p.grad_dtype]),
@@ -315,8 +319,8 @@ class _StepModel:
         self.jitter = jitter if jitter is not None and jitter.sigma > 0 else None
         self.sc = sc = ctx.scenario
         self.rec = recorder
-        # Each GPU routes its sequence shard: 1/tensor of its group's micro-batch.
-        t = sc.parallelism.tensor
+        # Each GPU routes its sequence shard: 1/(tensor × context) of its group's micro-batch.
+        t = sc.parallelism.tensor * sc.parallelism.context
         self.counts = counts if t == 1 else counts / t
         self.dest = dest if t == 1 else dest / t
         self.node_tokens = node_tokens if node_tokens is None or t == 1 else node_tokens / t

@@ -11,8 +11,8 @@ rank ``r = node * gpus_per_node + local``. Parallel degrees multiply to the GPU 
 stage, expert-parallel rank ``r % expert`` of expert-parallel group ``(r // expert) % data``.
 Each expert-parallel group holds one copy of every routed expert (so ``data`` is the
 expert-data-parallel degree). Attention and dense layers fold onto the same GPUs (MoE parallel
-folding, arXiv 2504.14960): tensor-parallel rank ``r % tensor`` of tensor-parallel group
-``(r // tensor) % (expert*data/tensor)``, so a stage's ``expert × data`` GPUs are ``tensor ×``
+folding, arXiv 2504.14960): tensor-parallel rank ``r % tensor``, context-parallel rank
+``(r // tensor) % context``, so a stage's ``expert × data`` GPUs are ``tensor × context ×``
 attention-data-parallel replicas. A dense model (no ``model.moe``) has ``expert = 1``.
 """
 
@@ -355,6 +355,13 @@ class Parallelism(Frozen):
         description="tensor-parallel degree inside each expert (Megatron-Core parallel "
         "folding); a pipeline stage's GPUs = expert_tensor × expert × data",
     )
+    context: PositiveInt = Field(
+        1,
+        le=1024,
+        description="context-parallel degree of attention and dense layers (ring attention "
+        "over sequence chunks, Megatron-Core CP); a pipeline stage's GPUs = tensor × context "
+        "× attention data-parallel",
+    )
     tp_comm_overlap: bool = Field(
         False,
         description="overlap each tensor-parallel all-gather / reduce-scatter with its "
@@ -557,7 +564,7 @@ class Scenario(Frozen):
         if self.training.global_batch_sequences % per_step:
             raise ValueError(
                 f"training.global_batch_sequences: {self.training.global_batch_sequences} is not "
-                f"a multiple of micro_batch_size×expert×data/tensor = {per_step}"
+                f"a multiple of micro_batch_size×expert×data/(tensor×context) = {per_step}"
             )
         ramp = self.training.batch_ramp
         if ramp is not None and ramp.start_sequences > self.training.global_batch_sequences:
@@ -611,6 +618,25 @@ class Scenario(Frozen):
                 f"parallelism.expert_tensor: {p.expert_tensor}; splitting each expert's GEMMs "
                 "is not priced yet, so only 1 is accepted (experts use expert parallelism)"
             )
+        cp = p.context
+        if cp > 1:
+            if c.gpus_per_node % (t * cp):
+                raise ValueError(
+                    f"parallelism.context: tensor×context = {t}×{cp} must divide gpus_per_node "
+                    f"({c.gpus_per_node}): the ring attention stays inside one node's NVLink"
+                )
+            stage = p.expert_tensor * p.expert * p.data
+            if stage % (t * cp):
+                raise ValueError(
+                    f"parallelism.context: tensor×context = {t * cp} does not divide the "
+                    f"{stage} GPUs of a pipeline stage (expert_tensor×expert×data)"
+                )
+            if m.seq_len % (2 * cp * t):
+                raise ValueError(
+                    f"parallelism.context: model.seq_len ({m.seq_len}) is not a multiple of "
+                    f"2×context×tensor = {2 * cp * t} (two load-balanced chunks per rank, "
+                    "each split by sequence parallelism)"
+                )
         if t == 1:
             return
         if t > c.gpus_per_node or c.gpus_per_node % t:
@@ -752,14 +778,15 @@ class Scenario(Frozen):
 
     @property
     def attention_data(self) -> int:
-        """Attention-data-parallel replicas per pipeline stage (its GPUs over ``tensor``)."""
+        """Attention-data-parallel replicas per pipeline stage: its GPUs over
+        ``tensor × context``, each replica taking its own sequences."""
         p = self.parallelism
-        return p.expert_tensor * p.expert * p.data // p.tensor
+        return p.expert_tensor * p.expert * p.data // (p.tensor * p.context)
 
     @property
     def _sequences_per_micro_batch(self) -> int:
         """Sequences of one micro-batch over a pipeline stage's GPUs: ``micro_batch_size``
-        per tensor-parallel group."""
+        per tensor × context group."""
         return self.parallelism.micro_batch_size * self.attention_data
 
     @property

@@ -31,9 +31,9 @@ DENSE = derive(
 del DENSE["model"]["moe"]
 
 
-def dense(tensor: int, overlap: bool = False, **model):  # type: ignore[no-untyped-def]
+def dense(tensor: int, overlap: bool = False, context: int = 1, **model):  # type: ignore[no-untyped-def]
     raw = copy.deepcopy(DENSE)
-    raw["parallelism"].update(tensor=tensor, tp_comm_overlap=overlap)
+    raw["parallelism"].update(tensor=tensor, tp_comm_overlap=overlap, context=context)
     raw["model"].update(model)
     return scenario_from_dict(raw)
 
@@ -157,3 +157,52 @@ def test_parallel_folding_layout():
     for gpu in range(sc.cluster.gpus):
         nodes = {g // sc.cluster.gpus_per_node for g in lay.tp_group(gpu)}
         assert len(nodes) == 1
+
+
+@pytest.mark.parametrize(("tensor", "context"), [(1, 2), (1, 8), (2, 2), (2, 4)])
+def test_context_parallel_gpus_do_their_share_of_the_layer_flops(tensor, context):
+    for phase in ("forward", "backward_input", "backward_weight"):
+        assert layer_flops(dense(tensor, context=context), phase) == pytest.approx(
+            layer_flops(dense(1), phase) / (tensor * context), rel=1e-12
+        )
+
+
+@pytest.mark.parametrize(("tensor", "context"), [(1, 4), (2, 2), (2, 4)])
+def test_ring_attention_kv_exchange(tensor, context):
+    sc = dense(tensor, context=context)
+    compute = ComputeModel(sc)
+    ring = [c for c in compute.tp_collectives() if c.kind == "kv_ring"]
+    assert [c.phase for c in ring] == ["forward", "backward_input"]
+    att = sc.model.attention
+    tokens = sc.parallelism.micro_batch_size * sc.model.seq_len / context
+    chunk = tokens * att.kv_heads / tensor * 2 * att.head_dim * 2  # K and V, BF16
+    bandwidth = sc.cluster.nvlink_bytes_per_s
+    latency = units.microseconds(sc.cluster.nvlink.latency_us)
+    forward, backward = ring
+    assert forward.sent_bytes == pytest.approx((context - 1) * chunk)
+    assert forward.comm_s == pytest.approx((context - 1) * (chunk / bandwidth + latency))
+    # The backward passes K, V and their gradients.
+    assert backward.sent_bytes == pytest.approx(2 * forward.sent_bytes)
+    assert backward.comm_s == pytest.approx(2 * forward.comm_s)
+    for c in ring:
+        assert c.gemm_s > 0  # overlapped with flash attention
+        expected = max(0.0, c.comm_s - c.gemm_s) + min(c.comm_s, c.gemm_s) / context
+        assert c.exposed_s == pytest.approx(expected)
+
+
+def test_context_parallel_layout():
+    raw = derive(
+        BASE,
+        model={"seq_len": 2048},
+        parallelism={"pipeline": 1, "tensor": 2, "context": 2, "expert": 8, "data": 1},
+        training={"global_batch_sequences": 64},
+    )
+    sc = scenario_from_dict(raw)
+    lay = build_layout(sc)
+    assert sc.attention_data == 2
+    assert lay.tp_group(5) == [4, 5]
+    assert lay.cp_group(0) == [0, 2]
+    assert lay.cp_group(5) == [5, 7]
+    assert lay.cp_group(6) == [4, 6]
+    # Context-parallel ranks hold the same weights: they reduce gradients together.
+    assert lay.attention_dp_peers(1) == [1, 3, 5, 7]

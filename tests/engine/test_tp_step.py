@@ -32,18 +32,20 @@ DENSE = derive(
 del DENSE["model"]["moe"]
 
 
-def dense_step(tensor: int, overlap: bool = False):  # type: ignore[no-untyped-def]
+def dense_step(tensor: int, overlap: bool = False, context: int = 1):  # type: ignore[no-untyped-def]
     raw = copy.deepcopy(DENSE)
-    raw["parallelism"].update(tensor=tensor, tp_comm_overlap=overlap)
+    raw["parallelism"].update(tensor=tensor, tp_comm_overlap=overlap, context=context)
     sc = scenario_from_dict(raw)
     ctx = build_context(sc)
     sample = dense_sample(sc, 0, ctx.layout.gpus_per_stage)
     return sc, ctx, simulate_step(ctx, sample.counts, sample.dest_tokens)
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_exposed_tp_seconds_match_the_closed_form(overlap):
-    sc, ctx, r = dense_step(4, overlap)
+@pytest.mark.parametrize(
+    ("tensor", "context", "overlap"), [(4, 1, False), (4, 1, True), (2, 2, False), (1, 4, True)]
+)
+def test_exposed_tp_seconds_match_the_closed_form(tensor, context, overlap):
+    sc, ctx, r = dense_step(tensor, overlap, context)
     per_micro = 0.0
     sent = 0.0
     for c in ctx.compute.tp_collectives():
@@ -51,7 +53,8 @@ def test_exposed_tp_seconds_match_the_closed_form(overlap):
         per_micro += times * c.exposed_s
         sent += times * c.sent_bytes
     micro = sc.micro_batches
-    assert micro == 16 // (8 // 4)  # one sequence per TP group per micro-batch
+    # One sequence per tensor × context group per micro-batch.
+    assert micro == 16 // (8 // (tensor * context))
     np.testing.assert_allclose(r.tp_comm_s, micro * per_micro, rtol=1e-9)
     # The rings' bytes leave on each GPU's NVLink port (the DP all-reduce adds its own).
     out = r.link_bytes[ctx.topology.link_id(np.arange(8), NVLINK_OUT)]
