@@ -257,8 +257,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         scenario_trace(sc)
     p = sc.parallelism
     layout = f"PP{p.pipeline} × EP{p.expert} × DP{p.data}"
-    if p.tensor > 1:  # folded: attention TP × its data-parallel replicas on the same GPUs
-        layout += f" (attention TP{p.tensor} × DP{sc.attention_data})"
+    if p.tensor > 1 or p.context > 1:  # folded: attention TP × CP × DP on the same GPUs
+        cp = f" × CP{p.context}" if p.context > 1 else ""
+        layout += f" (attention TP{p.tensor}{cp} × DP{sc.attention_data})"
     runs = (
         "dense model, no strategies"
         if sc.model.moe is None
