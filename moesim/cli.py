@@ -240,7 +240,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             if r["gpu_hours_vs_first"] != r["gpu_hours_vs_first"]
             else f"{r['gpu_hours_vs_first'] - 1:+.2%}",
             f"{r['step_time_s']:.4g}",
-            f"{r['maxvio_batch']:.3f}",
+            "–" if r["maxvio_batch"] is None else f"{r['maxvio_batch']:.3f}",
         ]
         for i, r in df.iterrows()
     ]
@@ -267,11 +267,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from moesim.estimate.memory import check_memory
 
     memory = check_memory(sc)  # a layout that does not fit the GPU is not valid
+    p = sc.parallelism
+    layout = f"PP{p.pipeline} × EP{p.expert} × DP{p.data}"
+    if p.tensor > 1 or p.context > 1:  # folded: attention TP × CP × DP on the same GPUs
+        cp = f" × CP{p.context}" if p.context > 1 else ""
+        layout += f" (attention TP{p.tensor}{cp} × DP{sc.attention_data})"
+    runs = (
+        "dense model, no strategies"
+        if sc.model.moe is None
+        else f"strategies: {', '.join(s.name for s in sc.strategies)}"
+    )
     print(
-        f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, "
-        f"PP{sc.parallelism.pipeline} × EP{sc.parallelism.expert} × DP{sc.parallelism.data}, "
-        f"{sc.micro_batches} micro-batches/step, {sc.total_steps:,} steps, "
-        f"strategies: {', '.join(s.name for s in sc.strategies)}"
+        f"{args.scenario}: valid — {sc.cluster.gpus} × {sc.cluster.gpu.name}, {layout}, "
+        f"{sc.micro_batches} micro-batches/step, {sc.total_steps:,} steps, {runs}"
     )
     print(format_memory(memory))
     return 0

@@ -118,6 +118,10 @@ class StepResult:
     """Waiting for the exchange's last sender to become ready (a slower peer upstream)."""
     pipeline_wait_s: FloatArray = gpu_split()
     """Idle waiting for activations or gradients from a neighbouring stage (bubble + P2P)."""
+    tp_comm_s: FloatArray = gpu_split()
+    """Tensor-parallel all-gathers and reduce-scatters and context-parallel (ring attention)
+    key/value exchanges on the compute stream: what overlap with the neighbouring GEMMs or
+    attention leaves exposed; 0 without either."""
     allreduce_s: FloatArray = gpu_split()
     """Gradient and parameter synchronisation at the end of the step (all-reduce, or ZeRO-1's
     reduce-scatter and all-gather), including waiting for the slowest member."""

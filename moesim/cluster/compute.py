@@ -17,6 +17,21 @@ Each op has a forward, a backward for inputs (with any recomputation) and a back
 weights; schedules that split the backward (ZB-H1, DualPipe) run the last one later.
 Recomputation: ``selective`` redoes the RMSNorms, SwiGLU activations and RoPE, and MLA's
 up-projections (DeepSeek-V3 §3.3.3, arXiv 2412.19437); ``full`` redoes the whole forward.
+
+Tensor parallelism with sequence parallelism (``parallelism.tensor = t``; Megatron-LM, arXiv
+1909.08053 and 2205.05198): a micro-batch of ``b`` sequences belongs to a group of ``t`` GPUs.
+Column-parallel GEMMs (QKV, MLA up-projections, FFN gate+up, output head) see the whole
+``b·s``-token input and ``1/t`` of the output columns; row-parallel ones (attention output, FFN
+down) ``1/t`` of the contraction; flash attention runs ``1/t`` of the heads; norms, residual adds,
+the router and the routed and shared experts run on the GPU's ``b·s/t`` sequence shard. MLA's
+down-projections are replicated (every GPU runs them on the gathered tokens). The all-gathers
+and reduce-scatters between them are in :mod:`moesim.cluster.tensor_parallel`
+(:meth:`ComputeModel.tp_collectives`).
+
+Context parallelism (``parallelism.context = c``; ring attention as in Megatron-Core): each
+GPU holds ``1/c`` of every sequence (two load-balanced chunks, so causal attention work is even),
+so every op runs on ``b·s/c`` tokens and flash attention does ``1/c`` of the sequence's score
+work; the key/value chunks travel around the ring of ``c`` GPUs beside it.
 """
 
 from __future__ import annotations
@@ -37,11 +52,20 @@ from moesim.cluster.kernels import (
     quantise_bytes,
 )
 from moesim.cluster.model_costs import model_costs
+from moesim.cluster.tensor_parallel import (
+    Collective,
+    TpCollective,
+    exposed_seconds,
+    ring_bytes,
+    ring_seconds,
+)
 from moesim.scenario.schema import Scenario
 
 Array = npt.NDArray[np.float64]
 BF16 = units.BYTES_PER_ELEMENT["bf16"]
 PHASES = ("forward", "backward_input", "backward_weight")
+TpPlan = list[tuple[str, Collective, str, str]]
+"""(phase, collective, what it moves, the GEMM it overlaps with) per collective of an op."""
 # Adam per parameter besides the gradient read: FP32 master weight, first and second moments
 # read and written (24 bytes) and the BF16 working copy written (2).
 ADAM_STATE_BYTES = 26
@@ -218,6 +242,16 @@ class _Kernels:
         self.swiglu(rows, width)
         self.linear("FFN down", rows, width, d, prec)
 
+    def gemm_s(self, phase: str, name: str) -> float:
+        """Seconds of this op's GEMM ``name`` in ``phase`` (0 when it has none)."""
+        return float(
+            sum(
+                k.seconds
+                for k in self.out
+                if k.phase == phase and k.name == name and k.kind == "gemm" and not k.recompute
+            )
+        )
+
     def total(self, phase: str) -> float:
         return float(sum(k.seconds for k in self.out if k.phase == phase))
 
@@ -243,11 +277,21 @@ class ComputeModel:
         self.recompute = par.recompute
         self.model = model
         self.hidden = model.hidden
-        self.tokens = float(par.micro_batch_size * model.seq_len)
+        self.tensor = par.tensor
+        self.context = par.context
+        self.tokens = float(par.micro_batch_size * model.seq_len) / par.context
+        """Tokens of a micro-batch of the tensor-parallel group (the GEMMs' rows): its
+        context-parallel chunk of the sequences."""
+        self.local = self.tokens / par.tensor
+        """The GPU's sequence shard of them (norms, adds, router, experts)."""
         self.costs = model_costs(model)
-        self.expert_ffn = model.moe.expert_ffn
-        self.top_k = model.moe.top_k
-        self.experts_per_gpu = model.moe.routed_experts // par.expert
+        moe = model.moe
+        self.expert_ffn = 0 if moe is None else moe.expert_ffn
+        self.top_k = 0 if moe is None else moe.top_k
+        self.experts_per_gpu = 0 if moe is None else moe.routed_experts // par.expert
+        self.tp_bandwidth = scenario.cluster.nvlink_bytes_per_s
+        self.tp_latency = units.microseconds(scenario.cluster.nvlink.latency_us)
+        self.tp_overlap = par.tp_comm_overlap
         self.grad_bytes = units.BYTES_PER_ELEMENT[par.grad_dtype]
         self.hbm = self.pricer.hbm
         self.launch = self.pricer.launch
@@ -261,15 +305,18 @@ class ComputeModel:
 
     def _attention(self, k: _Kernels) -> None:
         att, n, d, prec = self.model.attention, self.tokens, self.hidden, self.precision
-        h, hd = att.heads, att.head_dim
+        t, local = self.tensor, self.local
+        # Heads split over the tensor-parallel group.
+        h, hd = att.heads // t, att.head_dim
         v_hd = att.v_head_dim or hd
-        k.rmsnorm("attention input", n, d)
+        k.rmsnorm("attention input", local, d)
         if prec == "fp8":
-            k.quantise("forward", "attention input", n * d, recomputable=False)
+            k.quantise("forward", "attention input", local * d, recomputable=False)
         if att.kind == "mla":
             qk_hd = hd + att.rope_head_dim
             kv_rank = att.kv_lora_rank or 0
             if att.q_lora_rank:
+                # Down-projections are replicated over the tensor-parallel group.
                 k.linear("MLA q down", n, d, att.q_lora_rank, prec, input_cast=False)
                 k.rmsnorm("q latent", n, att.q_lora_rank)
                 k.linear("MLA q up", n, att.q_lora_rank, h * qk_hd, prec, recomputable=True)
@@ -285,13 +332,13 @@ class ComputeModel:
             k.memory("forward", "assemble Q and K heads", heads, "copy", recomputable=True)
             k.memory("backward_input", "split Q and K head gradients", heads, "copy")
         else:
-            kv = (att.kv_heads or h) if att.kind == "gqa" else h
+            kv = (att.kv_heads or att.heads) // t if att.kind == "gqa" else h
             k.linear("QKV projection", n, d, (h + 2 * kv) * hd, prec, input_cast=False)
             rope = n * (h + kv) * hd
         k.memory("forward", "RoPE", 2.0 * rope * BF16, "copy", recomputable=True)
         k.memory("backward_input", "RoPE backward", 2.0 * rope * BF16, "copy")
         mla = att.kind == "mla"
-        core = n * self.costs.attention.core_flops
+        core = n * self.costs.attention.core_flops / t
         s = self.pricer.attention_seconds(core, backward=False, mla=mla)
         k._add("forward", "flash attention", "attention", core, 0.0, s)
         if self.recompute == "full":
@@ -305,10 +352,12 @@ class ComputeModel:
         pre_post = 2.0 * n * h * v_hd * BF16 + q_elems * (FP32 + BF16)
         k.memory("backward_input", "flash attention backward pre/post-processing", pre_post, "copy")
         k.linear("attention output", n, h * v_hd, d, prec)
-        k.add("residual add (attention)", n, d)
+        k.add("residual add (attention)", local, d)
 
     def _router(self, k: _Kernels) -> None:
-        n, d, e = self.tokens, self.hidden, self.model.moe.routed_experts
+        if self.model.moe is None:
+            return
+        n, d, e = self.local, self.hidden, self.model.moe.routed_experts
         k.rmsnorm("FFN input", n, d)
         # Gating stays in higher precision (DeepSeek-V3 §3.3.1): priced as a BF16 GEMM.
         k.linear("router", n, d, e, "bf16")
@@ -321,26 +370,29 @@ class ComputeModel:
         k.add("MoE output add (shared + routed + residual)", n, d, inputs=3)
 
     def _shared(self, k: _Kernels) -> None:
-        shared = self.model.moe.shared_experts
+        shared = 0 if self.model.moe is None else self.model.moe.shared_experts
         if shared:
-            # The shared experts read the tokens cast for dispatch.
-            k.ffn(self.tokens, shared * self.expert_ffn, input_cast=False)
+            # The shared experts read the tokens cast for dispatch: the GPU's sequence shard,
+            # with their weights whole (as the routed experts: no tensor-parallel collective).
+            k.ffn(self.local, shared * self.expert_ffn, input_cast=False)
 
     def _dense_ffn(self, k: _Kernels) -> None:
-        if self.model.dense_ffn:
-            k.rmsnorm("FFN input", self.tokens, self.hidden)
-            k.ffn(self.tokens, self.model.dense_ffn, input_cast=True)
-            k.add("residual add (FFN)", self.tokens, self.hidden)
+        if self.model.dense_ffn and self.model.ffn_dense_layers:
+            k.rmsnorm("FFN input", self.local, self.hidden)
+            k.ffn(self.tokens, self.model.dense_ffn / self.tensor, input_cast=True)
+            k.add("residual add (FFN)", self.local, self.hidden)
 
     def _head(self, k: _Kernels) -> None:
-        n, d, v = self.tokens, self.hidden, self.model.vocab
-        k.rmsnorm("final", n, d)
-        # The output head stays in BF16 (DeepSeek-V3 §3.3.1).
+        n, d, v = self.tokens, self.hidden, self.model.vocab / self.tensor
+        k.rmsnorm("final", self.local, d)
+        # The output head stays in BF16 (DeepSeek-V3 §3.3.1); vocabulary-parallel under TP.
         k.linear("output head", n, d, v, "bf16")
         k.memory("forward", "cross-entropy", 2.0 * n * v * BF16, "copy")
         k.memory("backward_input", "cross-entropy backward", 2.0 * n * v * BF16, "copy")
 
     def _embedding(self, k: _Kernels) -> None:
+        # Vocabulary-parallel under TP: every GPU writes the full b·s × h (zeros for tokens
+        # outside its vocabulary slice) before the reduce-scatter into sequence shards.
         n, d = self.tokens, self.hidden
         k.memory("forward", "embedding gather", 2.0 * n * d * BF16, "copy")
         # Gradient rows added into the FP32 embedding gradient: read dy, read and write FP32.
@@ -351,14 +403,17 @@ class ComputeModel:
         embedding, a 2d → d projection, a transformer block whose MoE is priced at its
         activated width (shared + top-k experts as one FFN: its routing is not simulated), and
         the shared output head."""
-        n, d = self.tokens, self.hidden
-        k.rmsnorm("MTP hidden", n, d)
-        k.rmsnorm("MTP embedding", n, d)
-        k.linear("MTP projection", n, 2 * d, d, self.precision)
+        if self.model.moe is None:
+            return
+        n, d, local = self.tokens, self.hidden, self.local
+        k.rmsnorm("MTP hidden", local, d)
+        k.rmsnorm("MTP embedding", local, d)
+        # Column-parallel under TP, like the FFN it feeds.
+        k.linear("MTP projection", n, 2 * d, d / self.tensor, self.precision)
         self._attention(k)
-        k.rmsnorm("MTP FFN input", n, d)
+        k.rmsnorm("MTP FFN input", local, d)
         width = (self.model.moe.shared_experts + self.top_k) * self.expert_ffn
-        k.ffn(n, width, input_cast=True)
+        k.ffn(n, width / self.tensor, input_cast=True)
         self._head(k)
 
     def _build_ops(self) -> dict[str, _Kernels]:
@@ -381,6 +436,158 @@ class ComputeModel:
     def op_costs(self) -> OpCosts:
         """Seconds per pass of each non-expert op."""
         return OpCosts(**{name: k.cost() for name, k in self._ops.items()})
+
+    # ------------------------------------------------------------------ tensor parallelism
+
+    def _tp_plan(self, op: str) -> TpPlan:
+        """(phase, collective, what, neighbouring GEMM) of one op's tensor-parallel
+        collectives: an all-gather before each column-parallel GEMM and a reduce-scatter after
+        each row-parallel one, mirrored in the backward."""
+        att = self.model.attention
+        if att.kind == "mla":
+            first = "MLA q down" if att.q_lora_rank else "MLA q"
+            last = "MLA kv down"
+        else:
+            first = last = "QKV projection"
+        attention: TpPlan = [
+            ("forward", "all_gather", "attention input", first),
+            ("forward", "reduce_scatter", "attention output", "attention output"),
+            (
+                "backward_input",
+                "all_gather",
+                "attention output gradient",
+                "attention output input gradient",
+            ),
+            (
+                "backward_input",
+                "reduce_scatter",
+                "attention input gradient",
+                f"{last} input gradient",
+            ),
+        ]
+        ffn: TpPlan = [
+            ("forward", "all_gather", "FFN input", "FFN gate+up"),
+            ("forward", "reduce_scatter", "FFN output", "FFN down"),
+            ("backward_input", "all_gather", "FFN output gradient", "FFN down input gradient"),
+            (
+                "backward_input",
+                "reduce_scatter",
+                "FFN input gradient",
+                "FFN gate+up input gradient",
+            ),
+        ]
+        head: TpPlan = [
+            ("forward", "all_gather", "output head input", "output head"),
+            (
+                "backward_input",
+                "reduce_scatter",
+                "output head input gradient",
+                "output head input gradient",
+            ),
+        ]
+        embedding: TpPlan = [
+            ("forward", "reduce_scatter", "embedding output", ""),
+            ("backward_input", "all_gather", "embedding output gradient", ""),
+        ]
+        plans = {
+            "attention": attention,
+            "dense_ffn": ffn,
+            "head": head,
+            "embedding": embedding,
+            "mtp": attention + ffn + head,
+        }
+        return plans.get(op, [])
+
+    def tp_collectives(self) -> list[TpCollective]:
+        """Every tensor-parallel collective of one micro-batch's ops on one GPU (none when
+        ``tensor = 1``), each over the full ``b·s × h`` BF16 activation."""
+        t = self.tensor
+        out = self._kv_ring()
+        if t < 2:
+            return out
+        full = self.tokens * self.hidden * BF16
+        comm = ring_seconds(full, t, self.tp_bandwidth, self.tp_latency)
+        for op, kernels in self._ops.items():
+            if not kernels.out or (op == "mtp" and self.model.mtp_depth == 0):
+                continue  # an op the model does not run
+            for phase, kind, what, gemm in self._tp_plan(op):
+                gemm_s = kernels.gemm_s(phase, gemm) if gemm else 0.0
+                out.append(
+                    TpCollective(
+                        op=op,
+                        phase=phase,
+                        kind=kind,
+                        name=what,
+                        tensor_bytes=full,
+                        comm_s=comm,
+                        gemm_s=gemm_s,
+                        exposed_s=exposed_seconds(comm, gemm_s, t, self.tp_overlap),
+                        sent_bytes=ring_bytes(full, t),
+                    )
+                )
+        return out
+
+    def _kv_ring(self) -> list[TpCollective]:
+        """Ring attention's key/value exchange (``context = c > 1``): in ``c − 1`` steps each
+        GPU passes its K and V chunk (its TP share of the KV heads) to the next GPU of the
+        context-parallel group while flash attention works on the chunk it holds; the backward
+        passes K, V and their gradients. The exchange always overlaps the attention (a ring of
+        ``c`` chunks: the rule of :func:`exposed_seconds`)."""
+        c = self.context
+        if c < 2:
+            return []
+        att = self.model.attention
+        t = self.tensor
+        if att.kind == "mla":
+            heads, k_dim = att.heads // t, att.head_dim + att.rope_head_dim
+        else:
+            heads = ((att.kv_heads or att.heads) if att.kind == "gqa" else att.heads) // t
+            k_dim = att.head_dim
+        v_dim = att.v_head_dim or att.head_dim
+        chunk = self.tokens * heads * (k_dim + v_dim) * BF16
+        step = chunk / self.tp_bandwidth + self.tp_latency
+        attention = self._ops["attention"]
+        out = []
+        for phase, factor, kernel in (
+            ("forward", 1, "flash attention"),
+            ("backward_input", 2, "flash attention backward"),
+        ):
+            comm = factor * (c - 1) * step
+            busy = float(
+                sum(
+                    k.seconds
+                    for k in attention.out
+                    if k.phase == phase and k.name == kernel and not k.recompute
+                )
+            )
+            out.append(
+                TpCollective(
+                    op="attention",
+                    phase=phase,
+                    kind="kv_ring",
+                    name="ring attention K/V" + (" and their gradients" if factor == 2 else ""),
+                    tensor_bytes=factor * c * chunk,
+                    comm_s=comm,
+                    gemm_s=busy,
+                    exposed_s=exposed_seconds(comm, busy, c, overlap=True),
+                    sent_bytes=factor * (c - 1) * chunk,
+                )
+            )
+        return out
+
+    def tp_costs(self) -> tuple[dict[str, OpCost], dict[str, OpCost]]:
+        """Per op: seconds the tensor-parallel collectives add to the compute stream, and the
+        bytes each GPU sends over NVLink for them, per pass (no collective in the weight
+        gradients)."""
+        seconds: dict[str, OpCost] = {}
+        sent: dict[str, OpCost] = {}
+        for c in self.tp_collectives():
+            forward = c.phase == "forward"
+            s = OpCost(c.exposed_s if forward else 0.0, 0.0 if forward else c.exposed_s, 0.0)
+            b = OpCost(c.sent_bytes if forward else 0.0, 0.0 if forward else c.sent_bytes, 0.0)
+            seconds[c.op] = seconds.get(c.op, OpCost(0.0, 0.0, 0.0)) + s
+            sent[c.op] = sent.get(c.op, OpCost(0.0, 0.0, 0.0)) + b
+        return seconds, sent
 
     # ------------------------------------------------------------------ routed experts
 
@@ -490,9 +697,12 @@ class ComputeModel:
 
     def balanced_rows(self, expert_parallel: int) -> Array:
         """Tokens per local expert when routing is perfectly balanced: each GPU receives its
-        micro-batch's ``tokens × top_k`` assignments spread over its experts."""
+        sequence shard's ``tokens × top_k`` assignments spread over its experts (none in a
+        dense model)."""
+        if self.model.moe is None:
+            return np.zeros(0)
         per_gpu = self.model.moe.routed_experts // expert_parallel
-        return np.full(per_gpu, self.tokens * self.top_k / per_gpu)
+        return np.full(per_gpu, self.local * self.top_k / per_gpu)
 
     # ------------------------------------------------------------------ tables
 
@@ -502,13 +712,15 @@ class ComputeModel:
         the model has them."""
         m = self.model
         absent = {
-            "dense_ffn": m.dense_layers == 0,
+            "dense_ffn": m.ffn_dense_layers == 0,
             "mtp": m.mtp_depth == 0,
         }
         out: list[Kernel] = []
         for name, k in self._ops.items():
             if not absent.get(name, False):
                 out.extend(k.out)
+        if m.moe is None:
+            return out
         for phase, name, kind, flops, nbytes, secs, rec in self._expert_kernels(
             np.asarray(rows, dtype=np.float64)[None, :]
         ):

@@ -99,11 +99,13 @@ class ModelCosts:
 
 
 def model_costs(model: Model) -> ModelCosts:
+    """Per-token costs of ``model`` (a dense model has no expert or router weights)."""
+    moe = model.moe
     return ModelCosts(
         attention=attention_costs(model.attention, model.hidden, model.seq_len),
         dense_ffn_params=swiglu_params(model.hidden, model.dense_ffn or 0),
-        expert_params=swiglu_params(model.hidden, model.moe.expert_ffn),
-        router_params=model.hidden * model.moe.routed_experts,
+        expert_params=0 if moe is None else swiglu_params(model.hidden, moe.expert_ffn),
+        router_params=0 if moe is None else model.hidden * moe.routed_experts,
         embedding_params=model.vocab * model.hidden,
         head_params=model.vocab * model.hidden,
         hidden=model.hidden,
@@ -116,12 +118,11 @@ def model_flops_per_token(model: Model) -> float:
     This is the numerator of MFU: the work the model needs, not the work the schedule does.
     """
     c = model_costs(model)
-    forward = (
-        model.dense_layers * c.dense_layer_forward_flops()
-        + model.moe_layers * c.moe_layer_forward_flops(model.moe.top_k, model.moe.shared_experts)
-        + 2.0 * c.head_params
-        + model.mtp_depth * c.mtp_forward_flops(model.moe.top_k, model.moe.shared_experts)
-    )
+    forward = model.ffn_dense_layers * c.dense_layer_forward_flops() + 2.0 * c.head_params
+    if model.moe is not None:
+        top_k, shared = model.moe.top_k, model.moe.shared_experts
+        forward += model.moe_layers * c.moe_layer_forward_flops(top_k, shared)
+        forward += model.mtp_depth * c.mtp_forward_flops(top_k, shared)
     return 3.0 * forward
 
 
@@ -130,13 +131,15 @@ def total_params(model: Model) -> int:
     c = model_costs(model)
     moe = model.moe
     per_moe = (
-        c.attention.params
+        0
+        if moe is None
+        else c.attention.params
         + c.router_params
         + c.expert_params * (moe.routed_experts + moe.shared_experts)
     )
     per_dense = c.attention.params + c.dense_ffn_params
     return (
-        model.dense_layers * per_dense
+        model.ffn_dense_layers * per_dense
         + model.moe_layers * per_moe
         + c.embedding_params
         + c.head_params

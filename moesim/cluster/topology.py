@@ -189,6 +189,10 @@ class Layout:
     stage_layers: list[list[int]]
     """Model layer indices held by each pipeline stage."""
     experts_per_rank: int
+    tensor: int = 1
+    """Tensor-parallel degree of attention and dense layers (folded onto the same GPUs)."""
+    context: int = 1
+    """Context-parallel degree of attention and dense layers."""
 
     @property
     def gpus_per_stage(self) -> int:
@@ -210,6 +214,27 @@ class Layout:
         gpus = np.arange(self.stages * self.gpus_per_stage)
         return (gpus % self.expert)[:, None] * slots_per_rank + np.arange(slots_per_rank)
 
+    def tp_group(self, gpu: int) -> list[int]:
+        """GPUs of ``gpu``'s tensor-parallel group: ``tensor`` consecutive ranks (inside one
+        node), ordered by tensor-parallel rank."""
+        first = gpu - gpu % self.tensor
+        return list(range(first, first + self.tensor))
+
+    def cp_group(self, gpu: int) -> list[int]:
+        """GPUs of ``gpu``'s context-parallel ring: same tensor-parallel rank, the
+        ``context`` consecutive TP groups of its block."""
+        block = self.tensor * self.context
+        first = gpu - gpu % block + gpu % self.tensor
+        return list(range(first, first + block, self.tensor))
+
+    def attention_dp_peers(self, gpu: int) -> list[int]:
+        """GPUs of the same stage holding the same attention and dense-layer shard (the same
+        tensor-parallel rank; context-parallel ranks hold the same weights): the group that
+        reduces the non-expert gradients."""
+        stage = gpu // self.gpus_per_stage
+        base = stage * self.gpus_per_stage
+        return list(range(base + gpu % self.tensor, base + self.gpus_per_stage, self.tensor))
+
     def dp_peers(self, gpu: int) -> list[int]:
         """GPUs of the same stage holding the same experts (expert-data-parallel group)."""
         stage = gpu // self.gpus_per_stage
@@ -226,5 +251,7 @@ def build_layout(scenario: Scenario) -> Layout:
         expert=p.expert,
         data=p.data,
         stage_layers=[[int(x) for x in s] for s in split],
-        experts_per_rank=m.moe.routed_experts // p.expert,
+        experts_per_rank=0 if m.moe is None else m.moe.routed_experts // p.expert,
+        tensor=p.tensor,
+        context=p.context,
     )

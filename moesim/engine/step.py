@@ -26,6 +26,15 @@ interleaved on one compute stream, switching chunk whenever one waits for an all
 each chunk's communication hides behind the other's compute (DeepSeek-V3 technical report,
 arXiv 2412.19437, §3.2.1).
 
+Tensor parallelism (``parallelism.tensor``): the kernels are priced per GPU on their split shapes
+(:class:`~moesim.cluster.ComputeModel`); the all-gathers and reduce-scatters of sequence
+parallelism sit between an op's kernels on the compute stream, so each op carries the seconds
+they add (:meth:`~moesim.cluster.ComputeModel.tp_costs`; all of them, or what chunked overlap
+leaves), booked as exposed tensor-parallel communication, and their bytes go on the NVLink ports.
+The routed experts see each GPU's ``1/tensor`` sequence shard of its group's micro-batch.
+Context parallelism (``parallelism.context``) shards the sequences further; its ring-attention
+key/value exchange is priced and booked the same way, with the attention.
+
 Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
 (pipeline bubble and transfers), waiting for an all-to-all split into the part before the
 exchange's last sender was ready (a straggler: routing imbalance upstream) and the rest
@@ -62,6 +71,7 @@ from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
+NO_COST = OpCost(0.0, 0.0, 0.0)
 Vector = npt.NDArray[np.float64]
 
 
@@ -102,6 +112,19 @@ class StepContext:
     grad_bytes_per_param: float
     ops: OpCosts
     """Seconds per micro-batch on one GPU of the ops whose cost does not depend on routing."""
+    tp_seconds: dict[str, OpCost]
+    """Per op (attention, dense_ffn, head, embedding, mtp): seconds its tensor-parallel
+    collectives add to the compute stream, per pass (empty without tensor parallelism)."""
+    tp_bytes: dict[str, OpCost]
+    """Per op: bytes each GPU sends (and receives) over NVLink for those collectives."""
+
+    def tp(self, op: str) -> OpCost:
+        """Tensor-parallel seconds of ``op``."""
+        return self.tp_seconds.get(op, NO_COST)
+
+    def tp_sent(self, op: str) -> OpCost:
+        """Tensor-parallel bytes each GPU sends in ``op``."""
+        return self.tp_bytes.get(op, NO_COST)
 
     @cached_property
     def moe_block(self) -> OpCost:
@@ -124,23 +147,27 @@ class StepContext:
 def balanced_split(scenario: Scenario, compute: ComputeModel, pieces: int) -> list[list[int]]:
     """Cut the layers into ``pieces`` contiguous pieces minimising the largest piece's forward
     + backward compute under balanced routing; the first piece also embeds, the last one runs
-    the output head and the MTP modules (what a tuned pipeline layout does by hand)."""
+    the output head and the MTP modules (what a tuned pipeline layout does by hand). Exposed
+    tensor-parallel communication counts with its op."""
     m = scenario.model
     ops = compute.op_costs()
     experts = compute.experts(compute.balanced_rows(scenario.parallelism.expert))
+    tp, _ = compute.tp_costs()
 
-    def both_passes(op: OpCost) -> float:
+    def both_passes(op: OpCost, name: str = "") -> float:
+        op = op + tp.get(name, NO_COST)
         return op.forward + op.backward
 
     moe = (
-        both_passes(ops.attention + ops.router + ops.shared_experts)
-        + float(experts.forward)
-        + float(experts.backward)
+        both_passes(ops.attention, "attention")
+        + both_passes(ops.router + ops.shared_experts)
+        + float(np.sum(experts.forward))
+        + float(np.sum(experts.backward))
     )
-    dense = both_passes(ops.attention + ops.dense_ffn)
-    layer_cost = np.array([dense if i < m.dense_layers else moe for i in range(m.layers)])
-    first = both_passes(ops.embedding)
-    last = both_passes(ops.head) + m.mtp_depth * both_passes(ops.mtp)
+    dense = both_passes(ops.attention, "attention") + both_passes(ops.dense_ffn, "dense_ffn")
+    layer_cost = np.array([dense if i < m.ffn_dense_layers else moe for i in range(m.layers)])
+    first = both_passes(ops.embedding, "embedding")
+    last = both_passes(ops.head, "head") + m.mtp_depth * both_passes(ops.mtp, "mtp")
     prefix = np.concatenate([[0.0], np.cumsum(layer_cost)])
     n = m.layers
     # best[k][i]: least max piece cost cutting layers[:i] into k pieces; cut[k][i]: last cut.
@@ -166,10 +193,12 @@ def balanced_split(scenario: Scenario, compute: ComputeModel, pieces: int) -> li
 def memory_estimate_bytes(scenario: Scenario) -> float:
     """Peak bytes of one step's simulation state: the routing sample (counts, per-rank and
     per-node dispatch volumes, as int64) and the per-GPU records."""
-    p, g = scenario.parallelism, scenario.gate
+    p, g, moe = scenario.parallelism, scenario.gate, scenario.model.moe
+    if moe is None:  # a dense model has no routing sample
+        return float(scenario.cluster.gpus * 16 * 8)
     cells = g.layers_simulated * scenario.micro_batches * p.expert * p.data
-    sample = cells * (scenario.model.moe.routed_experts + p.expert + scenario.ep_nodes) * 8
-    per_gpu = scenario.cluster.gpus * (16 + scenario.model.moe.routed_experts // p.expert) * 8
+    sample = cells * (moe.routed_experts + p.expert + scenario.ep_nodes) * 8
+    per_gpu = scenario.cluster.gpus * (16 + moe.routed_experts // p.expert) * 8
     return float(sample + per_gpu)
 
 
@@ -185,7 +214,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
             "engine.memory_limit_gib",
             f"simulating one step needs about {need / units.GiB:.1f} GiB (routing samples "
             f"of {scenario.gate.layers_simulated} layers × {scenario.micro_batches} micro-batches "
-            f"× {p.expert * p.data} ranks × {m.moe.routed_experts} experts), more than the "
+            f"× {p.expert * p.data} ranks × {m.moe_spec.routed_experts} experts), more than the "
             f"{scenario.engine.memory_limit_gib:g} GiB allowed; lower gate.layers_simulated or "
             f"raise the limit",
         )
@@ -205,22 +234,27 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
     dense = np.zeros(p.pipeline)
     expert = np.zeros(p.pipeline)
     last = len(pieces) - 1
+    # Tensor-parallel weights are split over the group; the router and the shared experts
+    # (run on each GPU's sequence shard) are replicated.
+    t = p.tensor
+    top_k = 0 if m.moe is None else m.moe.top_k
+    shared = 0 if m.moe is None else m.moe.shared_experts
     for rank in range(p.pipeline):
         for piece in held[rank]:
             for layer in pieces[piece]:
-                dense[rank] += costs.attention.params
-                if layer < m.dense_layers:
-                    dense[rank] += costs.dense_ffn_params
+                dense[rank] += costs.attention.params / t
+                if layer < m.ffn_dense_layers:
+                    dense[rank] += costs.dense_ffn_params / t
                 else:
-                    dense[rank] += costs.router_params + costs.expert_params * m.moe.shared_experts
+                    dense[rank] += costs.router_params + costs.expert_params * shared
                     expert[rank] += costs.expert_params * layout.experts_per_rank
             if piece == 0:
-                dense[rank] += costs.embedding_params
+                dense[rank] += costs.embedding_params / t
             if piece == last:
-                dense[rank] += costs.head_params + m.mtp_depth * costs.mtp_params(
-                    m.moe.top_k, m.moe.shared_experts
-                )
+                dense[rank] += costs.head_params / t
+                dense[rank] += m.mtp_depth * costs.mtp_params(top_k, shared) / t
     bf16 = units.BYTES_PER_ELEMENT["bf16"]
+    tp_seconds, tp_bytes = compute.tp_costs()
     return StepContext(
         scenario=scenario,
         topology=build_topology(scenario),
@@ -234,11 +268,16 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
         sync_ranks=sync,
         dispatch_bytes_per_token=m.hidden * units.BYTES_PER_ELEMENT[m.gemm_precision],
         grad_bytes_per_token=m.hidden * bf16,
-        activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16),
+        # Sequence (and context) parallelism: each GPU sends its shard to its peer in the
+        # next stage.
+        activation_bytes=float(p.micro_batch_size * m.seq_len * m.hidden * bf16)
+        / (p.tensor * p.context),
         dense_params=dense,
         expert_params=expert,
         grad_bytes_per_param=float(units.BYTES_PER_ELEMENT[p.grad_dtype]),
         ops=compute.op_costs(),
+        tp_seconds=tp_seconds,
+        tp_bytes=tp_bytes,
     )
 
 
@@ -253,6 +292,10 @@ class _Compute:
     cause: str = "pipeline"  # what an idle gap before it waits for: "pipeline" or "a2a"
     last_sender: Vector | None = None
     expert: bool = False
+    tp: float = 0.0
+    """Part of ``seconds``: exposed tensor-parallel communication, not compute."""
+    tp_bytes: float = 0.0
+    """Bytes each GPU sends over NVLink for those collectives."""
 
 
 Chain = Generator[Any, Any, Vector]
@@ -276,9 +319,11 @@ class _StepModel:
         self.jitter = jitter if jitter is not None and jitter.sigma > 0 else None
         self.sc = sc = ctx.scenario
         self.rec = recorder
-        self.counts = counts
-        self.dest = dest
-        self.node_tokens = node_tokens
+        # Each GPU routes its sequence shard: 1/(tensor × context) of its group's micro-batch.
+        t = sc.parallelism.tensor * sc.parallelism.context
+        self.counts = counts if t == 1 else counts / t
+        self.dest = dest if t == 1 else dest / t
+        self.node_tokens = node_tokens if node_tokens is None or t == 1 else node_tokens / t
         self.env = CountingEnvironment()
         self.schedule = ctx.schedule
         lay, topo = ctx.layout, ctx.topology
@@ -330,6 +375,8 @@ class _StepModel:
                 "allreduce",
                 "optimizer",
                 "slowdown",
+                "tp",
+                "tp_bytes",
             )
         }
         self.finish = np.zeros(n)
@@ -342,7 +389,7 @@ class _StepModel:
         self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
         self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
         self.gate_layer = gate_layer_map(sc)
-        self.dense_layers = sc.model.dense_layers
+        self.dense_layers = sc.model.ffn_dense_layers
         self.traced = [
             [(i, int(g)) for i, g in enumerate(gpus.ravel()) if recorder.wants(int(g))]
             for gpus in ctx.rank_gpus
@@ -351,6 +398,13 @@ class _StepModel:
         self.rank_of: dict[tuple[int, int], int] = {}  # (micro, piece) → rank, lazily
 
     # -------------------------------------------------------------- helpers
+
+    def _with_tp(self, seconds: float, op: str, phase: str) -> dict[str, Any]:
+        """``_Compute`` fields of an op of ``seconds`` compute plus its tensor-parallel
+        collectives in ``phase`` (``forward`` or ``backward_input``)."""
+        tp = float(getattr(self.ctx.tp(op), phase))
+        sent = float(getattr(self.ctx.tp_sent(op), phase))
+        return {"seconds": seconds + tp, "tp": tp, "tp_bytes": sent}
 
     def _p2p(self, a: int, b: int) -> tuple[Vector, npt.NDArray[np.int64]]:
         """Activation transfer time from GPU i of rank a to GPU i of rank b (alpha-beta) and
@@ -406,7 +460,10 @@ class _StepModel:
             acc["pipeline"][gpus] += gap
         end = self._end(gpus, start, req.seconds)
         self.free[rank] = end
-        acc[req.bucket][gpus] += req.seconds
+        acc[req.bucket][gpus] += req.seconds - req.tp
+        if req.tp:
+            acc["tp"][gpus] += req.tp
+            acc["tp_bytes"][gpus] += req.tp_bytes
         if req.expert:
             acc["expert"][gpus] += req.seconds
         for i, gpu in self.traced[rank]:
@@ -533,7 +590,7 @@ class _StepModel:
     ) -> MoeChain:
         ops = self.ctx.ops
         t = yield _Compute(
-            seconds=self.ctx.moe_block.forward,
+            **self._with_tp(self.ctx.moe_block.forward, "attention", "forward"),
             ready=t,
             name="attention + router",
             bucket="forward",
@@ -622,7 +679,7 @@ class _StepModel:
                 expert=True,
             )
         t = yield _Compute(
-            seconds=self.ctx.moe_block.backward_input,
+            **self._with_tp(self.ctx.moe_block.backward_input, "attention", "backward_input"),
             ready=np.maximum(t_exp, back),
             name="attention + router",
             bucket="backward",
@@ -637,12 +694,19 @@ class _StepModel:
         cause, last = "pipeline", None
         if piece == 0:
             t = yield _Compute(
-                seconds=ops.embedding.forward, ready=t, name="embedding", bucket="forward"
+                **self._with_tp(ops.embedding.forward, "embedding", "forward"),
+                ready=t,
+                name="embedding",
+                bucket="forward",
             )
         for layer in self.ctx.piece_layers[piece]:
-            if layer < m.dense_layers:
+            if layer < self.dense_layers:
+                dense_tp = self._with_tp(self.ctx.dense_layer.forward, "attention", "forward")
+                ffn_tp = self._with_tp(0.0, "dense_ffn", "forward")
                 t = yield _Compute(
-                    seconds=self.ctx.dense_layer.forward,
+                    seconds=dense_tp["seconds"] + ffn_tp["seconds"],
+                    tp=dense_tp["tp"] + ffn_tp["tp"],
+                    tp_bytes=dense_tp["tp_bytes"] + ffn_tp["tp_bytes"],
                     ready=t,
                     name="dense layer",
                     bucket="forward",
@@ -655,7 +719,7 @@ class _StepModel:
                 cause = "a2a"
         if piece == self.schedule.n_pieces - 1:
             t = yield _Compute(
-                seconds=ops.head.forward,
+                **self._with_tp(ops.head.forward, "head", "forward"),
                 ready=t,
                 name="output head",
                 bucket="forward",
@@ -664,7 +728,10 @@ class _StepModel:
             )
             for _ in range(m.mtp_depth):
                 t = yield _Compute(
-                    seconds=ops.mtp.forward, ready=t, name="MTP module", bucket="forward"
+                    **self._with_tp(ops.mtp.forward, "mtp", "forward"),
+                    ready=t,
+                    name="MTP module",
+                    bucket="forward",
                 )
         return t
 
@@ -679,17 +746,29 @@ class _StepModel:
         if piece == self.schedule.n_pieces - 1:
             for _ in range(m.mtp_depth):
                 t = yield _Compute(
-                    seconds=backward(ops.mtp), ready=t, name="MTP module", bucket="backward"
+                    **self._with_tp(backward(ops.mtp), "mtp", "backward_input"),
+                    ready=t,
+                    name="MTP module",
+                    bucket="backward",
                 )
             t = yield _Compute(
-                seconds=backward(ops.head), ready=t, name="output head", bucket="backward"
+                **self._with_tp(backward(ops.head), "head", "backward_input"),
+                ready=t,
+                name="output head",
+                bucket="backward",
             )
         cause, last = "pipeline", None
         filler = 0.0  # the previous MoE layer's attention weight gradients, not yet run
         for layer in reversed(self.ctx.piece_layers[piece]):
-            if layer < m.dense_layers:
+            if layer < self.dense_layers:
+                dense_tp = self._with_tp(
+                    backward(self.ctx.dense_layer) + filler, "attention", "backward_input"
+                )
+                ffn_tp = self._with_tp(0.0, "dense_ffn", "backward_input")
                 t = yield _Compute(
-                    seconds=backward(self.ctx.dense_layer) + filler,
+                    seconds=dense_tp["seconds"] + ffn_tp["seconds"],
+                    tp=dense_tp["tp"] + ffn_tp["tp"],
+                    tp_bytes=dense_tp["tp_bytes"] + ffn_tp["tp_bytes"],
                     ready=t,
                     name="dense layer",
                     bucket="backward",
@@ -705,7 +784,10 @@ class _StepModel:
             t = yield _Compute(seconds=filler, ready=t, name="weight gradients", bucket="weight")
         if piece == 0:
             t = yield _Compute(
-                seconds=ops.embedding.backward, ready=t, name="embedding", bucket="backward"
+                **self._with_tp(ops.embedding.backward, "embedding", "backward_input"),
+                ready=t,
+                name="embedding",
+                bucket="backward",
             )
         return t
 
@@ -714,7 +796,7 @@ class _StepModel:
         ops, m = self.ctx.ops, self.sc.model
         seconds = np.zeros(self.g_stage)
         for layer in self.ctx.piece_layers[piece]:
-            if layer < m.dense_layers:
+            if layer < self.dense_layers:
                 seconds += self.ctx.dense_layer.backward_weight
             else:
                 weight = self._experts(layer, micro)[1].backward_weight
@@ -811,10 +893,12 @@ class _StepModel:
         """Gradient synchronisation and the optimizer step of ranks holding the same
         parameters (closed-form collectives; they start when the last member is ready).
 
-        Dense parameters are replicated over every GPU of the ranks, routed experts over the
-        expert-data-parallel peers. Plain data parallelism all-reduces the gradients and every
-        GPU updates every parameter it holds; ZeRO-1 reduce-scatters, each GPU updates its 1/n
-        shard, and the updated BF16 parameters are all-gather.
+        Dense parameters are replicated over every GPU of the ranks with the same
+        tensor-parallel rank (the attention-data-parallel group; every GPU without tensor
+        parallelism), routed experts over the expert-data-parallel peers. Plain data
+        parallelism all-reduces the gradients and every GPU updates every parameter it
+        holds; ZeRO-1 reduce-scatters, each GPU updates its 1/n shard, and the updated BF16
+        parameters are all-gather.
         """
         ctx = self.ctx
         zero1 = self.sc.parallelism.zero1
@@ -823,10 +907,17 @@ class _StepModel:
         start = clock.copy()
         dense = ctx.dense_params[ranks[0]]
         # Redundant replicas (EPLB) hold weights and optimizer state too.
-        expert = ctx.expert_params[ranks[0]] * self.epr / ctx.layout.experts_per_rank
+        expert = (
+            ctx.expert_params[ranks[0]] * self.epr / ctx.layout.experts_per_rank
+            if ctx.layout.experts_per_rank
+            else 0.0
+        )
         groups: list[tuple[npt.NDArray[np.int64], float, tuple[int, ...]]] = []
         if dense > 0:
-            groups.append((gpus.reshape(1, -1), dense, (0, 1, 2)))
+            # One group per tensor-parallel rank (stage-local index mod tensor), all at once.
+            t = self.sc.parallelism.tensor
+            per_rank = gpus.reshape(len(ranks), -1, t).transpose(2, 0, 1)
+            groups.append((per_rank.reshape(t, -1), dense, (0, 1, 2)))
         if expert > 0:
             # Expert-data-parallel peers: same expert-parallel rank, every group and rank.
             groups.append((gpus.transpose(2, 0, 1).reshape(self.expert, -1), expert, (0, 1)))
@@ -841,7 +932,7 @@ class _StepModel:
                     [self._collective(row, params * per_param, phases) for row in members]
                 )
                 if axes == (0, 1, 2):
-                    clock = np.full_like(clock, clock.max() + seconds[0])
+                    clock = np.full_like(clock, clock.max() + seconds.max())
                 else:
                     clock = clock.max(axis=(0, 1), keepdims=True) + seconds[None, None, :]
                     clock = np.broadcast_to(clock, gpus.shape).copy()
@@ -962,6 +1053,19 @@ class _StepModel:
         np.add.at(load.bytes, links, amount)
         np.add.at(load.busy_s, links, amount / topo.capacity[links])
 
+    def _charge_tp_links(self) -> None:
+        """Tensor-parallel rings stay inside a node: each GPU's bytes leave on its NVLink
+        port and as many arrive on it."""
+        sent = self.acc["tp_bytes"]
+        if not sent.any():
+            return
+        topo = self.ctx.topology
+        gpus = np.arange(topo.gpus)
+        for port in (NVLINK_OUT, NVLINK_IN):
+            links = topo.link_id(gpus, port)
+            self.load.bytes[links] += sent
+            self.load.busy_s[links] += sent / topo.capacity[links]
+
     def run(self) -> StepResult:
         ctx, lay = self.ctx, self.ctx.layout
         for rank in range(lay.stages):
@@ -969,6 +1073,7 @@ class _StepModel:
         self.env.run()
         for rank in range(lay.stages):
             self.tables[rank].charge(self.exchange_ports[rank], self.uses[rank])
+        self._charge_tp_links()
         missing = [r for r in range(lay.stages) if not self._event(("done", r, 0)).processed]
         if missing:
             raise SimulationError(f"the step did not complete: ranks {missing} deadlocked")
@@ -999,6 +1104,7 @@ class _StepModel:
             comm_wait_s=acc["comm"],
             straggler_wait_s=acc["straggler"],
             pipeline_wait_s=acc["pipeline"],
+            tp_comm_s=acc["tp"],
             allreduce_s=acc["allreduce"],
             optimizer_s=acc["optimizer"],
             tail_idle_s=step_time - self.finish,
@@ -1046,12 +1152,16 @@ def simulate_step(
         Per-op compute-time noise.
     """
     sc = ctx.scenario
-    want = (sc.gate.layers_simulated, ctx.schedule.micro_batches, ctx.layout.gpus_per_stage)
+    moe = sc.model.moe
+    # A dense model's sample is empty: no simulated MoE layer, no expert.
+    layers = 0 if moe is None else sc.gate.layers_simulated
+    want = (layers, ctx.schedule.micro_batches, ctx.layout.gpus_per_stage)
     slots = counts.shape[3] if counts.ndim == 4 else 0
-    if slots < sc.model.moe.routed_experts or slots % ctx.layout.expert:
+    need = 0 if moe is None else moe.routed_experts
+    if slots < need or slots % ctx.layout.expert:
         raise SimulationError(
             f"routing sample has {slots} expert slots: need at least the "
-            f"{sc.model.moe.routed_experts} routed experts, a multiple of {ctx.layout.expert}"
+            f"{need} routed experts, a multiple of {ctx.layout.expert}"
         )
     if counts.shape[:3] != want or dest_tokens.shape[:3] != want:
         raise SimulationError(

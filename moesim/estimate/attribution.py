@@ -108,7 +108,7 @@ def attribute(
     return Costs(
         Attribution(
             compute_gpu_hours=balanced_hours(b.compute_s, b.slowdown_s, b.optimizer_s),
-            communication_gpu_hours=balanced_hours(b.a2a_wait_s, b.allreduce_s),
+            communication_gpu_hours=balanced_hours(b.a2a_wait_s, b.allreduce_s, b.tp_comm_s),
             pipeline_bubble_gpu_hours=balanced_hours(b.pipeline_wait_s, b.tail_idle_s),
             routing_imbalance_gpu_hours=imbalance,
             hardware_stragglers_gpu_hours=straggler,

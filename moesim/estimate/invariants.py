@@ -41,7 +41,7 @@ NEG_TOL = 1e-9
 """Rounding allowed below zero, relative to the column's largest magnitude (≥ 1 s)."""
 
 NOT_APPLICABLE: dict[str, tuple[str, ...]] = {
-    "timeline": ("task_loss", "maxvio_batch"),
+    "timeline": ("task_loss", "maxvio_batch", "maxvio_sample", "maxvio_micro"),
     "gate": ("*",),
     "steps": ("routing_*",),
 }

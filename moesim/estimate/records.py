@@ -83,10 +83,10 @@ class TimelineRow:
     cost_usd: float
     balanced_gpu_hours: float
     balanced_cost_usd: float
-    maxvio_sample: float
+    maxvio_sample: float | None
     """MaxVio_batch of the engine's routing sample at this step."""
-    maxvio_micro: float
-    maxvio_batch: float
+    maxvio_micro: float | None
+    maxvio_batch: float | None
     """MaxVio_batch of the gate's update at this step (the sample's without a gate)."""
     task_loss: float | None
 
@@ -95,7 +95,7 @@ class TimelineRow:
 class RoutingSummary:
     """Routing quality over a run (None where the run has no such metric)."""
 
-    maxvio_global: float
+    maxvio_global: float | None
     maxvio_compute_batch: float | None
     cv_batch: float | None
     dead_experts: float | None
@@ -161,7 +161,8 @@ class RunSummary:
     gpu_hours: float
     cost_usd: float
     balanced_gpu_hours: float
-    maxvio_batch: float
+    maxvio_batch: float | None
+    """None for a dense model (nothing routed)."""
     task_loss: float | None
     wall_days: float
     migration_s: float

@@ -53,9 +53,17 @@ def routing_sources(
 ) -> Iterator[RoutingSource]:
     """Per run, in order: where its routing samples come from.
 
-    With ``gate.trace`` the recorded loads replace the gate (no records, no strategies);
-    otherwise the gate trains under each strategy, keeping router snapshots at ``points``.
+    With ``gate.trace`` the recorded loads replace the gate (no records, no strategies); a
+    dense model routes nothing and runs once, under the scenario's name; otherwise the gate
+    trains under each strategy, keeping router snapshots at ``points``.
     """
+    if scenario.model.moe is None:
+
+        def unrouted(_i: int, step: int, _rng: np.random.Generator) -> RoutingSample:
+            return dense_sample(scenario, step, n_src)
+
+        yield RoutingSource(scenario.name, None, unrouted)
+        return
     if scenario.gate.trace is not None:
         trace = scenario_trace(scenario)
 
@@ -76,6 +84,17 @@ def routing_sources(
             )
 
         yield RoutingSource(strategy.name, trajectory, routed)
+
+
+def dense_sample(scenario: Scenario, step: int, n_src: int) -> RoutingSample:
+    """The empty routing sample of a dense model: no MoE layer, no expert, no token sent."""
+    cells = (0, scenario.micro_batches_at(step), n_src)
+    return RoutingSample(
+        step,
+        np.zeros((*cells, 0), dtype=np.int64),
+        np.zeros((*cells, 1), dtype=np.int64),
+        {},
+    )
 
 
 def _train_one(
@@ -120,7 +139,7 @@ def topic_load(
         routing.selected,
         topics.ravel(),
         scenario.stream.topics,
-        scenario.model.moe.routed_experts,
+        scenario.model.moe_spec.routed_experts,
         routing.dropped,
     )
 

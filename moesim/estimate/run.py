@@ -25,11 +25,11 @@ from moesim.estimate.eplb import eplb_step, eplb_steps
 from moesim.estimate.hardware import point_hardware, simulate_on
 from moesim.estimate.memory import check_memory
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
-from moesim.estimate.routing import domain_skew, routing_sources, topic_load
+from moesim.estimate.routing import dense_sample, domain_skew, routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import integrate, scenario_points
-from moesim.gate import balanced_like, balanced_sample
+from moesim.gate import RoutingSample, balanced_like, balanced_sample
 from moesim.scenario.schema import Scenario
 
 
@@ -76,7 +76,13 @@ def _estimate_run(
 
     # The balanced reference runs the last segment's batch (the full batch after any ramp).
     reference = points[-1]
-    bal = balanced_sample(scenario, reference, n_src, n_dest)
+
+    def reference_sample(step: int) -> RoutingSample:
+        if scenario.model.moe is None:  # nothing routed: the step is its own reference
+            return dense_sample(scenario, step, n_src)
+        return balanced_sample(scenario, step, n_src, n_dest)
+
+    bal = reference_sample(reference)
     balanced = SimulatedStep(
         BALANCED,
         0,
@@ -93,7 +99,7 @@ def _estimate_run(
     for step in points:  # batch-ramp steps: their own balanced reference step time
         n = scenario.micro_batches_at(step)
         if n not in balanced_s:
-            ramp = balanced_sample(scenario, step, n_src, n_dest)
+            ramp = reference_sample(step)
             balanced_s[n] = simulate_step(
                 context_at(step), ramp.counts, ramp.dest_tokens, node_tokens=ramp.node_tokens
             ).step_time_s

@@ -59,7 +59,9 @@ def trace_run_name(scenario: Scenario) -> str:
 def run_names(scenario: Scenario) -> list[str]:
     """The runs an estimate compares: one per strategy, or the replayed trace, each followed
     by its redundant-expert variant when ``eplb`` is on."""
-    if scenario.gate.trace is not None:
+    if scenario.model.moe is None:
+        names = [scenario.name]
+    elif scenario.gate.trace is not None:
         names = [trace_run_name(scenario)]
     else:
         names = [s.name for s in scenario.strategies]
@@ -84,7 +86,8 @@ def routing_summary(rows: list[SimulatedStep], records: list[dict[str, float]]) 
     pooled = np.sum([s.expert_load for s in rows], axis=0)
     tail = records[-max(1, len(records) // 10) :]
     return RoutingSummary(
-        maxvio_global=float(max_vio(pooled).mean()),
+        # None for a dense model: no expert, no load to balance.
+        maxvio_global=float(max_vio(pooled).mean()) if pooled.size else None,
         maxvio_compute_batch=sample_mean("maxvio_compute_batch"),
         cv_batch=sample_mean("cv_batch"),
         dead_experts=sample_mean("dead_experts"),
@@ -157,9 +160,9 @@ def integrate(
                     cost_usd=gpu_hours * price,
                     balanced_gpu_hours=balanced_hours,
                     balanced_cost_usd=balanced_hours * price,
-                    maxvio_sample=s.routing_metrics["maxvio_batch"],
-                    maxvio_micro=s.routing_metrics["maxvio_micro"],
-                    maxvio_batch=rec["maxvio_batch"],
+                    maxvio_sample=s.routing_metrics.get("maxvio_batch"),
+                    maxvio_micro=s.routing_metrics.get("maxvio_micro"),
+                    maxvio_batch=rec.get("maxvio_batch"),
                     task_loss=rec.get("task_loss"),
                 )
             )
@@ -181,7 +184,11 @@ def integrate(
             gpu_hours=gpu_hours,
             cost_usd=gpu_hours * price,
             balanced_gpu_hours=gpus * units.seconds_to_hours(balanced_wall),
-            maxvio_batch=float(np.mean([r["maxvio_batch"] for r in records or sampled])),
+            maxvio_batch=(
+                float(np.mean([r["maxvio_batch"] for r in records or sampled]))
+                if sc.model.moe is not None
+                else None
+            ),
             task_loss=float(np.mean([r["task_loss"] for r in tail])) if records else None,
             wall_days=units.seconds_to_days(wall),
             migration_s=float(sum(s.extra_wall_s for s in rows)),

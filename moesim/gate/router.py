@@ -339,7 +339,7 @@ def route_options(scenario: Scenario) -> RouteOptions:
     router = scenario.router
     n_groups, group_topk = group_limits(scenario)
     return RouteOptions(
-        top_k=scenario.model.moe.top_k,
+        top_k=scenario.model.moe_spec.top_k,
         score=router.score,
         normalize=router.normalize,
         scaling_factor=router.scaling_factor,

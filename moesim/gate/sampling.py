@@ -287,7 +287,7 @@ def routing_sample(
         counted like ``dest_tokens`` over the nodes of the expert-parallel group (node ``j``
         hosts experts ``[j·E/ep_nodes, (j+1)·E/ep_nodes)``); ``dropped`` (L, M, n_src).
     """
-    moe, gate = scenario.model.moe, scenario.gate
+    moe, gate = scenario.model.moe_spec, scenario.gate
     n_layers, n_experts, top_k = gate.layers_simulated, moe.routed_experts, moe.top_k
     _check_ranks(n_experts, n_src, n_dest)
     if len(states) != n_layers:
@@ -522,7 +522,7 @@ def balanced_sample(scenario: Scenario, step: int, n_src: int, n_dest: int) -> R
         With ``maxvio_batch = maxvio_micro = maxvio_compute_batch = 0`` (the integer remainder is
         not counted as imbalance) and ``dropped_fraction = 0``.
     """
-    moe = scenario.model.moe
+    moe = scenario.model.moe_spec
     n_layers, n_experts, top_k = scenario.gate.layers_simulated, moe.routed_experts, moe.top_k
     _check_ranks(n_experts, n_src, n_dest)
     n_micro = scenario.micro_batches_at(step)

@@ -75,7 +75,7 @@ def maxvio_by_batch(
     """
     if sequences < 1 or batches < 1:
         raise ValueError(f"sequences: {sequences}, batches: {batches} (need at least 1 each)")
-    n_experts = scenario.model.moe.routed_experts
+    n_experts = scenario.model.moe_spec.routed_experts
     options = route_options(scenario)
     rng = np.random.default_rng(seed)
     layers = trajectory.final

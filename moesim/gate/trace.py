@@ -355,7 +355,7 @@ def trace_sample(
     RoutingSample
         ``dropped`` all zero.
     """
-    moe = scenario.model.moe
+    moe = scenario.model.moe_spec
     n_experts, top_k = moe.routed_experts, moe.top_k
     n_layers = scenario.gate.layers_simulated
     if trace.n_layers != n_layers or trace.n_experts != n_experts:
@@ -426,7 +426,7 @@ def scenario_trace(scenario: Scenario) -> ExpertTrace:
     return load_trace(
         spec.path,
         spec.format,
-        n_experts=scenario.model.moe.routed_experts,
+        n_experts=scenario.model.moe_spec.routed_experts,
         n_layers=scenario.gate.layers_simulated,
     )
 

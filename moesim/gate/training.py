@@ -452,7 +452,7 @@ def balance_context(scenario: Scenario) -> BalanceContext:
     §2.2),
     ``router.node_limit`` nodes' worth of devices, or ``group_topk`` groups' worth.
     """
-    p, moe = scenario.parallelism, scenario.model.moe
+    p, moe = scenario.parallelism, scenario.model.moe_spec
     limit = None
     options = route_options(scenario)
     if options["group_topk"] is not None:
@@ -529,7 +529,7 @@ class _BiasSteps:
             # One load counter, reused by every layer and step.
             self.counter = LoadCounter(
                 self.tokens,
-                scenario.model.moe.routed_experts,
+                scenario.model.moe_spec.routed_experts,
                 options["top_k"],
                 options["n_groups"],
                 options["group_topk"],
@@ -743,7 +743,7 @@ def train_gate(
     is installed the loads, the sign-rule bias updates and Adam's repeated step of the bias
     steps run as compiled loops (:mod:`moesim.gate.kernels`), with the same values.
     """
-    moe, gate = scenario.model.moe, scenario.gate
+    moe, gate = scenario.model.moe_spec, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
     every, block = gate.steps_per_update, BIAS_BLOCK_STEPS

@@ -96,6 +96,7 @@ BREAKDOWN = (
     ("backward_weight_s", "backward (weight grads)"),
     ("bubble_s", "pipeline bubble"),
     ("exposed_comm_s", "exposed all-to-all"),
+    ("tp_comm_s", "exposed tensor-parallel comm"),
     ("straggler_wait_s", "waiting on stragglers"),
     ("sync_s", "gradient/parameter sync"),
     ("optimizer_s", "optimizer step"),
@@ -355,13 +356,16 @@ def write_all(
     experts: pd.DataFrame,
 ) -> list[Path]:
     """Write every plot of a run directory into ``out_dir``: ``gpu_hours.png``, ``cost.png``,
-    ``step_breakdown.png``, ``wait_heatmap.png`` and ``expert_load_heatmap.png``."""
-    return [
+    ``step_breakdown.png``, ``wait_heatmap.png`` and ``expert_load_heatmap.png`` (not for a
+    dense model: it has no expert)."""
+    written = [
         *write_plots(timeline, out_dir, bands),
         write_step_breakdown(stages, out_dir / "step_breakdown.png"),
         write_wait_heatmap(gpus, out_dir / "wait_heatmap.png"),
-        write_expert_load_heatmap(experts, out_dir / "expert_load_heatmap.png"),
     ]
+    if len(experts):
+        written.append(write_expert_load_heatmap(experts, out_dir / "expert_load_heatmap.png"))
+    return written
 
 
 SWEEP_METRICS = (

@@ -80,7 +80,9 @@ class ResourceEstimate:
 
 def engine_steps(scenario: Scenario) -> int:
     """Steps the engine simulates over the whole estimate (every seed)."""
-    runs = len(scenario.strategies) * (2 if scenario.eplb.enabled else 1)
+    # A dense model runs once, under its own name.
+    runs = len(scenario.strategies) if scenario.model.moe is not None else 1
+    runs *= 2 if scenario.eplb.enabled else 1
     points = min(scenario.training.sample_points, scenario.total_steps)
     points += 1 if scenario.ramp_steps else 0
     hardware = 2 if scenario.faults.hardware_active else 1
@@ -91,7 +93,7 @@ def estimate_resources(scenario: Scenario) -> ResourceEstimate:
     """Memory and single-core time the scenario's estimate would take (see the module doc)."""
     sc = scenario
     m, p, c, g = sc.model, sc.parallelism, sc.cluster, sc.gate
-    experts = m.moe.routed_experts
+    experts = 0 if m.moe is None else m.moe.routed_experts
     stage_gpus = p.expert * p.data
     micro = sc.micro_batches
 
@@ -102,9 +104,9 @@ def estimate_resources(scenario: Scenario) -> ResourceEstimate:
     dim = sc.stream.dim
     tokens = g.batch_sequences * g.tokens_per_sequence
     bias_tokens = (g.bias_batch_sequences or g.batch_sequences) * g.tokens_per_sequence
-    gate_state = g.layers_simulated * experts * dim * _INT64 * 8
-    gate_state += max(tokens, bias_tokens) * (dim + 4 * experts) * _INT64
-    gate_state += sc.stream.topics * (dim + experts) * _INT64
+    gate_state = 0 if m.moe is None else g.layers_simulated * experts * dim * _INT64 * 8
+    gate_state += 0 if m.moe is None else max(tokens, bias_tokens) * (dim + 4 * experts) * _INT64
+    gate_state += 0 if m.moe is None else sc.stream.topics * (dim + experts) * _INT64
 
     steps = sc.total_steps
     updates = -(-steps // g.steps_per_update)

@@ -161,7 +161,7 @@ class Router(Frozen):
         - the kept groups (nodes, devices, groups) must hold at least ``top_k`` experts;
         - ``gate.trace`` cannot be combined with a capacity (a trace records loads as processed).
         """
-        moe = scenario.model.moe
+        moe = scenario.model.moe_spec
         n_experts, top_k = moe.routed_experts, moe.top_k
         ep = scenario.parallelism.expert
         if self.num_groups is not None and self.group_topk is not None:

@@ -9,8 +9,11 @@ Layout of ranks (used throughout moesim): the cluster has ``nodes × gpus_per_no
 rank ``r = node * gpus_per_node + local``. Parallel degrees multiply to the GPU count:
 ``pipeline × expert × data``. Rank ``r`` belongs to pipeline stage ``r // (expert*data)``; inside a
 stage, expert-parallel rank ``r % expert`` of expert-parallel group ``(r // expert) % data``.
-Attention is data-parallel over all ``expert × data`` GPUs of a stage; each expert-parallel group
-holds one copy of every routed expert (so ``data`` is the expert-data-parallel degree).
+Each expert-parallel group holds one copy of every routed expert (so ``data`` is the
+expert-data-parallel degree). Attention and dense layers fold onto the same GPUs (MoE parallel
+folding, arXiv 2504.14960): tensor-parallel rank ``r % tensor``, context-parallel rank
+``(r // tensor) % context``, so a stage's ``expert × data`` GPUs are ``tensor × context ×``
+attention-data-parallel replicas. A dense model (no ``model.moe``) has ``expert = 1``.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ class Model(Frozen):
     dense_ffn: PositiveInt | None = Field(
         None, le=4_194_304, description="intermediate size of dense FFNs"
     )
-    moe: Moe
+    moe: Moe | None = Field(
+        None, description="routed experts; without it every layer has a dense FFN of dense_ffn"
+    )
     gemm_precision: Literal["bf16", "fp8"] = "bf16"
     mtp_depth: NonNegInt = Field(
         0, le=16, description="multi-token-prediction modules (DeepSeek-V3: 1) on the last stage"
@@ -126,6 +131,17 @@ class Model(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> Model:
+        if self.moe is None:
+            if self.dense_ffn is None:
+                raise ValueError("dense_ffn: required for a dense model (no model.moe)")
+            if self.dense_layers not in (0, self.layers):
+                raise ValueError(
+                    f"dense_layers: a dense model (no model.moe) has every layer dense; "
+                    f"leave it out or set it to layers ({self.layers})"
+                )
+            if self.mtp_depth:
+                raise ValueError("mtp_depth: multi-token prediction is priced for MoE models only")
+            return self
         if self.dense_layers >= self.layers:
             raise ValueError(
                 f"dense_layers: {self.dense_layers} leaves no MoE layer of {self.layers}"
@@ -135,8 +151,24 @@ class Model(Frozen):
         return self
 
     @property
+    def is_dense(self) -> bool:
+        return self.moe is None
+
+    @property
+    def ffn_dense_layers(self) -> int:
+        """Leading layers with a dense FFN (all of them in a dense model)."""
+        return self.layers if self.moe is None else self.dense_layers
+
+    @property
     def moe_layers(self) -> int:
-        return self.layers - self.dense_layers
+        return self.layers - self.ffn_dense_layers
+
+    @property
+    def moe_spec(self) -> Moe:
+        """The MoE section, for code paths that only run on MoE models."""
+        if self.moe is None:
+            raise ValueError("model.moe: this is a dense model")
+        return self.moe
 
 
 # --------------------------------------------------------------------------- cluster
@@ -324,8 +356,24 @@ class Parallelism(Frozen):
         description="tensor-parallel degree inside each expert (Megatron-Core parallel "
         "folding); a pipeline stage's GPUs = expert_tensor × expert × data",
     )
+    context: PositiveInt = Field(
+        1,
+        le=1024,
+        description="context-parallel degree of attention and dense layers (ring attention "
+        "over sequence chunks, Megatron-Core CP); a pipeline stage's GPUs = tensor × context "
+        "× attention data-parallel",
+    )
+    tp_comm_overlap: bool = Field(
+        False,
+        description="overlap each tensor-parallel all-gather / reduce-scatter with its "
+        "neighbouring GEMM in chunks (Megatron-Core / TransformerEngine userbuffers)",
+    )
     expert: PositiveInt = 1
-    data: PositiveInt = Field(1, description="expert-data-parallel degree (EP-group replicas)")
+    data: PositiveInt = Field(
+        1,
+        description="expert-data-parallel degree (EP-group replicas); for a dense model, the "
+        "GPUs of a pipeline stage (tensor × data-parallel replicas)",
+    )
     micro_batch_size: PositiveInt = Field(
         1, le=65_536, description="sequences per GPU per micro-batch"
     )
@@ -501,7 +549,12 @@ class Scenario(Frozen):
     cluster: Cluster
     parallelism: Parallelism
     router: Router = Router()
-    strategies: list[Strategy] = Field(min_length=1, max_length=64)
+    strategies: list[Strategy] = Field(
+        default_factory=list,
+        max_length=64,
+        description="balancing strategies to compare (at least one for an MoE model; none for a "
+        "dense model)",
+    )
     stream: Stream = Stream()
     gate: Gate = Gate()
     training: Training
@@ -521,12 +574,12 @@ class Scenario(Frozen):
                 f"{p.expert_tensor}×{p.expert}×{p.data} = {product}, but the cluster has "
                 f"{c.nodes}×{c.gpus_per_node} = {c.gpus} GPUs"
             )
-        if p.tensor > 1 or p.expert_tensor > 1:
-            raise ValueError(
-                f"parallelism.tensor: tensor = {p.tensor}, expert_tensor = {p.expert_tensor}; "
-                "tensor parallelism is not priced yet, so only 1 is accepted"
-            )
-        if m.moe.routed_experts % p.expert:
+        self._check_tensor()
+        if m.moe is None:
+            self._check_dense()
+        elif not self.strategies and self.gate.trace is None:
+            raise ValueError("strategies: an MoE model needs at least one balancing strategy")
+        if m.moe is not None and m.moe.routed_experts % p.expert:
             raise ValueError(
                 f"parallelism.expert: {p.expert} does not divide model.moe.routed_experts "
                 f"({m.moe.routed_experts})"
@@ -540,11 +593,11 @@ class Scenario(Frozen):
             raise ValueError(
                 f"parallelism.expert: {p.expert} does not divide gpus_per_node ({c.gpus_per_node})"
             )
-        per_step = p.micro_batch_size * p.expert * p.data
+        per_step = self._sequences_per_micro_batch
         if self.training.global_batch_sequences % per_step:
             raise ValueError(
                 f"training.global_batch_sequences: {self.training.global_batch_sequences} is not "
-                f"a multiple of micro_batch_size×expert×data = {per_step}"
+                f"a multiple of micro_batch_size×expert×data/(tensor×context) = {per_step}"
             )
         ramp = self.training.batch_ramp
         if ramp is not None and ramp.start_sequences > self.training.global_batch_sequences:
@@ -553,7 +606,11 @@ class Scenario(Frozen):
                 f"global_batch_sequences ({self.training.global_batch_sequences})"
             )
 
-        if self.router.node_limit is not None and self.router.node_limit > self.ep_nodes:
+        if (
+            m.moe is not None
+            and self.router.node_limit is not None
+            and self.router.node_limit > self.ep_nodes
+        ):
             raise ValueError(
                 f"router.node_limit: {self.router.node_limit} exceeds the {self.ep_nodes} node(s) "
                 f"an expert-parallel group spans"
@@ -572,16 +629,99 @@ class Scenario(Frozen):
         bad_trace = [g for g in (self.output.trace_gpus or []) if g >= c.gpus]
         if bad_trace:
             raise ValueError(f"output.trace_gpus: GPU(s) {bad_trace} beyond the {c.gpus} GPUs")
-        if self.gate.routed_tokens_per_sequence > m.seq_len:
+        if m.moe is not None and self.gate.routed_tokens_per_sequence > m.seq_len:
             raise ValueError(
                 f"gate.routed_tokens_per_sequence: {self.gate.routed_tokens_per_sequence} exceeds "
                 f"model.seq_len ({m.seq_len})"
             )
         self._check_schedule()
         check_faults(self.faults, c.gpus)
-        check_strategies(self)
-        self.router.check_scenario(self)
+        if m.moe is not None:
+            check_strategies(self)
+            self.router.check_scenario(self)
         return self
+
+    def _check_tensor(self) -> None:
+        """Tensor-parallel groups: inside one node's NVLink, whole groups per pipeline stage,
+        and every split dimension divisible (Megatron-LM's own requirements)."""
+        p, c, m = self.parallelism, self.cluster, self.model
+        t = p.tensor
+        if p.expert_tensor > 1:
+            raise ValueError(
+                f"parallelism.expert_tensor: {p.expert_tensor}; splitting each expert's GEMMs "
+                "is not priced yet, so only 1 is accepted (experts use expert parallelism)"
+            )
+        cp = p.context
+        if cp > 1:
+            if c.gpus_per_node % (t * cp):
+                raise ValueError(
+                    f"parallelism.context: tensor×context = {t}×{cp} must divide gpus_per_node "
+                    f"({c.gpus_per_node}): the ring attention stays inside one node's NVLink"
+                )
+            stage = p.expert_tensor * p.expert * p.data
+            if stage % (t * cp):
+                raise ValueError(
+                    f"parallelism.context: tensor×context = {t * cp} does not divide the "
+                    f"{stage} GPUs of a pipeline stage (expert_tensor×expert×data)"
+                )
+            if m.seq_len % (2 * cp * t):
+                raise ValueError(
+                    f"parallelism.context: model.seq_len ({m.seq_len}) is not a multiple of "
+                    f"2×context×tensor = {2 * cp * t} (two load-balanced chunks per rank, "
+                    "each split by sequence parallelism)"
+                )
+        if t == 1:
+            return
+        if t > c.gpus_per_node or c.gpus_per_node % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} must divide gpus_per_node ({c.gpus_per_node}): a "
+                "tensor-parallel group lives inside one node's NVLink"
+            )
+        stage = p.expert_tensor * p.expert * p.data
+        if stage % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} does not divide the {stage} GPUs of a pipeline stage "
+                "(expert_tensor×expert×data)"
+            )
+        att = m.attention
+        if att.heads % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} does not divide model.attention.heads ({att.heads})"
+            )
+        kv = att.kv_heads or att.heads
+        if att.kind == "gqa" and kv % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} does not divide model.attention.kv_heads ({kv}); "
+                "key/value heads are split over the tensor-parallel group"
+            )
+        if m.dense_ffn is not None and m.ffn_dense_layers and m.dense_ffn % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} does not divide model.dense_ffn ({m.dense_ffn})"
+            )
+        if m.seq_len % t:
+            raise ValueError(
+                f"parallelism.tensor: {t} does not divide model.seq_len ({m.seq_len}); sequence "
+                "parallelism shards each sequence over the group"
+            )
+
+    def _check_dense(self) -> None:
+        """A dense model routes nothing: no strategies, experts or routing options."""
+        p = self.parallelism
+        if self.strategies:
+            raise ValueError(
+                "strategies: a dense model (no model.moe) routes no tokens; leave strategies out"
+            )
+        if p.expert > 1:
+            raise ValueError(
+                f"parallelism.expert: {p.expert}; a dense model has no experts, use data "
+                "(expert = 1)"
+            )
+        if p.dispatch == "node_limited":
+            raise ValueError("parallelism.dispatch: a dense model dispatches no tokens")
+        if self.eplb.enabled:
+            raise ValueError("eplb.enabled: a dense model has no experts to replicate")
+        if self.gate.trace is not None:
+            raise ValueError("gate.trace: a dense model has no routing to replay")
 
     @model_validator(mode="after")
     def _check_sizes(self) -> Scenario:
@@ -676,10 +816,17 @@ class Scenario(Frozen):
         return micro_batch_rule(p.schedule, p.pipeline)
 
     @property
-    def _sequences_per_micro_batch(self) -> int:
-        """Sequences of one micro-batch over a pipeline stage's GPUs."""
+    def attention_data(self) -> int:
+        """Attention-data-parallel replicas per pipeline stage: its GPUs over
+        ``tensor × context``, each replica taking its own sequences."""
         p = self.parallelism
-        return p.micro_batch_size * p.expert * p.data
+        return p.expert_tensor * p.expert * p.data // (p.tensor * p.context)
+
+    @property
+    def _sequences_per_micro_batch(self) -> int:
+        """Sequences of one micro-batch over a pipeline stage's GPUs: ``micro_batch_size``
+        per tensor × context group."""
+        return self.parallelism.micro_batch_size * self.attention_data
 
     @property
     def _batch_quantum(self) -> int:

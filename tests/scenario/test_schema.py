@@ -155,8 +155,14 @@ def test_trace_gpus_must_exist(tiny_dict):
     assert "[8]" in err.message
 
 
-def test_tensor_parallelism_is_refused_until_priced(tiny_dict):
-    tiny_dict["parallelism"]["tensor"] = 2
+def test_expert_tensor_parallelism_is_refused_until_priced(tiny_dict):
+    tiny_dict["parallelism"].update(expert_tensor=2, expert=2)
     err = _error(tiny_dict)
-    assert err.path == "parallelism.tensor"
+    assert err.path == "parallelism.expert_tensor"
     assert "not priced yet" in err.message
+
+
+def test_tensor_parallelism_is_accepted(tiny_dict):
+    tiny_dict["parallelism"]["tensor"] = 2
+    sc = scenario_from_dict(tiny_dict)
+    assert sc.attention_data == sc.parallelism.expert * sc.parallelism.data // 2
