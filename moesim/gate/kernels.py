@@ -2,7 +2,7 @@
 
 Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
 computes — the kernels only remove the temporaries and per-call overheads that dominate at the
-bias steps' small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
+gate's small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
 test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
 
 - :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
@@ -20,11 +20,10 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
   in one pass over the weights, with the same float32 operations in the same order.
 
 They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set (and,
-for the group limit, on float32 scores); the
-callers keep their NumPy path otherwise. The loops themselves live in
-:mod:`moesim.gate.compiled`, imported at the first call; they are compiled once per machine
-and cached on disk (about 20 s for all three on a busy two-core machine, then about 1 s to
-load them in a new process).
+for the group limit, on float32 scores); the callers keep their NumPy path otherwise. The
+loops themselves live in :mod:`moesim.gate.compiled`, imported at the first call; they are
+compiled once per machine and cached on disk (about 25 s for all four on a busy two-core
+machine, then 1–2 s to load them, numba included, in a new process).
 """
 
 from __future__ import annotations
