@@ -33,6 +33,65 @@ def insert(values: Any, index: Any, filled: int, size: int, value: Any, at: int)
 
 
 @_jit
+def group_pass(
+    selection: Any,
+    n_groups: int,
+    per_group: int,
+    group_topk: int,
+    first: Any,
+    second: Any,
+    tops: Any,
+    top_index: Any,
+    group_score: Any,
+    group_rank: Any,
+    kept: Any,
+    keep: Any,
+) -> None:
+    """One token's group limit: ``keep[g]`` for the ``group_topk`` best groups of the row
+    ``selection`` (a group's score the sum of its ``per_group`` largest values, largest first;
+    an equal score loses to the lower group index), ``kept`` their indices, and for
+    ``per_group <= 2`` each group's largest and second largest values in ``first``, ``second``."""
+    group_size = selection.size // n_groups
+    lowest = selection.dtype.type(-np.inf)
+    if per_group <= 2:
+        for g in range(n_groups):
+            # The two largest of the group's values: two interleaved running pairs
+            # (independent chains), then merged.
+            base = g * group_size
+            a1, a2, b1, b2 = selection[base], lowest, lowest, lowest
+            for j in range(1, group_size - 1, 2):
+                v, w = selection[base + j], selection[base + j + 1]
+                a2 = max(a2, min(a1, v))
+                a1 = max(a1, v)
+                b2 = max(b2, min(b1, w))
+                b1 = max(b1, w)
+            if group_size % 2 == 0:
+                v = selection[base + group_size - 1]
+                a2 = max(a2, min(a1, v))
+                a1 = max(a1, v)
+            first[g] = max(a1, b1)
+            second[g] = max(min(a1, b1), max(a2, b2))
+        for g in range(n_groups):
+            # Largest first, as a sorted row is summed.
+            group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
+    else:
+        for g in range(n_groups):
+            filled = 0
+            for e in range(g * group_size, (g + 1) * group_size):
+                filled = insert(tops, top_index, filled, per_group, selection[e], e)
+            total = tops[0]
+            for i in range(1, per_group):
+                total += tops[i]
+            group_score[g] = total
+    filled = 0
+    for g in range(n_groups):
+        filled = insert(group_rank, kept, filled, group_topk, group_score[g], g)
+    keep[:] = False
+    for i in range(group_topk):
+        keep[kept[i]] = True
+
+
+@_jit
 def routed_counts(
     scores: Any,
     bias: Any,
@@ -76,42 +135,10 @@ def routed_counts(
         # smallest of top_k eligible values), so that only values >= floor need ranking.
         floor = lowest
         if grouped:
-            if per_group <= 2:
-                for g in range(n_groups):
-                    # The two largest of the group's values: two interleaved running pairs
-                    # (independent chains), then merged.
-                    base = g * group_size
-                    a1, a2, b1, b2 = selection[base], lowest, lowest, lowest
-                    for j in range(1, group_size - 1, 2):
-                        v, w = selection[base + j], selection[base + j + 1]
-                        a2 = max(a2, min(a1, v))
-                        a1 = max(a1, v)
-                        b2 = max(b2, min(b1, w))
-                        b1 = max(b1, w)
-                    if group_size % 2 == 0:
-                        v = selection[base + group_size - 1]
-                        a2 = max(a2, min(a1, v))
-                        a1 = max(a1, v)
-                    first[g] = max(a1, b1)
-                    second[g] = max(min(a1, b1), max(a2, b2))
-                for g in range(n_groups):
-                    # Largest first, as a sorted row is summed.
-                    group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
-            else:
-                for g in range(n_groups):
-                    filled = 0
-                    for e in range(g * group_size, (g + 1) * group_size):
-                        filled = insert(tops, top_index, filled, per_group, selection[e], e)
-                    total = tops[0]
-                    for i in range(1, per_group):
-                        total += tops[i]
-                    group_score[g] = total
-            filled = 0
-            for g in range(n_groups):
-                filled = insert(group_rank, kept, filled, group_topk, group_score[g], g)
-            keep[:] = False
-            for i in range(group_topk):
-                keep[kept[i]] = True
+            group_pass(
+                selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+                group_score, group_rank, kept, keep,
+            )  # fmt: skip
             if per_group <= 2 and group_topk * per_group >= top_k:
                 floor = highest
                 for i in range(group_topk):
@@ -194,3 +221,21 @@ def adam_repeat(
         mm[i] = mi
         vv[i] = vi
         w[i] -= (mi / (np.sqrt(vi) + eps)) * step_size
+
+
+@_jit
+def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, keep: Any) -> None:
+    n_tokens, n_experts = selection.shape
+    dtype = selection.dtype
+    first = np.empty(n_groups, dtype=dtype)
+    second = np.empty(n_groups, dtype=dtype)
+    tops = np.empty(per_group, dtype=dtype)
+    top_index = np.empty(per_group, dtype=np.int64)
+    group_score = np.empty(n_groups, dtype=dtype)
+    group_rank = np.empty(group_topk, dtype=dtype)
+    kept = np.empty(group_topk, dtype=np.int64)
+    for t in range(n_tokens):
+        group_pass(
+            selection[t], n_groups, per_group, group_topk, first, second, tops, top_index,
+            group_score, group_rank, kept, keep[t],
+        )  # fmt: skip

@@ -2,7 +2,7 @@
 
 Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
 computes — the kernels only remove the temporaries and per-call overheads that dominate at the
-bias steps' small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
+gate's small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
 test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
 
 - :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
@@ -14,14 +14,16 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
 - :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
   the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
   step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
+- :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
+  ``group_topk`` groups with the best sums of their largest scores), row by row.
 - :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
   in one pass over the weights, with the same float32 operations in the same order.
 
-They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set; the
-callers keep their NumPy path otherwise. The loops themselves live in
-:mod:`moesim.gate.compiled`, imported at the first call; they are compiled once per machine
-and cached on disk (about 20 s for all three on a busy two-core machine, then about 1 s to
-load them in a new process).
+They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set (and,
+for the group limit, on float32 scores); the callers keep their NumPy path otherwise. The
+loops themselves live in :mod:`moesim.gate.compiled`, imported at the first call; they are
+compiled once per machine and cached on disk (about 25 s for all four on a busy two-core
+machine, then 1–2 s to load them, numba included, in a new process).
 """
 
 from __future__ import annotations
@@ -120,3 +122,15 @@ def adam_repeat(
     _compiled().adam_repeat(
         weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size)
     )
+
+
+def group_keep(
+    selection: npt.NDArray[np.float32], n_groups: int, group_topk: int, per_group: int
+) -> npt.NDArray[np.bool_]:
+    """The groups each token keeps under group-limited routing, shape (T, n_groups): the
+    ``group_topk`` best by the sum of their ``per_group`` largest selection scores, added
+    largest first; an equal score loses to the lower group index — the keep mask of
+    :func:`moesim.gate.router.select_experts`' group limit. ``selection`` (T, E) is finite."""
+    keep = np.empty((selection.shape[0], n_groups), dtype=np.bool_)
+    _compiled().group_keep(selection, n_groups, group_topk, per_group, keep)
+    return keep

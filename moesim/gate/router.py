@@ -62,6 +62,7 @@ from typing import Literal, TypedDict
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.scenario.schema import Scenario
 from moesim.scenario.strategies import BiasMode
 
@@ -520,8 +521,11 @@ def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk:
         )
     grouped = selection.reshape(n_tokens, n_groups, group_size)
     per_group = min(group_size, max(1, top_k // group_topk))
-    group_score = _top_sum(grouped, per_group)
-    keep = top_k_mask(group_score, group_topk)
+    if kernels.ENABLED and selection.dtype == np.float32 and selection.flags.c_contiguous:
+        keep = kernels.group_keep(selection, n_groups, group_topk, per_group)  # same mask
+    else:
+        group_score = _top_sum(grouped, per_group)
+        keep = top_k_mask(group_score, group_topk)
     masked = np.where(keep[:, :, None], grouped, -np.inf).astype(selection.dtype, copy=False)
     return masked.reshape(n_tokens, n_experts)
 

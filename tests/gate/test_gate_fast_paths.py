@@ -183,3 +183,19 @@ def test_fused_sign_rule_block_equals_step_by_step() -> None:
             sign_rule_update(stepped, loads[0], float(gamma))
     np.testing.assert_array_equal(fused, stepped)
     assert not np.array_equal(fused, bias)
+
+
+@needs_numba
+@pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), ROUTINGS[:4])
+def test_compiled_group_limit_selects_the_same_experts(
+    n_experts: int, top_k: int, n_groups: int, group_topk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """select_experts with the compiled group limit and with NumPy's: the same indices, in the
+    same order, on tied inputs."""
+    rng = np.random.default_rng(n_experts + top_k)
+    scores, bias = _tied_selection(rng, 300, n_experts)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    compiled = select_experts(scores, bias, top_k, n_groups, group_topk)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    reference = select_experts(scores, bias, top_k, n_groups, group_topk)
+    np.testing.assert_array_equal(compiled, reference)
