@@ -157,12 +157,19 @@ def plan(
     return points
 
 
-def run_point(scenario: Scenario, run_dir: str, command: Sequence[str] | None = None) -> str:
-    """Estimate one point (with its seeds' bands) and write its run directory atomically."""
+def run_point(
+    scenario: Scenario,
+    run_dir: str,
+    command: Sequence[str] | None = None,
+    cache: Any = "default",
+) -> str:
+    """Estimate one point (with its seeds' bands) and write its run directory atomically.
+    ``cache``: the gate cache, as :func:`moesim.estimate.estimate_run` takes it (every
+    point's process reads and writes the same one)."""
     from moesim.estimate import estimate_with_bands
     from moesim.results import write_run
 
-    est = estimate_with_bands(scenario, workers=1)
+    est = estimate_with_bands(scenario, workers=1, cache=cache)
     return str(write_run(est, run_dir, command=command))
 
 
@@ -199,6 +206,7 @@ def run_sweep(
     scheduler: str | None = None,
     progress: Callable[[str], None] | None = None,
     command: Sequence[str] | None = None,
+    cache: Any = "default",
 ) -> pd.DataFrame:
     """Run the points not yet finished under ``out_dir`` and write ``out_dir/sweep.parquet``.
 
@@ -218,6 +226,9 @@ def run_sweep(
         Called with a point's name as each point finishes (or is found finished).
     command
         The command line that asked for the sweep (recorded in each point's metadata).
+    cache
+        The gate cache the points share: a :class:`~moesim.estimate.gate_cache.GateCache`,
+        None (none), or ``"default"`` (the environment's, resolved here once).
 
     Returns
     -------
@@ -238,11 +249,14 @@ def run_sweep(
                 shutil.rmtree(stale, ignore_errors=True)
             todo.append(point)
     if todo:
+        from moesim.estimate.gate_cache import GateCache
+
+        gates = GateCache.default() if isinstance(cache, str) else cache
         n = max(1, min(workers or available_cores(), available_cores(), len(todo)))
         if executor == "dask":
-            _run_dask(todo, out, n, scheduler, tick, command)
+            _run_dask(todo, out, n, scheduler, tick, command, gates)
         else:
-            _run_processes(todo, out, n, tick, command)
+            _run_processes(todo, out, n, tick, command, gates)
     table = sweep_table(points, out)
     tmp = out / f".{TABLE}.tmp"
     table.to_parquet(tmp, index=False)
@@ -256,11 +270,13 @@ def _run_processes(
     workers: int,
     tick: Callable[[str], None],
     command: Sequence[str] | None,
+    cache: Any,
 ) -> None:
     try:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             futures = {
-                pool.submit(run_point, p.scenario, str(out / p.name), command): p.name for p in todo
+                pool.submit(run_point, p.scenario, str(out / p.name), command, cache): p.name
+                for p in todo
             }
             for future in as_completed(futures):
                 future.result()
@@ -279,6 +295,7 @@ def _run_dask(
     scheduler: str | None,
     tick: Callable[[str], None],
     command: Sequence[str] | None,
+    cache: Any,
 ) -> None:
     try:
         from dask.distributed import Client, LocalCluster
@@ -308,6 +325,7 @@ def _run_dask(
             [p.scenario for p in todo],
             [str(out / p.name) for p in todo],
             [command] * len(todo),
+            [cache] * len(todo),
             key=[f"moesim-{p.name}" for p in todo],
             pure=False,
         )

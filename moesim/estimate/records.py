@@ -250,6 +250,9 @@ class RunEstimate:
     gate_windows: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per run with a gate: its window summary (``GateTrajectory.tail_summary``), from which
     the summary's :class:`GateWindow` is read."""
+    gate_cache: dict[str, str] = field(default_factory=dict)
+    """Per strategy: where its gate came from, ``hit`` (the gate cache), ``miss`` (trained and
+    stored) or ``off`` (trained without a cache); empty for a trace replay."""
     kernels: list[Kernel] = field(default_factory=list)
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""

@@ -14,7 +14,9 @@ so differences between strategies come from the strategies, not from sampling no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -22,20 +24,71 @@ import numpy.typing as npt
 from moesim.engine import StepContext, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.eplb import eplb_step, eplb_steps
+from moesim.estimate.gate_cache import GateCache
 from moesim.estimate.hardware import point_hardware, simulate_on
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
 from moesim.estimate.routing import routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
-from moesim.estimate.timeline import integrate, scenario_points
+from moesim.estimate.timeline import EPLB_SUFFIX, integrate, scenario_points
 from moesim.gate import balanced_sample
 from moesim.scenario.schema import Scenario
 
 
+CacheChoice = GateCache | None | Literal["default"]
+"""Where gates are cached: a :class:`GateCache`, None (no cache: neither read nor written), or
+``"default"`` (:meth:`GateCache.default`, read from the environment at the call)."""
+
+Progress = Callable[[str, float], None]
+"""Called with a short label and the units of work just done (see :func:`run_work`)."""
+
+# Gate training work counted as one unit, in router multiply-adds (tokens × experts × dim
+# per layer): about what one engine step costs (a few seconds of a 2-core machine each for
+# DeepSeek-V3 size). Only the progress bar's weights use it, so its ETA is roughly uniform.
+_GATE_MACS_PER_UNIT = 2.0e9
+# Passes over (tokens × experts × dim) of a full update (routing twice, the task's forward and
+# backward, the weight gradient) and of a bias step (one scoring).
+_FULL_UPDATE_PASSES, _BIAS_STEP_PASSES = 6, 1
+
+
+def resolve_cache(cache: CacheChoice) -> GateCache | None:
+    """The cache a ``cache=`` argument names."""
+    return GateCache.default() if isinstance(cache, str) else cache
+
+
+def gate_work(scenario: Scenario) -> float:
+    """Progress units of one strategy's gate training (0 for a trace replay): its router
+    multiply-adds over :data:`_GATE_MACS_PER_UNIT`, a whole number, at least one."""
+    if scenario.gate.trace is not None:
+        return 0.0
+    gate, moe = scenario.gate, scenario.model.moe
+    every, steps = gate.steps_per_update, scenario.total_steps
+    full = -(-steps // every)
+    bias_sequences = gate.bias_batch_sequences or gate.batch_sequences
+    per_token = gate.layers_simulated * moe.routed_experts * scenario.stream.dim
+    macs = per_token * gate.tokens_per_sequence * (
+        full * gate.batch_sequences * _FULL_UPDATE_PASSES
+        + (steps - full) * bias_sequences * _BIAS_STEP_PASSES
+    )
+    return float(max(1, round(macs / _GATE_MACS_PER_UNIT)))
+
+
+def run_work(scenario: Scenario) -> float:
+    """Progress units of one :func:`estimate_run`: one per simulated engine step (the balanced
+    references, each run's sampled steps and their EPLB variants) plus each gate's training
+    (:func:`gate_work`)."""
+    points = scenario_points(scenario)[0]
+    references = len({scenario.micro_batches_at(p) for p in points})
+    runs = 1 if scenario.gate.trace is not None else len(scenario.strategies)
+    per_point = 2 if scenario.eplb.enabled else 1
+    return references + runs * (gate_work(scenario) + len(points) * per_point)
+
+
 def estimate_run(
     scenario: Scenario,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     workers: int = 1,
+    cache: CacheChoice = "default",
 ) -> RunEstimate:
     """Train the gate under each strategy, simulate the sampled steps, integrate the run.
 
@@ -43,20 +96,36 @@ def estimate_run(
     ----------
     scenario : Scenario
     progress : callable, optional
-        Called with a short label after each unit of work (gate training, each engine step).
+        Called with a short label and the units of work done as the run goes (gate training
+        about every hundredth, each engine step); they add up to :func:`run_work`.
     workers : int
         Processes for the strategies' gate training (identical results for any value).
+    cache : GateCache, None or "default"
+        Where trained gates are looked up and stored (:mod:`moesim.estimate.gate_cache`);
+        None trains every gate and stores nothing. The estimate is the same either way.
     """
     with blas_threads():
-        return _estimate_run(scenario, progress, workers)
+        return _estimate_run(scenario, progress, workers, resolve_cache(cache))
 
 
 def _estimate_run(
     scenario: Scenario,
-    progress: Callable[[str], None] | None,
+    progress: Progress | None,
     workers: int,
+    cache: GateCache | None,
 ) -> RunEstimate:
-    tick = progress or (lambda _label: None)
+    tick = progress or (lambda _label, _units: None)
+    gate_units = gate_work(scenario)
+    gate_done: dict[str, float] = {}
+
+    def gate_tick(name: str, share: float) -> None:
+        """A gate's training share as whole units: the part not yet reported (whole numbers
+        add up exactly, so the bar ends at its total)."""
+        done = float(math.floor(share * gate_units))
+        if done > gate_done.get(name, 0.0):
+            tick(f"{name}: gate {share:.0%}", done - gate_done.get(name, 0.0))
+            gate_done[name] = done
+
     ctx = build_context(scenario)
     contexts = {scenario.micro_batches: ctx}
 
@@ -86,7 +155,7 @@ def _estimate_run(
         ),
         bal.counts.sum(axis=(1, 2)),
     )
-    tick("balanced reference step")
+    tick("balanced reference step", 1.0)
     balanced_s = {scenario.micro_batches_at(reference): balanced.result.step_time_s}
     for step in points:  # batch-ramp steps: their own balanced reference step time
         n = scenario.micro_batches_at(step)
@@ -95,6 +164,7 @@ def _estimate_run(
             balanced_s[n] = simulate_step(
                 context_at(step), ramp.counts, ramp.dest_tokens, node_tokens=ramp.node_tokens
             ).step_time_s
+            tick(f"balanced reference at step {step}", 1.0)
     hardware = point_hardware(scenario, seeds, len(points), balanced.result.step_time_s)
 
     point_seeds = seeds.samples(len(points))  # once: every strategy gets the same seeds
@@ -104,13 +174,20 @@ def _estimate_run(
     specialisation: dict[str, npt.NDArray[np.int64]] = {}
     gate_windows: dict[str, dict[str, float]] = {}
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
-    for source in routing_sources(scenario, snapshots, seeds, n_src, n_dest, workers):
+    gate_cache: dict[str, str] = {}
+    sources = routing_sources(
+        scenario, snapshots, seeds, n_src, n_dest, workers, cache=cache, progress=gate_tick
+    )
+    for source in sources:
         name = source.name
+        if source.cache is not None:
+            gate_cache[name] = source.cache
         if source.gate is not None:
             specialisation[name] = topic_load(scenario, source.gate, seeds)
             gate_windows[name] = source.gate.tail_summary()
         gate_records[name] = source.records
-        tick(f"{name}: routing ready")
+        if source.gate is not None:  # all of it, whatever the gate reported
+            gate_tick(name, 1.0)
         if traced is None and scenario.output.trace:
             traced = (name, len(points) // 2)  # the trace shows the first run's middle point
         for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
@@ -140,11 +217,12 @@ def _estimate_run(
                 gate_record=source.record_at(step),
             )
             simulated.append(static)
+            tick(f"{name}: step {step}", 1.0)
             if scenario.eplb.enabled:
                 simulated.append(
                     eplb_step(step_ctx, static, sample, source.sample, point_seeds[i], point_hw)
                 )
-            tick(f"{name}: step {step}")
+                tick(f"{name}{EPLB_SUFFIX}: step {step}", 1.0)
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     timeline, summary = integrate(
         scenario, simulated, balanced, balanced_s, gate_records, gate_windows
@@ -160,5 +238,6 @@ def _estimate_run(
         summary=summary,
         timeline=timeline,
         gate_windows=gate_windows,
+        gate_cache=gate_cache,
         kernels=ctx.compute.kernels(ctx.compute.balanced_rows(scenario.parallelism.expert)),
     )
