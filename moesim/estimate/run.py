@@ -66,9 +66,13 @@ def gate_work(scenario: Scenario) -> float:
     full = -(-steps // every)
     bias_sequences = gate.bias_batch_sequences or gate.batch_sequences
     per_token = gate.layers_simulated * moe.routed_experts * scenario.stream.dim
-    macs = per_token * gate.tokens_per_sequence * (
-        full * gate.batch_sequences * _FULL_UPDATE_PASSES
-        + (steps - full) * bias_sequences * _BIAS_STEP_PASSES
+    macs = (
+        per_token
+        * gate.tokens_per_sequence
+        * (
+            full * gate.batch_sequences * _FULL_UPDATE_PASSES
+            + (steps - full) * bias_sequences * _BIAS_STEP_PASSES
+        )
     )
     return float(max(1, round(macs / _GATE_MACS_PER_UNIT)))
 
