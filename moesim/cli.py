@@ -198,13 +198,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid, zipped, sets = [*file_grid, *grid], [*file_zip, *zipped], [*file_sets]
     sets += args.sets
     points = sweep.plan(args.scenario, sweep.expand(grid, zipped), sets)
+    finished = 0
     with tqdm(
-        total=len(points), desc="sweep", unit="point", file=sys.stderr, disable=args.quiet
+        total=sum(sweep.point_work(p) for p in points),
+        desc="sweep",
+        file=sys.stderr,
+        disable=args.quiet,
+        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]",
     ) as bar:
 
         def tick(label: str) -> None:
-            bar.set_postfix_str(label)
-            bar.update(1)
+            nonlocal finished
+            finished += 1
+            bar.set_postfix_str(f"{finished}/{len(points)} points, last {label}")
+
+        def work(_label: str, units: float) -> None:
+            bar.update(units)
 
         table = sweep.run_sweep(
             points,
@@ -215,6 +224,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             progress=tick,
             command=["moesim", *sys.argv[1:]],
             cache=_cache_choice(args),
+            work=work,
         )
     keys = sweep.varied_keys(table)
     plots = write_sweep_plots(table, Path(args.out))

@@ -219,7 +219,8 @@ class GateCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-{uuid.uuid4().hex[:8]}-", dir=root))
         try:
             arrays, scalars = _payload(trajectory, stream)
-            np.savez(tmp / ARRAYS, **arrays)  # numeric arrays only: nothing pickled
+            # Numeric arrays only: nothing is pickled (numpy's stubs mistype **arrays).
+            np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
             (tmp / RECORDS).write_text(json.dumps(scalars, default=_jsonable_scalar))
             manifest = {
                 "format": CACHE_FORMAT,

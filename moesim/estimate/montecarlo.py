@@ -18,8 +18,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from moesim.estimate.records import PERCENTILES, BandRow, RunEstimate, RunSummary, TimelineRow
 from moesim.estimate.gate_cache import GateCache
+from moesim.estimate.records import PERCENTILES, BandRow, RunEstimate, RunSummary, TimelineRow
 from moesim.estimate.run import CacheChoice, Progress, estimate_run, resolve_cache, run_work
 from moesim.scenario.schema import Scenario
 

@@ -34,7 +34,6 @@ from moesim.estimate.timeline import EPLB_SUFFIX, integrate, scenario_points
 from moesim.gate import balanced_sample
 from moesim.scenario.schema import Scenario
 
-
 CacheChoice = GateCache | None | Literal["default"]
 """Where gates are cached: a :class:`GateCache`, None (no cache: neither read nor written), or
 ``"default"`` (:meth:`GateCache.default`, read from the environment at the call)."""

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-
 from base_scenario import derive
+
 from moesim.cli import main
 from moesim.estimate import SeedPlan
 from moesim.estimate.gate_cache import (
@@ -118,7 +118,8 @@ def test_expert_parallel_nodes_change_the_key_under_a_node_limit(tiny_dict):
 
 
 def _trajectories_equal(a: GateTrajectory, b: GateTrajectory) -> None:
-    assert a.strategy == b.strategy and a.steps_per_update == b.steps_per_update
+    assert a.strategy == b.strategy
+    assert a.steps_per_update == b.steps_per_update
     assert json.dumps(a.records) == json.dumps(b.records)  # NaN-aware, exact floats
     assert a.tail_updates == b.tail_updates
     np.testing.assert_array_equal(a.tail_loads, b.tail_loads)
@@ -126,7 +127,8 @@ def _trajectories_equal(a: GateTrajectory, b: GateTrajectory) -> None:
     for step in a.states:
         for x, y in zip(a.states[step] + a.final, b.states[step] + b.final, strict=True):
             assert x.bias_mode == y.bias_mode
-            assert x.weights.dtype == y.weights.dtype and x.bias.dtype == y.bias.dtype
+            assert x.weights.dtype == y.weights.dtype
+            assert x.bias.dtype == y.bias.dtype
             np.testing.assert_array_equal(x.weights, y.weights)
             np.testing.assert_array_equal(x.bias, y.bias)
     assert vars(a.stream).keys() == vars(b.stream).keys()
@@ -151,7 +153,8 @@ def test_a_stored_trajectory_loads_bit_for_bit(tiny_scenario, tmp_path):
     assert loaded is not None
     _trajectories_equal(trained, loaded)
     manifest = json.loads((cache.entry(key) / MANIFEST).read_text())
-    assert manifest["key"] == key and manifest["inputs"]["seed"]["spawn_key"] == [0]
+    assert manifest["key"] == key
+    assert manifest["inputs"]["seed"]["spawn_key"] == [0]
     assert not [p for p in (tmp_path / "gate").iterdir() if p.name.startswith(".")]
 
 
@@ -340,4 +343,28 @@ def test_gate_training_reports_its_progress(tiny_scenario):
     sc = tiny_scenario
     train_gate(sc, sc.strategies[0], [0], SeedPlan(sc.seed).gate, steps.append)
     assert len(steps) > 10
-    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == sc.total_steps
+    assert steps == sorted(steps)
+    assert steps[0] == 0
+    assert steps[-1] == sc.total_steps
+
+
+def test_sweep_points_share_the_cache_and_report_their_work(tiny_dict, tmp_path):
+    from moesim.sweep import expand, plan, point_work, run_sweep
+
+    tiny_dict["output"] = {"trace": False}
+    path = _scenario_file(tmp_path, tiny_dict)
+    points = plan(path, expand([("cluster.price_usd_per_gpu_hour", [2.0, 3.0])]))
+    seen: list[float] = []
+    out = tmp_path / "sweep"
+    cache = GateCache(tmp_path / "cache")
+    run_sweep(points, out, workers=1, cache=cache, work=lambda _label, units: seen.append(units))
+    assert len(seen) > len(points)  # the points' steps, not one tick per point
+    assert sum(seen) == sum(point_work(p) for p in points)
+    origins = [
+        json.loads((out / p.name / "metadata.json").read_text())["gate_cache"] for p in points
+    ]
+    # One process, one point after the other: the second point's gates come from the cache.
+    assert origins == [
+        {"aux_loss": "miss", "loss_free": "miss"},
+        {"aux_loss": "hit", "loss_free": "hit"},
+    ]
