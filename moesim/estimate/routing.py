@@ -24,7 +24,7 @@ from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
 from moesim.gate.metrics import topic_expert_load
 from moesim.gate.router import route, route_options
-from moesim.gate.trace import scenario_trace, trace_sample
+from moesim.gate.trace import ExpertTrace, scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 from moesim.scenario.strategies import Strategy
 
@@ -77,24 +77,42 @@ def routing_sources(
     gate's training is (a gate from the cache is done at once).
     """
     if scenario.gate.trace is not None:
-        trace = scenario_trace(scenario)
-
-        def replay(_i: int, step: int, rng: np.random.Generator) -> RoutingSample:
-            return trace_sample(scenario, trace, step, n_src, n_dest, rng)
-
+        replay = _TraceSamples(scenario, scenario_trace(scenario), n_src, n_dest)
         yield RoutingSource(trace_run_name(scenario), None, replay)
         return
     gates = _gates(scenario, points, seeds, workers, cache, progress)
     for strategy, (trajectory, origin) in zip(scenario.strategies, gates, strict=True):
-
-        def routed(
-            _i: int, step: int, rng: np.random.Generator, gate: GateTrajectory = trajectory
-        ) -> RoutingSample:
-            return routing_sample(
-                scenario, gate.states[step], gate.stream, step, n_src, n_dest, rng
-            )
-
+        routed = _GateSamples(scenario, trajectory, n_src, n_dest)
         yield RoutingSource(strategy.name, trajectory, routed, origin)
+
+
+@dataclass(frozen=True)
+class _TraceSamples:
+    """A recorded trace's samples (a picklable :data:`SampleAt`)."""
+
+    scenario: Scenario
+    trace: ExpertTrace
+    n_src: int
+    n_dest: int
+
+    def __call__(self, _i: int, step: int, rng: np.random.Generator) -> RoutingSample:
+        return trace_sample(self.scenario, self.trace, step, self.n_src, self.n_dest, rng)
+
+
+@dataclass(frozen=True)
+class _GateSamples:
+    """A gate's samples from its router snapshots (a picklable :data:`SampleAt`)."""
+
+    scenario: Scenario
+    gate: GateTrajectory
+    n_src: int
+    n_dest: int
+
+    def __call__(self, _i: int, step: int, rng: np.random.Generator) -> RoutingSample:
+        gate = self.gate
+        return routing_sample(
+            self.scenario, gate.states[step], gate.stream, step, self.n_src, self.n_dest, rng
+        )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -25,12 +27,12 @@ from moesim.engine import StepContext, build_context, simulate_step
 from moesim.engine.recorder import NullRecorder, SliceRecorder
 from moesim.estimate.eplb import eplb_step, eplb_steps
 from moesim.estimate.gate_cache import GateCache
-from moesim.estimate.hardware import point_hardware, simulate_on
+from moesim.estimate.hardware import PointHardware, point_hardware, simulate_on
 from moesim.estimate.records import BALANCED, RunEstimate, SimulatedStep
-from moesim.estimate.routing import routing_sources, topic_load
+from moesim.estimate.routing import SampleAt, routing_sources, topic_load
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
-from moesim.estimate.timeline import EPLB_SUFFIX, integrate, scenario_points
+from moesim.estimate.timeline import integrate, scenario_points
 from moesim.gate import balanced_sample
 from moesim.scenario.schema import Scenario
 
@@ -41,13 +43,17 @@ CacheChoice = GateCache | None | Literal["default"]
 Progress = Callable[[str, float], None]
 """Called with a short label and the units of work just done (see :func:`run_work`)."""
 
-# Gate training work counted as one unit, in router multiply-adds (tokens × experts × dim
-# per layer): about what one engine step costs (a few seconds of a 2-core machine each for
-# DeepSeek-V3 size). Only the progress bar's weights use it, so its ETA is roughly uniform.
-_GATE_MACS_PER_UNIT = 2.0e9
+# Progress weights: units of about a tenth of a second of one core of the machine the
+# figures below were measured on (moesim run on DeepSeek-V3 and quickstart, 2-core x86 VM).
+# Only the progress bar's ETA reads them; no result does.
+_UNIT_S = 0.1
+# Gate training: router multiply-adds (tokens × experts × dim per layer) per second.
+_GATE_MACS_PER_S = 2.0e9
 # Passes over (tokens × experts × dim) of a full update (routing twice, the task's forward and
 # backward, the weight gradient) and of a bias step (one scoring).
 _FULL_UPDATE_PASSES, _BIAS_STEP_PASSES = 6, 1
+# An engine step: a fixed part plus a part per (micro-batch × layer) of one pipeline.
+_STEP_FIXED_S, _STEP_PER_LAYER_MICRO_S = 0.1, 4.0e-4
 
 
 def resolve_cache(cache: CacheChoice) -> GateCache | None:
@@ -56,8 +62,8 @@ def resolve_cache(cache: CacheChoice) -> GateCache | None:
 
 
 def gate_work(scenario: Scenario) -> float:
-    """Progress units of one strategy's gate training (0 for a trace replay): its router
-    multiply-adds over :data:`_GATE_MACS_PER_UNIT`, a whole number, at least one."""
+    """Progress units of one strategy's gate training (0 for a trace replay), from its router
+    multiply-adds; a whole number, at least one."""
     if scenario.gate.trace is not None:
         return 0.0
     gate, moe = scenario.gate, scenario.model.moe
@@ -73,18 +79,73 @@ def gate_work(scenario: Scenario) -> float:
             + (steps - full) * bias_sequences * _BIAS_STEP_PASSES
         )
     )
-    return float(max(1, round(macs / _GATE_MACS_PER_UNIT)))
+    return float(max(1, round(macs / _GATE_MACS_PER_S / _UNIT_S)))
+
+
+def step_work(scenario: Scenario, step: int) -> float:
+    """Progress units of simulating optimizer step ``step`` (its micro-batches × layers); a
+    whole number, at least one."""
+    layer_micro = scenario.micro_batches_at(step) * scenario.model.layers
+    return float(max(1, round((_STEP_FIXED_S + _STEP_PER_LAYER_MICRO_S * layer_micro) / _UNIT_S)))
 
 
 def run_work(scenario: Scenario) -> float:
-    """Progress units of one :func:`estimate_run`: one per simulated engine step (the balanced
-    references, each run's sampled steps and their EPLB variants) plus each gate's training
-    (:func:`gate_work`)."""
+    """Progress units of one :func:`estimate_run`: each simulated engine step (the balanced
+    references, each run's sampled steps and their EPLB variants, :func:`step_work`) and each
+    gate's training (:func:`gate_work`)."""
     points = scenario_points(scenario)[0]
-    references = len({scenario.micro_batches_at(p) for p in points})
+    references = {scenario.micro_batches_at(p): p for p in points}
     runs = 1 if scenario.gate.trace is not None else len(scenario.strategies)
     per_point = 2 if scenario.eplb.enabled else 1
-    return references + runs * (gate_work(scenario) + len(points) * per_point)
+    sampled = sum(step_work(scenario, p) for p in points)
+    balanced = sum(step_work(scenario, p) for p in references.values())
+    return balanced + runs * (gate_work(scenario) + per_point * sampled)
+
+
+@dataclass(frozen=True)
+class _PointTask:
+    """One sampled step of one run: what :func:`_simulate_point` needs (picklable)."""
+
+    scenario: Scenario
+    name: str
+    samples: SampleAt
+    point: int
+    step: int
+    length: int
+    hardware: PointHardware | None
+    seed: np.random.SeedSequence
+    eplb_seed: np.random.SeedSequence | None
+    traced: bool
+    gate_record: dict[str, float] | None
+
+
+def _simulate_point(task: _PointTask, ctx: StepContext | None = None) -> list[SimulatedStep]:
+    """The step's row, and its EPLB variant's when EPLB is on; ``ctx`` None (in a worker
+    process) builds the step model for the step's batch."""
+    sc = task.scenario
+    if ctx is None:
+        ctx = build_context(sc, sc.micro_batches_at(task.step))
+    with blas_threads():
+        sample = task.samples(task.point, task.step, np.random.default_rng(task.seed))
+        recorder = SliceRecorder(sc.traced_gpus) if task.traced else NullRecorder()
+        result, healthy = simulate_on(
+            ctx, sample.counts, sample.dest_tokens, sample.node_tokens, task.hardware, recorder
+        )
+        static = SimulatedStep(
+            task.name,
+            task.point,
+            task.step,
+            task.length,
+            dict(sample.metrics),
+            result,
+            sample.counts.sum(axis=(1, 2)),
+            healthy_step_time_s=healthy,
+            gate_record=task.gate_record,
+        )
+        if task.eplb_seed is None:
+            return [static]
+        variant = eplb_step(ctx, static, sample, task.samples, task.eplb_seed, task.hardware)
+    return [static, variant]
 
 
 def estimate_run(
@@ -158,7 +219,7 @@ def _estimate_run(
         ),
         bal.counts.sum(axis=(1, 2)),
     )
-    tick("balanced reference step", 1.0)
+    tick("balanced reference step", step_work(scenario, reference))
     balanced_s = {scenario.micro_batches_at(reference): balanced.result.step_time_s}
     for step in points:  # batch-ramp steps: their own balanced reference step time
         n = scenario.micro_batches_at(step)
@@ -167,7 +228,7 @@ def _estimate_run(
             balanced_s[n] = simulate_step(
                 context_at(step), ramp.counts, ramp.dest_tokens, node_tokens=ramp.node_tokens
             ).step_time_s
-            tick(f"balanced reference at step {step}", 1.0)
+            tick(f"balanced reference at step {step}", step_work(scenario, step))
     hardware = point_hardware(scenario, seeds, len(points), balanced.result.step_time_s)
 
     point_seeds = seeds.samples(len(points))  # once: every strategy gets the same seeds
@@ -178,54 +239,66 @@ def _estimate_run(
     gate_windows: dict[str, dict[str, float]] = {}
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
     gate_cache: dict[str, str] = {}
+    # With several workers the sampled steps run in a process pool (each is independent of
+    # the others given its inputs, so the rows are the same); their rows keep the run order.
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    pending: list[Future[list[SimulatedStep]]] = []
+    run_index = 0
     sources = routing_sources(
         scenario, snapshots, seeds, n_src, n_dest, workers, cache=cache, progress=gate_tick
     )
-    for source in sources:
-        name = source.name
-        if source.cache is not None:
-            gate_cache[name] = source.cache
-        if source.gate is not None:
-            specialisation[name] = topic_load(scenario, source.gate, seeds)
-            gate_windows[name] = source.gate.tail_summary()
-        gate_records[name] = source.records
-        if source.gate is not None:  # all of it, whatever the gate reported
-            gate_tick(name, 1.0)
-        if traced is None and scenario.output.trace:
-            traced = (name, len(points) // 2)  # the trace shows the first run's middle point
-        for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
-            step_ctx = context_at(step)
-            point_hw = None if hardware is None else hardware[i]
-            sample = source.sample(i, step, np.random.default_rng(point_seeds[i]))
-            recorder = (
-                SliceRecorder(scenario.traced_gpus) if traced == (name, i) else NullRecorder()
-            )
-            result, healthy = simulate_on(
-                step_ctx,
-                sample.counts,
-                sample.dest_tokens,
-                sample.node_tokens,
-                point_hw,
-                recorder,
-            )
-            static = SimulatedStep(
-                name,
-                i,
-                step,
-                length,
-                dict(sample.metrics),
-                result,
-                sample.counts.sum(axis=(1, 2)),
-                healthy_step_time_s=healthy,
-                gate_record=source.record_at(step),
-            )
-            simulated.append(static)
-            tick(f"{name}: step {step}", 1.0)
-            if scenario.eplb.enabled:
-                simulated.append(
-                    eplb_step(step_ctx, static, sample, source.sample, point_seeds[i], point_hw)
+    try:
+        for source in sources:
+            name = source.name
+            if source.cache is not None:
+                gate_cache[name] = source.cache
+            if source.gate is not None:
+                specialisation[name] = topic_load(scenario, source.gate, seeds)
+                gate_windows[name] = source.gate.tail_summary()
+            gate_records[name] = source.records
+            if source.gate is not None:  # all of it, whatever the gate reported
+                gate_tick(name, 1.0)
+            if traced is None and scenario.output.trace:
+                traced = (name, len(points) // 2)  # the trace shows the first run's middle point
+            for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
+                eplb_seed = None
+                if scenario.eplb.enabled:
+                    # The EPLB step spawns two children of the point's seed; each run continues
+                    # where the previous run's spawns left it (the order the runs come in).
+                    base = point_seeds[i]
+                    eplb_seed = np.random.SeedSequence(
+                        base.entropy,
+                        spawn_key=base.spawn_key,
+                        pool_size=base.pool_size,
+                        n_children_spawned=2 * run_index,
+                    )
+                task = _PointTask(
+                    scenario,
+                    name,
+                    source.sample,
+                    i,
+                    step,
+                    length,
+                    None if hardware is None else hardware[i],
+                    point_seeds[i],
+                    eplb_seed,
+                    traced == (name, i),
+                    source.record_at(step),
                 )
-                tick(f"{name}{EPLB_SUFFIX}: step {step}", 1.0)
+                if pool is None:
+                    for row in _simulate_point(task, context_at(step)):
+                        simulated.append(row)
+                        tick(f"{row.strategy}: step {step}", step_work(scenario, step))
+                else:
+                    pending.append(pool.submit(_simulate_point, task))
+            run_index += 1
+        for future in pending:  # in submission order: the same order as one after the other
+            for row in future.result():
+                simulated.append(row)
+                tick(f"{row.strategy}: step {row.step}", step_work(scenario, row.step))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     timeline, summary = integrate(
         scenario, simulated, balanced, balanced_s, gate_records, gate_windows

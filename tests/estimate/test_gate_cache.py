@@ -368,3 +368,20 @@ def test_sweep_points_share_the_cache_and_report_their_work(tiny_dict, tmp_path)
         {"aux_loss": "miss", "loss_free": "miss"},
         {"aux_loss": "hit", "loss_free": "hit"},
     ]
+
+
+def test_steps_in_worker_processes_give_the_same_run(tiny_dict, tmp_path):
+    # EPLB (its seeds continue from run to run), hardware jitter and the trace: everything a
+    # sampled step draws or records must come out the same from a worker process.
+    tiny_dict["eplb"] = {"enabled": True, "redundant_per_rank": 1, "interval_steps": 20}
+    tiny_dict["faults"] = {"jitter": {"sigma": 0.05}}
+    sc = scenario_from_dict(tiny_dict)
+    cache = GateCache(tmp_path)
+    one = estimate_run(sc, workers=1, cache=cache)
+    two = estimate_run(sc, workers=2, cache=cache)
+    assert two.gate_cache == {"aux_loss": "hit", "loss_free": "hit"}
+    expected = _tables(one)
+    for name, frame in _tables(two).items():
+        pd.testing.assert_frame_equal(frame, expected[name], check_exact=True)
+    assert two.summary_dict() == one.summary_dict()
+    assert [s.result.trace for s in two.steps] == [s.result.trace for s in one.steps]
