@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,21 @@ def _default_run_dir(scenario_name: str, out_root: str) -> Path:
     return Path(out_root) / f"{scenario_name}-{n}"
 
 
+def _cache_choice(args: argparse.Namespace) -> Any:
+    """The gate cache that ``--no-cache`` / ``--cache-dir`` ask for (default: the environment's)."""
+    from moesim.estimate.gate_cache import GateCache
+
+    if args.no_cache:
+        return None
+    if args.cache_dir is not None:
+        return GateCache(Path(args.cache_dir).expanduser())
+    return GateCache.default()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from moesim.estimate import estimate_with_bands, run_names, scenario_points
+    from moesim.estimate.montecarlo import bands_work, estimate_with_bands
     from moesim.results import write_run
     from moesim.results.store import check_output_dir
     from moesim.scenario import load_scenario
@@ -131,17 +143,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = check_output_dir(
             _default_run_dir(scenario.name, scenario.output.dir), "output.dir"
         )
-    points = len(scenario_points(scenario)[0])
-    total = 1 + len(run_names(scenario)) * (1 + points) + scenario.uncertainty.seeds - 1
+    # Units of work, not tasks: a gate's training weighs what it costs (moesim.estimate.run).
     with tqdm(
-        total=total, desc=scenario.name, unit="task", file=sys.stderr, disable=args.quiet
+        total=bands_work(scenario),
+        desc=scenario.name,
+        file=sys.stderr,
+        disable=args.quiet,
+        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]",
     ) as bar:
 
-        def tick(label: str) -> None:
-            bar.set_postfix_str(label)
-            bar.update(1)
+        def tick(label: str, units: float) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(units)
 
-        estimate = estimate_with_bands(scenario, progress=tick)
+        estimate = estimate_with_bands(scenario, progress=tick, cache=_cache_choice(args))
     path = write_run(
         estimate,
         run_dir,
@@ -194,13 +209,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         grid, zipped, sets = [*file_grid, *grid], [*file_zip, *zipped], [*file_sets]
     sets += args.sets
     points = sweep.plan(args.scenario, sweep.expand(grid, zipped), sets)
+    finished = 0
     with tqdm(
-        total=len(points), desc="sweep", unit="point", file=sys.stderr, disable=args.quiet
+        total=sum(sweep.point_work(p) for p in points),
+        desc="sweep",
+        file=sys.stderr,
+        disable=args.quiet,
+        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]",
     ) as bar:
 
         def tick(label: str) -> None:
-            bar.set_postfix_str(label)
-            bar.update(1)
+            nonlocal finished
+            finished += 1
+            bar.set_postfix_str(f"{finished}/{len(points)} points, last {label}")
+
+        def work(_label: str, units: float) -> None:
+            bar.update(units)
 
         table = sweep.run_sweep(
             points,
@@ -210,6 +234,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             args.scheduler,
             progress=tick,
             command=["moesim", *sys.argv[1:]],
+            cache=_cache_choice(args),
+            work=work,
         )
     keys = sweep.varied_keys(table)
     plots = write_sweep_plots(table, Path(args.out))
@@ -319,6 +345,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="gate cache directory (default: $MOESIM_CACHE_DIR, else $XDG_CACHE_HOME/moesim, "
+        "else ~/.cache/moesim)",
+    )
+    group.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="train every gate; neither read nor write the gate cache",
+    )
+
+
 def _add_set_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
@@ -344,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory to create (default: output.dir/<name>)")
     run.add_argument("--seed", type=int, help="override the scenario's seed")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_options(run)
     _add_set_option(run)
     run.set_defaults(func=cmd_run)
     val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -377,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--executor", choices=("process", "dask"), default="process")
     sw.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cache_options(sw)
     sw.set_defaults(func=cmd_sweep)
     cmp = sub.add_parser("compare", help="compare run directories: one table and one figure")
     cmp.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
@@ -420,11 +463,25 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one ``warning:`` line on stderr (no source file and line: the user did
+    not write that code)."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line's one error boundary: every failure is one ``error:`` line on stderr
     and exit status 2 (130 on Ctrl-C, 143 on SIGTERM), never a traceback. ``MOESIM_DEBUG=1``
     re-raises unexpected errors to show their traceback."""
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     previous = None

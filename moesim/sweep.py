@@ -39,13 +39,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import numpy as np
@@ -260,13 +263,38 @@ def plan(
     return points
 
 
-def run_point(scenario: Scenario, run_dir: str, command: Sequence[str] | None = None) -> str:
-    """Estimate one point (with its seeds' bands) and write its run directory atomically."""
+def run_point(
+    scenario: Scenario,
+    run_dir: str,
+    command: Sequence[str] | None = None,
+    cache: Any = "default",
+) -> str:
+    """Estimate one point (with its seeds' bands) and write its run directory atomically.
+    ``cache``: the gate cache, as :func:`moesim.estimate.estimate_run` takes it (every
+    point's process reads and writes the same one)."""
     from moesim.estimate import estimate_with_bands
     from moesim.results import write_run
 
-    est = estimate_with_bands(scenario, workers=1)
+    queue = _work_queue
+    report = None if queue is None else lambda label, units: queue.put((label, units))
+    est = estimate_with_bands(scenario, progress=report, workers=1, cache=cache)
     return str(write_run(est, run_dir, command=command))
+
+
+# Where a point's process reports its units of work (set in each pool worker; see work=).
+_work_queue: Queue[tuple[str, float]] | None = None
+
+
+def _init_worker(queue: Queue[tuple[str, float]] | None) -> None:
+    global _work_queue
+    _work_queue = queue
+
+
+def point_work(point: SweepPoint) -> float:
+    """Units of work of one point (:func:`moesim.estimate.montecarlo.bands_work`)."""
+    from moesim.estimate.montecarlo import bands_work
+
+    return bands_work(point.scenario)
 
 
 def is_finished(point: SweepPoint, out_dir: Path) -> bool:
@@ -302,6 +330,8 @@ def run_sweep(
     scheduler: str | None = None,
     progress: Callable[[str], None] | None = None,
     command: Sequence[str] | None = None,
+    cache: Any = "default",
+    work: Callable[[str, float], None] | None = None,
 ) -> pd.DataFrame:
     """Run the points not yet finished under ``out_dir`` and write ``out_dir/sweep.parquet``.
 
@@ -321,6 +351,13 @@ def run_sweep(
         Called with a point's name as each point finishes (or is found finished).
     command
         The command line that asked for the sweep (recorded in each point's metadata).
+    cache
+        The gate cache the points share: a :class:`~moesim.estimate.gate_cache.GateCache`,
+        None (none), or ``"default"`` (the environment's, resolved here once).
+    work
+        Called with a label and units of work as they are done, adding up to the sum of
+        :func:`point_work` over ``points``: as each point's gates train and steps run with the
+        process executor, at each point's end with Dask, at once for finished points.
 
     Returns
     -------
@@ -335,17 +372,30 @@ def run_sweep(
     for point in points:
         if is_finished(point, out):
             tick(f"{point.name} (done before)")
+            if work is not None:
+                work(f"{point.name} (done before)", point_work(point))
         else:
             # A killed run leaves its hidden temporary directory behind: not a result.
             for stale in out.glob(f".{point.name}.*"):
                 shutil.rmtree(stale, ignore_errors=True)
             todo.append(point)
     if todo:
+        from moesim.estimate.gate_cache import GateCache
+
+        gates = GateCache.default() if isinstance(cache, str) else cache
         n = max(1, min(workers or available_cores(), available_cores(), len(todo)))
         if executor == "dask":
-            _run_dask(todo, out, n, scheduler, tick, command)
+            done = tick
+            if work is not None:
+                works = {p.name: point_work(p) for p in todo}
+
+                def done(name: str) -> None:
+                    tick(name)
+                    work(name, works[name])
+
+            _run_dask(todo, out, n, scheduler, done, command, gates)
         else:
-            _run_processes(todo, out, n, tick, command)
+            _run_processes(todo, out, n, tick, command, gates, work)
     table = sweep_table(points, out)
     tmp = out / f".{TABLE}.tmp"
     table.to_parquet(tmp, index=False)
@@ -359,15 +409,35 @@ def _run_processes(
     workers: int,
     tick: Callable[[str], None],
     command: Sequence[str] | None,
+    cache: Any,
+    work: Callable[[str, float], None] | None = None,
 ) -> None:
+    context = multiprocessing.get_context()
+    queue: Queue[tuple[str, float]] | None = None if work is None else context.Queue()
+
+    def drain() -> None:
+        while queue is not None and work is not None:
+            try:
+                work(*queue.get_nowait())
+            except Empty:
+                return
+
     try:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(queue,)
+        ) as pool:
             futures = {
-                pool.submit(run_point, p.scenario, str(out / p.name), command): p.name for p in todo
+                pool.submit(run_point, p.scenario, str(out / p.name), command, cache): p.name
+                for p in todo
             }
-            for future in as_completed(futures):
-                future.result()
-                tick(futures[future])
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                drain()
+                for future in finished:
+                    future.result()
+                    tick(futures[future])
+        drain()  # the workers have exited, so what they put last is in the queue
     except BrokenProcessPool:
         raise SimulationError(
             "a sweep worker died (killed, or out of memory); finished points are kept: "
@@ -382,6 +452,7 @@ def _run_dask(
     scheduler: str | None,
     tick: Callable[[str], None],
     command: Sequence[str] | None,
+    cache: Any,
 ) -> None:
     try:
         from dask.distributed import Client, LocalCluster
@@ -411,6 +482,7 @@ def _run_dask(
             [p.scenario for p in todo],
             [str(out / p.name) for p in todo],
             [command] * len(todo),
+            [cache] * len(todo),
             key=[f"moesim-{p.name}" for p in todo],
             pure=False,
         )

@@ -18,6 +18,15 @@ from base_scenario import TINY  # noqa: E402
 from moesim.scenario import Scenario, scenario_from_dict  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _gate_cache_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test gets its own empty gate cache (never the user's), so no test sees another's
+    trained gates; subprocesses inherit it through the environment."""
+    monkeypatch.setenv("MOESIM_CACHE_DIR", str(tmp_path_factory.mktemp("gate-cache")))
+
+
 @pytest.fixture
 def tiny_dict() -> dict[str, Any]:
     """A deep copy of a small valid scenario, free to modify."""

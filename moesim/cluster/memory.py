@@ -54,7 +54,8 @@ class Degrees:
 
     @property
     def attention_data(self) -> int:
-        """Data-parallel degree of the non-expert parameters."""
+        """Data-parallel degree of the non-expert parameters (with context parallelism, the
+        data × context group over which Megatron-Core's optimizer shards them)."""
         return max(1, self.stage_gpus // self.tensor)
 
     @staticmethod
@@ -339,7 +340,9 @@ def stage_memory(
     replicas = 2 if p.schedule == "dualpipe" else 1
     redundant = scenario.eplb.redundant_per_rank if scenario.eplb.enabled else 0
     params = gpu_params(m, pieces, held, degrees, redundant)
-    tokens = p.micro_batch_size * m.seq_len
+    # Context parallelism splits each sequence over ``context`` GPUs: a GPU keeps the
+    # activations of its share of the tokens (arXiv 2205.05198's formulas per token still hold).
+    tokens = p.micro_batch_size * m.seq_len // p.context
 
     at_peak = in_flight_at_peak(
         p.schedule, p.pipeline, scenario.micro_batches, p.virtual_stages, rank

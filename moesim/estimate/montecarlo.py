@@ -29,14 +29,14 @@ is.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 
+from moesim.estimate.gate_cache import GateCache
 from moesim.estimate.records import PERCENTILES, BandRow, RunEstimate, RunSummary, TimelineRow
-from moesim.estimate.run import estimate_run
+from moesim.estimate.run import CacheChoice, Progress, estimate_run, resolve_cache, run_work
 from moesim.scenario.schema import Scenario
 
 BANDED = (
@@ -58,8 +58,8 @@ SeedResult = tuple[dict[str, RunSummary], list[TimelineRow]]
 """One seed's summaries and timeline."""
 
 
-def _one_seed(scenario: Scenario) -> SeedResult:
-    est = estimate_run(scenario)
+def _one_seed(scenario: Scenario, cache: GateCache | None) -> SeedResult:
+    est = estimate_run(scenario, cache=cache)
     return est.summary, est.timeline
 
 
@@ -80,16 +80,25 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def bands_work(scenario: Scenario) -> float:
+    """Progress units of :func:`estimate_with_bands`: :func:`run_work` per seed."""
+    return run_work(scenario) * scenario.uncertainty.seeds
+
+
 def estimate_with_bands(
     scenario: Scenario,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     workers: int | None = None,
+    cache: CacheChoice = "default",
 ) -> RunEstimate:
     """:func:`estimate_run` for the scenario's seed, plus the other seeds' summaries and
-    timelines in a process pool; the estimate with percentiles in its summaries and bands."""
+    timelines in a process pool; the estimate with percentiles in its summaries and bands.
+    ``progress`` hears the first seed's work as it goes and each other seed's at its end (they
+    add up to :func:`bands_work`); ``cache`` serves every seed's gates."""
     scenarios = seed_scenarios(scenario)
     n = min(workers or scenario.uncertainty.workers or available_cores(), available_cores())
-    est = estimate_run(scenario, progress, workers=n)
+    gates = resolve_cache(cache)
+    est = estimate_run(scenario, progress, workers=n, cache=gates)
     results: list[SeedResult] = [(est.summary, est.timeline)]
     others = scenarios[1:]
     if others:
@@ -98,10 +107,10 @@ def estimate_with_bands(
             for s in others
         ]
         with ProcessPoolExecutor(max_workers=min(n, len(quiet))) as pool:
-            for summary, timeline in pool.map(_one_seed, quiet):
+            for summary, timeline in pool.map(_one_seed, quiet, [gates] * len(quiet)):
                 results.append((summary, timeline))
                 if progress:
-                    progress(f"seed {scenario.seed + len(results) - 1}")
+                    progress(f"seed {scenario.seed + len(results) - 1}", run_work(scenario))
     return with_bands(est, results)
 
 

@@ -261,6 +261,9 @@ class RunEstimate:
     routing_by_domain: list[dict[str, float | int | str]] = field(default_factory=list)
     """Per run with a gate, simulated layer and data domain (and ``pooled``): the final
     routers' load skew (:func:`moesim.estimate.routing.domain_skew`)."""
+    gate_cache: dict[str, str] = field(default_factory=dict)
+    """Per strategy: where its gate came from, ``hit`` (the gate cache), ``miss`` (trained and
+    stored) or ``off`` (trained without a cache); empty for a trace replay."""
     kernels: list[Kernel] = field(default_factory=list)
     """Every kernel of one micro-batch on one GPU under balanced routing, per op and pass
     (:meth:`moesim.cluster.ComputeModel.kernels`): where a step's compute time goes."""

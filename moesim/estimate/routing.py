@@ -4,20 +4,27 @@ topic × expert load (their specialisation) and load skew per data domain."""
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from queue import Empty
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from moesim.estimate.gate_cache import GateCache, GateCacheWarning, gate_key, gate_key_inputs
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
 from moesim.gate.metrics import SKEW_STATS, expert_counts, load_skew, pooled_load, topic_expert_load
 from moesim.gate.router import route, route_options
-from moesim.gate.trace import scenario_trace, trace_sample
+from moesim.gate.trace import ExpertTrace, scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 from moesim.scenario.strategies import Strategy
 
@@ -25,13 +32,22 @@ SampleAt = Callable[[int, int, np.random.Generator], RoutingSample]
 """The routing sample of a run at (point index, step) from a generator."""
 
 
+GateProgress = Callable[[str, float], None]
+"""Called with a strategy's name and the share of its gate training done (0 to 1)."""
+
+
 @dataclass(frozen=True)
 class RoutingSource:
-    """One run's routing: its name, its gate (None for a trace replay) and its samples."""
+    """One run's routing: its name, its gate (None for a trace replay) and its samples.
+
+    ``cache`` says where the gate came from: ``"hit"`` (the gate cache), ``"miss"`` (trained
+    and stored), ``"off"`` (trained, no cache), or None for a trace replay.
+    """
 
     name: str
     gate: GateTrajectory | None
     sample: SampleAt
+    cache: str | None = None
 
     @property
     def records(self) -> list[dict[str, float]]:
@@ -50,40 +66,28 @@ def routing_sources(
     n_src: int,
     n_dest: int,
     workers: int = 1,
+    cache: GateCache | None = None,
+    progress: GateProgress | None = None,
 ) -> Iterator[RoutingSource]:
     """Per run, in order: where its routing samples come from.
 
     With ``gate.trace`` the recorded loads replace the gate (no records, no strategies); a
-    dense model routes nothing and runs once, under the scenario's name; otherwise the gate
-    trains under each strategy, keeping router snapshots at ``points``.
+    dense model routes nothing and runs once, under the scenario's name; otherwise each
+    strategy's gate comes from ``cache`` when it holds it, else trains, keeping router
+    snapshots at ``points``, and goes into ``cache``. ``progress`` hears how far each gate's
+    training is (a gate from the cache is done at once).
     """
     if scenario.model.moe is None:
-
-        def unrouted(_i: int, step: int, _rng: np.random.Generator) -> RoutingSample:
-            return dense_sample(scenario, step, n_src)
-
-        yield RoutingSource(scenario.name, None, unrouted)
+        yield RoutingSource(scenario.name, None, _DenseSamples(scenario, n_src))
         return
     if scenario.gate.trace is not None:
-        trace = scenario_trace(scenario)
-
-        def replay(_i: int, step: int, rng: np.random.Generator) -> RoutingSample:
-            return trace_sample(scenario, trace, step, n_src, n_dest, rng)
-
+        replay = _TraceSamples(scenario, scenario_trace(scenario), n_src, n_dest)
         yield RoutingSource(trace_run_name(scenario), None, replay)
         return
-    for strategy, trajectory in zip(
-        scenario.strategies, _train_gates(scenario, points, seeds, workers), strict=True
-    ):
-
-        def routed(
-            _i: int, step: int, rng: np.random.Generator, gate: GateTrajectory = trajectory
-        ) -> RoutingSample:
-            return routing_sample(
-                scenario, gate.states[step], gate.stream, step, n_src, n_dest, rng
-            )
-
-        yield RoutingSource(strategy.name, trajectory, routed)
+    gates = _gates(scenario, points, seeds, workers, cache, progress)
+    for strategy, (trajectory, origin) in zip(scenario.strategies, gates, strict=True):
+        routed = _GateSamples(scenario, trajectory, n_src, n_dest)
+        yield RoutingSource(strategy.name, trajectory, routed, origin)
 
 
 def dense_sample(scenario: Scenario, step: int, n_src: int) -> RoutingSample:
@@ -97,26 +101,165 @@ def dense_sample(scenario: Scenario, step: int, n_src: int) -> RoutingSample:
     )
 
 
-def _train_one(
-    args: tuple[Scenario, Strategy, list[int], np.random.SeedSequence],
-) -> GateTrajectory:
+@dataclass(frozen=True)
+class _DenseSamples:
+    """A dense model's empty samples (a picklable :data:`SampleAt`)."""
+
+    scenario: Scenario
+    n_src: int
+
+    def __call__(self, _i: int, step: int, _rng: np.random.Generator) -> RoutingSample:
+        return dense_sample(self.scenario, step, self.n_src)
+
+
+@dataclass(frozen=True)
+class _TraceSamples:
+    """A recorded trace's samples (a picklable :data:`SampleAt`)."""
+
+    scenario: Scenario
+    trace: ExpertTrace
+    n_src: int
+    n_dest: int
+
+    def __call__(self, _i: int, step: int, rng: np.random.Generator) -> RoutingSample:
+        return trace_sample(self.scenario, self.trace, step, self.n_src, self.n_dest, rng)
+
+
+@dataclass(frozen=True)
+class _GateSamples:
+    """A gate's samples from its router snapshots (a picklable :data:`SampleAt`)."""
+
+    scenario: Scenario
+    gate: GateTrajectory
+    n_src: int
+    n_dest: int
+
+    def __call__(self, _i: int, step: int, rng: np.random.Generator) -> RoutingSample:
+        gate = self.gate
+        return routing_sample(
+            self.scenario, gate.states[step], gate.stream, step, self.n_src, self.n_dest, rng
+        )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One gate to train, and where to store it (no cache: ``cache`` None)."""
+
+    index: int
+    scenario: Scenario
+    strategy: Strategy
+    points: list[int]
+    seed: np.random.SeedSequence
+    cache: GateCache | None
+    key: str
+    inputs: dict[str, Any]
+
+
+# The queue a gate-training worker process reports its progress on (set by _init_worker).
+_worker_queue: Queue[tuple[int, int]] | None = None
+
+
+def _init_worker(queue: Queue[tuple[int, int]] | None) -> None:
+    global _worker_queue
+    _worker_queue = queue
+
+
+def _train_one(job: _Job, report: Callable[[int, int], None] | None = None) -> GateTrajectory:
+    """Train one gate (in this or a worker process) and store it in the cache."""
+    if report is None and _worker_queue is not None:
+        queue = _worker_queue
+
+        def report(index: int, steps: int) -> None:
+            queue.put((index, steps))
+
+    on_step = None if report is None else functools.partial(report, job.index)
     with blas_threads():  # in a worker process too
-        return train_gate(*args)
+        trajectory = train_gate(job.scenario, job.strategy, job.points, job.seed, on_step)
+    if job.cache is not None:
+        try:
+            job.cache.store(job.key, job.inputs, trajectory)
+        except OSError as err:  # a full or read-only disk costs the reuse, not the run
+            warnings.warn(
+                f"gate cache: could not store in {job.cache.directory}: {err}",
+                GateCacheWarning,
+                stacklevel=1,
+            )
+    return trajectory
 
 
-def _train_gates(
-    scenario: Scenario, points: list[int], seeds: SeedPlan, workers: int
-) -> Iterator[GateTrajectory]:
-    """Each strategy's gate trajectory, in strategy order: in a process pool when there are
-    several strategies and ``workers > 1`` (the trajectories are independent and seeded alike,
-    so the result does not depend on where they ran), else one after the other."""
-    jobs = [(scenario, s, points, seeds.gate) for s in scenario.strategies]
+def _gates(
+    scenario: Scenario,
+    points: list[int],
+    seeds: SeedPlan,
+    workers: int,
+    cache: GateCache | None,
+    progress: GateProgress | None,
+) -> Iterator[tuple[GateTrajectory, str]]:
+    """Each strategy's gate trajectory and its origin (hit, miss, off), in strategy order.
+
+    Gates in the cache load first; the others train in a process pool when there are several
+    and ``workers > 1`` (the trajectories are independent and seeded alike, so the result does
+    not depend on where they ran), else one after the other."""
+    names = [s.name for s in scenario.strategies]
+    total = scenario.total_steps
+
+    def report(index: int, steps: int) -> None:
+        if progress is not None:
+            progress(names[index], min(1.0, steps / total))
+
+    found: dict[int, GateTrajectory] = {}
+    jobs: list[_Job] = []
+    for i, strategy in enumerate(scenario.strategies):
+        key, inputs = "", {}
+        if cache is not None:
+            inputs = gate_key_inputs(scenario, strategy, points, seeds.gate)
+            key = gate_key(inputs)
+            hit = cache.load(key, scenario)
+            if hit is not None:
+                found[i] = hit
+                continue
+        jobs.append(_Job(i, scenario, strategy, points, seeds.gate, cache, key, inputs))
+    origin = "off" if cache is None else "miss"
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            yield from pool.map(_train_one, jobs)
-    else:
-        for job in jobs:
-            yield _train_one(job)
+        context = multiprocessing.get_context()
+        queue: Queue[tuple[int, int]] | None = None if progress is None else context.Queue()
+
+        def drain(wait: float) -> None:
+            if queue is None:
+                return
+            try:
+                while True:
+                    report(*queue.get(timeout=wait))
+                    wait = 0.0
+            except Empty:
+                return
+
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(jobs)),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(queue,),
+        ) as pool:
+            futures = {job.index: pool.submit(_train_one, job) for job in jobs}
+            for i in range(len(names)):
+                if i in found:
+                    report(i, total)
+                    yield found[i], "hit"
+                    continue
+                future = futures[i]
+                while not future.done():
+                    drain(0.1)
+                result = future.result()
+                drain(0.0)
+                yield result, origin
+        return
+    pending = {job.index: job for job in jobs}
+    for i in range(len(names)):
+        if i in found:
+            report(i, total)
+            yield found[i], "hit"
+        else:
+            yield _train_one(pending[i], report), origin
 
 
 def topic_load(
@@ -173,7 +316,7 @@ def domain_skew(
     sequences (the ``domains`` seed).
     """
     gate, stream = scenario.gate, trajectory.stream
-    n_experts = scenario.model.moe.routed_experts
+    n_experts = scenario.model.moe_spec.routed_experts
     tps = gate.tokens_per_sequence
     micro = scenario.parallelism.micro_batch_size
     per_micro = micro * tps

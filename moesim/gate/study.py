@@ -149,7 +149,7 @@ def held_out_loads(
     training) and routed by ``routers`` (bias included; micro-batch capacity as in training),
     drawn and routed in chunks of :data:`HELD_OUT_CHUNK` sequences."""
     gate = scenario.gate
-    n_experts = scenario.model.moe.routed_experts
+    n_experts = scenario.model.moe_spec.routed_experts
     options = route_options(scenario)
     rng = np.random.default_rng(seed)
     micro = scenario.parallelism.micro_batch_size

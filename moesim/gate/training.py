@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -711,6 +711,7 @@ def train_gate(
     strategy: StrategySpec,
     sample_steps: Sequence[int],
     seed_seq: np.random.SeedSequence,
+    progress: Callable[[int], None] | None = None,
 ) -> GateTrajectory:
     """Train every simulated layer's router over ``scenario.total_steps`` optimizer steps.
 
@@ -724,6 +725,9 @@ def train_gate(
         Steps in ``0..total_steps`` whose routers to snapshot (before that step's update).
     seed_seq : numpy.random.SeedSequence
         Root of all randomness; not mutated.
+    progress : callable, optional
+        Called with the optimizer steps done so far, about every hundredth of the run and
+        once at the end (``total_steps``); it cannot change the training.
 
     Returns
     -------
@@ -814,8 +818,12 @@ def train_gate(
         after = bisect.bisect_right(stops, start)
         return min(end, stops[after]) if after < len(stops) else end
 
+    report_every, next_report = max(1, total_steps // 100), 0
     step = 0
     while step < total_steps:
+        if progress is not None and step >= next_report:
+            progress(step)
+            next_report = step + report_every
         if step in wanted:
             trajectory.states[step] = [s.copy() for s in states]
         tokens_before = scenario.tokens_before(step)
@@ -953,4 +961,6 @@ def train_gate(
     if total_steps in wanted:
         trajectory.states[total_steps] = [s.copy() for s in states]
     trajectory.final = [s.copy() for s in states]
+    if progress is not None:
+        progress(total_steps)
     return trajectory

@@ -247,6 +247,7 @@ def write_run(
             "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": shlex.join(command) if command else None,
             "git": source_commit(),
+            "gate_cache": est.gate_cache,
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
         for name, df in frames.items():

@@ -202,3 +202,19 @@ def test_validate_prints_the_memory_estimate(capsys):
     assert "GiB of 74.5 GiB (H100-SXM)" in line
     for name in ("weights", "gradients", "optimizer", "activations", "buffers", "reserved"):
         assert name in line
+
+
+def test_context_parallelism_splits_activations_not_weights(tiny_dict, tiny_scenario):
+    # Ring attention splits each sequence over the context group: a GPU keeps half the tokens'
+    # activations (and half the dispatched copies), but every weight and its Adam shard.
+    tiny_dict["parallelism"]["context"] = 2
+    cp = scenario_from_dict(tiny_dict)
+    deg = Degrees(expert=4)
+    one = stage_memory(tiny_scenario, 0, scenario_pieces(tiny_scenario), deg)
+    two = stage_memory(cp, 0, scenario_pieces(cp), deg)
+    assert two.activations == pytest.approx(one.activations / 2)
+    assert (two.weights, two.gradients, two.optimizer) == (
+        one.weights,
+        one.gradients,
+        one.optimizer,
+    )

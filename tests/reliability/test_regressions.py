@@ -239,7 +239,7 @@ def test_worker_count_is_capped_at_available_cores(monkeypatch):
         def map(self, fn, items):  # type: ignore[no-untyped-def]
             return []
 
-    def fake_run(scenario, progress=None, workers=1):  # type: ignore[no-untyped-def]
+    def fake_run(scenario, progress=None, workers=1, cache=None):  # type: ignore[no-untyped-def]
         seen["run"] = workers
         raise RuntimeError("stop")
 
@@ -325,7 +325,7 @@ def test_blas_is_single_threaded_inside_estimate_run(monkeypatch):
 
     seen: list[int] = []
 
-    def probe(scenario, progress, workers):  # type: ignore[no-untyped-def]
+    def probe(scenario, progress, workers, cache):  # type: ignore[no-untyped-def]
         seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
         return "done"
 
