@@ -463,25 +463,11 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated
 
 
-def _one_line_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: Any = None,
-    line: str | None = None,
-) -> None:
-    """A warning as one ``warning:`` line on stderr (no source file and line: the user did
-    not write that code)."""
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line's one error boundary: every failure is one ``error:`` line on stderr
-    and exit status 2 (130 on Ctrl-C, 143 on SIGTERM), never a traceback. ``MOESIM_DEBUG=1``
-    re-raises unexpected errors to show their traceback."""
+    (and no warning line) and exit status 2 (130 on Ctrl-C, 143 on SIGTERM), never a
+    traceback. ``MOESIM_DEBUG=1`` re-raises unexpected errors to show their traceback."""
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _one_line_warning
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     previous = None
@@ -490,7 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:  # not the main thread (an embedding caller): leave signals alone
         previous = None
     try:
-        code: int = args.func(args)
+        # Warnings (advice on a valid scenario) print after the command's output, one line
+        # each; a failed command prints only its error line.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            code: int = args.func(args)
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            print(f"warning: {one_line(message)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
