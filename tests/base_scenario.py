@@ -82,3 +82,26 @@ TINY = derive(
     gate={"batch_sequences": 16, "tokens_per_sequence": 64, "routed_tokens_per_sequence": 64},
     training={"total_tokens": 2.0e6, "global_batch_sequences": 16, "sample_points": 2},
 )
+
+
+def v3_like(steps: int) -> dict[str, Any]:
+    """DeepSeek-V3-like routing as in benchmarks/gate_speed.py (b), shrunk: 256 experts, top-8
+    sigmoid, normalised, scaling 2.5, node-limited to 4 of the 8 nodes of an EP-64 group,
+    learning rate 2.2e-4, gradients every 16 steps on 4 × 32 tokens, bias batches of 4
+    sequences, ``steps`` optimizer steps (64 sequences of 1,024 tokens each)."""
+    return derive(
+        BASE,
+        model={"moe": {"routed_experts": 256, "top_k": 8}},
+        cluster={"nodes": 8, "gpus_per_node": 8},
+        parallelism={"expert": 64},
+        router={"score": "sigmoid", "normalize": True, "scaling_factor": 2.5, "node_limit": 4},
+        gate={
+            "layers_simulated": 1,
+            "batch_sequences": 4,
+            "tokens_per_sequence": 32,
+            "bias_batch_sequences": 4,
+            "steps_per_update": 16,
+            "learning_rate": 2.2e-4,
+        },
+        training={"total_tokens": steps * 64 * 1024},
+    )

@@ -94,9 +94,6 @@ class TokenStream:
         self.topics: npt.NDArray[np.float32] = centroids.astype(np.float32)
         domains = params.domains
         sizes = [n_topics] if domains is None else [d.topics for d in domains]
-        self.domain_names: tuple[str, ...] = (
-            ("all",) if domains is None else tuple(d.name for d in domains)
-        )
         self.domain_shares: npt.NDArray[np.float64] = np.array(
             [1.0] if domains is None else [d.share for d in domains], dtype=np.float64
         )
@@ -133,6 +130,12 @@ class TokenStream:
     def dim(self) -> int:
         """Dimension of a token vector."""
         return self.params.dim
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        """The data domains' names (``("all",)`` without ``stream.domains``)."""
+        domains = self.params.domains
+        return ("all",) if domains is None else tuple(d.name for d in domains)
 
     @property
     def n_domains(self) -> int:

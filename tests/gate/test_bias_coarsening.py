@@ -28,11 +28,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from base_scenario import v3_like
 
 from moesim.errors import ScenarioError
 from moesim.gate import train_gate, training
 from moesim.gate.training import GateTrajectory
-from moesim.scenario import Scenario
+from moesim.scenario import Scenario, scenario_from_dict
 from moesim.scenario.strategies import AuxLoss, Bias, Composite, LossFree, LossTerm
 
 # The j of benchmarks/gate_speed.py (b).
@@ -340,26 +341,12 @@ STEPS = 3000
 SEEDS = (1, 2, 3)
 
 
-def _v3_run(make_scenario, j: int, seed: int) -> GateTrajectory:  # type: ignore[no-untyped-def]
+def _v3_run(j: int, seed: int) -> GateTrajectory:
     """DeepSeek-V3-like routing as in benchmarks/gate_speed.py (b): 256 experts, top-8 sigmoid,
     normalised, scaling 2.5, node-limited to 4 of the 8 nodes of an EP-64 group, the sequence
     loss (α = 1e-4) plus the loss-free bias (γ = 1e-3), learning rate 2.2e-4, gradients every 16
     steps on 4 × 32 tokens, bias batches of 4 sequences."""
-    scenario = make_scenario(
-        model={"moe": {"routed_experts": 256, "top_k": 8}},
-        cluster={"nodes": 8, "gpus_per_node": 8},
-        parallelism={"expert": 64},
-        router={"score": "sigmoid", "normalize": True, "scaling_factor": 2.5, "node_limit": 4},
-        gate={
-            "layers_simulated": 1,
-            "batch_sequences": 4,
-            "tokens_per_sequence": 32,
-            "bias_batch_sequences": 4,
-            "steps_per_update": 16,
-            "learning_rate": 2.2e-4,
-        },
-        training={"total_tokens": STEPS * 64 * 1024},
-    )
+    scenario = scenario_from_dict(v3_like(STEPS))
     assert scenario.total_steps == STEPS
     spec = Composite(
         kind="composite",
@@ -370,13 +357,13 @@ def _v3_run(make_scenario, j: int, seed: int) -> GateTrajectory:  # type: ignore
     return _train_j(scenario, spec, [], seed, j)
 
 
-def test_v3_maxvio_and_task_loss_unchanged_by_blocks(make_scenario) -> None:  # type: ignore[no-untyped-def]
+def test_v3_maxvio_and_task_loss_unchanged_by_blocks() -> None:
     """Time-averaged MaxVio_batch and the final task loss over 3,000 steps, three seeds, at the
     benchmark's j against j = 1: the same numbers (so well within the 10 % the coarsening may
     cost); on the learning-expert task, so the experts' steps at full updates are covered too."""
     for seed in SEEDS:
-        one = _v3_run(make_scenario, 1, seed)
-        blocks = _v3_run(make_scenario, BENCHMARK_J, seed)
+        one = _v3_run(1, seed)
+        blocks = _v3_run(BENCHMARK_J, seed)
         assert blocks.records == one.records
         fine, coarse = one.column("maxvio_batch").mean(), blocks.column("maxvio_batch").mean()
         assert abs(coarse / fine - 1) < 0.10

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from base_scenario import v3_like
 
 from moesim.gate import kernels, train_gate
 from moesim.gate.balancing import sign_rule_update
 from moesim.gate.router import select_experts, top_k_indices
 from moesim.gate.training import LoadCounter, _Adam
+from moesim.scenario import scenario_from_dict
 from moesim.scenario.strategies import Bias, Composite, LossTerm
 
 needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
@@ -109,25 +111,11 @@ def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> N
 STEPS = 320
 
 
-def _v3_like(make_scenario, seed: int, bias: Bias) -> tuple[list, list]:  # type: ignore[no-untyped-def]
+def _v3_like(seed: int, bias: Bias) -> tuple[list, list]:
     """A short DeepSeek-V3-like coarsened run (benchmarks/gate_speed.py (b)): 256 experts,
     top-8 sigmoid, node-limited to 4 of 8 nodes, sequence loss plus loss-free bias, gradients
     every 16 steps; returns its records and final routers."""
-    scenario = make_scenario(
-        model={"moe": {"routed_experts": 256, "top_k": 8}},
-        cluster={"nodes": 8, "gpus_per_node": 8},
-        parallelism={"expert": 64},
-        router={"score": "sigmoid", "normalize": True, "scaling_factor": 2.5, "node_limit": 4},
-        gate={
-            "layers_simulated": 1,
-            "batch_sequences": 4,
-            "tokens_per_sequence": 32,
-            "bias_batch_sequences": 4,
-            "steps_per_update": 16,
-            "learning_rate": 2.2e-4,
-        },
-        training={"total_tokens": STEPS * 64 * 1024},
-    )
+    scenario = scenario_from_dict(v3_like(STEPS))
     assert scenario.total_steps == STEPS
     spec = Composite(
         kind="composite",
@@ -149,14 +137,14 @@ def _v3_like(make_scenario, seed: int, bias: Bias) -> tuple[list, list]:  # type
     ],
     ids=["fused", "recentred", "micro-batch"],
 )
-def test_coarsened_trajectory_is_the_same_on_both_paths(  # type: ignore[no-untyped-def]
-    make_scenario, monkeypatch: pytest.MonkeyPatch, bias: Bias
+def test_coarsened_trajectory_is_the_same_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch, bias: Bias
 ) -> None:
     monkeypatch.setattr(kernels, "ENABLED", True)
-    compiled = _v3_like(make_scenario, 4, bias)
-    again = _v3_like(make_scenario, 4, bias)
+    compiled = _v3_like(4, bias)
+    again = _v3_like(4, bias)
     monkeypatch.setattr(kernels, "ENABLED", False)
-    reference = _v3_like(make_scenario, 4, bias)
+    reference = _v3_like(4, bias)
     assert len(compiled[0]) == STEPS // 16
     for records, routers in (again, reference):
         assert records == compiled[0]
