@@ -92,6 +92,80 @@ def group_pass(
 
 
 @_jit
+def top_k_row(
+    selection: Any,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    scratch: Any,
+    candidates: Any,
+    best_values: Any,
+    best: Any,
+) -> None:
+    """One token's experts, in ``best``: the top ``top_k`` of the row ``selection`` among the
+    ``group_topk`` best of its ``n_groups`` groups (all of them when ``group_topk == n_groups``);
+    exact ties go to the lower index. ``scratch`` holds :func:`group_pass`' work arrays."""
+    first, second, tops, top_index, group_score, group_rank, kept, keep = scratch
+    n_experts = selection.size
+    group_size = n_experts // n_groups
+    lowest, highest = selection.dtype.type(-np.inf), selection.dtype.type(np.inf)
+    # floor: a value no larger than the token's k-th largest eligible selection score (the
+    # smallest of top_k eligible values), so that only values >= floor need ranking.
+    floor = lowest
+    if group_topk < n_groups:
+        group_pass(
+            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+            group_score, group_rank, kept, keep,
+        )  # fmt: skip
+        if per_group <= 2 and group_topk * per_group >= top_k:
+            floor = highest
+            for i in range(group_topk):
+                g = kept[i]
+                low = second[g] if per_group == 2 else first[g]
+                floor = min(floor, low)
+    else:
+        keep[:] = True
+        if top_k < n_experts:
+            # The maxima of top_k disjoint runs of the row are top_k of its values.
+            floor = highest
+            for i in range(top_k):
+                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
+                peak = selection[lo]
+                for e in range(lo + 1, hi):
+                    peak = max(peak, selection[e])
+                floor = min(floor, peak)
+    # Eligible experts at or above the floor, in index order (branch-free compaction).
+    n_candidates = 0
+    for g in range(n_groups):
+        if keep[g]:
+            for e in range(g * group_size, (g + 1) * group_size):
+                candidates[n_candidates] = e
+                n_candidates += selection[e] >= floor
+    filled = 0
+    for i in range(n_candidates):
+        e = candidates[i]
+        filled = insert(best_values, best, filled, top_k, selection[e], e)
+
+
+@_jit
+def selection_scratch(
+    n_experts: int, n_groups: int, group_topk: int, per_group: int, dtype: Any
+) -> Any:
+    """Work arrays of :func:`top_k_row` for rows of ``n_experts`` values of ``dtype``."""
+    return (
+        np.empty(n_groups, dtype=dtype),  # each group's largest value
+        np.empty(n_groups, dtype=dtype),  # and its second largest
+        np.empty(per_group, dtype=dtype),
+        np.empty(per_group, dtype=np.int64),
+        np.empty(n_groups, dtype=dtype),  # group scores
+        np.empty(group_topk, dtype=dtype),
+        np.empty(group_topk, dtype=np.int64),  # kept groups
+        np.ones(n_groups, dtype=np.bool_),  # keep mask
+    )
+
+
+@_jit
 def routed_counts(
     scores: Any,
     bias: Any,
@@ -104,23 +178,12 @@ def routed_counts(
     counts: Any,
 ) -> None:
     n_tokens, n_experts = scores.shape
-    group_size = n_experts // n_groups
-    grouped = group_topk < n_groups
     dtype = scores.dtype
     selection = np.empty(n_experts, dtype=dtype)
-    # Each group's per_group largest values (descending), for per_group <= 2 kept branch-free.
-    first = np.empty(n_groups, dtype=dtype)
-    second = np.empty(n_groups, dtype=dtype)
-    tops = np.empty(per_group, dtype=dtype)
-    top_index = np.empty(per_group, dtype=np.int64)
-    group_score = np.empty(n_groups, dtype=dtype)
-    group_rank = np.empty(group_topk, dtype=dtype)
-    kept = np.empty(group_topk, dtype=np.int64)
-    keep = np.ones(n_groups, dtype=np.bool_)
+    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
-    lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
@@ -131,40 +194,10 @@ def routed_counts(
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]
-        # floor: a value no larger than the token's k-th largest eligible selection score (the
-        # smallest of top_k eligible values), so that only values >= floor need ranking.
-        floor = lowest
-        if grouped:
-            group_pass(
-                selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-                group_score, group_rank, kept, keep,
-            )  # fmt: skip
-            if per_group <= 2 and group_topk * per_group >= top_k:
-                floor = highest
-                for i in range(group_topk):
-                    g = kept[i]
-                    low = second[g] if per_group == 2 else first[g]
-                    floor = min(floor, low)
-        elif top_k < n_experts:
-            # The maxima of top_k disjoint runs of the row are top_k of its values.
-            floor = highest
-            for i in range(top_k):
-                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
-                peak = selection[lo]
-                for e in range(lo + 1, hi):
-                    peak = max(peak, selection[e])
-                floor = min(floor, peak)
-        # Eligible experts at or above the floor, in index order (branch-free compaction).
-        n_candidates = 0
-        for g in range(n_groups):
-            if keep[g]:
-                for e in range(g * group_size, (g + 1) * group_size):
-                    candidates[n_candidates] = e
-                    n_candidates += selection[e] >= floor
-        filled = 0
-        for i in range(n_candidates):
-            e = candidates[i]
-            filled = insert(best_values, best, filled, top_k, selection[e], e)
+        top_k_row(
+            selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
+            best_values, best,
+        )  # fmt: skip
         for i in range(top_k):
             counts[segment, best[i]] += 1
 
@@ -226,16 +259,63 @@ def adam_repeat(
 @_jit
 def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, keep: Any) -> None:
     n_tokens, n_experts = selection.shape
-    dtype = selection.dtype
-    first = np.empty(n_groups, dtype=dtype)
-    second = np.empty(n_groups, dtype=dtype)
-    tops = np.empty(per_group, dtype=dtype)
-    top_index = np.empty(per_group, dtype=np.int64)
-    group_score = np.empty(n_groups, dtype=dtype)
-    group_rank = np.empty(group_topk, dtype=dtype)
-    kept = np.empty(group_topk, dtype=np.int64)
+    first, second, tops, top_index, group_score, group_rank, kept, _ = selection_scratch(
+        n_experts, n_groups, group_topk, per_group, selection.dtype
+    )
     for t in range(n_tokens):
         group_pass(
             selection[t], n_groups, per_group, group_topk, first, second, tops, top_index,
             group_score, group_rank, kept, keep[t],
         )  # fmt: skip
+
+
+@_jit
+def sample_counts(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    tokens_per_cell: int,
+    weights: Any,
+    experts_per_rank: int,
+    experts_per_node: int,
+    counts: Any,
+    dest: Any,
+    node: Any,
+) -> None:
+    n_tokens, n_experts = scores.shape
+    dtype = scores.dtype
+    selection = np.empty(n_experts, dtype=dtype)
+    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
+    candidates = np.empty(n_experts, dtype=np.int64)
+    best_values = np.empty(top_k, dtype=dtype)
+    best = np.empty(top_k, dtype=np.int64)
+    for t in range(n_tokens):
+        cell = t // tokens_per_cell
+        if multiply:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] * bias[e]
+        else:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] + bias[e]
+        top_k_row(
+            selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
+            best_values, best,
+        )  # fmt: skip
+        w = weights[t]
+        for i in range(top_k):
+            e = best[i]
+            counts[cell, e] += w
+            # A token reaches each rank (node) once, however many of its experts are there.
+            rank, host = e // experts_per_rank, e // experts_per_node
+            new_rank, new_host = True, True
+            for j in range(i):
+                new_rank = new_rank and best[j] // experts_per_rank != rank
+                new_host = new_host and best[j] // experts_per_node != host
+            if new_rank:
+                dest[cell, rank] += w
+            if new_host:
+                node[cell, host] += w

@@ -1,4 +1,5 @@
-"""Compiled loops for the coarsened gate's bias steps (numba), each with a NumPy twin.
+"""Compiled loops for the coarsened gate's bias steps and the engine samples' counts (numba),
+each with a NumPy twin.
 
 Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
 computes — the kernels only remove the temporaries and per-call overheads that dominate at the
@@ -16,6 +17,9 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
   step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
 - :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
   ``group_topk`` groups with the best sums of their largest scores), row by row.
+- :func:`sample_counts` is the dropless counting of an engine sample
+  (:func:`moesim.gate.sampling.routing_sample`): the same selection per token, then its
+  bootstrap weight added to its experts, and once to each rank and node they are on.
 - :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
   in one pass over the weights, with the same float32 operations in the same order.
 
@@ -134,3 +138,46 @@ def group_keep(
     keep = np.empty((selection.shape[0], n_groups), dtype=np.bool_)
     _compiled().group_keep(selection, n_groups, group_topk, per_group, keep)
     return keep
+
+
+def sample_counts(
+    scores: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32],
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    weights: npt.NDArray[np.int64],
+    n_cells: int,
+    n_ranks: int,
+    n_nodes: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """An engine sample's dropless counts in one pass over its routed tokens: the top-k
+    selection on ``scores + bias`` (``scores·bias`` when ``multiply``), group-limited when
+    ``group_topk < n_groups``, exactly :func:`moesim.gate.router.select_experts`' choice (ties
+    to the lower index); then, per cell of ``T / n_cells`` consecutive tokens, each token's
+    ``weights`` added to its experts' counts, once to every rank (of ``n_ranks`` contiguous
+    blocks of experts) and once to every node (``n_nodes`` blocks) its experts are on — the
+    values of :func:`moesim.gate.sampling.routing_sample`'s NumPy path (``bincount`` of the
+    routed assignments and of the distinct ranks and nodes per token).
+
+    Returns ``counts`` (n_cells, E), ``dest`` (n_cells, n_ranks) and ``node`` (n_cells,
+    n_nodes), int64.
+    """
+    n_tokens, n_experts = scores.shape
+    if n_tokens % n_cells or n_experts % n_ranks or n_experts % n_nodes:
+        raise ValueError(
+            f"sample_counts: {n_tokens} tokens, {n_experts} experts do not split into "
+            f"{n_cells} cells, {n_ranks} ranks, {n_nodes} nodes"
+        )
+    limit = n_groups if group_topk is None else min(group_topk, n_groups)
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    counts = np.zeros((n_cells, n_experts), dtype=np.int64)
+    dest = np.zeros((n_cells, n_ranks), dtype=np.int64)
+    node = np.zeros((n_cells, n_nodes), dtype=np.int64)
+    _compiled().sample_counts(
+        scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
+        per_group, n_tokens // n_cells, weights, n_experts // n_ranks, n_experts // n_nodes,
+        counts, dest, node,
+    )  # fmt: skip
+    return counts, dest, node

@@ -41,6 +41,7 @@ from functools import partial
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.gate.metrics import (
     coefficient_of_variation,
     dead_experts,
@@ -55,6 +56,7 @@ from moesim.gate.router import (
     group_limits,
     route,
     route_options,
+    scores_from_logits,
 )
 from moesim.gate.sample import RoutingSample
 from moesim.gate.stream import TokenStream
@@ -62,6 +64,9 @@ from moesim.scenario.schema import Scenario
 
 # Upper bound on elements of one (tokens × experts) or (tokens × dim) array while sampling.
 _CHUNK_ELEMENTS = 1 << 23
+# Rows scored at a time on the compiled path: about 1 MB of float32 scores at 256 experts,
+# so that the sigmoid's passes and the selection read them from cache.
+_SCORE_BLOCK_ROWS = 1024
 
 
 def gate_layer_of(scenario: Scenario, moe_layer_index: int) -> int:
@@ -241,6 +246,54 @@ def _distinct_per_group(
     return np.bincount(flat, weights=pair_weights[first.ravel()], minlength=n_cells * n_groups)
 
 
+def _compiled_counts(x: npt.NDArray[np.floating], state: RouterState) -> bool:
+    """Whether the compiled loop can count a dropless sample routed by ``state``: numba is
+    there and on, and inputs, weights and bias are float32 (the dtypes it reproduces)."""
+    f32 = np.float32
+    return kernels.ENABLED and x.dtype == f32 == state.weights.dtype == state.bias.dtype
+
+
+def _dropless_counts(
+    x: npt.NDArray[np.float32],
+    state: RouterState,
+    options: dict[str, object],
+    weights: npt.NDArray[np.int64],
+    tokens_per_cell: int,
+    counts: npt.NDArray[np.int64],
+    dest: npt.NDArray[np.int64],
+    node: npt.NDArray[np.int64],
+) -> None:
+    """Dropless counts of the tokens ``x`` (cells of ``tokens_per_cell`` consecutive rows) into
+    ``counts`` (M, n_src, E), ``dest`` and ``node`` (views of the sample's arrays), in place:
+    the router's scores block by block (the product and score function of
+    :func:`~moesim.gate.router.route`), then :func:`moesim.gate.kernels.sample_counts` — the
+    same values as routing with :func:`~moesim.gate.router.route` and counting with
+    ``bincount``, which the NumPy path does (``tests/gate/test_gate_fast_paths.py``)."""
+    n_experts = counts.shape[-1]
+    cells = counts.reshape(-1, n_experts)
+    ranks, hosts = dest.reshape(cells.shape[0], -1), node.reshape(cells.shape[0], -1)
+    block = max(1, _SCORE_BLOCK_ROWS // tokens_per_cell) * tokens_per_cell
+    for r0 in range(0, x.shape[0], block):
+        r1 = min(x.shape[0], r0 + block)
+        scores = scores_from_logits(x[r0:r1] @ state.weights.T, options["score"])  # type: ignore[arg-type]
+        c, d, n = kernels.sample_counts(
+            scores,
+            state.bias,
+            state.bias_mode == "mul",
+            options["top_k"],  # type: ignore[arg-type]
+            options["n_groups"],  # type: ignore[arg-type]
+            options["group_topk"],  # type: ignore[arg-type]
+            weights[r0:r1],
+            (r1 - r0) // tokens_per_cell,
+            ranks.shape[1],
+            hosts.shape[1],
+        )
+        first = r0 // tokens_per_cell
+        cells[first : first + c.shape[0]] = c
+        ranks[first : first + d.shape[0]] = d
+        hosts[first : first + n.shape[0]] = n
+
+
 def routing_sample(
     scenario: Scenario,
     states: list[RouterState],
@@ -332,6 +385,10 @@ def routing_sample(
                 first = m0 * n_src * mbs
                 exempt = exempt_sequences(n_seq, capacity.exempt_fraction, first)[sequence]
         for layer, state in enumerate(states):
+            if capacity is None and _compiled_counts(x, state):
+                c3, d3, n3 = (a[layer, m0:m1] for a in (counts, dest, node))
+                _dropless_counts(x, state, options, weights_int, mbs * routed, c3, d3, n3)
+                continue
             routing = route(x, state, **options)  # type: ignore[arg-type]
             selected = routing.selected
             if capacity is None:
