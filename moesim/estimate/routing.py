@@ -24,6 +24,7 @@ from moesim.estimate.timeline import trace_run_name
 from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
 from moesim.gate.metrics import SKEW_STATS, expert_counts, load_skew, pooled_load, topic_expert_load
 from moesim.gate.router import route, route_options
+from moesim.gate.sampling import dropless_loads
 from moesim.gate.trace import ExpertTrace, scenario_trace, trace_sample
 from moesim.scenario.schema import Scenario
 from moesim.scenario.strategies import Strategy
@@ -338,6 +339,9 @@ def domain_skew(
         flat = x.reshape(-1, x.shape[-1])
         tokens[d] = flat.shape[0]
         for layer, state in enumerate(trajectory.final):
+            if options["capacity"] is None:
+                loads[layer, d] = dropless_loads(flat, state, options)
+                continue
             routing = route(
                 flat, state, **options, segments=flat.shape[0] // per_micro, tokens_per_sequence=tps
             )

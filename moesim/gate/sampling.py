@@ -36,6 +36,7 @@ there); ``RoutingSample.dropped`` the dropped ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -45,11 +46,13 @@ from moesim.gate import kernels
 from moesim.gate.metrics import (
     coefficient_of_variation,
     dead_experts,
+    expert_counts,
     max_vio,
     max_vio_batch,
     max_vio_compute_batch,
 )
 from moesim.gate.router import (
+    RouteOptions,
     RouterState,
     capacity_kept,
     exempt_sequences,
@@ -253,6 +256,30 @@ def _compiled_counts(x: npt.NDArray[np.floating], state: RouterState) -> bool:
     return kernels.ENABLED and x.dtype == f32 == state.weights.dtype == state.bias.dtype
 
 
+def _score_blocks(
+    x: npt.NDArray[np.float32], state: RouterState, options: dict[str, object], rows: int
+) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+    """The router's scores of ``x`` (the product and score function of
+    :func:`~moesim.gate.router.route`) in blocks of ``rows`` rows: (first row, scores)."""
+    for r0 in range(0, x.shape[0], rows):
+        logits = x[r0 : r0 + rows] @ state.weights.T
+        yield r0, scores_from_logits(logits, options["score"])  # type: ignore[arg-type]
+
+
+def _selection_options(
+    state: RouterState, options: dict[str, object]
+) -> tuple[npt.NDArray[np.float32], bool, int, int, int | None]:
+    """The selection arguments of the compiled counts: bias, multiply, top_k, groups, kept."""
+    group_topk = options["group_topk"]
+    return (
+        state.bias,
+        state.bias_mode == "mul",
+        int(options["top_k"]),  # type: ignore[call-overload]
+        int(options["n_groups"]),  # type: ignore[call-overload]
+        None if group_topk is None else int(group_topk),  # type: ignore[call-overload]
+    )
+
+
 def _dropless_counts(
     x: npt.NDArray[np.float32],
     state: RouterState,
@@ -265,26 +292,21 @@ def _dropless_counts(
 ) -> None:
     """Dropless counts of the tokens ``x`` (cells of ``tokens_per_cell`` consecutive rows) into
     ``counts`` (M, n_src, E), ``dest`` and ``node`` (views of the sample's arrays), in place:
-    the router's scores block by block (the product and score function of
-    :func:`~moesim.gate.router.route`), then :func:`moesim.gate.kernels.sample_counts` — the
+    :func:`moesim.gate.kernels.sample_counts` on the router's scores, block by block — the
     same values as routing with :func:`~moesim.gate.router.route` and counting with
-    ``bincount``, which the NumPy path does (``tests/gate/test_gate_fast_paths.py``)."""
+    ``bincount``, which the NumPy path does (``tests/gate/test_sample_kernel.py``)."""
     n_experts = counts.shape[-1]
     cells = counts.reshape(-1, n_experts)
     ranks, hosts = dest.reshape(cells.shape[0], -1), node.reshape(cells.shape[0], -1)
     block = max(1, _SCORE_BLOCK_ROWS // tokens_per_cell) * tokens_per_cell
-    for r0 in range(0, x.shape[0], block):
-        r1 = min(x.shape[0], r0 + block)
-        scores = scores_from_logits(x[r0:r1] @ state.weights.T, options["score"])  # type: ignore[arg-type]
+    selection = _selection_options(state, options)
+    for r0, scores in _score_blocks(x, state, options, block):
+        n_rows = scores.shape[0]
         c, d, n = kernels.sample_counts(
             scores,
-            state.bias,
-            state.bias_mode == "mul",
-            options["top_k"],  # type: ignore[arg-type]
-            options["n_groups"],  # type: ignore[arg-type]
-            options["group_topk"],  # type: ignore[arg-type]
-            weights[r0:r1],
-            (r1 - r0) // tokens_per_cell,
+            *selection,
+            weights[r0 : r0 + n_rows],
+            n_rows // tokens_per_cell,
             ranks.shape[1],
             hosts.shape[1],
         )
@@ -292,6 +314,26 @@ def _dropless_counts(
         cells[first : first + c.shape[0]] = c
         ranks[first : first + d.shape[0]] = d
         hosts[first : first + n.shape[0]] = n
+
+
+def dropless_loads(
+    x: npt.NDArray[np.floating], state: RouterState, options: RouteOptions
+) -> npt.NDArray[np.int64]:
+    """Expert loads (E,) of routing the tokens ``x`` (T, dim) with ``state`` without a capacity:
+    ``expert_counts`` of :func:`~moesim.gate.router.route`'s selection, counted by the compiled
+    loop block by block where it can (:func:`moesim.gate.kernels.routed_counts`: the same
+    values)."""
+    opts = dict(options)
+    if opts.pop("capacity") is not None:
+        raise ValueError("dropless_loads: the routing has a capacity (route it instead)")
+    if not _compiled_counts(x, state):
+        routing = route(x, state, **opts)  # type: ignore[arg-type]
+        return expert_counts(routing.selected, state.n_experts)
+    loads = np.zeros(state.n_experts, dtype=np.int64)
+    bias, multiply, top_k, n_groups, group_topk = _selection_options(state, opts)
+    for _, scores in _score_blocks(x, state, opts, _SCORE_BLOCK_ROWS):
+        loads += kernels.routed_counts(scores, bias, multiply, top_k, n_groups, group_topk)[0]
+    return loads
 
 
 def routing_sample(

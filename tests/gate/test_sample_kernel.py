@@ -8,8 +8,8 @@ import pytest
 from base_scenario import v3_like
 
 from moesim.gate import kernels
-from moesim.gate.router import RouterState, select_experts
-from moesim.gate.sampling import routing_sample
+from moesim.gate.router import RouterState, route, route_options, select_experts
+from moesim.gate.sampling import dropless_loads, routing_sample
 from moesim.gate.stream import TokenStream
 from moesim.scenario import Scenario, scenario_from_dict
 
@@ -112,3 +112,22 @@ def test_routing_sample_is_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatc
     np.testing.assert_array_equal(fast.node_tokens, slow.node_tokens)
     assert fast.metrics == slow.metrics
     assert fast.metrics["nodes_per_token"] <= 4  # the node limit holds
+
+
+@needs_numba
+@pytest.mark.parametrize("bias_mode", ["add", "mul"])
+def test_dropless_loads_equal_routed_counts(bias_mode: str) -> None:
+    scenario = scenario_from_dict(v3_like(200))
+    options = route_options(scenario)
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 1, (3000, 16)).astype(np.float32)  # more rows than one score block
+    bias = rng.normal(0, 0.05, 256) + (1.0 if bias_mode == "mul" else 0.0)
+    state = RouterState(
+        weights=rng.normal(0, 0.5, (256, 16)).astype(np.float32),
+        bias=bias.astype(np.float32),
+        bias_mode=bias_mode,  # type: ignore[arg-type]
+    )
+    selected = route(x, state, **options).selected  # type: ignore[misc]
+    np.testing.assert_array_equal(
+        dropless_loads(x, state, options), np.bincount(selected.ravel(), minlength=256)
+    )
