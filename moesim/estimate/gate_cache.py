@@ -18,6 +18,11 @@ or none; of two processes storing the same key, the first rename wins and the ot
 its copy. An entry that fails any check (missing or unreadable file, checksum, format, key) is
 reported once as a :class:`GateCacheWarning`, deleted and trained again.
 
+The engine's routing samples drawn from a cached gate are kept too (``<cache dir>/sample/<key>/``,
+the same entry form; :meth:`GateCache.load_sample`, :func:`sample_key_inputs`): their key is the
+gate's key, the step, the generator's state and the layout and sampling settings they read, so a
+sweep over hardware, network or prices reruns only the engine.
+
 Where it lives: ``--cache-dir``, else ``$MOESIM_CACHE_DIR``, else ``$XDG_CACHE_HOME/moesim``,
 else ``~/.cache/moesim``. Deleting the directory clears it.
 """
@@ -40,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from moesim import __version__
-from moesim.gate import GateTrajectory, RouterState, TokenStream
+from moesim.gate import GateTrajectory, RouterState, RoutingSample, TokenStream
 from moesim.gate.router import route_options
 from moesim.gate.training import balance_context
 from moesim.scenario.schema import Scenario
@@ -214,29 +219,119 @@ class GateCache:
         stream = _stream_arrays(trajectory.stream)
         if stream is None:
             return False
-        root = Path(self.directory) / "gate"
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-{uuid.uuid4().hex[:8]}-", dir=root))
+        arrays, scalars = _payload(trajectory, stream)
+        return _write_entry(self.entry(key), key, inputs, arrays, scalars)
+
+    def sample_entry(self, key: str) -> Path:
+        """The directory of the routing sample ``key``'s entry."""
+        return Path(self.directory) / "sample" / key
+
+    def load_sample(self, key: str) -> RoutingSample | None:
+        """The stored routing sample of ``key``, or None when there is none; an unusable entry
+        is reported (:class:`GateCacheWarning`), deleted, and None returned."""
+        path = self.sample_entry(key)
+        if not os.path.lexists(path):
+            return None
         try:
-            arrays, scalars = _payload(trajectory, stream)
-            # Numeric arrays only: nothing is pickled (numpy's stubs mistype **arrays).
-            np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
-            (tmp / RECORDS).write_text(json.dumps(scalars, default=_jsonable_scalar))
-            manifest = {
-                "format": CACHE_FORMAT,
-                "key": key,
-                "inputs": inputs,
-                "sha256": {name: _sha256(tmp / name) for name in (ARRAYS, RECORDS)},
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            try:
-                os.rename(tmp, self.entry(key))
-            except OSError:  # another process stored the same key first: keep its entry
-                return False
-            return True
-        finally:
-            if tmp.exists():
-                _remove(tmp)
+            arrays, scalars = _read_checked(path, key)
+            return _sample(arrays, scalars)
+        except (_Unusable, KeyError, TypeError, ValueError) as why:
+            warnings.warn(
+                f"gate cache entry {path} is unusable ({why}); deleted, routing again",
+                GateCacheWarning,
+                stacklevel=2,
+            )
+            _remove(path)
+            return None
+
+    def store_sample(self, key: str, inputs: dict[str, Any], sample: RoutingSample) -> bool:
+        """Write ``sample`` under ``key`` atomically (integer arrays in the narrowest dtype
+        that holds them); False when another process stored it first."""
+        arrays = {
+            name: _narrow(getattr(sample, name))
+            for name in _SAMPLE_ARRAYS
+            if getattr(sample, name) is not None
+        }
+        scalars = {"step": sample.step, "metrics": sample.metrics}
+        return _write_entry(self.sample_entry(key), key, inputs, arrays, scalars)
+
+
+def sample_key_inputs(
+    gate: str, step: int, rng: np.random.Generator, shape: dict[str, Any]
+) -> dict[str, Any]:
+    """What a routing sample drawn from gate ``gate`` depends on beyond the gate: the step, the
+    generator's state when drawing starts, and ``shape`` (the layout and sampling settings the
+    caller reads)."""
+    return {
+        "format": CACHE_FORMAT,
+        "gate": gate,
+        "step": int(step),
+        "rng": _jsonable(rng.bit_generator.state),
+        "shape": _jsonable(shape),
+    }
+
+
+# The arrays of a RoutingSample an entry holds (None ones are left out).
+_SAMPLE_ARRAYS = ("counts", "dest_tokens", "node_tokens", "dropped")
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """A non-negative int64 array in the narrowest unsigned dtype that holds its maximum (a
+    DeepSeek-V3 sample's counts fit in 16 bits: a quarter of the bytes)."""
+    top = int(values.max()) if values.size else 0
+    if values.dtype != np.int64 or (values.size and int(values.min()) < 0):
+        return values
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values
+
+
+def _sample(arrays: dict[str, np.ndarray], scalars: dict[str, Any]) -> RoutingSample:
+    """Rebuild a routing sample from :meth:`GateCache.store_sample`'s form."""
+    wide = {name: arrays[name].astype(np.int64) for name in _SAMPLE_ARRAYS if name in arrays}
+    return RoutingSample(
+        step=int(scalars["step"]),
+        counts=wide["counts"],
+        dest_tokens=wide["dest_tokens"],
+        metrics={str(k): float(v) for k, v in scalars["metrics"].items()},
+        dropped=wide.get("dropped"),  # type: ignore[arg-type]
+        node_tokens=wide.get("node_tokens"),  # type: ignore[arg-type]
+    )
+
+
+def _write_entry(
+    entry: Path,
+    key: str,
+    inputs: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    scalars: dict[str, Any],
+) -> bool:
+    """Write an entry (arrays, JSON scalars, a manifest with their checksums) into a temporary
+    directory beside ``entry`` and rename it into place; False when another process's rename
+    won."""
+    root = entry.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-{uuid.uuid4().hex[:8]}-", dir=root))
+    try:
+        # Numeric arrays only: nothing is pickled (numpy's stubs mistype **arrays).
+        np.savez(tmp / ARRAYS, **arrays)  # type: ignore[arg-type]
+        (tmp / RECORDS).write_text(json.dumps(scalars, default=_jsonable_scalar))
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "inputs": inputs,
+            "sha256": {name: _sha256(tmp / name) for name in (ARRAYS, RECORDS)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process stored the same key first: keep its entry
+            return False
+        return True
+    finally:
+        if tmp.exists():
+            _remove(tmp)
 
 
 def _remove(path: Path) -> None:
@@ -280,6 +375,16 @@ def _payload(
 def _read_entry(path: Path, key: str, scenario: Scenario) -> GateTrajectory:
     """Check an entry against its manifest and rebuild its trajectory; :class:`_Unusable`
     says why not."""
+    arrays, scalars = _read_checked(path, key)
+    try:
+        return _trajectory(arrays, scalars, scenario)
+    except (ValueError, KeyError, TypeError) as err:
+        raise _Unusable(f"payload unreadable: {type(err).__name__}: {err}") from None
+
+
+def _read_checked(path: Path, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """An entry's arrays and scalars, after checking its manifest (format, key, checksums);
+    :class:`_Unusable` says why not."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as err:
@@ -304,9 +409,9 @@ def _read_entry(path: Path, key: str, scenario: Scenario) -> GateTrajectory:
         scalars = json.loads((path / RECORDS).read_text())
         with np.load(path / ARRAYS, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-        return _trajectory(arrays, scalars, scenario)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _Unusable(f"payload unreadable: {type(err).__name__}: {err}") from None
+    return arrays, scalars
 
 
 def _trajectory(

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from moesim.estimate.gate_cache import GateCache, GateCacheWarning, gate_key, gate_key_inputs
+from moesim.estimate.gate_cache import (
+    GateCache,
+    GateCacheWarning,
+    gate_key,
+    gate_key_inputs,
+    sample_key_inputs,
+)
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import trace_run_name
@@ -86,8 +92,9 @@ def routing_sources(
         yield RoutingSource(trace_run_name(scenario), None, replay)
         return
     gates = _gates(scenario, points, seeds, workers, cache, progress)
-    for strategy, (trajectory, origin) in zip(scenario.strategies, gates, strict=True):
-        routed = _GateSamples(scenario, trajectory, n_src, n_dest)
+    for strategy, (trajectory, origin, key) in zip(scenario.strategies, gates, strict=True):
+        samples_cache = None if cache is None else (cache, key)
+        routed = _GateSamples(scenario, trajectory, n_src, n_dest, samples_cache)
         yield RoutingSource(strategy.name, trajectory, routed, origin)
 
 
@@ -128,18 +135,54 @@ class _TraceSamples:
 
 @dataclass(frozen=True)
 class _GateSamples:
-    """A gate's samples from its router snapshots (a picklable :data:`SampleAt`)."""
+    """A gate's samples from its router snapshots (a picklable :data:`SampleAt`), looked up
+    in and stored to the gate cache under the gate's key when ``cache`` names them."""
 
     scenario: Scenario
     gate: GateTrajectory
     n_src: int
     n_dest: int
+    cache: tuple[GateCache, str] | None = None
 
     def __call__(self, _i: int, step: int, rng: np.random.Generator) -> RoutingSample:
-        gate = self.gate
-        return routing_sample(
-            self.scenario, gate.states[step], gate.stream, step, self.n_src, self.n_dest, rng
+        gate, sc = self.gate, self.scenario
+        key, inputs = "", {}
+        if self.cache is not None:
+            cache, gate_key_ = self.cache
+            inputs = sample_key_inputs(gate_key_, step, rng, self._shape(step))
+            key = gate_key(inputs)
+            hit = cache.load_sample(key)
+            if hit is not None:
+                return hit
+        sample = routing_sample(
+            sc, gate.states[step], gate.stream, step, self.n_src, self.n_dest, rng
         )
+        if self.cache is not None:
+            try:
+                self.cache[0].store_sample(key, inputs, sample)
+            except OSError as err:  # a full or read-only disk costs the reuse, not the run
+                warnings.warn(
+                    f"gate cache: could not store a sample in {self.cache[0].directory}: {err}",
+                    GateCacheWarning,
+                    stacklevel=1,
+                )
+        return sample
+
+    def _shape(self, step: int) -> dict[str, Any]:
+        """What :func:`~moesim.gate.routing_sample` reads besides the gate, the step and the
+        generator (the gate's key holds the rest: stream, router, timeline)."""
+        sc = self.scenario
+        return {
+            "n_src": self.n_src,
+            "n_dest": self.n_dest,
+            "micro_batches": sc.micro_batches_at(step),
+            "micro_batch_size": sc.parallelism.micro_batch_size,
+            "seq_len": sc.model.seq_len,
+            "routed_tokens_per_sequence": sc.gate.routed_tokens_per_sequence,
+            "layers_simulated": sc.gate.layers_simulated,
+            "ep_nodes": sc.ep_nodes,
+            "route_options": dict(route_options(sc)),
+        }
 
 
 @dataclass(frozen=True)
@@ -195,8 +238,9 @@ def _gates(
     workers: int,
     cache: GateCache | None,
     progress: GateProgress | None,
-) -> Iterator[tuple[GateTrajectory, str]]:
-    """Each strategy's gate trajectory and its origin (hit, miss, off), in strategy order.
+) -> Iterator[tuple[GateTrajectory, str, str]]:
+    """Each strategy's gate trajectory, its origin (hit, miss, off) and its cache key ("" with
+    no cache), in strategy order.
 
     Gates in the cache load first; the others train in a process pool when there are several
     and ``workers > 1`` (the trajectories are independent and seeded alike, so the result does
@@ -210,11 +254,14 @@ def _gates(
 
     found: dict[int, GateTrajectory] = {}
     jobs: list[_Job] = []
+    keys: list[str] = []
     for i, strategy in enumerate(scenario.strategies):
         key, inputs = "", {}
         if cache is not None:
             inputs = gate_key_inputs(scenario, strategy, points, seeds.gate)
             key = gate_key(inputs)
+        keys.append(key)
+        if cache is not None:
             hit = cache.load(key, scenario)
             if hit is not None:
                 found[i] = hit
@@ -245,22 +292,22 @@ def _gates(
             for i in range(len(names)):
                 if i in found:
                     report(i, total)
-                    yield found[i], "hit"
+                    yield found[i], "hit", keys[i]
                     continue
                 future = futures[i]
                 while not future.done():
                     drain(0.1)
                 result = future.result()
                 drain(0.0)
-                yield result, origin
+                yield result, origin, keys[i]
         return
     pending = {job.index: job for job in jobs}
     for i in range(len(names)):
         if i in found:
             report(i, total)
-            yield found[i], "hit"
+            yield found[i], "hit", keys[i]
         else:
-            yield _train_one(pending[i], report), origin
+            yield _train_one(pending[i], report), origin, keys[i]
 
 
 def topic_load(

@@ -385,3 +385,43 @@ def test_steps_in_worker_processes_give_the_same_run(tiny_dict, tmp_path):
         pd.testing.assert_frame_equal(frame, expected[name], check_exact=True)
     assert two.summary_dict() == one.summary_dict()
     assert [s.result.trace for s in two.steps] == [s.result.trace for s in one.steps]
+
+
+def _sample_entries(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "sample").iterdir() if not p.name.startswith("."))
+
+
+def _refuse_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("routed again")
+
+    monkeypatch.setattr("moesim.estimate.routing.routing_sample", refuse)
+
+
+def test_routing_samples_are_cached_and_reused_across_hardware_changes(
+    tiny_dict, tmp_path, monkeypatch
+):
+    cache = GateCache(tmp_path)
+    first = estimate_run(scenario_from_dict(tiny_dict), cache=cache)
+    assert len(_sample_entries(tmp_path)) == len(first.steps)  # one per sampled step
+    _refuse_routing(monkeypatch)
+    cheaper = derive(tiny_dict, cluster={"price_usd_per_gpu_hour": 1.0, "nic": {"latency_us": 9}})
+    again = estimate_run(scenario_from_dict(cheaper), cache=cache)
+    for a, b in zip(first.steps, again.steps, strict=True):
+        assert a.routing_metrics == b.routing_metrics
+        np.testing.assert_array_equal(a.expert_load, b.expert_load)
+    # A sampling setting outside the gate's key: the gate hits, the samples route again.
+    finer = derive(tiny_dict, gate={"routed_tokens_per_sequence": 32})
+    with pytest.raises(AssertionError, match="routed again"):
+        estimate_run(scenario_from_dict(finer), cache=cache)
+
+
+def test_a_damaged_sample_entry_is_reported_and_routed_again(tiny_scenario, tmp_path):
+    cache = GateCache(tmp_path)
+    first = estimate_run(tiny_scenario, cache=cache)
+    entries = _sample_entries(tmp_path)
+    _truncate(cache.sample_entry(entries[0]))
+    with pytest.warns(GateCacheWarning, match="unusable"):
+        again = estimate_run(tiny_scenario, cache=cache)
+    assert _sample_entries(tmp_path) == entries
+    assert again.summary_dict() == first.summary_dict()
