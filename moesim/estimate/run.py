@@ -40,7 +40,7 @@ from moesim.estimate.routing import (
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import integrate, scenario_points
-from moesim.gate import RoutingSample, balanced_like, balanced_sample
+from moesim.gate import balanced_like, balanced_sample
 from moesim.scenario.schema import Scenario
 
 CacheChoice = GateCache | None | Literal["default"]
@@ -219,42 +219,93 @@ def _estimate_run(
             contexts[n] = build_context(scenario, n)
         return contexts[n]
 
-    lay = ctx.layout
-    n_src, n_dest = lay.gpus_per_stage, lay.expert
     points, lengths = scenario_points(scenario)
     seeds = SeedPlan(scenario.seed)
+    # With several workers the simulated steps run in a process pool (each is independent of
+    # the others given its inputs, so the rows are the same); their rows keep the run order.
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        return _simulate_run(
+            scenario, ctx, context_at, memory, points, lengths, seeds, pool, tick, gate_tick,
+            workers, cache,
+        )  # fmt: skip
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
-    # The balanced reference runs the last segment's batch (the full batch after any ramp).
-    reference = points[-1]
 
-    def reference_sample(step: int) -> RoutingSample:
-        if scenario.model.moe is None:  # nothing routed: the step is its own reference
-            return dense_sample(scenario, step, n_src)
-        return balanced_sample(scenario, step, n_src, n_dest)
-
-    bal = reference_sample(reference)
-    balanced = SimulatedStep(
+def _reference_step(scenario: Scenario, step: int, ctx: StepContext | None = None) -> SimulatedStep:
+    """The balanced reference step at ``step`` (its batch; a dense model's step is its own
+    reference); ``ctx`` None (in a worker process) builds the step model."""
+    if ctx is None:
+        ctx = build_context(scenario, scenario.micro_batches_at(step))
+    n_src, n_dest = ctx.layout.gpus_per_stage, ctx.layout.expert
+    with blas_threads():
+        if scenario.model.moe is None:  # nothing routed
+            sample = dense_sample(scenario, step, n_src)
+        else:
+            sample = balanced_sample(scenario, step, n_src, n_dest)
+        result = simulate_step(
+            ctx, sample.counts, sample.dest_tokens, node_tokens=sample.node_tokens
+        )
+    return SimulatedStep(
         BALANCED,
         0,
-        reference,
+        step,
         scenario.total_steps,
-        dict(bal.metrics),
-        simulate_step(
-            context_at(reference), bal.counts, bal.dest_tokens, node_tokens=bal.node_tokens
-        ),
-        bal.counts.sum(axis=(1, 2)),
+        dict(sample.metrics),
+        result,
+        sample.counts.sum(axis=(1, 2)),
     )
-    tick("balanced reference step", step_work(scenario, reference))
-    balanced_s = {scenario.micro_batches_at(reference): balanced.result.step_time_s}
-    for step in points:  # batch-ramp steps: their own balanced reference step time
-        n = scenario.micro_batches_at(step)
-        if n not in balanced_s:
-            ramp = reference_sample(step)
-            balanced_s[n] = simulate_step(
-                context_at(step), ramp.counts, ramp.dest_tokens, node_tokens=ramp.node_tokens
-            ).step_time_s
-            tick(f"balanced reference at step {step}", step_work(scenario, step))
-    hardware = point_hardware(scenario, seeds, len(points), balanced.result.step_time_s)
+
+
+def _simulate_run(
+    scenario: Scenario,
+    ctx: StepContext,
+    context_at: Callable[[int], StepContext],
+    memory: dict[str, float],
+    points: list[int],
+    lengths: list[int],
+    seeds: SeedPlan,
+    pool: ProcessPoolExecutor | None,
+    tick: Progress,
+    gate_tick: Callable[[str, float], None],
+    workers: int,
+    cache: GateCache | None,
+) -> RunEstimate:
+    lay = ctx.layout
+    n_src, n_dest = lay.gpus_per_stage, lay.expert
+    # The balanced references: the last segment's batch (the full batch after any ramp), then
+    # each batch-ramp step's own batch. In the pool they run beside the gates and the sampled
+    # steps; only hardware faults wait for the full-batch one (episodes span its step time).
+    reference = points[-1]
+    references = {scenario.micro_batches_at(reference): reference}
+    for step in points:
+        references.setdefault(scenario.micro_batches_at(step), step)
+    if pool is None:
+        done = {
+            n: _reference_step(scenario, step, context_at(step)) for n, step in references.items()
+        }
+        ref_futures: dict[int, Future[SimulatedStep]] = {}
+    else:
+        done = {}
+        ref_futures = {
+            n: pool.submit(_reference_step, scenario, step) for n, step in references.items()
+        }
+
+    def reference_at(n: int) -> SimulatedStep:
+        if n not in done:
+            done[n] = ref_futures[n].result()
+            tick(f"balanced reference at step {done[n].step}", step_work(scenario, done[n].step))
+        return done[n]
+
+    if pool is None:
+        for n in references:
+            tick(f"balanced reference at step {done[n].step}", step_work(scenario, done[n].step))
+    hardware = None
+    if scenario.faults.hardware_active:
+        full = reference_at(scenario.micro_batches_at(reference))
+        hardware = point_hardware(scenario, seeds, len(points), full.result.step_time_s)
 
     point_seeds = seeds.samples(len(points))  # once: every strategy gets the same seeds
     simulated: list[SimulatedStep] = []
@@ -265,67 +316,60 @@ def _estimate_run(
     by_domain: list[dict[str, float | int | str]] = []
     snapshots = sorted(set(points) | set(eplb_steps(scenario, points)))
     gate_cache: dict[str, str] = {}
-    # With several workers the sampled steps run in a process pool (each is independent of
-    # the others given its inputs, so the rows are the same); their rows keep the run order.
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     pending: list[Future[list[SimulatedStep]]] = []
-    run_index = 0
     sources = routing_sources(
         scenario, snapshots, seeds, n_src, n_dest, workers, cache=cache, progress=gate_tick
     )
-    try:
-        for source in sources:
-            name = source.name
-            if source.cache is not None:
-                gate_cache[name] = source.cache
-            if source.gate is not None:
-                specialisation[name] = topic_load(scenario, source.gate, seeds)
-                gate_windows[name] = source.gate.tail_summary()
-                by_domain.extend(domain_skew(scenario, name, source.gate, seeds))
-            gate_records[name] = source.records
-            if source.gate is not None:  # all of it, whatever the gate reported
-                gate_tick(name, 1.0)
-            if traced is None and scenario.output.trace:
-                traced = (name, len(points) // 2)  # the trace shows the first run's middle point
-            for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
-                eplb_seed = None
-                if scenario.eplb.enabled:
-                    # The EPLB step spawns two children of the point's seed; each run continues
-                    # where the previous run's spawns left it (the order the runs come in).
-                    base = point_seeds[i]
-                    eplb_seed = np.random.SeedSequence(
-                        base.entropy,
-                        spawn_key=base.spawn_key,
-                        pool_size=base.pool_size,
-                        n_children_spawned=2 * run_index,
-                    )
-                task = _PointTask(
-                    scenario,
-                    name,
-                    source.sample,
-                    i,
-                    step,
-                    length,
-                    None if hardware is None else hardware[i],
-                    point_seeds[i],
-                    eplb_seed,
-                    traced == (name, i),
-                    source.record_at(step),
+    for run_index, source in enumerate(sources):
+        name = source.name
+        if source.cache is not None:
+            gate_cache[name] = source.cache
+        if source.gate is not None:
+            specialisation[name] = topic_load(scenario, source.gate, seeds)
+            gate_windows[name] = source.gate.tail_summary()
+            by_domain.extend(domain_skew(scenario, name, source.gate, seeds))
+        gate_records[name] = source.records
+        if source.gate is not None:  # all of it, whatever the gate reported
+            gate_tick(name, 1.0)
+        if traced is None and scenario.output.trace:
+            traced = (name, len(points) // 2)  # the trace shows the first run's middle point
+        for i, (step, length) in enumerate(zip(points, lengths, strict=True)):
+            eplb_seed = None
+            if scenario.eplb.enabled:
+                # The EPLB step spawns two children of the point's seed; each run continues
+                # where the previous run's spawns left it (the order the runs come in).
+                base = point_seeds[i]
+                eplb_seed = np.random.SeedSequence(
+                    base.entropy,
+                    spawn_key=base.spawn_key,
+                    pool_size=base.pool_size,
+                    n_children_spawned=2 * run_index,
                 )
-                if pool is None:
-                    for row in _simulate_point(task, context_at(step)):
-                        simulated.append(row)
-                        tick(f"{row.strategy}: step {step}", step_work(scenario, step))
-                else:
-                    pending.append(pool.submit(_simulate_point, task))
-            run_index += 1
-        for future in pending:  # in submission order: the same order as one after the other
-            for row in future.result():
-                simulated.append(row)
-                tick(f"{row.strategy}: step {row.step}", step_work(scenario, row.step))
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            task = _PointTask(
+                scenario,
+                name,
+                source.sample,
+                i,
+                step,
+                length,
+                None if hardware is None else hardware[i],
+                point_seeds[i],
+                eplb_seed,
+                traced == (name, i),
+                source.record_at(step),
+            )
+            if pool is None:
+                for row in _simulate_point(task, context_at(step)):
+                    simulated.append(row)
+                    tick(f"{row.strategy}: step {step}", step_work(scenario, step))
+            else:
+                pending.append(pool.submit(_simulate_point, task))
+    for future in pending:  # in submission order: the same order as one after the other
+        for row in future.result():
+            simulated.append(row)
+            tick(f"{row.strategy}: step {row.step}", step_work(scenario, row.step))
+    balanced = reference_at(scenario.micro_batches_at(reference))
+    balanced_s = {n: reference_at(n).result.step_time_s for n in references}
     links = [ctx.topology.link_name(i) for i in range(ctx.topology.links)]
     timeline, summary = integrate(
         scenario, simulated, balanced, balanced_s, gate_records, gate_windows
