@@ -103,9 +103,10 @@ def top_k_row(
     best_values: Any,
     best: Any,
 ) -> None:
-    """One token's experts, in ``best``: the top ``top_k`` of the row ``selection`` among the
-    ``group_topk`` best of its ``n_groups`` groups (all of them when ``group_topk == n_groups``);
-    exact ties go to the lower index. ``scratch`` holds :func:`group_pass`' work arrays."""
+    """One token's experts, in ``best`` (in no particular order): the top ``top_k`` of the row
+    ``selection`` among the ``group_topk`` best of its ``n_groups`` groups (all of them when
+    ``group_topk == n_groups``); exact ties go to the lower index. ``scratch`` holds
+    :func:`group_pass`' work arrays."""
     first, second, tops, top_index, group_score, group_rank, kept, keep = scratch
     n_experts = selection.size
     group_size = n_experts // n_groups
@@ -142,6 +143,24 @@ def top_k_row(
             for e in range(g * group_size, (g + 1) * group_size):
                 candidates[n_candidates] = e
                 n_candidates += selection[e] >= floor
+    if n_candidates <= 2 * top_k:
+        # Few candidates (the usual case): drop the smallest until top_k are left, the higher
+        # index first among equal values, keeping index order — fewer unpredictable branches
+        # than inserting each one into a sorted run.
+        n = n_candidates
+        while n > top_k:
+            worst, worst_value = 0, selection[candidates[0]]
+            for i in range(1, n):
+                value = selection[candidates[i]]
+                smaller = value <= worst_value
+                worst = i if smaller else worst
+                worst_value = value if smaller else worst_value
+            for i in range(worst, n - 1):
+                candidates[i] = candidates[i + 1]
+            n -= 1
+        for i in range(top_k):
+            best[i] = candidates[i]
+        return
     filled = 0
     for i in range(n_candidates):
         e = candidates[i]
