@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from moesim.cluster.topology import Topology
+from moesim.engine import kernels
 from moesim.engine.alltoall import NEVER, ExchangePorts, processor_sharing_finish, shared_bounds
 
 Array = npt.NDArray[np.float64]
@@ -113,6 +114,11 @@ class ExchangeTables:
             if not toward_experts:
                 senders = np.swapaxes(senders, -1, -2)
             tables.last_sender = np.where(senders, 0.0, NEVER)
+            # The compiled replay reads them as C-ordered arrays.
+            for name in ("from_ready", "from_relay", "start", "last_sender"):
+                value = getattr(tables, name)
+                if value is not None:
+                    setattr(tables, name, np.ascontiguousarray(value))
             self._cache[key] = tables
         return tables
 
@@ -246,12 +252,16 @@ class ExchangeTables:
         self, ready: Array, cell: int, toward_experts: bool, per_token: float
     ) -> tuple[Array, Array]:
         tables = self._tables(toward_experts, per_token)
+        assert tables.last_sender is not None
+        if kernels.ENABLED:
+            return kernels.exchange(
+                ready, tables.from_ready, tables.start, tables.from_relay, tables.last_sender, cell
+            )
         done = np.maximum(ready, max_plus(ready, tables.from_ready[cell]))
         if tables.from_relay is not None:
             assert tables.start is not None
             relay_start = np.maximum(ready, max_plus(ready, tables.start[cell]))
             done = np.maximum(done, max_plus(relay_start, tables.from_relay[cell]))
-        assert tables.last_sender is not None
         last = max_plus(ready, tables.last_sender[cell])
         return done, np.maximum(last, ready)
 

@@ -1,0 +1,57 @@
+"""The numba loops behind :mod:`moesim.engine.kernels` (imported only when a kernel first runs,
+so that importing the engine does not import numba). Compiled without fast-math, so every
+addition rounds as NumPy's does; cached on disk (``cache=True``): a machine compiles them once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+
+
+def _jit(fn: Any) -> Any:
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy")(fn)
+
+
+@_jit
+def _max_plus_into(out: Any, ready: Any, table: Any) -> None:
+    """``out[d] = max(out[d], max_s (ready[s] + table[s, d]))``."""
+    n = ready.shape[0]
+    m = out.shape[0]
+    for s in range(n):
+        r = ready[s]
+        row = table[s]
+        for d in range(m):
+            v = r + row[d]
+            if v > out[d]:
+                out[d] = v
+
+
+@_jit
+def exchange(
+    ready: Any,
+    from_ready: Any,
+    start: Any,
+    from_relay: Any,
+    last_sender: Any,
+    cell: int,
+    relayed: bool,
+    done: Any,
+    last: Any,
+) -> None:
+    """One exchange of routing cell ``cell``: receivers' done times and last senders' ready
+    times, group by group (see :meth:`moesim.engine.exchange_tables.ExchangeTables._exchange`,
+    the NumPy twin)."""
+    groups, n = ready.shape
+    relay_start = ready[0].copy()
+    for k in range(groups):
+        r = ready[k]
+        done[k, :] = r
+        _max_plus_into(done[k], r, from_ready[cell, k])
+        if relayed:
+            relay_start[:] = r
+            _max_plus_into(relay_start, r, start[cell, k])
+            _max_plus_into(done[k], relay_start, from_relay[cell, k])
+        last[k, :] = r
+        _max_plus_into(last[k], r, last_sender[cell, k])
