@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import numba
+import numpy as np
 
 
 def _jit(fn: Any) -> Any:
@@ -41,17 +42,30 @@ def exchange(
     last: Any,
 ) -> None:
     """One exchange of routing cell ``cell``: receivers' done times and last senders' ready
-    times, group by group (see :meth:`moesim.engine.exchange_tables.ExchangeTables._exchange`,
-    the NumPy twin)."""
+    times, group by group, computed on the ready times relative to the group's earliest and
+    shifted back (the arithmetic of
+    :meth:`moesim.engine.exchange_tables.ExchangeTables.exchange`, the NumPy twin)."""
     groups, n = ready.shape
-    relay_start = ready[0].copy()
+    rel = np.empty(n)
+    relay_start = np.empty(n)
     for k in range(groups):
-        r = ready[k]
-        done[k, :] = r
-        _max_plus_into(done[k], r, from_ready[cell, k])
+        base = ready[k, 0]
+        for i in range(1, n):
+            if ready[k, i] < base:
+                base = ready[k, i]
+        for i in range(n):
+            rel[i] = ready[k, i] - base
+        out = done[k]
+        out[:] = rel
+        _max_plus_into(out, rel, from_ready[cell, k])
         if relayed:
-            relay_start[:] = r
-            _max_plus_into(relay_start, r, start[cell, k])
-            _max_plus_into(done[k], relay_start, from_relay[cell, k])
-        last[k, :] = r
-        _max_plus_into(last[k], r, last_sender[cell, k])
+            relay_start[:] = rel
+            _max_plus_into(relay_start, rel, start[cell, k])
+            _max_plus_into(out, relay_start, from_relay[cell, k])
+        for i in range(n):
+            out[i] += base
+        out = last[k]
+        out[:] = rel
+        _max_plus_into(out, rel, last_sender[cell, k])
+        for i in range(n):
+            out[i] += base

@@ -235,6 +235,19 @@ class ExchangeTables:
         """Receivers' done times (groups, n) of the exchange of routing cell ``cell`` whose
         senders are ready at ``ready`` (groups, n), and each receiver's last sender's ready
         time (for the straggler attribution)."""
+        if kernels.ENABLED:
+            # The compiled loop, bit for bit the NumPy path below without its result cache:
+            # computing costs it less than the cache's key.
+            tables = self._tables(toward_experts, per_token)
+            assert tables.last_sender is not None
+            return kernels.exchange(
+                np.ascontiguousarray(ready),
+                tables.from_ready,
+                tables.start,
+                tables.from_relay,
+                tables.last_sender,
+                cell,
+            )
         # Max-plus products commute with a common shift of the ready times: an exchange whose
         # senders are ready in the same pattern as before (balanced routing, a steady pipeline)
         # reuses that result, shifted.
@@ -253,10 +266,6 @@ class ExchangeTables:
     ) -> tuple[Array, Array]:
         tables = self._tables(toward_experts, per_token)
         assert tables.last_sender is not None
-        if kernels.ENABLED:
-            return kernels.exchange(
-                ready, tables.from_ready, tables.start, tables.from_relay, tables.last_sender, cell
-            )
         done = np.maximum(ready, max_plus(ready, tables.from_ready[cell]))
         if tables.from_relay is not None:
             assert tables.start is not None

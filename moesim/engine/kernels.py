@@ -44,7 +44,8 @@ def exchange(
     cell: int,
 ) -> tuple[Array, Array]:
     """Done times and last senders' ready times (groups, n) of routing cell ``cell`` for
-    senders ready at ``ready`` (groups, n); the tables are (cells, groups, n, n), C-ordered."""
+    senders ready at ``ready`` (groups, n, C-ordered); the tables are (cells, groups, n, n),
+    C-ordered."""
     done = np.empty_like(ready)
     last = np.empty_like(ready)
     relayed = from_relay is not None

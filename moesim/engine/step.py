@@ -71,6 +71,9 @@ from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
+# Direct ufunc reductions: ``ndarray.any``/``sum`` without their Python wrappers (same loops).
+_any = np.logical_or.reduce
+_sum = np.add.reduce
 NO_COST = OpCost(0.0, 0.0, 0.0)
 Vector = npt.NDArray[np.float64]
 
@@ -283,7 +286,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
 
 # Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its
 # rank's executor, which runs each on the compute stream and replies with its end times.
-@dataclass(frozen=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class _Compute:
     seconds: Vector | float
     ready: Vector
@@ -385,11 +388,26 @@ class _StepModel:
         self.expert_wait_token_s = np.zeros((n, self.epr))
         self.expert_served = np.zeros((n, self.epr))
         self.exchanges = 0
+        # Per rank: views of the per-GPU accumulators on its GPUs (in-place updates through a
+        # view skip the slicing of every op).
+        self.acc_of = [{name: v[span] for name, v in self.acc.items()} for span in self.span]
+        self.expert_of = [
+            (self.expert_tokens[span], self.expert_wait_token_s[span], self.expert_served[span])
+            for span in self.span
+        ]
+        self._tp_fields: dict[tuple[float, str, str], dict[str, Any]] = {}
         self._rings: dict[tuple, tuple[float, float]] = {}
         self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
         self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
         self.gate_layer = gate_layer_map(sc)
         self.dense_layers = sc.model.ffn_dense_layers
+        # Per MoE layer: its simulated router (gate layer) and its first routing cell.
+        self.layer_gate = [int(g) for g in self.gate_layer]
+        self.layer_cell = [g * self.cells_per_layer for g in self.layer_gate]
+        self.per_token = {
+            "dispatch": ctx.dispatch_bytes_per_token,
+            "combine": ctx.grad_bytes_per_token,
+        }
         self.traced = [
             [(i, int(g)) for i, g in enumerate(gpus.ravel()) if recorder.wants(int(g))]
             for gpus in ctx.rank_gpus
@@ -402,9 +420,13 @@ class _StepModel:
     def _with_tp(self, seconds: float, op: str, phase: str) -> dict[str, Any]:
         """``_Compute`` fields of an op of ``seconds`` compute plus its tensor-parallel
         collectives in ``phase`` (``forward`` or ``backward_input``)."""
-        tp = float(getattr(self.ctx.tp(op), phase))
-        sent = float(getattr(self.ctx.tp_sent(op), phase))
-        return {"seconds": seconds + tp, "tp": tp, "tp_bytes": sent}
+        key = (seconds, op, phase)
+        fields = self._tp_fields.get(key)
+        if fields is None:
+            tp = float(getattr(self.ctx.tp(op), phase))
+            sent = float(getattr(self.ctx.tp_sent(op), phase))
+            fields = self._tp_fields[key] = {"seconds": seconds + tp, "tp": tp, "tp_bytes": sent}
+        return fields
 
     def _p2p(self, a: int, b: int) -> tuple[Vector, npt.NDArray[np.int64]]:
         """Activation transfer time from GPU i of rank a to GPU i of rank b (alpha-beta) and
@@ -442,30 +464,29 @@ class _StepModel:
 
     def _compute(self, rank: int, req: _Compute) -> Vector:
         free = self.free[rank]
-        gpus = self.span[rank]
         start = np.maximum(free, req.ready)
         gap = start - free
-        acc = self.acc
-        if not gap.any():
+        acc = self.acc_of[rank]
+        if not _any(gap):
             pass  # started the moment the stream was free: no wait to attribute
         elif req.cause == "a2a":
             if req.last_sender is not None:
                 # The part of the gap before the exchange's last sender was ready.
                 waited = np.minimum(np.maximum(np.minimum(req.last_sender, start) - free, 0), gap)
-                acc["straggler"][gpus] += waited
-                acc["comm"][gpus] += gap - waited
+                acc["straggler"] += waited
+                acc["comm"] += gap - waited
             else:
-                acc["comm"][gpus] += gap
+                acc["comm"] += gap
         else:
-            acc["pipeline"][gpus] += gap
-        end = self._end(gpus, start, req.seconds)
+            acc["pipeline"] += gap
+        end = self._end(self.span[rank], start, req.seconds)
         self.free[rank] = end
-        acc[req.bucket][gpus] += req.seconds - req.tp
+        acc[req.bucket] += req.seconds - req.tp
         if req.tp:
-            acc["tp"][gpus] += req.tp
-            acc["tp_bytes"][gpus] += req.tp_bytes
+            acc["tp"] += req.tp
+            acc["tp_bytes"] += req.tp_bytes
         if req.expert:
-            acc["expert"][gpus] += req.seconds
+            acc["expert"] += req.seconds
         for i, gpu in self.traced[rank]:
             self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
         return end
@@ -492,6 +513,8 @@ class _StepModel:
         return end
 
     def _record(self, rank: int, track: str, name: str, start: Vector, end: Vector) -> None:
+        if not self.traced[rank]:
+            return
         for i, gpu in self.traced[rank]:
             if end[i] > start[i]:
                 self.rec.slice(gpu, track, name, float(start[i]), float(end[i]))
@@ -524,12 +547,8 @@ class _StepModel:
         """Arrival times at the receivers and, per receiver, its last sender's ready time.
         ``kernel``: ``dispatch`` sends at the GEMM precision (FP8 in DeepSeek-V3), ``combine``
         in BF16. The backward of a dispatch is a combine kernel and the other way round."""
-        ctx = self.ctx
-        per_token = (
-            ctx.dispatch_bytes_per_token if kernel == "dispatch" else ctx.grad_bytes_per_token
-        )
-        g = int(self.gate_layer[layer - self.dense_layers])
-        cell = g * self.cells_per_layer + micro
+        per_token = self.per_token[kernel]
+        cell = self.layer_cell[layer - self.dense_layers] + micro
         self.exchanges += 1
         self.uses[rank][cell, 0 if toward_experts else 1] += per_token
         done, last = self.tables[rank].exchange(
@@ -568,7 +587,7 @@ class _StepModel:
         """Per GPU of a stage: its local experts' tokens (gpus, experts per rank) and the
         routed experts' seconds per pass (cached: layers that share a simulated router share
         their loads)."""
-        g = int(self.gate_layer[layer - self.dense_layers])
+        g = self.layer_gate[layer - self.dense_layers]
         cached = self._expert_cache.get((g, micro))
         if cached is None:
             c = self.counts[g, micro].reshape(self.data, self.expert, self.n_experts).sum(axis=1)
@@ -579,9 +598,9 @@ class _StepModel:
 
     def _serve(self, rank: int, rows: Vector, arrive: Vector, start: Vector) -> None:
         """Book the tokens' wait between their arrival and their experts' start."""
-        gpus = self.span[rank]
-        self.expert_wait_token_s[gpus] += np.maximum(start - arrive, 0.0)[:, None] * rows
-        self.expert_served[gpus] += rows
+        _, waited, served = self.expert_of[rank]
+        waited += np.maximum(start - arrive, 0.0)[:, None] * rows
+        served += rows
 
     # -------------------------------------------------------------- chains
 
@@ -612,7 +631,8 @@ class _StepModel:
             last_sender=last,
             expert=True,
         )
-        self.expert_tokens[self.span[rank]] += rows
+        tokens = self.expert_of[rank][0]
+        tokens += rows
         self._serve(rank, rows, arrive, t_exp - cost.forward)
         back, last = self._exchange(rank, t_exp, layer, micro, False, "combine")
         self._record(rank, "combine", "combine forward", t_exp, back)
@@ -852,7 +872,13 @@ class _StepModel:
             if len(pending) == 1:
                 (i,) = pending
             else:
-                i = min(pending, key=lambda j: float(np.maximum(free, pending[j].ready).sum()))
+                # The chain whose next op could start first in sum over the GPUs (the first
+                # in the pending order on a tie).
+                best = np.inf
+                for j, req in pending.items():
+                    key = float(_sum(np.maximum(free, req.ready)))
+                    if key < best:
+                        i, best = j, key
             end = self._compute(rank, pending.pop(i))
             free = end
             try:
