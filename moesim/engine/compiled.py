@@ -30,12 +30,42 @@ def _max_plus_into(out: Any, ready: Any, table: Any) -> None:
 
 
 @_jit
+def _max_plus_sparse(out: Any, ready: Any, index: Any, value: Any) -> None:
+    """``out[d] = max(out[d], max_j (ready[index[d, j]] + value[d, j]))``: the product with a
+    table kept as its finite entries, column by column (padding: ``-inf``)."""
+    m, width = index.shape
+    for d in range(m):
+        best = out[d]
+        for j in range(width):
+            v = ready[index[d, j]] + value[d, j]
+            if v > best:
+                best = v
+        out[d] = best
+
+
+@_jit
+def _max_masked(out: Any, ready: Any, mask: Any) -> None:
+    """``out[d] = max(out[d], max_{s: mask[s, d]} ready[s])``: the product with a table of
+    zeros (``mask``) and ``-inf``, whose additions of zero are exact."""
+    n = ready.shape[0]
+    m = out.shape[0]
+    for s in range(n):
+        r = ready[s]
+        row = mask[s]
+        for d in range(m):
+            if row[d] and r > out[d]:
+                out[d] = r
+
+
+@_jit
 def exchange(
     ready: Any,
     from_ready: Any,
-    start: Any,
-    from_relay: Any,
-    last_sender: Any,
+    start_index: Any,
+    start_value: Any,
+    relay_index: Any,
+    relay_value: Any,
+    senders: Any,
     cell: int,
     relayed: bool,
     done: Any,
@@ -60,12 +90,12 @@ def exchange(
         _max_plus_into(out, rel, from_ready[cell, k])
         if relayed:
             relay_start[:] = rel
-            _max_plus_into(relay_start, rel, start[cell, k])
-            _max_plus_into(out, relay_start, from_relay[cell, k])
+            _max_plus_sparse(relay_start, rel, start_index[cell, k], start_value[cell, k])
+            _max_plus_sparse(out, relay_start, relay_index[cell, k], relay_value[cell, k])
         for i in range(n):
             out[i] += base
         out = last[k]
         out[:] = rel
-        _max_plus_into(out, rel, last_sender[cell, k])
+        _max_masked(out, rel, senders[cell, k])
         for i in range(n):
             out[i] += base

@@ -74,6 +74,8 @@ class _Tables:
     relay, ``-inf`` elsewhere)."""
     last_sender: Array | None = None
     """0 where a receiver waits for a sender, ``-inf`` elsewhere."""
+    packed: kernels.PackedTables | None = None
+    """The same for the compiled replay."""
 
 
 @dataclass
@@ -114,11 +116,10 @@ class ExchangeTables:
             if not toward_experts:
                 senders = np.swapaxes(senders, -1, -2)
             tables.last_sender = np.where(senders, 0.0, NEVER)
-            # The compiled replay reads them as C-ordered arrays.
-            for name in ("from_ready", "from_relay", "start", "last_sender"):
-                value = getattr(tables, name)
-                if value is not None:
-                    setattr(tables, name, np.ascontiguousarray(value))
+            if kernels.ENABLED:
+                tables.packed = kernels.pack(
+                    tables.from_ready, tables.start, tables.from_relay, tables.last_sender
+                )
             self._cache[key] = tables
         return tables
 
@@ -238,16 +239,9 @@ class ExchangeTables:
         if kernels.ENABLED:
             # The compiled loop, bit for bit the NumPy path below without its result cache:
             # computing costs it less than the cache's key.
-            tables = self._tables(toward_experts, per_token)
-            assert tables.last_sender is not None
-            return kernels.exchange(
-                np.ascontiguousarray(ready),
-                tables.from_ready,
-                tables.start,
-                tables.from_relay,
-                tables.last_sender,
-                cell,
-            )
+            packed = self._tables(toward_experts, per_token).packed
+            if packed is not None:
+                return kernels.exchange(np.ascontiguousarray(ready), packed, cell)
         # Max-plus products commute with a common shift of the ready times: an exchange whose
         # senders are ready in the same pattern as before (balanced routing, a steady pipeline)
         # reuses that result, shifted.

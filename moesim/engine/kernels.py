@@ -17,6 +17,7 @@ import functools
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,6 @@ AVAILABLE = importlib.util.find_spec("numba") is not None
 ENABLED = AVAILABLE and os.environ.get("MOESIM_ENGINE_KERNELS", "numba") != "numpy"
 
 Array = npt.NDArray[np.float64]
-_NONE = np.zeros((0, 0, 0, 0))  # stands for an absent relay table (numba needs one type)
 
 
 @functools.cache
@@ -35,28 +35,66 @@ def _compiled() -> Any:
     return importlib.import_module("moesim.engine.compiled")
 
 
-def exchange(
-    ready: Array,
-    from_ready: Array,
-    start: Array | None,
-    from_relay: Array | None,
-    last_sender: Array,
-    cell: int,
-) -> tuple[Array, Array]:
+def by_columns(table: Array) -> tuple[npt.NDArray[np.int64], Array]:
+    """A (..., n, n) max-plus table as the finite entries of each column ``d``: sender
+    indices and values (..., n, width), padded with ``-inf`` (a term that never wins)."""
+    finite = np.swapaxes(np.isfinite(table), -1, -2)  # [..., d, s]
+    width = max(1, int(finite.sum(axis=-1).max(initial=0)))
+    index = np.argsort(~finite, axis=-1, kind="stable")[..., :width]
+    value = np.take_along_axis(np.swapaxes(table, -1, -2), index, axis=-1)
+    return np.ascontiguousarray(index), np.ascontiguousarray(value)
+
+
+@dataclass
+class PackedTables:
+    """One direction's tables as the kernel reads them: the dense per-flow durations, the
+    node-limited combine's sparse relay tables by columns, the senders as a mask."""
+
+    from_ready: Array
+    senders: npt.NDArray[np.uint8]
+    relayed: bool
+    start_index: npt.NDArray[np.int64] = field(default_factory=lambda: _NO_INDEX)
+    start_value: Array = field(default_factory=lambda: _NO_VALUE)
+    relay_index: npt.NDArray[np.int64] = field(default_factory=lambda: _NO_INDEX)
+    relay_value: Array = field(default_factory=lambda: _NO_VALUE)
+
+
+_NO_INDEX = np.zeros((0, 0, 0, 0), dtype=np.int64)
+_NO_VALUE = np.zeros((0, 0, 0, 0))
+
+
+def pack(
+    from_ready: Array, start: Array | None, from_relay: Array | None, last_sender: Array
+) -> PackedTables:
+    """:class:`PackedTables` of (cells, groups, n, n) tables; ``last_sender`` holds 0 where
+    a receiver waits for a sender and ``-inf`` elsewhere."""
+    packed = PackedTables(
+        np.ascontiguousarray(from_ready),
+        np.ascontiguousarray(last_sender == 0.0).view(np.uint8),
+        from_relay is not None,
+    )
+    if from_relay is not None:
+        assert start is not None
+        packed.start_index, packed.start_value = by_columns(start)
+        packed.relay_index, packed.relay_value = by_columns(from_relay)
+    return packed
+
+
+def exchange(ready: Array, tables: PackedTables, cell: int) -> tuple[Array, Array]:
     """Done times and last senders' ready times (groups, n) of routing cell ``cell`` for
-    senders ready at ``ready`` (groups, n, C-ordered); the tables are (cells, groups, n, n),
-    C-ordered."""
+    senders ready at ``ready`` (groups, n, C-ordered)."""
     done = np.empty_like(ready)
     last = np.empty_like(ready)
-    relayed = from_relay is not None
     _compiled().exchange(
         ready,
-        from_ready,
-        start if relayed else _NONE,
-        from_relay if relayed else _NONE,
-        last_sender,
+        tables.from_ready,
+        tables.start_index,
+        tables.start_value,
+        tables.relay_index,
+        tables.relay_value,
+        tables.senders,
         cell,
-        relayed,
+        tables.relayed,
         done,
         last,
     )
