@@ -58,6 +58,36 @@ def _max_masked(out: Any, ready: Any, mask: Any) -> None:
 
 
 @_jit
+def column_width(table: Any) -> int:
+    """The most finite entries in one column of a (blocks, n, n) table."""
+    blocks, n, m = table.shape
+    width = 0
+    for b in range(blocks):
+        for d in range(m):
+            count = 0
+            for s in range(n):
+                if np.isfinite(table[b, s, d]):
+                    count += 1
+            width = max(width, count)
+    return width
+
+
+@_jit
+def by_columns(table: Any, index: Any, value: Any) -> None:
+    """Each column's finite entries of a (blocks, n, n) table, senders in order, into
+    ``index`` and ``value`` (blocks, n, width), prefilled with 0 and ``-inf``."""
+    blocks, n, m = table.shape
+    for b in range(blocks):
+        for d in range(m):
+            j = 0
+            for s in range(n):
+                if np.isfinite(table[b, s, d]):
+                    index[b, d, j] = s
+                    value[b, d, j] = table[b, s, d]
+                    j += 1
+
+
+@_jit
 def exchange(
     ready: Any,
     from_ready: Any,

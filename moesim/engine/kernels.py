@@ -37,12 +37,15 @@ def _compiled() -> Any:
 
 def by_columns(table: Array) -> tuple[npt.NDArray[np.int64], Array]:
     """A (..., n, n) max-plus table as the finite entries of each column ``d``: sender
-    indices and values (..., n, width), padded with ``-inf`` (a term that never wins)."""
-    finite = np.swapaxes(np.isfinite(table), -1, -2)  # [..., d, s]
-    width = max(1, int(finite.sum(axis=-1).max(initial=0)))
-    index = np.argsort(~finite, axis=-1, kind="stable")[..., :width]
-    value = np.take_along_axis(np.swapaxes(table, -1, -2), index, axis=-1)
-    return np.ascontiguousarray(index), np.ascontiguousarray(value)
+    indices and values (..., n, width), senders in order, padded with ``-inf`` (a term that
+    never wins)."""
+    blocks = np.ascontiguousarray(table).reshape(-1, *table.shape[-2:])
+    width = max(1, int(_compiled().column_width(blocks)))
+    index = np.zeros((*blocks.shape[:2], width), dtype=np.int64)
+    value = np.full(index.shape, -np.inf)
+    _compiled().by_columns(blocks, index, value)
+    shape = (*table.shape[:-1], width)
+    return index.reshape(shape), value.reshape(shape)
 
 
 @dataclass
