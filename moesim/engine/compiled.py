@@ -58,6 +58,86 @@ def _max_masked(out: Any, ready: Any, mask: Any) -> None:
 
 
 @_jit
+def _block_max_sum(a: Any, b: Any, lo: int, n: int) -> float:
+    """``np.add.reduce(np.maximum(a, b)[lo:lo + n])`` for ``n <= 128``, as NumPy's pairwise
+    summation adds: eight partial sums, combined pairwise, then the remainder."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += max(a[i], b[i])
+        return res
+    r0 = max(a[lo], b[lo])
+    r1 = max(a[lo + 1], b[lo + 1])
+    r2 = max(a[lo + 2], b[lo + 2])
+    r3 = max(a[lo + 3], b[lo + 3])
+    r4 = max(a[lo + 4], b[lo + 4])
+    r5 = max(a[lo + 5], b[lo + 5])
+    r6 = max(a[lo + 6], b[lo + 6])
+    r7 = max(a[lo + 7], b[lo + 7])
+    i = lo + 8
+    stop = lo + n - n % 8
+    while i < stop:
+        r0 += max(a[i], b[i])
+        r1 += max(a[i + 1], b[i + 1])
+        r2 += max(a[i + 2], b[i + 2])
+        r3 += max(a[i + 3], b[i + 3])
+        r4 += max(a[i + 4], b[i + 4])
+        r5 += max(a[i + 5], b[i + 5])
+        r6 += max(a[i + 6], b[i + 6])
+        r7 += max(a[i + 7], b[i + 7])
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += max(a[i], b[i])
+        i += 1
+    return res
+
+
+@_jit
+def _pairwise_max_sum(a: Any, b: Any) -> float:
+    """``np.add.reduce(np.maximum(a, b))``: above 128 terms NumPy sums each half (the first
+    a multiple of 8 long) and adds the two; the split tree is walked with explicit stacks."""
+    n = a.shape[0]
+    if n <= 128:
+        return _block_max_sum(a, b, 0, n)
+    lo_s = np.empty(128, dtype=np.int64)
+    n_s = np.empty(128, dtype=np.int64)
+    stage = np.empty(128, dtype=np.int64)
+    values = np.empty(128)
+    sp, vp = 0, 0
+    lo_s[0], n_s[0], stage[0] = 0, n, 0
+    while sp >= 0:
+        lo, m = lo_s[sp], n_s[sp]
+        if m <= 128:
+            values[vp] = _block_max_sum(a, b, lo, m)
+            vp += 1
+            sp -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        if stage[sp] == 0:  # the first half next
+            stage[sp] = 1
+            sp += 1
+            lo_s[sp], n_s[sp], stage[sp] = lo, half, 0
+        elif stage[sp] == 1:  # then the second
+            stage[sp] = 2
+            sp += 1
+            lo_s[sp], n_s[sp], stage[sp] = lo + half, m - half, 0
+        else:  # both summed
+            vp -= 1
+            values[vp - 1] = values[vp - 1] + values[vp]
+            sp -= 1
+    return values[0]
+
+
+@_jit
+def sooner(free: Any, first: Any, second: Any) -> bool:
+    """Whether ``sum(max(free, second)) < sum(max(free, first))``, both summed as NumPy
+    sums."""
+    return _pairwise_max_sum(free, second) < _pairwise_max_sum(free, first)
+
+
+@_jit
 def column_width(table: Any) -> int:
     """The most finite entries in one column of a (blocks, n, n) table."""
     blocks, n, m = table.shape

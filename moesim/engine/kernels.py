@@ -7,6 +7,11 @@ the same max-plus products in one call, bit for bit: each entry is one addition
 ``ready[s] + table[s, d]``, and a maximum does not depend on the order it is taken in.
 ``tests/engine/test_exchange_tables.py`` checks the kernel against the NumPy path.
 
+:func:`sooner` picks which of two interleaved chains runs next on a compute stream; it sums
+as NumPy's pairwise summation does (eight partial sums per block of 128, halves above), so it
+decides as ``np.maximum(free, ready).sum()`` does, ties included;
+``tests/engine/test_step.py`` checks it against NumPy on random vectors.
+
 It runs where numba is installed (:data:`AVAILABLE`) unless ``MOESIM_ENGINE_KERNELS=numpy``
 (:data:`ENABLED`); the loop is compiled once per machine and cached on disk.
 """
@@ -81,6 +86,13 @@ def pack(
         packed.start_index, packed.start_value = by_columns(start)
         packed.relay_index, packed.relay_value = by_columns(from_relay)
     return packed
+
+
+def sooner(free: Array, first: Array, second: Array) -> bool:
+    """Whether ops ready at ``second`` could start sooner in sum over the GPUs of a compute
+    stream free at ``free`` than ops ready at ``first``: the sums compared are NumPy's
+    (``np.maximum(free, x).sum()``), to the last bit."""
+    return bool(_compiled().sooner(free, first, second))
 
 
 def exchange(ready: Array, tables: PackedTables, cell: int) -> tuple[Array, Array]:

@@ -60,6 +60,7 @@ from moesim.cluster.compute import ExpertCost, OpCost, OpCosts
 from moesim.cluster.model_costs import model_costs
 from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
+from moesim.engine import kernels
 from moesim.engine.alltoall import ExchangePorts, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
 from moesim.engine.recorder import NullRecorder, SliceRecorder
@@ -871,6 +872,9 @@ class _StepModel:
         while pending:
             if len(pending) == 1:
                 (i,) = pending
+            elif len(pending) == 2 and kernels.ENABLED:
+                (a, first), (b, second) = pending.items()
+                i = b if kernels.sooner(free, first.ready, second.ready) else a
             else:
                 # The chain whose next op could start first in sum over the GPUs (the first
                 # in the pending order on a tie).
