@@ -137,6 +137,59 @@ def sooner(free: Any, first: Any, second: Any) -> bool:
     return _pairwise_max_sum(free, second) < _pairwise_max_sum(free, first)
 
 
+# Rows of the per-GPU accumulators (moesim.engine.step.ACCUMULATORS).
+_EXPERT, _COMM, _STRAGGLER, _PIPELINE, _TP, _TP_BYTES = 3, 4, 5, 6, 10, 11
+
+
+@_jit
+def compute(
+    free: Any,
+    ready: Any,
+    last_sender: Any,
+    has_sender: bool,
+    seconds: Any,
+    uniform_seconds: float,
+    uniform: bool,
+    after_exchange: bool,
+    bucket: int,
+    tp: float,
+    tp_bytes: float,
+    expert: bool,
+    acc: Any,
+    out: Any,
+) -> None:
+    """One op on a rank's compute stream on healthy hardware: its start and end per GPU into
+    ``out`` (2, gpus), its idle gap and its seconds booked in ``acc`` (accumulators, gpus), as
+    ``moesim.engine.step._StepModel._compute`` books them (the NumPy twin), operation for
+    operation."""
+    n = free.shape[0]
+    start = out[0]
+    end = out[1]
+    for i in range(n):
+        f = free[i]
+        t = max(f, ready[i])
+        start[i] = t
+        gap = t - f
+        if gap != 0.0:  # added when nonzero: the sum is the same
+            if after_exchange:
+                if has_sender:
+                    waited = min(max(min(last_sender[i], t) - f, 0.0), gap)
+                    acc[_STRAGGLER, i] += waited
+                    acc[_COMM, i] += gap - waited
+                else:
+                    acc[_COMM, i] += gap
+            else:
+                acc[_PIPELINE, i] += gap
+        sec = uniform_seconds if uniform else seconds[i]
+        end[i] = t + sec
+        acc[bucket, i] += sec - tp
+        if tp != 0.0:
+            acc[_TP, i] += tp
+            acc[_TP_BYTES, i] += tp_bytes
+        if expert:
+            acc[_EXPERT, i] += sec
+
+
 @_jit
 def column_width(table: Any) -> int:
     """The most finite entries in one column of a (blocks, n, n) table."""

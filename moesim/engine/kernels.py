@@ -88,6 +88,30 @@ def pack(
     return packed
 
 
+def compute(
+    free: Array,
+    ready: Array,
+    last_sender: Array,
+    has_sender: bool,
+    seconds: Array,
+    uniform_seconds: float,
+    uniform: bool,
+    after_exchange: bool,
+    bucket: int,
+    tp: float,
+    tp_bytes: float,
+    expert: bool,
+    acc: Array,
+    out: Array,
+) -> None:
+    """One op on a compute stream of healthy GPUs (:func:`moesim.engine.compiled.compute`):
+    start and end times into ``out``, waits and busy time booked in ``acc``."""
+    _compiled().compute(
+        free, ready, last_sender, has_sender, seconds, uniform_seconds, uniform,
+        after_exchange, bucket, tp, tp_bytes, expert, acc, out,
+    )  # fmt: skip
+
+
 def sooner(free: Array, first: Array, second: Array) -> bool:
     """Whether ops ready at ``second`` could start sooner in sum over the GPUs of a compute
     stream free at ``free`` than ops ready at ``first``: the sums compared are NumPy's

@@ -72,9 +72,26 @@ from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
+ACCUMULATORS = (
+    "forward",
+    "backward",
+    "weight",
+    "expert",
+    "comm",
+    "straggler",
+    "pipeline",
+    "allreduce",
+    "optimizer",
+    "slowdown",
+    "tp",
+    "tp_bytes",
+)
+ROW = {name: row for row, name in enumerate(ACCUMULATORS)}
 # Direct ufunc reductions: ``ndarray.any``/``sum`` without their Python wrappers (same loops).
 _any = np.logical_or.reduce
 _sum = np.add.reduce
+_NO_SENDER = np.zeros(0)
+_NO_SECONDS = np.zeros(0)
 NO_COST = OpCost(0.0, 0.0, 0.0)
 Vector = npt.NDArray[np.float64]
 
@@ -366,23 +383,9 @@ class _StepModel:
         self.uses = [np.zeros((dest.shape[0] * dest.shape[1], 2)) for _ in ctx.rank_gpus]
         self.free = [np.zeros(self.g_stage) for _ in range(lay.stages)]
         self.done: dict[OpKey, simpy.Event] = {}
-        self.acc = {
-            name: np.zeros(n)
-            for name in (
-                "forward",
-                "backward",
-                "weight",
-                "expert",
-                "comm",
-                "straggler",
-                "pipeline",
-                "allreduce",
-                "optimizer",
-                "slowdown",
-                "tp",
-                "tp_bytes",
-            )
-        }
+        # Per-GPU accumulators, one row each (the compiled op books into the rows by index).
+        self._acc_all = np.zeros((len(ACCUMULATORS), n))
+        self.acc = {name: self._acc_all[row] for row, name in enumerate(ACCUMULATORS)}
         self.finish = np.zeros(n)
         self.ops_end = np.zeros(n)
         self.expert_tokens = np.zeros((n, self.epr))
@@ -392,6 +395,9 @@ class _StepModel:
         # Per rank: views of the per-GPU accumulators on its GPUs (in-place updates through a
         # view skip the slicing of every op).
         self.acc_of = [{name: v[span] for name, v in self.acc.items()} for span in self.span]
+        self.acc_rows = [self._acc_all[:, span] for span in self.span]
+        # Healthy hardware: each op is one compiled call (the hardware path stays NumPy).
+        self.compiled_ops = kernels.ENABLED and self.hw is None and self.jitter is None
         self.expert_of = [
             (self.expert_tokens[span], self.expert_wait_token_s[span], self.expert_served[span])
             for span in self.span
@@ -464,6 +470,31 @@ class _StepModel:
         return r
 
     def _compute(self, rank: int, req: _Compute) -> Vector:
+        if self.compiled_ops:
+            out = np.empty((2, self.g_stage))
+            seconds = req.seconds
+            uniform = not isinstance(seconds, np.ndarray)
+            kernels.compute(
+                self.free[rank],
+                req.ready,
+                _NO_SENDER if req.last_sender is None else req.last_sender,
+                req.last_sender is not None,
+                _NO_SECONDS if uniform else seconds,
+                float(seconds) if uniform else 0.0,
+                uniform,
+                req.cause == "a2a",
+                ROW[req.bucket],
+                req.tp,
+                req.tp_bytes,
+                req.expert,
+                self.acc_rows[rank],
+                out,
+            )
+            start, end = out
+            self.free[rank] = end
+            for i, gpu in self.traced[rank]:
+                self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
+            return end
         free = self.free[rank]
         start = np.maximum(free, req.ready)
         gap = start - free

@@ -441,3 +441,19 @@ def test_compiled_step_equals_the_numpy_step(tiny_dict, monkeypatch) -> None:
     np.testing.assert_array_equal(fast.expert_wait_s, slow.expert_wait_s)
     np.testing.assert_array_equal(fast.link_busy_s, slow.link_busy_s)
     assert fast.straggler_wait_s.sum() > 0  # the skew reaches the straggler attribution
+
+
+def test_compiled_op_books_into_the_named_accumulators() -> None:
+    """The compiled op addresses the accumulators by row: its rows are the step's names."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    from moesim.engine import compiled
+    from moesim.engine.step import ROW
+
+    assert (compiled._EXPERT, compiled._COMM, compiled._STRAGGLER, compiled._PIPELINE) == (
+        ROW["expert"],
+        ROW["comm"],
+        ROW["straggler"],
+        ROW["pipeline"],
+    )
+    assert (compiled._TP, compiled._TP_BYTES) == (ROW["tp"], ROW["tp_bytes"])
