@@ -406,6 +406,7 @@ class _StepModel:
         self._rings: dict[tuple, tuple[float, float]] = {}
         self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
         self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
+        self._all_experts: tuple[Vector, ExpertCost] | None = None
         self.gate_layer = gate_layer_map(sc)
         self.dense_layers = sc.model.ffn_dense_layers
         # Per MoE layer: its simulated router (gate layer) and its first routing cell.
@@ -622,9 +623,24 @@ class _StepModel:
         g = self.layer_gate[layer - self.dense_layers]
         cached = self._expert_cache.get((g, micro))
         if cached is None:
-            c = self.counts[g, micro].reshape(self.data, self.expert, self.n_experts).sum(axis=1)
-            rows = c.reshape(self.data * self.expert, self.epr).astype(np.float64)
-            cached = (rows, self.ctx.compute.experts(rows))
+            if self._all_experts is None:
+                # Every cell at once (the cost model works row by row, one GPU a row).
+                n_layers, n_micro = self.counts.shape[:2]
+                c = self.counts.reshape(
+                    n_layers, n_micro, self.data, self.expert, self.n_experts
+                ).sum(axis=3)
+                rows = c.reshape(n_layers, n_micro, self.data * self.expert, self.epr)
+                rows = rows.astype(np.float64)
+                self._all_experts = (rows, self.ctx.compute.experts(rows))
+            rows, cost = self._all_experts
+            cached = (
+                rows[g, micro],
+                ExpertCost(
+                    cost.forward[g, micro],
+                    cost.backward_input[g, micro],
+                    cost.backward_weight[g, micro],
+                ),
+            )
             self._expert_cache[(g, micro)] = cached
         return cached
 
