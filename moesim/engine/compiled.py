@@ -191,6 +191,18 @@ def compute(
 
 
 @_jit
+def serve(start: Any, arrive: Any, rows: Any, waited: Any, served: Any) -> None:
+    """Book each GPU's tokens (gpus, experts) as served, and their wait between arrival and
+    their experts' start (``moesim.engine.step._StepModel._serve``, the NumPy twin)."""
+    gpus, experts = rows.shape
+    for i in range(gpus):
+        wait = max(start[i] - arrive[i], 0.0)
+        for e in range(experts):
+            waited[i, e] += wait * rows[i, e]
+            served[i, e] += rows[i, e]
+
+
+@_jit
 def column_width(table: Any) -> int:
     """The most finite entries in one column of a (blocks, n, n) table."""
     blocks, n, m = table.shape
@@ -231,14 +243,15 @@ def exchange(
     senders: Any,
     cell: int,
     relayed: bool,
-    done: Any,
-    last: Any,
+    out: Any,
 ) -> None:
     """One exchange of routing cell ``cell``: receivers' done times and last senders' ready
     times, group by group, computed on the ready times relative to the group's earliest and
     shifted back (the arithmetic of
     :meth:`moesim.engine.exchange_tables.ExchangeTables.exchange`, the NumPy twin)."""
     groups, n = ready.shape
+    done = out[0]
+    last = out[1]
     rel = np.empty(n)
     relay_start = np.empty(n)
     for k in range(groups):

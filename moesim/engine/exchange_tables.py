@@ -241,7 +241,8 @@ class ExchangeTables:
             # computing costs it less than the cache's key.
             packed = self._tables(toward_experts, per_token).packed
             if packed is not None:
-                return kernels.exchange(np.ascontiguousarray(ready), packed, cell)
+                done, last = kernels.exchange(np.ascontiguousarray(ready), packed, cell)
+                return done, last
         # Max-plus products commute with a common shift of the ready times: an exchange whose
         # senders are ready in the same pattern as before (balanced routing, a steady pipeline)
         # reuses that result, shifted.

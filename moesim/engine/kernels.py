@@ -119,11 +119,16 @@ def sooner(free: Array, first: Array, second: Array) -> bool:
     return bool(_compiled().sooner(free, first, second))
 
 
-def exchange(ready: Array, tables: PackedTables, cell: int) -> tuple[Array, Array]:
-    """Done times and last senders' ready times (groups, n) of routing cell ``cell`` for
+def serve(start: Array, arrive: Array, rows: Array, waited: Array, served: Array) -> None:
+    """Book ``rows`` tokens (gpus, experts) served and their wait ``max(start − arrive, 0)``
+    (:func:`moesim.engine.compiled.serve`)."""
+    _compiled().serve(start, arrive, rows, waited, served)
+
+
+def exchange(ready: Array, tables: PackedTables, cell: int) -> Array:
+    """Done times and last senders' ready times (2, groups, n) of routing cell ``cell`` for
     senders ready at ``ready`` (groups, n, C-ordered)."""
-    done = np.empty_like(ready)
-    last = np.empty_like(ready)
+    out = np.empty((2, *ready.shape))
     _compiled().exchange(
         ready,
         tables.from_ready,
@@ -134,7 +139,6 @@ def exchange(ready: Array, tables: PackedTables, cell: int) -> tuple[Array, Arra
         tables.senders,
         cell,
         tables.relayed,
-        done,
-        last,
+        out,
     )
-    return done, last
+    return out

@@ -647,6 +647,9 @@ class _StepModel:
     def _serve(self, rank: int, rows: Vector, arrive: Vector, start: Vector) -> None:
         """Book the tokens' wait between their arrival and their experts' start."""
         _, waited, served = self.expert_of[rank]
+        if self.compiled_ops:
+            kernels.serve(start, arrive, rows, waited, served)
+            return
         waited += np.maximum(start - arrive, 0.0)[:, None] * rows
         served += rows
 
