@@ -203,6 +203,15 @@ def serve(start: Any, arrive: Any, rows: Any, waited: Any, served: Any) -> None:
 
 
 @_jit
+def charge(links: Any, nbytes: float, busy_s: Any, load_bytes: Any, load_busy_s: Any) -> None:
+    """Add ``nbytes`` and each link's ``busy_s`` to the links' load, link after link in order
+    (as ``np.add.at`` adds repeated links)."""
+    for j in range(links.shape[0]):
+        load_bytes[links[j]] += nbytes
+        load_busy_s[links[j]] += busy_s[j]
+
+
+@_jit
 def column_width(table: Any) -> int:
     """The most finite entries in one column of a (blocks, n, n) table."""
     blocks, n, m = table.shape

@@ -119,6 +119,13 @@ def sooner(free: Array, first: Array, second: Array) -> bool:
     return bool(_compiled().sooner(free, first, second))
 
 
+def charge(
+    links: npt.NDArray[np.int64], nbytes: float, busy_s: Array, load_bytes: Array, load_busy: Array
+) -> None:
+    """``np.add.at(load_bytes, links, nbytes); np.add.at(load_busy, links, busy_s)``."""
+    _compiled().charge(links, nbytes, busy_s, load_bytes, load_busy)
+
+
 def serve(start: Array, arrive: Array, rows: Array, waited: Array, served: Array) -> None:
     """Book ``rows`` tokens (gpus, experts) served and their wait ``max(start − arrive, 0)``
     (:func:`moesim.engine.compiled.serve`)."""

@@ -421,6 +421,7 @@ class _StepModel:
             for gpus in ctx.rank_gpus
         ]
         self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = {}
+        self._p2p_busy: dict[tuple[int, int], Vector] = {}
         self.rank_of: dict[tuple[int, int], int] = {}  # (micro, piece) → rank, lazily
 
     # -------------------------------------------------------------- helpers
@@ -900,8 +901,14 @@ class _StepModel:
         seconds, links = self._p2p(src, rank)
         arrive = value + seconds
         nbytes = self.ctx.activation_bytes
-        np.add.at(self.load.bytes, links, nbytes)
-        np.add.at(self.load.busy_s, links, nbytes / self.ctx.topology.capacity[links])
+        if kernels.ENABLED:
+            busy = self._p2p_busy.get((src, rank))
+            if busy is None:
+                busy = self._p2p_busy[(src, rank)] = nbytes / self.ctx.topology.capacity[links]
+            kernels.charge(links, nbytes, busy, self.load.bytes, self.load.busy_s)
+        else:
+            np.add.at(self.load.bytes, links, nbytes)
+            np.add.at(self.load.busy_s, links, nbytes / self.ctx.topology.capacity[links])
         name = "send activations" if dep[0] == "F" else "send gradients"
         self._record(src, "pipeline", name, value, arrive)
         return arrive
