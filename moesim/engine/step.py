@@ -46,7 +46,7 @@ parameter all-gather).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
@@ -138,6 +138,9 @@ class StepContext:
     collectives add to the compute stream, per pass (empty without tensor parallelism)."""
     tp_bytes: dict[str, OpCost]
     """Per op: bytes each GPU sends (and receives) over NVLink for those collectives."""
+    memo: dict[str, dict[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
+    """What steps on healthy links share: pipeline transfer times and links, ring paths and
+    bottlenecks (pure functions of the topology, filled by the first step)."""
 
     def tp(self, op: str) -> OpCost:
         """Tensor-parallel seconds of ``op``."""
@@ -403,8 +406,10 @@ class _StepModel:
             for span in self.span
         ]
         self._tp_fields: dict[tuple[float, str, str], dict[str, Any]] = {}
-        self._rings: dict[tuple, tuple[float, float]] = {}
-        self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
+        self._rings: dict[tuple, tuple[float, float]] = ctx.memo.setdefault("rings", {})
+        self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = ctx.memo.setdefault(
+            "ring_paths", {}
+        )
         self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
         self._all_experts: tuple[Vector, ExpertCost] | None = None
         self.gate_layer = gate_layer_map(sc)
@@ -420,8 +425,14 @@ class _StepModel:
             [(i, int(g)) for i, g in enumerate(gpus.ravel()) if recorder.wants(int(g))]
             for gpus in ctx.rank_gpus
         ]
-        self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = {}
-        self._p2p_busy: dict[tuple[int, int], Vector] = {}
+        # Transfer times depend on degraded links: shared between steps on healthy ones only.
+        healthy = self.link_scale is None
+        self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = (
+            ctx.memo.setdefault("p2p", {}) if healthy else {}
+        )
+        self._p2p_busy: dict[tuple[int, int], Vector] = (
+            ctx.memo.setdefault("p2p_busy", {}) if healthy else {}
+        )
         self.rank_of: dict[tuple[int, int], int] = {}  # (micro, piece) → rank, lazily
 
     # -------------------------------------------------------------- helpers
