@@ -88,6 +88,12 @@ def pack(
     return packed
 
 
+def loop(name: str) -> Any:
+    """The compiled loop ``name`` itself (:func:`compute`, :func:`sooner`: same arguments;
+    ``sooner`` returns a NumPy bool), for callers on the hottest path."""
+    return getattr(_compiled(), name)
+
+
 def compute(
     free: Array,
     ready: Array,

@@ -401,6 +401,10 @@ class _StepModel:
         self.acc_rows = [self._acc_all[:, span] for span in self.span]
         # Healthy hardware: each op is one compiled call (the hardware path stays NumPy).
         self.compiled_ops = kernels.ENABLED and self.hw is None and self.jitter is None
+        # The compiled loops of the per-op path, bound once (a call then costs no lookup).
+        if kernels.ENABLED:
+            self._op_kernel = kernels.loop("compute")
+            self._sooner = kernels.loop("sooner")
         self.expert_of = [
             (self.expert_tokens[span], self.expert_wait_token_s[span], self.expert_served[span])
             for span in self.span
@@ -487,7 +491,7 @@ class _StepModel:
             out = np.empty((2, self.g_stage))
             seconds = req.seconds
             uniform = not isinstance(seconds, np.ndarray)
-            kernels.compute(
+            self._op_kernel(
                 self.free[rank],
                 req.ready,
                 _NO_SENDER if req.last_sender is None else req.last_sender,
@@ -942,7 +946,7 @@ class _StepModel:
                 (i,) = pending
             elif len(pending) == 2 and kernels.ENABLED:
                 (a, first), (b, second) = pending.items()
-                i = b if kernels.sooner(free, first.ready, second.ready) else a
+                i = b if self._sooner(free, first.ready, second.ready) else a
             else:
                 # The chain whose next op could start first in sum over the GPUs (the first
                 # in the pending order on a tie).
