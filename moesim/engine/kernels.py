@@ -53,6 +53,11 @@ def by_columns(table: Array) -> tuple[npt.NDArray[np.int64], Array]:
     return index.reshape(shape), value.reshape(shape)
 
 
+# Stand for the relay tables of a direction without relays (numba needs arrays of one type).
+_NO_INDEX: npt.NDArray[np.int64] = np.zeros((0, 0, 0, 0), dtype=np.int64)
+_NO_VALUE: Array = np.zeros((0, 0, 0, 0))
+
+
 @dataclass
 class PackedTables:
     """One direction's tables as the kernel reads them: the dense per-flow durations, the
@@ -65,10 +70,6 @@ class PackedTables:
     start_value: Array = field(default_factory=lambda: _NO_VALUE)
     relay_index: npt.NDArray[np.int64] = field(default_factory=lambda: _NO_INDEX)
     relay_value: Array = field(default_factory=lambda: _NO_VALUE)
-
-
-_NO_INDEX = np.zeros((0, 0, 0, 0), dtype=np.int64)
-_NO_VALUE = np.zeros((0, 0, 0, 0))
 
 
 def pack(

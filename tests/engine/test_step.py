@@ -450,10 +450,5 @@ def test_compiled_op_books_into_the_named_accumulators() -> None:
     from moesim.engine import compiled
     from moesim.engine.step import ROW
 
-    assert (compiled._EXPERT, compiled._COMM, compiled._STRAGGLER, compiled._PIPELINE) == (
-        ROW["expert"],
-        ROW["comm"],
-        ROW["straggler"],
-        ROW["pipeline"],
-    )
-    assert (compiled._TP, compiled._TP_BYTES) == (ROW["tp"], ROW["tp_bytes"])
+    for name in ("expert", "comm", "straggler", "pipeline", "tp", "tp_bytes"):
+        assert getattr(compiled, f"_{name.upper()}") == ROW[name], name
