@@ -35,6 +35,12 @@ The routed experts see each GPU's ``1/tensor`` sequence shard of its group's mic
 Context parallelism (``parallelism.context``) shards the sequences further; its ring-attention
 key/value exchange is priced and booked the same way, with the attention.
 
+On healthy hardware each op's bookkeeping (start, end, the idle gap's attribution, busy time
+per GPU) and the choice between the chains of an overlapped pair run in compiled loops
+(:mod:`moesim.engine.kernels`), operation for operation as the NumPy path beside them, which
+runs with stragglers, jitter or ``MOESIM_ENGINE_KERNELS=numpy``: the step's results are the
+same to the last bit either way.
+
 Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
 (pipeline bubble and transfers), waiting for an all-to-all split into the part before the
 exchange's last sender was ready (a straggler: routing imbalance upstream) and the rest
