@@ -250,8 +250,8 @@ def exchange(
     relay_index: Any,
     relay_value: Any,
     senders: Any,
-    cell: int,
     relayed: bool,
+    cell: int,
     out: Any,
 ) -> None:
     """One exchange of routing cell ``cell``: receivers' done times and last senders' ready

@@ -259,6 +259,11 @@ class ExchangeTables:
             hit = self._results[key] = self._exchange(rel, cell, toward_experts, per_token)
         return hit[0] + base, hit[1] + base
 
+    def packed(self, toward_experts: bool, per_token: float) -> kernels.PackedTables | None:
+        """The tables of one direction as the compiled replay reads them (None when the
+        compiled loops are off)."""
+        return self._tables(toward_experts, per_token).packed
+
     def _exchange(
         self, ready: Array, cell: int, toward_experts: bool, per_token: float
     ) -> tuple[Array, Array]:

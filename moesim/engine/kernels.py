@@ -71,6 +71,19 @@ class PackedTables:
     relay_index: npt.NDArray[np.int64] = field(default_factory=lambda: _NO_INDEX)
     relay_value: Array = field(default_factory=lambda: _NO_VALUE)
 
+    @property
+    def arguments(self) -> tuple[Any, ...]:
+        """The compiled exchange's arguments between the ready times and the cell."""
+        return (
+            self.from_ready,
+            self.start_index,
+            self.start_value,
+            self.relay_index,
+            self.relay_value,
+            self.senders,
+            self.relayed,
+        )
+
 
 def pack(
     from_ready: Array, start: Array | None, from_relay: Array | None, last_sender: Array
@@ -151,8 +164,8 @@ def exchange(ready: Array, tables: PackedTables, cell: int) -> Array:
         tables.relay_index,
         tables.relay_value,
         tables.senders,
-        cell,
         tables.relayed,
+        cell,
         out,
     )
     return out

@@ -411,6 +411,8 @@ class _StepModel:
         if kernels.ENABLED:
             self._op_kernel = kernels.loop("compute")
             self._sooner = kernels.loop("sooner")
+        self._exchange_kernel = kernels.loop("exchange") if kernels.ENABLED else None
+        self._packed: dict[tuple[int, bool, str], tuple[Any, ...]] = {}
         self.expert_of = [
             (self.expert_tokens[span], self.expert_wait_token_s[span], self.expert_served[span])
             for span in self.span
@@ -606,6 +608,22 @@ class _StepModel:
         cell = self.layer_cell[layer - self.dense_layers] + micro
         self.exchanges += 1
         self.uses[rank][cell, 0 if toward_experts else 1] += per_token
+        if self.link_factor is None and self._exchange_kernel is not None:
+            # The compiled replay called directly (ExchangeTables.exchange's fast path).
+            key = (rank, toward_experts, kernel)
+            packed = self._packed.get(key)
+            if packed is None:
+                tables = self.tables[rank].packed(toward_experts, per_token)
+                packed = self._packed[key] = () if tables is None else tables.arguments
+            if packed:
+                out = np.empty((2, self.g_stage))
+                self._exchange_kernel(
+                    ready.reshape(self.data, self.expert),
+                    *packed,
+                    cell,
+                    out.reshape(2, self.data, self.expert),
+                )
+                return out[0], out[1]
         done, last = self.tables[rank].exchange(
             ready.reshape(self.data, self.expert), cell, toward_experts, per_token
         )
