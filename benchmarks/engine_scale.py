@@ -1,9 +1,12 @@
 """Engine speed at DeepSeek-V3 scale and beyond (``make bench``). Prints; asserts nothing.
 
 (a) One training step of ``scenarios/deepseek_v3.yaml`` at full detail (2,048 GPUs, PP16
-    DualPipe × EP64 × DP2, 120 micro-batches, 58 MoE layers, node-limited dispatch): wall time,
-    the process's peak resident memory, SimPy events and all-to-all exchanges, with a routing
-    sample of the scenario's simulated layers, balanced and skewed (Zipf).
+    DualPipe × EP64 × DP2, 120 micro-batches, 58 MoE layers, node-limited dispatch): wall and
+    CPU time, the process's peak resident memory, SimPy events and all-to-all exchanges, with a
+    routing sample of the scenario's simulated layers, balanced, skewed (Zipf) and varied (every
+    cell's volumes scaled by its own random factors, as a gate's samples vary between
+    micro-batches). An untimed balanced step comes first: the first step of a process loads
+    the engine's compiled loops (``moesim/engine/kernels.py``; compiles them on a new machine).
 (b) The same DeepSeek-V3 step with hardware stragglers switched on (5% slow GPUs, 3% per-op
     jitter, a 60 s throttling episode per GPU every 2 h, 2% half-rate NICs: faults_demo.yaml's
     rates) against the healthy step: the cost of
@@ -57,15 +60,32 @@ def skewed(sample: RoutingSample, rng: np.random.Generator) -> RoutingSample:
     )
 
 
-def time_step(sc: Scenario, sample: RoutingSample) -> tuple[float, float, object]:
-    """Wall time of one step, and the process's peak resident memory so far (everything:
-    interpreter, libraries, the routing sample, the step's tables)."""
+def varied(sample: RoutingSample, rng: np.random.Generator) -> RoutingSample:
+    """The sample with every entry scaled by its own factor, uniform in [0.3, 1.7), rounded
+    down: no two cells alike."""
+
+    def scale(a: np.ndarray) -> np.ndarray:
+        return np.floor(a * rng.uniform(0.3, 1.7, a.shape)).astype(np.int64)
+
+    nodes = None if sample.node_tokens is None else scale(sample.node_tokens)
+    return RoutingSample(
+        sample.step,
+        scale(sample.counts),
+        scale(sample.dest_tokens),
+        dict(sample.metrics),
+        node_tokens=nodes,
+    )
+
+
+def time_step(sc: Scenario, sample: RoutingSample) -> tuple[float, float, float, object]:
+    """Wall and CPU time of one step, and the process's peak resident memory so far
+    (everything: interpreter, libraries, the routing sample, the step's tables)."""
     ctx = build_context(sc)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = simulate_step(ctx, sample.counts, sample.dest_tokens, node_tokens=sample.node_tokens)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return wall, peak, result
+    return wall, cpu, peak, result
 
 
 def main() -> None:
@@ -83,15 +103,18 @@ def main() -> None:
         f"{sc.micro_batches} micro-batches, {sc.gate.layers_simulated} simulated routers "
         f"(sample {sample_bytes / 2**20:.0f} MiB)"
     )
+    wall, _, _, _ = time_step(sc, bal)
+    print(f"  first step of the process (loads the compiled loops): {wall:6.2f} s wall")
     for label, sample in (
         ("balanced", bal),
         ("skewed", skewed(bal, np.random.default_rng(0))),
+        ("varied", varied(bal, np.random.default_rng(0))),
     ):
-        wall, peak, r = time_step(sc, sample)
+        wall, cpu, peak, r = time_step(sc, sample)
         print(
-            f"  {label:8s} step: {wall:6.2f} s wall, process peak RSS {peak / 2**20:6.0f} MiB, "
-            f"{r.events:6d} SimPy events, {r.exchanges:6d} exchanges; simulated step "
-            f"{r.step_time_s:.2f} s"
+            f"  {label:8s} step: {wall:6.2f} s wall, {cpu:6.2f} s CPU, process peak RSS "
+            f"{peak / 2**20:6.0f} MiB, {r.events:6d} SimPy events, {r.exchanges:6d} exchanges; "
+            f"simulated step {r.step_time_s:.2f} s"
         )
 
     d = v3_dict()
@@ -133,7 +156,7 @@ def main() -> None:
         sc = scenario_from_dict(d)
         lay = build_context(sc).layout
         sample = balanced_sample(sc, sc.total_steps - 1, lay.gpus_per_stage, lay.expert)
-        wall, peak, r = time_step(sc, sample)
+        wall, _, peak, r = time_step(sc, sample)
         gpus.append(sc.cluster.gpus)
         walls.append(wall)
         print(

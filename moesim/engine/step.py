@@ -35,6 +35,12 @@ The routed experts see each GPU's ``1/tensor`` sequence shard of its group's mic
 Context parallelism (``parallelism.context``) shards the sequences further; its ring-attention
 key/value exchange is priced and booked the same way, with the attention.
 
+On healthy hardware each op's bookkeeping (start, end, the idle gap's attribution, busy time
+per GPU) and the choice between the chains of an overlapped pair run in compiled loops
+(:mod:`moesim.engine.kernels`), operation for operation as the NumPy path beside them, which
+runs with stragglers, jitter or ``MOESIM_ENGINE_KERNELS=numpy``: the step's results are the
+same to the last bit either way.
+
 Idle time of the compute stream is attributed as it happens: waiting for a neighbouring stage
 (pipeline bubble and transfers), waiting for an all-to-all split into the part before the
 exchange's last sender was ready (a straggler: routing imbalance upstream) and the rest
@@ -46,7 +52,7 @@ parameter all-gather).
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, cast
 
@@ -60,6 +66,7 @@ from moesim.cluster.compute import ExpertCost, OpCost, OpCosts
 from moesim.cluster.model_costs import model_costs
 from moesim.cluster.stragglers import HardwareState, JitterSource, compute_end
 from moesim.cluster.topology import NIC_IN, NIC_OUT, NVLINK_IN, NVLINK_OUT
+from moesim.engine import kernels
 from moesim.engine.alltoall import ExchangePorts, LinkLoad
 from moesim.engine.exchange_tables import ExchangeTables, structure_key
 from moesim.engine.recorder import NullRecorder, SliceRecorder
@@ -71,6 +78,26 @@ from moesim.scenario.pipeline import PipelineRuleError
 from moesim.scenario.schema import Scenario
 
 Process = Generator[simpy.Event, Any, None]
+ACCUMULATORS = (
+    "forward",
+    "backward",
+    "weight",
+    "expert",
+    "comm",
+    "straggler",
+    "pipeline",
+    "allreduce",
+    "optimizer",
+    "slowdown",
+    "tp",
+    "tp_bytes",
+)
+ROW = {name: row for row, name in enumerate(ACCUMULATORS)}
+# Direct ufunc reductions: ``ndarray.any``/``sum`` without their Python wrappers (same loops).
+_any = np.logical_or.reduce
+_sum = np.add.reduce
+_NO_SENDER = np.zeros(0)
+_NO_SECONDS = np.zeros(0)
 NO_COST = OpCost(0.0, 0.0, 0.0)
 Vector = npt.NDArray[np.float64]
 
@@ -117,6 +144,9 @@ class StepContext:
     collectives add to the compute stream, per pass (empty without tensor parallelism)."""
     tp_bytes: dict[str, OpCost]
     """Per op: bytes each GPU sends (and receives) over NVLink for those collectives."""
+    memo: dict[str, dict[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
+    """What steps on healthy links share: pipeline transfer times and links, ring paths and
+    bottlenecks (pure functions of the topology, filled by the first step)."""
 
     def tp(self, op: str) -> OpCost:
         """Tensor-parallel seconds of ``op``."""
@@ -283,7 +313,7 @@ def build_context(scenario: Scenario, micro_batches: int | None = None) -> StepC
 
 # Chain protocol: a chain (one forward or backward piece) yields ``_Compute`` requests to its
 # rank's executor, which runs each on the compute stream and replies with its end times.
-@dataclass(frozen=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class _Compute:
     seconds: Vector | float
     ready: Vector
@@ -362,39 +392,59 @@ class _StepModel:
         self.uses = [np.zeros((dest.shape[0] * dest.shape[1], 2)) for _ in ctx.rank_gpus]
         self.free = [np.zeros(self.g_stage) for _ in range(lay.stages)]
         self.done: dict[OpKey, simpy.Event] = {}
-        self.acc = {
-            name: np.zeros(n)
-            for name in (
-                "forward",
-                "backward",
-                "weight",
-                "expert",
-                "comm",
-                "straggler",
-                "pipeline",
-                "allreduce",
-                "optimizer",
-                "slowdown",
-                "tp",
-                "tp_bytes",
-            )
-        }
+        # Per-GPU accumulators, one row each (the compiled op books into the rows by index).
+        self._acc_all = np.zeros((len(ACCUMULATORS), n))
+        self.acc = {name: self._acc_all[row] for row, name in enumerate(ACCUMULATORS)}
         self.finish = np.zeros(n)
         self.ops_end = np.zeros(n)
         self.expert_tokens = np.zeros((n, self.epr))
         self.expert_wait_token_s = np.zeros((n, self.epr))
         self.expert_served = np.zeros((n, self.epr))
         self.exchanges = 0
-        self._rings: dict[tuple, tuple[float, float]] = {}
-        self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = {}
+        # Per rank: views of the per-GPU accumulators on its GPUs (in-place updates through a
+        # view skip the slicing of every op).
+        self.acc_of = [{name: v[span] for name, v in self.acc.items()} for span in self.span]
+        self.acc_rows = [self._acc_all[:, span] for span in self.span]
+        # Healthy hardware: each op is one compiled call (the hardware path stays NumPy).
+        self.compiled_ops = kernels.ENABLED and self.hw is None and self.jitter is None
+        # The compiled loops of the per-op path, bound once (a call then costs no lookup).
+        if kernels.ENABLED:
+            self._op_kernel = kernels.loop("compute")
+            self._sooner = kernels.loop("sooner")
+        self._exchange_kernel = kernels.loop("exchange") if kernels.ENABLED else None
+        self._packed: dict[tuple[int, bool, str], tuple[Any, ...]] = {}
+        self.expert_of = [
+            (self.expert_tokens[span], self.expert_wait_token_s[span], self.expert_served[span])
+            for span in self.span
+        ]
+        self._tp_fields: dict[tuple[float, str, str], dict[str, Any]] = {}
+        self._rings: dict[tuple, tuple[float, float]] = ctx.memo.setdefault("rings", {})
+        self._ring_paths: dict[tuple[int, ...], npt.NDArray[np.int64]] = ctx.memo.setdefault(
+            "ring_paths", {}
+        )
         self._expert_cache: dict[tuple[int, int], tuple[Vector, ExpertCost]] = {}
+        self._all_experts: tuple[Vector, ExpertCost] | None = None
         self.gate_layer = gate_layer_map(sc)
         self.dense_layers = sc.model.ffn_dense_layers
+        # Per MoE layer: its simulated router (gate layer) and its first routing cell.
+        self.layer_gate = [int(g) for g in self.gate_layer]
+        self.layer_cell = [g * self.cells_per_layer for g in self.layer_gate]
+        self.per_token = {
+            "dispatch": ctx.dispatch_bytes_per_token,
+            "combine": ctx.grad_bytes_per_token,
+        }
         self.traced = [
             [(i, int(g)) for i, g in enumerate(gpus.ravel()) if recorder.wants(int(g))]
             for gpus in ctx.rank_gpus
         ]
-        self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = {}
+        # Transfer times depend on degraded links: shared between steps on healthy ones only.
+        healthy = self.link_scale is None
+        self.p2p: dict[tuple[int, int], tuple[Vector, npt.NDArray[np.int64]]] = (
+            ctx.memo.setdefault("p2p", {}) if healthy else {}
+        )
+        self._p2p_busy: dict[tuple[int, int], Vector] = (
+            ctx.memo.setdefault("p2p_busy", {}) if healthy else {}
+        )
         self.rank_of: dict[tuple[int, int], int] = {}  # (micro, piece) → rank, lazily
 
     # -------------------------------------------------------------- helpers
@@ -402,9 +452,13 @@ class _StepModel:
     def _with_tp(self, seconds: float, op: str, phase: str) -> dict[str, Any]:
         """``_Compute`` fields of an op of ``seconds`` compute plus its tensor-parallel
         collectives in ``phase`` (``forward`` or ``backward_input``)."""
-        tp = float(getattr(self.ctx.tp(op), phase))
-        sent = float(getattr(self.ctx.tp_sent(op), phase))
-        return {"seconds": seconds + tp, "tp": tp, "tp_bytes": sent}
+        key = (seconds, op, phase)
+        fields = self._tp_fields.get(key)
+        if fields is None:
+            tp = float(getattr(self.ctx.tp(op), phase))
+            sent = float(getattr(self.ctx.tp_sent(op), phase))
+            fields = self._tp_fields[key] = {"seconds": seconds + tp, "tp": tp, "tp_bytes": sent}
+        return fields
 
     def _p2p(self, a: int, b: int) -> tuple[Vector, npt.NDArray[np.int64]]:
         """Activation transfer time from GPU i of rank a to GPU i of rank b (alpha-beta) and
@@ -441,31 +495,55 @@ class _StepModel:
         return r
 
     def _compute(self, rank: int, req: _Compute) -> Vector:
+        if self.compiled_ops:
+            out = np.empty((2, self.g_stage))
+            seconds = req.seconds
+            uniform = not isinstance(seconds, np.ndarray)
+            self._op_kernel(
+                self.free[rank],
+                req.ready,
+                _NO_SENDER if req.last_sender is None else req.last_sender,
+                req.last_sender is not None,
+                _NO_SECONDS if uniform else seconds,
+                float(seconds) if uniform else 0.0,
+                uniform,
+                req.cause == "a2a",
+                ROW[req.bucket],
+                req.tp,
+                req.tp_bytes,
+                req.expert,
+                self.acc_rows[rank],
+                out,
+            )
+            start, end = out
+            self.free[rank] = end
+            for i, gpu in self.traced[rank]:
+                self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
+            return end
         free = self.free[rank]
-        gpus = self.span[rank]
         start = np.maximum(free, req.ready)
         gap = start - free
-        acc = self.acc
-        if not gap.any():
+        acc = self.acc_of[rank]
+        if not _any(gap):
             pass  # started the moment the stream was free: no wait to attribute
         elif req.cause == "a2a":
             if req.last_sender is not None:
                 # The part of the gap before the exchange's last sender was ready.
                 waited = np.minimum(np.maximum(np.minimum(req.last_sender, start) - free, 0), gap)
-                acc["straggler"][gpus] += waited
-                acc["comm"][gpus] += gap - waited
+                acc["straggler"] += waited
+                acc["comm"] += gap - waited
             else:
-                acc["comm"][gpus] += gap
+                acc["comm"] += gap
         else:
-            acc["pipeline"][gpus] += gap
-        end = self._end(gpus, start, req.seconds)
+            acc["pipeline"] += gap
+        end = self._end(self.span[rank], start, req.seconds)
         self.free[rank] = end
-        acc[req.bucket][gpus] += req.seconds - req.tp
+        acc[req.bucket] += req.seconds - req.tp
         if req.tp:
-            acc["tp"][gpus] += req.tp
-            acc["tp_bytes"][gpus] += req.tp_bytes
+            acc["tp"] += req.tp
+            acc["tp_bytes"] += req.tp_bytes
         if req.expert:
-            acc["expert"][gpus] += req.seconds
+            acc["expert"] += req.seconds
         for i, gpu in self.traced[rank]:
             self.rec.slice(gpu, "compute", req.name, float(start[i]), float(end[i]))
         return end
@@ -492,6 +570,8 @@ class _StepModel:
         return end
 
     def _record(self, rank: int, track: str, name: str, start: Vector, end: Vector) -> None:
+        if not self.traced[rank]:
+            return
         for i, gpu in self.traced[rank]:
             if end[i] > start[i]:
                 self.rec.slice(gpu, track, name, float(start[i]), float(end[i]))
@@ -524,14 +604,26 @@ class _StepModel:
         """Arrival times at the receivers and, per receiver, its last sender's ready time.
         ``kernel``: ``dispatch`` sends at the GEMM precision (FP8 in DeepSeek-V3), ``combine``
         in BF16. The backward of a dispatch is a combine kernel and the other way round."""
-        ctx = self.ctx
-        per_token = (
-            ctx.dispatch_bytes_per_token if kernel == "dispatch" else ctx.grad_bytes_per_token
-        )
-        g = int(self.gate_layer[layer - self.dense_layers])
-        cell = g * self.cells_per_layer + micro
+        per_token = self.per_token[kernel]
+        cell = self.layer_cell[layer - self.dense_layers] + micro
         self.exchanges += 1
         self.uses[rank][cell, 0 if toward_experts else 1] += per_token
+        if self.link_factor is None and self._exchange_kernel is not None:
+            # The compiled replay called directly (ExchangeTables.exchange's fast path).
+            key = (rank, toward_experts, kernel)
+            packed = self._packed.get(key)
+            if packed is None:
+                tables = self.tables[rank].packed(toward_experts, per_token)
+                packed = self._packed[key] = () if tables is None else tables.arguments
+            if packed:
+                out = np.empty((2, self.g_stage))
+                self._exchange_kernel(
+                    ready.reshape(self.data, self.expert),
+                    *packed,
+                    cell,
+                    out.reshape(2, self.data, self.expert),
+                )
+                return out[0], out[1]
         done, last = self.tables[rank].exchange(
             ready.reshape(self.data, self.expert), cell, toward_experts, per_token
         )
@@ -568,20 +660,38 @@ class _StepModel:
         """Per GPU of a stage: its local experts' tokens (gpus, experts per rank) and the
         routed experts' seconds per pass (cached: layers that share a simulated router share
         their loads)."""
-        g = int(self.gate_layer[layer - self.dense_layers])
+        g = self.layer_gate[layer - self.dense_layers]
         cached = self._expert_cache.get((g, micro))
         if cached is None:
-            c = self.counts[g, micro].reshape(self.data, self.expert, self.n_experts).sum(axis=1)
-            rows = c.reshape(self.data * self.expert, self.epr).astype(np.float64)
-            cached = (rows, self.ctx.compute.experts(rows))
+            if self._all_experts is None:
+                # Every cell at once (the cost model works row by row, one GPU a row).
+                n_layers, n_micro = self.counts.shape[:2]
+                c = self.counts.reshape(
+                    n_layers, n_micro, self.data, self.expert, self.n_experts
+                ).sum(axis=3)
+                rows = c.reshape(n_layers, n_micro, self.data * self.expert, self.epr)
+                rows = rows.astype(np.float64)
+                self._all_experts = (rows, self.ctx.compute.experts(rows))
+            rows, cost = self._all_experts
+            cached = (
+                rows[g, micro],
+                ExpertCost(
+                    cost.forward[g, micro],
+                    cost.backward_input[g, micro],
+                    cost.backward_weight[g, micro],
+                ),
+            )
             self._expert_cache[(g, micro)] = cached
         return cached
 
     def _serve(self, rank: int, rows: Vector, arrive: Vector, start: Vector) -> None:
         """Book the tokens' wait between their arrival and their experts' start."""
-        gpus = self.span[rank]
-        self.expert_wait_token_s[gpus] += np.maximum(start - arrive, 0.0)[:, None] * rows
-        self.expert_served[gpus] += rows
+        _, waited, served = self.expert_of[rank]
+        if self.compiled_ops:
+            kernels.serve(start, arrive, rows, waited, served)
+            return
+        waited += np.maximum(start - arrive, 0.0)[:, None] * rows
+        served += rows
 
     # -------------------------------------------------------------- chains
 
@@ -612,7 +722,8 @@ class _StepModel:
             last_sender=last,
             expert=True,
         )
-        self.expert_tokens[self.span[rank]] += rows
+        tokens = self.expert_of[rank][0]
+        tokens += rows
         self._serve(rank, rows, arrive, t_exp - cost.forward)
         back, last = self._exchange(rank, t_exp, layer, micro, False, "combine")
         self._record(rank, "combine", "combine forward", t_exp, back)
@@ -829,8 +940,14 @@ class _StepModel:
         seconds, links = self._p2p(src, rank)
         arrive = value + seconds
         nbytes = self.ctx.activation_bytes
-        np.add.at(self.load.bytes, links, nbytes)
-        np.add.at(self.load.busy_s, links, nbytes / self.ctx.topology.capacity[links])
+        if kernels.ENABLED:
+            busy = self._p2p_busy.get((src, rank))
+            if busy is None:
+                busy = self._p2p_busy[(src, rank)] = nbytes / self.ctx.topology.capacity[links]
+            kernels.charge(links, nbytes, busy, self.load.bytes, self.load.busy_s)
+        else:
+            np.add.at(self.load.bytes, links, nbytes)
+            np.add.at(self.load.busy_s, links, nbytes / self.ctx.topology.capacity[links])
         name = "send activations" if dep[0] == "F" else "send gradients"
         self._record(src, "pipeline", name, value, arrive)
         return arrive
@@ -851,8 +968,17 @@ class _StepModel:
         while pending:
             if len(pending) == 1:
                 (i,) = pending
+            elif len(pending) == 2 and kernels.ENABLED:
+                (a, first), (b, second) = pending.items()
+                i = b if self._sooner(free, first.ready, second.ready) else a
             else:
-                i = min(pending, key=lambda j: float(np.maximum(free, pending[j].ready).sum()))
+                # The chain whose next op could start first in sum over the GPUs (the first
+                # in the pending order on a tie).
+                best = np.inf
+                for j, req in pending.items():
+                    key = float(_sum(np.maximum(free, req.ready)))
+                    if key < best:
+                        i, best = j, key
             end = self._compute(rank, pending.pop(i))
             free = end
             try:

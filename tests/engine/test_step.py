@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moesim.engine import build_context, simulate_step
+from moesim.engine import build_context, kernels, simulate_step
 from moesim.engine.schedules import evaluate
 from moesim.scenario import scenario_from_dict
 
@@ -387,3 +387,68 @@ def test_data_parallel_collectives_match_their_closed_forms(tiny_dict, collectiv
             + ring(4, expert, nic, lat_nic)  # one peer per node: nothing to do inside
         )
     assert r.allreduce_s.min() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+def test_sooner_sums_as_numpy_does() -> None:
+    """The compiled choice between two interleaved chains compares the sums NumPy's pairwise
+    summation gives, to the last bit (ties and near-ties included), at any stream width."""
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 8, 9, 64, 127, 128, 129, 136, 256, 1000, 2048):
+        for _ in range(200):
+            free = np.round(rng.uniform(0.0, 2.0, n), 2)
+            a = np.round(rng.uniform(0.0, 2.0, n), 2)
+            b = a.copy()
+            b[rng.integers(n)] += rng.choice([0.0, 1e-16, 1e-12, -1e-12])  # near-ties
+            for x, y in ((a, b), (b, a), (a, rng.uniform(0.0, 2.0, n))):
+                want = np.maximum(free, y).sum() < np.maximum(free, x).sum()
+                assert kernels.sooner(free, x, y) == want
+
+
+@pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
+def test_compiled_step_equals_the_numpy_step(tiny_dict, monkeypatch) -> None:
+    """DualPipe with node-limited dispatch (both chains of an overlapped pair, every exchange
+    kind) and skewed routing: the compiled paths give the NumPy paths' step to the last bit."""
+    d = tiny_dict
+    d["cluster"].update(nodes=8, gpus_per_node=4)
+    d["model"].update(layers=6, dense_layers=1)
+    d["model"]["moe"].update(routed_experts=32, top_k=4)
+    d["parallelism"] = {
+        "pipeline": 2,
+        "expert": 16,
+        "data": 1,
+        "micro_batch_size": 1,
+        "schedule": "dualpipe",
+        "dispatch": "node_limited",
+    }
+    d["router"] = {**d.get("router", {}), "node_limit": 2}
+    d["training"]["global_batch_sequences"] = 16 * 8  # 8 micro-batches per pipeline
+    sc = scenario_from_dict(d)
+    ctx = build_context(sc)
+    counts, dest = _balanced(ctx)
+    rng = np.random.default_rng(1)
+    counts = counts * rng.integers(1, 4, size=counts.shape)
+    dest = dest * rng.integers(1, 3, size=dest.shape)
+    nodes = dest.reshape(*dest.shape[:3], sc.ep_nodes, -1).max(axis=-1)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        results.append(simulate_step(ctx, counts, dest, node_tokens=nodes))
+    fast, slow = results
+    assert fast.step_time_s == slow.step_time_s
+    for name in ("compute_s", "a2a_wait_s", "straggler_wait_s", "pipeline_wait_s", "ops_end_s"):
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+    np.testing.assert_array_equal(fast.expert_wait_s, slow.expert_wait_s)
+    np.testing.assert_array_equal(fast.link_busy_s, slow.link_busy_s)
+    assert fast.straggler_wait_s.sum() > 0  # the skew reaches the straggler attribution
+
+
+def test_compiled_op_books_into_the_named_accumulators() -> None:
+    """The compiled op addresses the accumulators by row: its rows are the step's names."""
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    from moesim.engine import compiled
+    from moesim.engine.step import ROW
+
+    for name in ("expert", "comm", "straggler", "pipeline", "tp", "tp_bytes"):
+        assert getattr(compiled, f"_{name.upper()}") == ROW[name], name
