@@ -92,7 +92,67 @@ def group_pass(
 
 
 @_jit
-def routed_counts(
+def token_top_k(
+    selection: Any,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    first: Any,
+    second: Any,
+    tops: Any,
+    top_index: Any,
+    group_score: Any,
+    group_rank: Any,
+    kept: Any,
+    keep: Any,
+    candidates: Any,
+    best_values: Any,
+    best: Any,
+) -> None:
+    """One token's group-limited top-k on its selection scores: ``best`` the experts,
+    ``best_values`` their scores, largest first (an equal score: the lower index first)."""
+    n_experts = selection.size
+    group_size = n_experts // n_groups
+    lowest, highest = selection.dtype.type(-np.inf), selection.dtype.type(np.inf)
+    # floor: a value no larger than the token's k-th largest eligible selection score (the
+    # smallest of top_k eligible values), so that only values >= floor need ranking.
+    floor = lowest
+    if group_topk < n_groups:
+        group_pass(
+            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+            group_score, group_rank, kept, keep,
+        )  # fmt: skip
+        if per_group <= 2 and group_topk * per_group >= top_k:
+            floor = highest
+            for i in range(group_topk):
+                g = kept[i]
+                low = second[g] if per_group == 2 else first[g]
+                floor = min(floor, low)
+    elif top_k < n_experts:
+        # The maxima of top_k disjoint runs of the row are top_k of its values.
+        floor = highest
+        for i in range(top_k):
+            lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
+            peak = selection[lo]
+            for e in range(lo + 1, hi):
+                peak = max(peak, selection[e])
+            floor = min(floor, peak)
+    # Eligible experts at or above the floor, in index order (branch-free compaction).
+    n_candidates = 0
+    for g in range(n_groups):
+        if keep[g]:
+            for e in range(g * group_size, (g + 1) * group_size):
+                candidates[n_candidates] = e
+                n_candidates += selection[e] >= floor
+    filled = 0
+    for i in range(n_candidates):
+        e = candidates[i]
+        filled = insert(best_values, best, filled, top_k, selection[e], e)
+
+
+@_jit
+def routed_top_k(
     scores: Any,
     bias: Any,
     multiply: bool,
@@ -102,10 +162,12 @@ def routed_counts(
     per_group: int,
     starts: Any,
     counts: Any,
+    selected: Any,
+    record: bool,
 ) -> None:
+    """Every token's :func:`token_top_k` on ``scores + bias`` (``scores·bias``): counted into
+    ``counts`` per token group (``starts``), and with ``record`` written to ``selected``."""
     n_tokens, n_experts = scores.shape
-    group_size = n_experts // n_groups
-    grouped = group_topk < n_groups
     dtype = scores.dtype
     selection = np.empty(n_experts, dtype=dtype)
     # Each group's per_group largest values (descending), for per_group <= 2 kept branch-free.
@@ -120,7 +182,6 @@ def routed_counts(
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
-    lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
@@ -131,42 +192,53 @@ def routed_counts(
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]
-        # floor: a value no larger than the token's k-th largest eligible selection score (the
-        # smallest of top_k eligible values), so that only values >= floor need ranking.
-        floor = lowest
-        if grouped:
-            group_pass(
-                selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-                group_score, group_rank, kept, keep,
-            )  # fmt: skip
-            if per_group <= 2 and group_topk * per_group >= top_k:
-                floor = highest
-                for i in range(group_topk):
-                    g = kept[i]
-                    low = second[g] if per_group == 2 else first[g]
-                    floor = min(floor, low)
-        elif top_k < n_experts:
-            # The maxima of top_k disjoint runs of the row are top_k of its values.
-            floor = highest
-            for i in range(top_k):
-                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
-                peak = selection[lo]
-                for e in range(lo + 1, hi):
-                    peak = max(peak, selection[e])
-                floor = min(floor, peak)
-        # Eligible experts at or above the floor, in index order (branch-free compaction).
-        n_candidates = 0
-        for g in range(n_groups):
-            if keep[g]:
-                for e in range(g * group_size, (g + 1) * group_size):
-                    candidates[n_candidates] = e
-                    n_candidates += selection[e] >= floor
-        filled = 0
-        for i in range(n_candidates):
-            e = candidates[i]
-            filled = insert(best_values, best, filled, top_k, selection[e], e)
+        token_top_k(
+            selection, top_k, n_groups, group_topk, per_group, first, second, tops, top_index,
+            group_score, group_rank, kept, keep, candidates, best_values, best,
+        )  # fmt: skip
         for i in range(top_k):
             counts[segment, best[i]] += 1
+        if record:
+            for i in range(top_k):
+                selected[t, i] = best[i]
+
+
+@_jit
+def routed_counts(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    starts: Any,
+    counts: Any,
+) -> None:
+    no_record = np.empty((1, 1), dtype=np.int64)
+    routed_top_k(
+        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
+        no_record, False,
+    )  # fmt: skip
+
+
+@_jit
+def select_top_k(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    selected: Any,
+) -> None:
+    starts = np.zeros(1, dtype=np.int64)
+    counts = np.zeros((1, scores.shape[1]), dtype=np.int64)
+    routed_top_k(
+        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
+        selected, True,
+    )  # fmt: skip
 
 
 @_jit
@@ -199,6 +271,76 @@ def sign_rule_block(
             error = total - n_experts * counts[0, e]  # sign(c̄ − c_e), in exact integers
             step = np.float32(1.0) if error > 0 else np.float32(-1.0 if error < 0 else 0.0)
             bias[e] += step * gamma
+
+
+# --------------------------------------------------------------------------- full updates
+# The experts' forward and backward passes of moesim.gate.experts, one assignment at a time.
+
+
+@_jit
+def expert_forward(
+    x: Any, rows: Any, owner: Any, up_t: Any, down: Any, hidden: Any, outs: Any
+) -> None:
+    n_dim, n_hidden = up_t.shape[1], up_t.shape[2]
+    n_out = down.shape[1]
+    zero = hidden.dtype.type(0)
+    act = np.empty(n_hidden, dtype=hidden.dtype)
+    for a in range(rows.size):
+        e, t = owner[a], rows[a]
+        h_row = hidden[a]
+        # d outer, h inner: the eight hidden sums advance together (one vector), each still
+        # added in index order.
+        x0 = x[t, 0]
+        for h in range(n_hidden):
+            h_row[h] = up_t[e, 0, h] * x0
+        for d in range(1, n_dim):
+            xd = x[t, d]
+            for h in range(n_hidden):
+                h_row[h] += up_t[e, d, h] * xd
+        for h in range(n_hidden):
+            act[h] = h_row[h] if h_row[h] > zero else zero
+        for o in range(n_out):
+            total = down[e, o, 0] * act[0]
+            for h in range(1, n_hidden):
+                total += down[e, o, h] * act[h]
+            outs[a, o] = total
+
+
+@_jit
+def expert_backward(
+    x: Any, rows: Any, owner: Any, down: Any, d_out: Any, hidden: Any, grad_up: Any,
+    grad_down: Any,
+) -> None:  # fmt: skip
+    n_hidden, n_dim = grad_up.shape[1], grad_up.shape[2]
+    n_out = down.shape[1]
+    dtype = hidden.dtype
+    zero, one = dtype.type(0), dtype.type(1)
+    act = np.empty(n_hidden, dtype=dtype)
+    d_hidden = np.empty(n_hidden, dtype=dtype)
+    grad_up[:] = zero
+    grad_down[:] = zero
+    for a in range(rows.size):
+        e, t = owner[a], rows[a]
+        for h in range(n_hidden):
+            act[h] = hidden[a, h] if hidden[a, h] > zero else zero
+        for o in range(n_out):
+            g = d_out[a, o]
+            for h in range(n_hidden):
+                grad_down[e, o, h] += g * act[h]
+        for h in range(n_hidden):
+            d_hidden[h] = d_out[a, 0] * down[e, 0, h]
+        for o in range(1, n_out):
+            g = d_out[a, o]
+            for h in range(n_hidden):
+                d_hidden[h] += g * down[e, o, h]
+        for h in range(n_hidden):
+            d_hidden[h] *= one if hidden[a, h] > zero else zero
+            g = d_hidden[h]
+            for d in range(n_dim):
+                grad_up[e, h, d] += g * x[t, d]
+
+
+# --------------------------------------------------------------------------- bias steps (Adam)
 
 
 @_jit

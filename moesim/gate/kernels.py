@@ -103,6 +103,72 @@ def sign_rule_block(
     )
 
 
+# --------------------------------------------------------------------------- full updates
+
+
+def select_top_k(
+    scores: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+) -> npt.NDArray[np.int64]:
+    """Each token's experts under :func:`moesim.gate.router.select_experts` on ``scores +
+    bias`` (``scores·bias`` when ``multiply``; no bias when None), shape (T, top_k): the
+    same experts, by decreasing selection score, an exact tie in index order — the order
+    ``select_experts`` gives them. ``scores`` (T, E) float32, finite; ``1 ≤ top_k ≤ E``."""
+    n_tokens, n_experts = scores.shape
+    if bias is None:
+        bias = np.full(n_experts, 1.0 if multiply else 0.0, dtype=scores.dtype)
+    if group_topk is None or group_topk >= n_groups:
+        n_groups = group_topk = 1  # no group limit: one group of every expert
+    limit = group_topk
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    selected = np.empty((n_tokens, top_k), dtype=np.int64)
+    _compiled().select_top_k(
+        scores, bias, multiply, top_k, n_groups, limit, per_group, selected
+    )  # fmt: skip
+    return selected
+
+
+def expert_forward(
+    x: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    owner: npt.NDArray[np.int64],
+    up: npt.NDArray[np.float32],
+    down: npt.NDArray[np.float32],
+    hidden: npt.NDArray[np.float32],
+    outs: npt.NDArray[np.float32],
+) -> None:
+    """For each assignment ``a`` (token ``rows[a]``, expert ``owner[a]``), into ``hidden[a]``
+    and ``outs[a]``: ``h = U_e x_t`` and ``V_e relu(h)``, each sum added in index order from
+    its first product — the NumPy loops of :func:`moesim.gate.experts._expert_forward`."""
+    up_t = np.ascontiguousarray(up.transpose(0, 2, 1))  # (E, D, H): h is the inner loop
+    _compiled().expert_forward(x, rows, owner, up_t, down, hidden, outs)
+
+
+def expert_backward(
+    x: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    owner: npt.NDArray[np.int64],
+    down: npt.NDArray[np.float32],
+    d_out: npt.NDArray[np.float32],
+    hidden: npt.NDArray[np.float32],
+    grad_up: npt.NDArray[np.float32],
+    grad_down: npt.NDArray[np.float32],
+) -> None:
+    """The experts' weight gradients of :func:`moesim.gate.experts._expert_backward` into
+    ``grad_up`` (E, H, D) and ``grad_down`` (E, O, H): from zero, each assignment's outer
+    products added in assignment order."""
+    _compiled().expert_backward(
+        x, rows, owner, down, np.ascontiguousarray(d_out), hidden, grad_up, grad_down
+    )
+
+
+# --------------------------------------------------------------------------- bias steps (Adam)
+
+
 def adam_repeat(
     weights: npt.NDArray[np.float32],
     m: npt.NDArray[np.float32],

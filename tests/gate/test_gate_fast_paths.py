@@ -14,7 +14,8 @@ from base_scenario import v3_like
 
 from moesim.gate import kernels, train_gate
 from moesim.gate.balancing import sign_rule_update
-from moesim.gate.router import select_experts, top_k_indices
+from moesim.gate.experts import ExpertTask
+from moesim.gate.router import CapacitySpec, RouterState, route, select_experts, top_k_indices
 from moesim.gate.training import LoadCounter, _Adam
 from moesim.scenario import scenario_from_dict
 from moesim.scenario.strategies import Bias, Composite, LossTerm
@@ -187,3 +188,93 @@ def test_compiled_group_limit_selects_the_same_experts(
     monkeypatch.setattr(kernels, "ENABLED", False)
     reference = select_experts(scores, bias, top_k, n_groups, group_topk)
     np.testing.assert_array_equal(compiled, reference)
+
+
+@needs_numba
+@pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), ROUTINGS)
+@pytest.mark.parametrize("mode", ["add", "mul", "none"])
+def test_compiled_selection_equals_numpy(
+    n_experts: int,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """select_experts compiled and in NumPy: the same experts in the same order, by decreasing
+    selection score, an exact tie in index order (tied inputs)."""
+    rng = np.random.default_rng(n_experts * 7 + top_k)
+    scores, bias = _tied_selection(rng, 300, n_experts)
+    if mode == "mul":
+        bias = 1 + bias
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        if mode == "none":
+            chosen.append(select_experts(scores, None, top_k, n_groups, group_topk))
+        else:
+            chosen.append(select_experts(scores, bias, top_k, n_groups, group_topk, mode))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    selection = scores if mode == "none" else (scores * bias if mode == "mul" else scores + bias)
+    values = np.take_along_axis(selection, chosen[0], axis=1)
+    assert (np.diff(values, axis=1) <= 0).all()
+    tied = np.diff(values, axis=1) == 0
+    assert tied.any()  # the lattice makes ties: their order is under test
+    assert (np.diff(chosen[0], axis=1)[tied] > 0).all()
+
+
+def _lattice(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
+    """Small multiples of 1/scale: exact sums, many exact zeros (a hidden unit at the ReLU's
+    kink)."""
+    return (rng.integers(-2, 3, shape) / scale).astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_compiled_experts_equal_numpy(
+    tied: bool, capacity: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ExpertTask.evaluate and step (loss, logit gradient, expert gradients, updated weights)
+    on the compiled and the NumPy loops: the same values, with hidden units exactly at 0 and
+    with capacity drops."""
+    n_tokens, dim, n_experts, top_k, topics = 96, 16, 32, 4, 5
+    rng = np.random.default_rng(21)
+    x = _lattice(rng, (n_tokens, dim), 4) if tied else rng.standard_normal((n_tokens, dim))
+    x = x.astype(np.float32)
+    topic_ids = rng.integers(0, topics, n_tokens)
+    state = RouterState.initial(n_experts, dim, 0.5, rng)
+    options = {
+        "top_k": top_k, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+        "n_groups": 4, "group_topk": 2,
+    }  # fmt: skip
+    limit = None if capacity is None else CapacitySpec(factor=capacity)
+    routing = route(x, state, **options, capacity=limit)  # type: ignore[arg-type]
+    assert routing.dropped.any() == (capacity is not None)
+    weights_rng = np.random.default_rng(6)
+    up = _lattice(weights_rng, (n_experts, 8, dim), 8)
+    down = _lattice(weights_rng, (n_experts, 8, 8), 8)
+    if tied:
+        # Hidden units at exactly 0 (the ReLU's kink) occur among the routed pairs.
+        hidden = np.einsum("tkhd,td->tkh", up[routing.selected].astype(np.float64), x)
+        assert (hidden == 0).any()
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        task = ExpertTask(topics, dim, n_experts, top_k, True, np.random.default_rng(5))
+        if tied:
+            task.up, task.down = up.copy(), down.copy()
+        plain = task.evaluate(x, topic_ids, routing)
+        result = task.step(x, topic_ids, routing, options, steps=3)  # type: ignore[arg-type]
+        grads = task.expert_gradients()
+        assert grads is not None
+        results.append((plain, result, grads, task))
+    (plain, result, grads, task), (plain0, result0, grads0, task0) = results
+    assert plain == plain0
+    assert result.loss == result0.loss
+    assert result.dlogits is not None and result0.dlogits is not None
+    np.testing.assert_array_equal(result.dlogits, result0.dlogits)
+    for name in ("up", "down", "shared"):
+        np.testing.assert_array_equal(grads[name], grads0[name])
+        np.testing.assert_array_equal(getattr(task, name), getattr(task0, name))
+    assert np.abs(grads["up"]).max() > 0
