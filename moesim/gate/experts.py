@@ -306,6 +306,8 @@ class ExpertTask:
         self._maps = top_k + (1 if shared else 0)
         self._grads: dict[str, npt.NDArray[np.floating]] | None = None
         self._curvature: dict[str, npt.NDArray[np.float64]] = {}
+        # The target maps transposed for the compiled products (the maps never change).
+        self._targets_t: npt.NDArray[np.floating] | None = None
 
     @property
     def n_experts(self) -> int:
@@ -313,15 +315,18 @@ class ExpertTask:
         return int(self.up.shape[0])
 
     def target(self, x: FloatArray, topics: npt.NDArray[np.int64]) -> FloatArray:
-        """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM)."""
-        out = np.empty((x.shape[0], TASK_DIM), dtype=x.dtype)
-        order = np.argsort(topics, kind="stable")
-        counts = np.bincount(topics, minlength=self.targets.shape[0])
-        start = 0
-        for k in np.flatnonzero(counts):
-            rows = order[start : start + counts[k]]
-            out[rows] = x[rows] @ self.targets[k].T
-            start += counts[k]
+        """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM): each sum over the token's
+        dimensions in index order, from the first product (compiled for float32, the same
+        values)."""
+        which = np.asarray(topics, dtype=np.int64).ravel()
+        if _compiled(x) and self.targets.dtype == np.float32:
+            if self._targets_t is None:
+                self._targets_t = np.ascontiguousarray(self.targets.transpose(0, 2, 1))
+            return kernels.row_products(x, self._targets_t, which)
+        maps = self.targets[which]  # (T, TASK_DIM, dim)
+        out = maps[:, :, 0] * x[:, 0, None]
+        for d in range(1, x.shape[1]):
+            out += maps[:, :, d] * x[:, d, None]
         return out
 
     def _forward(

@@ -132,6 +132,19 @@ def select_top_k(
     return selected
 
 
+def row_products(
+    x: npt.NDArray[np.float32],
+    maps_t: npt.NDArray[np.float32],
+    which: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float32]:
+    """``out[t] = M_{which[t]} x_t`` for maps given transposed, ``maps_t`` (M, D, O): each sum
+    over ``d`` in index order from its first product — the NumPy loop of
+    :meth:`moesim.gate.experts.ExpertTask.target`."""
+    out = np.empty((x.shape[0], maps_t.shape[2]), dtype=x.dtype)
+    _compiled().row_products(x, maps_t, which, out)
+    return out
+
+
 def expert_forward(
     x: npt.NDArray[np.float32],
     rows: npt.NDArray[np.int64],

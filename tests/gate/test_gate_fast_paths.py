@@ -232,12 +232,14 @@ def _lattice(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np
 @needs_numba
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("n_hidden", [8, 5])
 def test_compiled_experts_equal_numpy(
-    tied: bool, capacity: float | None, monkeypatch: pytest.MonkeyPatch
+    tied: bool, capacity: float | None, n_hidden: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ExpertTask.evaluate and step (loss, logit gradient, expert gradients, updated weights)
-    on the compiled and the NumPy loops: the same values, with hidden units exactly at 0 and
-    with capacity drops."""
+    on the compiled and the NumPy loops: the same values, with hidden units exactly at 0, with
+    capacity drops (an odd number of kept assignments) and with a hidden width other than the
+    compiled loop's eight-lane case."""
     n_tokens, dim, n_experts, top_k, topics = 96, 16, 32, 4, 5
     rng = np.random.default_rng(21)
     x = _lattice(rng, (n_tokens, dim), 4) if tied else rng.standard_normal((n_tokens, dim))
@@ -251,9 +253,19 @@ def test_compiled_experts_equal_numpy(
     limit = None if capacity is None else CapacitySpec(factor=capacity)
     routing = route(x, state, **options, capacity=limit)  # type: ignore[arg-type]
     assert routing.dropped.any() == (capacity is not None)
+    if capacity is not None and int((~routing.dropped).sum()) % 2 == 0:
+        # An odd number of kept assignments: the compiled loop's last one goes unpaired.
+        t, j = np.argwhere(~routing.dropped)[0]
+        routing.dropped[t, j] = True
+    if capacity is not None:
+        assert int((~routing.dropped).sum()) % 2 == 1
     weights_rng = np.random.default_rng(6)
-    up = _lattice(weights_rng, (n_experts, 8, dim), 8)
-    down = _lattice(weights_rng, (n_experts, 8, 8), 8)
+    if tied:
+        up = _lattice(weights_rng, (n_experts, n_hidden, dim), 8)
+        down = _lattice(weights_rng, (n_experts, 8, n_hidden), 8)
+    else:
+        up = (weights_rng.standard_normal((n_experts, n_hidden, dim)) / 4).astype(np.float32)
+        down = (weights_rng.standard_normal((n_experts, 8, n_hidden)) / 4).astype(np.float32)
     if tied:
         # Hidden units at exactly 0 (the ReLU's kink) occur among the routed pairs.
         hidden = np.einsum("tkhd,td->tkh", up[routing.selected].astype(np.float64), x)
@@ -262,8 +274,7 @@ def test_compiled_experts_equal_numpy(
     for enabled in (True, False):
         monkeypatch.setattr(kernels, "ENABLED", enabled)
         task = ExpertTask(topics, dim, n_experts, top_k, True, np.random.default_rng(5))
-        if tied:
-            task.up, task.down = up.copy(), down.copy()
+        task.up, task.down = up.copy(), down.copy()
         plain = task.evaluate(x, topic_ids, routing)
         result = task.step(x, topic_ids, routing, options, steps=3)  # type: ignore[arg-type]
         grads = task.expert_gradients()
@@ -272,9 +283,27 @@ def test_compiled_experts_equal_numpy(
     (plain, result, grads, task), (plain0, result0, grads0, task0) = results
     assert plain == plain0
     assert result.loss == result0.loss
-    assert result.dlogits is not None and result0.dlogits is not None
+    assert result.dlogits is not None
+    assert result0.dlogits is not None
     np.testing.assert_array_equal(result.dlogits, result0.dlogits)
     for name in ("up", "down", "shared"):
         np.testing.assert_array_equal(grads[name], grads0[name])
         np.testing.assert_array_equal(getattr(task, name), getattr(task0, name))
     assert np.abs(grads["up"]).max() > 0
+
+
+@needs_numba
+def test_compiled_targets_equal_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ExpertTask.target compiled and in NumPy: the same values (exact zeros included)."""
+    rng = np.random.default_rng(8)
+    x = _lattice(rng, (200, 24), 4)
+    topic_ids = rng.integers(0, 7, 200)
+    targets = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        task = ExpertTask(7, 24, 16, 2, False, np.random.default_rng(3))
+        task.targets = _lattice(np.random.default_rng(4), task.targets.shape, 8)
+        targets.append(task.target(x, topic_ids))
+    np.testing.assert_array_equal(targets[0], targets[1])
+    assert (targets[1] == 0).any()
+    assert (targets[1] != 0).any()
