@@ -92,66 +92,6 @@ def group_pass(
 
 
 @_jit
-def token_top_k(
-    selection: Any,
-    top_k: int,
-    n_groups: int,
-    group_topk: int,
-    per_group: int,
-    first: Any,
-    second: Any,
-    tops: Any,
-    top_index: Any,
-    group_score: Any,
-    group_rank: Any,
-    kept: Any,
-    keep: Any,
-    candidates: Any,
-    best_values: Any,
-    best: Any,
-) -> None:
-    """One token's group-limited top-k on its selection scores: ``best`` the experts,
-    ``best_values`` their scores, largest first (an equal score: the lower index first)."""
-    n_experts = selection.size
-    group_size = n_experts // n_groups
-    lowest, highest = selection.dtype.type(-np.inf), selection.dtype.type(np.inf)
-    # floor: a value no larger than the token's k-th largest eligible selection score (the
-    # smallest of top_k eligible values), so that only values >= floor need ranking.
-    floor = lowest
-    if group_topk < n_groups:
-        group_pass(
-            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep,
-        )  # fmt: skip
-        if per_group <= 2 and group_topk * per_group >= top_k:
-            floor = highest
-            for i in range(group_topk):
-                g = kept[i]
-                low = second[g] if per_group == 2 else first[g]
-                floor = min(floor, low)
-    elif top_k < n_experts:
-        # The maxima of top_k disjoint runs of the row are top_k of its values.
-        floor = highest
-        for i in range(top_k):
-            lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
-            peak = selection[lo]
-            for e in range(lo + 1, hi):
-                peak = max(peak, selection[e])
-            floor = min(floor, peak)
-    # Eligible experts at or above the floor, in index order (branch-free compaction).
-    n_candidates = 0
-    for g in range(n_groups):
-        if keep[g]:
-            for e in range(g * group_size, (g + 1) * group_size):
-                candidates[n_candidates] = e
-                n_candidates += selection[e] >= floor
-    filled = 0
-    for i in range(n_candidates):
-        e = candidates[i]
-        filled = insert(best_values, best, filled, top_k, selection[e], e)
-
-
-@_jit
 def routed_top_k(
     scores: Any,
     bias: Any,
@@ -165,8 +105,11 @@ def routed_top_k(
     selected: Any,
     record: bool,
 ) -> None:
-    """Every token's :func:`token_top_k` on ``scores + bias`` (``scores·bias``): counted into
-    ``counts`` per token group (``starts``), and with ``record`` written to ``selected``."""
+    """Every token's group-limited top-k on ``scores + bias`` (``scores·bias``): the largest
+    ``per_group`` values of each group, the best ``group_topk`` groups, a lower bound on the
+    k-th score, a running top-k of the kept experts at or above it (largest first, an equal
+    score: the lower index first); counted into ``counts`` per token group (``starts``), and
+    with ``record`` written, in that order, to ``selected``."""
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
     selection = np.empty(n_experts, dtype=dtype)
@@ -182,6 +125,9 @@ def routed_top_k(
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
+    grouped = group_topk < n_groups
+    group_size = n_experts // n_groups
+    lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
@@ -192,10 +138,42 @@ def routed_top_k(
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]
-        token_top_k(
-            selection, top_k, n_groups, group_topk, per_group, first, second, tops, top_index,
-            group_score, group_rank, kept, keep, candidates, best_values, best,
-        )  # fmt: skip
+        # floor: a value no larger than the token's k-th largest eligible selection score (the
+        # smallest of top_k eligible values), so that only values >= floor need ranking.
+        floor = lowest
+        if grouped:
+            group_pass(
+                selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+                group_score, group_rank, kept, keep,
+            )  # fmt: skip
+            if per_group <= 2 and group_topk * per_group >= top_k:
+                floor = highest
+                for i in range(group_topk):
+                    g = kept[i]
+                    low = second[g] if per_group == 2 else first[g]
+                    floor = min(floor, low)
+        elif top_k < n_experts:
+            # The maxima of top_k disjoint runs of the row are top_k of its values.
+            floor = highest
+            for i in range(top_k):
+                lo, hi = i * n_experts // top_k, (i + 1) * n_experts // top_k
+                peak = selection[lo]
+                for e in range(lo + 1, hi):
+                    peak = max(peak, selection[e])
+                floor = min(floor, peak)
+        # Eligible experts at or above the floor, in index order (branch-free compaction).
+        n_candidates = 0
+        for g in range(n_groups):
+            if keep[g]:
+                for e in range(g * group_size, (g + 1) * group_size):
+                    candidates[n_candidates] = e
+                    n_candidates += selection[e] >= floor
+        # A running top-k, largest first; an equal value stays behind the earlier (lower)
+        # index.
+        filled = 0
+        for i in range(n_candidates):
+            e = candidates[i]
+            filled = insert(best_values, best, filled, top_k, selection[e], e)
         for i in range(top_k):
             counts[segment, best[i]] += 1
         if record:
@@ -292,6 +270,26 @@ def row_products(x: Any, maps_t: Any, which: Any, out: Any) -> None:
             xd = x[t, d]
             for o in range(n_out):
                 row[o] += maps_t[m, d, o] * xd
+
+
+@_jit
+def gather_add(first: Any, first_rows: Any, second: Any, second_rows: Any, out: Any) -> None:
+    """``out[i] = first[first_rows[i]] + second[second_rows[i]]``, row by row."""
+    n_dim = out.shape[1]
+    for i in range(out.shape[0]):
+        a, b = first[first_rows[i]], second[second_rows[i]]
+        row = out[i]
+        for d in range(n_dim):
+            row[d] = a[d] + b[d]
+
+
+@_jit
+def scaled_step(weights: Any, rates: Any, grad: Any) -> None:
+    """``weights[e] -= rates[e]·grad[e]`` for each leading index ``e``, in place."""
+    for e in range(weights.shape[0]):
+        w, g, rate = weights[e].ravel(), grad[e].ravel(), rates[e]
+        for i in range(w.size):
+            w[i] -= rate * g[i]
 
 
 @_jit

@@ -427,7 +427,9 @@ class ExpertTask:
             with np.errstate(divide="ignore"):
                 cap = _STABLE_STEP / (self._maps * self._curvature[name])
             rate = np.minimum(step, cap).astype(weights.dtype)
-            if rate.ndim:
+            if rate.ndim and _compiled(weights) and weights.flags.c_contiguous:
+                kernels.scaled_step(weights, rate, grad)  # the same values, no temporary
+            elif rate.ndim:
                 weights -= rate[:, None, None] * grad
             else:
                 weights -= rate * grad

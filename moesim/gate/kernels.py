@@ -1,9 +1,14 @@
-"""Compiled loops for the coarsened gate's bias steps (numba), each with a NumPy twin.
+"""Compiled loops of the gate (numba), each with a NumPy twin.
 
 Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
 computes — the kernels only remove the temporaries and per-call overheads that dominate at the
-gate's small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
-test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
+gate's small shapes (a few hundred tokens, a few hundred experts). Where a twin's sums would
+otherwise be left to BLAS or to NumPy's pairwise reductions, both sides add in one stated
+order (index order, from the first product), so they agree and the result does not depend on
+a BLAS library's blocking. ``tests/gate/test_gate_fast_paths.py`` checks each against its twin
+on inputs with exact ties.
+
+Bias steps:
 
 - :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
   ``s·b``, group-limited top-k, per-group expert loads) in one pass per token: the largest
@@ -14,16 +19,24 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
 - :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
   the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
   step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
-- :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
-  ``group_topk`` groups with the best sums of their largest scores), row by row.
 - :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
   in one pass over the weights, with the same float32 operations in the same order.
 
-They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set (and,
-for the group limit, on float32 scores); the callers keep their NumPy path otherwise. The
-loops themselves live in :mod:`moesim.gate.compiled`, imported at the first call; they are
-compiled once per machine and cached on disk (about 25 s for all four on a busy two-core
-machine, then 1–2 s to load them, numba included, in a new process).
+Full updates:
+
+- :func:`select_top_k` is :func:`moesim.gate.router.select_experts` (the same per-token top-k
+  as the counts), returning each token's experts by decreasing selection score.
+- :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
+  ``group_topk`` groups with the best sums of their largest scores), row by row.
+- :func:`row_products`, :func:`expert_forward` and :func:`expert_backward` are the task's
+  targets and the experts' forward and backward passes (:mod:`moesim.gate.experts`), one
+  token or one (token, expert) assignment at a time.
+
+They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set, on
+float32 arrays (the float64 gradient checks take the NumPy twins); the callers keep their NumPy
+path otherwise. The loops themselves live in :mod:`moesim.gate.compiled`, imported at the first
+call; they are compiled once per machine and cached on disk (tens of seconds on a busy
+two-core machine, then 1–2 s to load them, numba included, in a new process).
 """
 
 from __future__ import annotations
@@ -130,6 +143,33 @@ def select_top_k(
         scores, bias, multiply, top_k, n_groups, limit, per_group, selected
     )  # fmt: skip
     return selected
+
+
+def gather_add(
+    first: npt.NDArray[np.float32],
+    first_rows: npt.NDArray[np.int64],
+    second: npt.NDArray[np.float32],
+    second_rows: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float32]:
+    """``first[first_rows] + second[second_rows]`` in one pass (row indices of any shape; the
+    result has their shape plus the rows' width): the token stream's noise plus topic
+    centroid, without the two gathered temporaries."""
+    out = np.empty((*first_rows.shape, first.shape[1]), dtype=first.dtype)
+    _compiled().gather_add(
+        first, first_rows.ravel(), second, second_rows.ravel(), out.reshape(-1, first.shape[1])
+    )
+    return out
+
+
+def scaled_step(
+    weights: npt.NDArray[np.float32],
+    rates: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32],
+) -> None:
+    """``weights -= rates[:, None, …] * grad`` in place without the product's temporary (the
+    same float32 product and difference per element): an SGD step with one rate per leading
+    index. C-contiguous arrays of one shape, ``rates`` one per leading index."""
+    _compiled().scaled_step(weights, rates, grad)
 
 
 def row_products(

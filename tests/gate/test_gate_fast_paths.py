@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from base_scenario import v3_like
 
-from moesim.gate import kernels, train_gate
+from moesim.gate import TokenStream, kernels, train_gate
 from moesim.gate.balancing import sign_rule_update
 from moesim.gate.experts import ExpertTask
 from moesim.gate.router import CapacitySpec, RouterState, route, select_experts, top_k_indices
@@ -307,3 +307,22 @@ def test_compiled_targets_equal_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     np.testing.assert_array_equal(targets[0], targets[1])
     assert (targets[1] == 0).any()
     assert (targets[1] != 0).any()
+
+
+@needs_numba
+@pytest.mark.parametrize("packing", ["mixed", "domain"])
+def test_compiled_stream_draw_equals_numpy(packing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TokenStream.sample with the compiled gather and sum, and with NumPy's: the same tokens
+    and topics from the same generator state."""
+    from base_scenario import BASE, derive
+
+    params = scenario_from_dict(derive(BASE, stream={"packing": packing})).stream
+    draws = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        stream = TokenStream(params, np.random.default_rng(2))
+        draws.append(stream.sample(6, 16, np.random.default_rng(3), sequences_per_micro_batch=2))
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    np.testing.assert_array_equal(draws[0][1], draws[1][1])
+    assert draws[0][0].dtype == np.float32
+    assert draws[0][0].shape == (6, 16, params.dim)
