@@ -273,6 +273,36 @@ def row_products(x: Any, maps_t: Any, which: Any, out: Any) -> None:
 
 
 @_jit
+def sort_by_expert(
+    selected: Any, dropped: Any, counts: Any, starts: Any, slot: Any, owner: Any, rows: Any
+) -> int:
+    """The kept assignments of ``selected`` (T, k) in expert order, each expert's in slot order
+    (a stable counting sort): their slots, experts and tokens; each expert's count and first
+    position. Returns how many are kept."""
+    n_tokens, k = selected.shape
+    counts[:] = 0
+    for t in range(n_tokens):
+        for j in range(k):
+            if not dropped[t, j]:
+                counts[selected[t, j]] += 1
+    total = 0
+    for e in range(counts.size):
+        starts[e] = total
+        total += counts[e]
+    filled = starts.copy()
+    for t in range(n_tokens):
+        for j in range(k):
+            if not dropped[t, j]:
+                e = selected[t, j]
+                at = filled[e]
+                filled[e] = at + 1
+                slot[at] = t * k + j
+                owner[at] = e
+                rows[at] = t
+    return total
+
+
+@_jit
 def gather_add(first: Any, first_rows: Any, second: Any, second_rows: Any, out: Any) -> None:
     """``out[i] = first[first_rows[i]] + second[second_rows[i]]``, row by row."""
     n_dim = out.shape[1]
@@ -293,59 +323,68 @@ def scaled_step(weights: Any, rates: Any, grad: Any) -> None:
 
 
 @_jit
-def hidden_pairs8(x: Any, rows: Any, owner: Any, up_t: Any, hidden: Any) -> None:
-    """``hidden[a] = U_{owner[a]} x_{rows[a]}`` for eight hidden units, two assignments at a
-    time: sixteen running sums in registers (two chains of eight lanes), each added over ``d``
-    in index order from its first product."""
-    n_dim = up_t.shape[1]
+def hidden_pairs8(x: Any, rows: Any, owner: Any, up: Any, hidden: Any) -> None:
+    """``hidden[a] = U_{owner[a]} x_{rows[a]}`` for eight hidden units (``up`` (E, 8, D)), two
+    assignments at a time: sixteen independent running sums in registers, each added over
+    ``d`` in index order from its first product."""
+    n_dim = up.shape[2]
     n = rows.size
     for a in range(0, n - 1, 2):
-        u, v = up_t[owner[a]], up_t[owner[a + 1]]
+        u, v = up[owner[a]], up[owner[a + 1]]
         t, s = rows[a], rows[a + 1]
         x0, y0 = x[t, 0], x[s, 0]
-        a0, a1, a2, a3 = u[0, 0] * x0, u[0, 1] * x0, u[0, 2] * x0, u[0, 3] * x0
-        a4, a5, a6, a7 = u[0, 4] * x0, u[0, 5] * x0, u[0, 6] * x0, u[0, 7] * x0
-        b0, b1, b2, b3 = v[0, 0] * y0, v[0, 1] * y0, v[0, 2] * y0, v[0, 3] * y0
-        b4, b5, b6, b7 = v[0, 4] * y0, v[0, 5] * y0, v[0, 6] * y0, v[0, 7] * y0
+        a0, a1, a2, a3 = u[0, 0] * x0, u[1, 0] * x0, u[2, 0] * x0, u[3, 0] * x0
+        a4, a5, a6, a7 = u[4, 0] * x0, u[5, 0] * x0, u[6, 0] * x0, u[7, 0] * x0
+        b0, b1, b2, b3 = v[0, 0] * y0, v[1, 0] * y0, v[2, 0] * y0, v[3, 0] * y0
+        b4, b5, b6, b7 = v[4, 0] * y0, v[5, 0] * y0, v[6, 0] * y0, v[7, 0] * y0
         for d in range(1, n_dim):
             xd, yd = x[t, d], x[s, d]
-            a0 += u[d, 0] * xd
-            a1 += u[d, 1] * xd
-            a2 += u[d, 2] * xd
-            a3 += u[d, 3] * xd
-            a4 += u[d, 4] * xd
-            a5 += u[d, 5] * xd
-            a6 += u[d, 6] * xd
-            a7 += u[d, 7] * xd
-            b0 += v[d, 0] * yd
-            b1 += v[d, 1] * yd
-            b2 += v[d, 2] * yd
-            b3 += v[d, 3] * yd
-            b4 += v[d, 4] * yd
-            b5 += v[d, 5] * yd
-            b6 += v[d, 6] * yd
-            b7 += v[d, 7] * yd
+            a0 += u[0, d] * xd
+            a1 += u[1, d] * xd
+            a2 += u[2, d] * xd
+            a3 += u[3, d] * xd
+            a4 += u[4, d] * xd
+            a5 += u[5, d] * xd
+            a6 += u[6, d] * xd
+            a7 += u[7, d] * xd
+            b0 += v[0, d] * yd
+            b1 += v[1, d] * yd
+            b2 += v[2, d] * yd
+            b3 += v[3, d] * yd
+            b4 += v[4, d] * yd
+            b5 += v[5, d] * yd
+            b6 += v[6, d] * yd
+            b7 += v[7, d] * yd
         hidden[a, 0], hidden[a, 1], hidden[a, 2], hidden[a, 3] = a0, a1, a2, a3
         hidden[a, 4], hidden[a, 5], hidden[a, 6], hidden[a, 7] = a4, a5, a6, a7
         hidden[a + 1, 0], hidden[a + 1, 1], hidden[a + 1, 2], hidden[a + 1, 3] = b0, b1, b2, b3
         hidden[a + 1, 4], hidden[a + 1, 5], hidden[a + 1, 6], hidden[a + 1, 7] = b4, b5, b6, b7
     if n % 2:
-        row_products(x[rows[n - 1 :]], up_t, owner[n - 1 :], hidden[n - 1 :])
+        e, t = owner[n - 1], rows[n - 1]
+        for h in range(8):
+            total = up[e, h, 0] * x[t, 0]
+            for d in range(1, n_dim):
+                total += up[e, h, d] * x[t, d]
+            hidden[n - 1, h] = total
 
 
 @_jit
 def expert_forward(
-    x: Any, rows: Any, owner: Any, up_t: Any, down: Any, hidden: Any, outs: Any
+    x: Any, rows: Any, owner: Any, up: Any, down: Any, hidden: Any, outs: Any
 ) -> None:
-    n_hidden = up_t.shape[2]
+    n_experts, n_hidden, n_dim = up.shape
     n_out = down.shape[1]
     zero = hidden.dtype.type(0)
     if n_hidden == 8:
-        hidden_pairs8(x, rows, owner, up_t, hidden)
+        hidden_pairs8(x, rows, owner, up, hidden)
     else:
-        # d outer, h inner: the hidden sums advance together, each still added in index order.
         for a in range(rows.size):
-            row_products(x[rows[a] : rows[a] + 1], up_t, owner[a : a + 1], hidden[a : a + 1])
+            e, t = owner[a], rows[a]
+            for h in range(n_hidden):
+                total = up[e, h, 0] * x[t, 0]
+                for d in range(1, n_dim):
+                    total += up[e, h, d] * x[t, d]
+                hidden[a, h] = total
     act = np.empty(n_hidden, dtype=hidden.dtype)
     for a in range(rows.size):
         e = owner[a]

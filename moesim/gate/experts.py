@@ -160,6 +160,12 @@ class _Sorted:
 
 def _sort_assignments(routing: Routing) -> _Sorted:
     selected = routing.selected
+    if kernels.ENABLED:
+        # The same stable order by a counting sort in one compiled pass.
+        slot, owner, rows, counts, starts = kernels.sort_by_expert(
+            selected, routing.dropped, routing.n_experts
+        )
+        return _Sorted(rows=rows, slot=slot, owner=owner, counts=counts, starts=starts)
     k = selected.shape[1]
     flat = selected.ravel()
     slot = np.argsort(flat, kind="stable").astype(np.int64)

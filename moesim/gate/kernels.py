@@ -145,6 +145,31 @@ def select_top_k(
     return selected
 
 
+def sort_by_expert(
+    selected: npt.NDArray[np.int64], dropped: npt.NDArray[np.bool_], n_experts: int
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]:
+    """The kept assignments of ``selected`` (T, k) sorted by expert, stably (slot order within
+    an expert): ``(slot, owner, rows, counts, starts)`` — positions in ``selected.ravel()``,
+    experts, tokens, and each expert's count and first position; the arrays of
+    :func:`moesim.gate.experts._sort_assignments`' stable argsort."""
+    size = selected.size
+    slot = np.empty(size, dtype=np.int64)
+    owner = np.empty(size, dtype=np.int64)
+    rows = np.empty(size, dtype=np.int64)
+    counts = np.empty(n_experts, dtype=np.int64)
+    starts = np.empty(n_experts, dtype=np.int64)
+    kept = _compiled().sort_by_expert(
+        np.ascontiguousarray(selected, dtype=np.int64), dropped, counts, starts, slot, owner, rows
+    )
+    return slot[:kept], owner[:kept], rows[:kept], counts, starts
+
+
 def gather_add(
     first: npt.NDArray[np.float32],
     first_rows: npt.NDArray[np.int64],
@@ -197,8 +222,7 @@ def expert_forward(
     """For each assignment ``a`` (token ``rows[a]``, expert ``owner[a]``), into ``hidden[a]``
     and ``outs[a]``: ``h = U_e x_t`` and ``V_e relu(h)``, each sum added in index order from
     its first product — the NumPy loops of :func:`moesim.gate.experts._expert_forward`."""
-    up_t = np.ascontiguousarray(up.transpose(0, 2, 1))  # (E, D, H): h is the inner loop
-    _compiled().expert_forward(x, rows, owner, up_t, down, hidden, outs)
+    _compiled().expert_forward(x, rows, owner, up, down, hidden, outs)
 
 
 def expert_backward(

@@ -326,3 +326,26 @@ def test_compiled_stream_draw_equals_numpy(packing: str, monkeypatch: pytest.Mon
     np.testing.assert_array_equal(draws[0][1], draws[1][1])
     assert draws[0][0].dtype == np.float32
     assert draws[0][0].shape == (6, 16, params.dim)
+
+
+@needs_numba
+def test_compiled_assignment_sort_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts' assignment order (by expert, stably) by the compiled counting sort and by
+    NumPy's stable argsort: the same arrays, with drops and with experts left empty."""
+    from moesim.gate.experts import _sort_assignments
+    from moesim.gate.router import Routing
+
+    rng = np.random.default_rng(12)
+    selected = np.stack([rng.choice(40, 6, replace=False) for _ in range(50)]).astype(np.int64)
+    scores = rng.random((50, 48), dtype=np.float32)  # experts 40..47 never selected
+    routing = Routing(
+        logits=scores, scores=scores, selected=selected, gates=np.ones((50, 6), np.float32),
+        dropped=rng.random((50, 6)) < 0.2,
+    )  # fmt: skip
+    orders = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        orders.append(_sort_assignments(routing))
+    for name in ("rows", "slot", "owner", "counts", "starts"):
+        np.testing.assert_array_equal(getattr(orders[0], name), getattr(orders[1], name))
+    assert orders[0].slot.size == int((~routing.dropped).sum())
