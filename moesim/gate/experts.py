@@ -189,8 +189,9 @@ def _expert_forward(
     """Per kept assignment (expert order): the hidden pre-activation ``U_e x_t`` and the
     expert's output ``V_e relu(h)``, each a sum in index order (``d`` then ``h``), started
     from the first product — the order :func:`moesim.gate.kernels.expert_forward` keeps, so
-    both give the same values. Gathering the assignments' weights costs more than the batched
-    products it replaces, but the sums no longer depend on a BLAS library's blocking."""
+    both give the same values, whatever BLAS library is installed. (This NumPy form, which
+    gathers each assignment's weights, is slower than batched BLAS products; the compiled loop
+    is the fast path.)"""
     n = order.rows.size
     hidden = np.empty((n, up.shape[1]), dtype=x.dtype)
     outs = np.empty((n, down.shape[1]), dtype=x.dtype)
