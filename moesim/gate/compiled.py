@@ -129,7 +129,7 @@ def routed_top_k(
     counts: Any,
     selected: Any,
     record: bool,
-) -> None:
+) -> int:
     """Every token's group-limited top-k on ``scores + bias`` (``scores·bias``): the largest
     ``per_group`` values of each group, the best ``group_topk`` groups, a lower bound on the
     k-th score, a running top-k of the kept experts at or above it (largest first, an equal
@@ -153,6 +153,7 @@ def routed_top_k(
     grouped = group_topk < n_groups
     group_size = n_experts // n_groups
     lowest, highest = dtype.type(-np.inf), dtype.type(np.inf)
+    unranked = 0
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
@@ -199,11 +200,17 @@ def routed_top_k(
         for i in range(n_candidates):
             e = candidates[i]
             filled = insert(best_values, best, filled, top_k, selection[e], e)
+        if filled < top_k:
+            # Only a NaN score leaves fewer than top_k candidates: the token is skipped and
+            # counted, so that a caller can take another path.
+            unranked += 1
+            continue
         for i in range(top_k):
             counts[segment, best[i]] += 1
         if record:
             for i in range(top_k):
                 selected[t, i] = best[i]
+    return unranked
 
 
 @_jit
@@ -235,10 +242,10 @@ def select_top_k(
     group_topk: int,
     per_group: int,
     selected: Any,
-) -> None:
+) -> int:
     starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((1, scores.shape[1]), dtype=np.int64)
-    routed_top_k(
+    return routed_top_k(
         scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
         selected, True,
     )  # fmt: skip

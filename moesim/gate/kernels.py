@@ -126,11 +126,13 @@ def select_top_k(
     top_k: int,
     n_groups: int,
     group_topk: int | None,
-) -> npt.NDArray[np.int64]:
+) -> npt.NDArray[np.int64] | None:
     """Each token's experts under :func:`moesim.gate.router.select_experts` on ``scores +
     bias`` (``scores·bias`` when ``multiply``; no bias when None), shape (T, top_k): the
     same experts, by decreasing selection score, an exact tie in index order — the order
-    ``select_experts`` gives them. ``scores`` (T, E) float32, finite; ``1 ≤ top_k ≤ E``."""
+    ``select_experts`` gives them. ``scores`` (T, E) float32, ``1 ≤ top_k ≤ E``; None when
+    a NaN selection score leaves a token without ``top_k`` ranked experts (NumPy's selection
+    then decides)."""
     n_tokens, n_experts = scores.shape
     if bias is None:
         bias = np.full(n_experts, 1.0 if multiply else 0.0, dtype=scores.dtype)
@@ -139,10 +141,10 @@ def select_top_k(
     limit = group_topk
     per_group = min(n_experts // n_groups, max(1, top_k // limit))
     selected = np.empty((n_tokens, top_k), dtype=np.int64)
-    _compiled().select_top_k(
+    unranked = _compiled().select_top_k(
         scores, bias, multiply, top_k, n_groups, limit, per_group, selected
     )  # fmt: skip
-    return selected
+    return None if unranked else selected
 
 
 def sort_by_expert(

@@ -564,9 +564,11 @@ def select_experts(
         assert group_topk is not None
         _check_groups(scores.shape[1], top_k, n_groups, group_topk)
     if _compiled_selection(scores, bias, top_k):
-        return kernels.select_top_k(
+        chosen = kernels.select_top_k(
             scores, bias, bias_mode == "mul", top_k, n_groups, group_topk if grouped else None
         )
+        if chosen is not None:
+            return chosen
     selection = apply_bias(scores, bias, bias_mode)
     if grouped:
         assert group_topk is not None

@@ -349,3 +349,21 @@ def test_compiled_assignment_sort_equals_numpy(monkeypatch: pytest.MonkeyPatch) 
     for name in ("rows", "slot", "owner", "counts", "starts"):
         np.testing.assert_array_equal(getattr(orders[0], name), getattr(orders[1], name))
     assert orders[0].slot.size == int((~routing.dropped).sum())
+
+
+@needs_numba
+def test_compiled_selection_leaves_nan_scores_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN score (a diverged router) leaves the compiled selection without a full top-k:
+    select_experts then takes NumPy's selection, on both paths the same (without a group
+    limit, whose compiled keep mask assumes finite scores)."""
+    rng = np.random.default_rng(4)
+    scores = rng.random((20, 64), dtype=np.float32)
+    scores[3, :] = np.nan
+    scores[7, 5] = np.nan
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        chosen.append(select_experts(scores, None, 6))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    assert kernels.select_top_k(scores, None, False, 6, 1, None) is None
+    assert kernels.select_top_k(scores[8:], None, False, 6, 1, None) is not None
