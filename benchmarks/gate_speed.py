@@ -15,8 +15,9 @@
     ``gate.steps_per_update`` (k) and the bias steps run in blocks of
     ``moesim.gate.training.BIAS_BLOCK_STEPS`` (j, chosen inside the gate); its first steps
     compared with a j = 1 run (the same records, bit for bit), with a run on the NumPy twins
-    of the compiled bias-step kernels (``moesim.gate.kernels``; the same records, bit for bit,
-    and its time) and with a k = 1 run.
+    of the compiled kernels (``moesim.gate.kernels``: bias steps, selection, the experts'
+    passes, the stream's gathers; the same records, bit for bit, and its time) and with a k = 1
+    run (its time is that of the full updates alone).
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
 

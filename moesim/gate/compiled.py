@@ -53,7 +53,32 @@ def group_pass(
     ``per_group <= 2`` each group's largest and second largest values in ``first``, ``second``."""
     group_size = selection.size // n_groups
     lowest = selection.dtype.type(-np.inf)
-    if per_group <= 2:
+    if per_group <= 2 and group_size % 4 == 0:
+        for g in range(n_groups):
+            # The two largest of the group's values: four interleaved running pairs
+            # (independent chains), merged pairwise (max and min are exact: the same values).
+            base = g * group_size
+            a1, a2, b1, b2 = lowest, lowest, lowest, lowest
+            c1, c2, d1, d2 = lowest, lowest, lowest, lowest
+            for j in range(base, base + group_size, 4):
+                u, v, w, z = selection[j], selection[j + 1], selection[j + 2], selection[j + 3]
+                a2 = max(a2, min(a1, u))
+                a1 = max(a1, u)
+                b2 = max(b2, min(b1, v))
+                b1 = max(b1, v)
+                c2 = max(c2, min(c1, w))
+                c1 = max(c1, w)
+                d2 = max(d2, min(d1, z))
+                d1 = max(d1, z)
+            a2 = max(min(a1, b1), max(a2, b2))
+            a1 = max(a1, b1)
+            c2 = max(min(c1, d1), max(c2, d2))
+            c1 = max(c1, d1)
+            first[g] = max(a1, c1)
+            second[g] = max(min(a1, c1), max(a2, c2))
+            # Largest first, as a sorted row is summed.
+            group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
+    elif per_group <= 2:
         for g in range(n_groups):
             # The two largest of the group's values: two interleaved running pairs
             # (independent chains), then merged.
@@ -102,11 +127,14 @@ def top_k_row(
     candidates: Any,
     best_values: Any,
     best: Any,
-) -> None:
-    """One token's experts, in ``best`` (in no particular order): the top ``top_k`` of the row
-    ``selection`` among the ``group_topk`` best of its ``n_groups`` groups (all of them when
-    ``group_topk == n_groups``); exact ties go to the lower index. ``scratch`` holds
-    :func:`group_pass`' work arrays."""
+    ordered: bool,
+) -> int:
+    """One token's experts, in ``best``: the top ``top_k`` of the row ``selection`` among the
+    ``group_topk`` best of its ``n_groups`` groups (all of them when ``group_topk ==
+    n_groups``); exact ties go to the lower index. With ``ordered`` they are written largest
+    first (an equal value: the lower index first), else in no particular order. Returns how
+    many were found: ``top_k``, fewer only when NaN scores leave too few candidates.
+    ``scratch`` holds :func:`group_pass`' work arrays."""
     first, second, tops, top_index, group_score, group_rank, kept, keep = scratch
     n_experts = selection.size
     group_size = n_experts // n_groups
@@ -158,13 +186,24 @@ def top_k_row(
             for i in range(worst, n - 1):
                 candidates[i] = candidates[i + 1]
             n -= 1
-        for i in range(top_k):
-            best[i] = candidates[i]
-        return
+        if n < top_k:
+            return n
+        if ordered:
+            # Index order, so a stable insertion by value gives the lower index first on ties.
+            filled = 0
+            for i in range(top_k):
+                e = candidates[i]
+                filled = insert(best_values, best, filled, top_k, selection[e], e)
+        else:
+            for i in range(top_k):
+                best[i] = candidates[i]
+        return top_k
+    # A running top-k, largest first; an equal value stays behind the earlier (lower) index.
     filled = 0
     for i in range(n_candidates):
         e = candidates[i]
         filled = insert(best_values, best, filled, top_k, selection[e], e)
+    return filled
 
 
 @_jit
@@ -185,6 +224,58 @@ def selection_scratch(
 
 
 @_jit
+def routed_top_k(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    starts: Any,
+    counts: Any,
+    selected: Any,
+    record: bool,
+) -> int:
+    """Every token's group-limited top-k on ``scores + bias`` (``scores·bias``, see
+    :func:`top_k_row`), counted into ``counts`` per token group (``starts``), and with
+    ``record`` written to ``selected`` largest first (an equal score: the lower index first).
+    A token with NaN scores that leave fewer than ``top_k`` candidates is skipped and counted
+    in the return value, so that a caller can take another path."""
+    n_tokens, n_experts = scores.shape
+    dtype = scores.dtype
+    selection = np.empty(n_experts, dtype=dtype)
+    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
+    candidates = np.empty(n_experts, dtype=np.int64)
+    best_values = np.empty(top_k, dtype=dtype)
+    best = np.empty(top_k, dtype=np.int64)
+    unranked = 0
+    segment = 0
+    for t in range(n_tokens):
+        while segment + 1 < starts.size and t >= starts[segment + 1]:
+            segment += 1
+        if multiply:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] * bias[e]
+        else:
+            for e in range(n_experts):
+                selection[e] = scores[t, e] + bias[e]
+        found = top_k_row(
+            selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
+            best_values, best, record,
+        )  # fmt: skip
+        if found < top_k:
+            unranked += 1
+            continue
+        for i in range(top_k):
+            counts[segment, best[i]] += 1
+        if record:
+            for i in range(top_k):
+                selected[t, i] = best[i]
+    return unranked
+
+
+@_jit
 def routed_counts(
     scores: Any,
     bias: Any,
@@ -196,29 +287,30 @@ def routed_counts(
     starts: Any,
     counts: Any,
 ) -> None:
-    n_tokens, n_experts = scores.shape
-    dtype = scores.dtype
-    selection = np.empty(n_experts, dtype=dtype)
-    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
-    candidates = np.empty(n_experts, dtype=np.int64)
-    best_values = np.empty(top_k, dtype=dtype)
-    best = np.empty(top_k, dtype=np.int64)
-    segment = 0
-    for t in range(n_tokens):
-        while segment + 1 < starts.size and t >= starts[segment + 1]:
-            segment += 1
-        if multiply:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] * bias[e]
-        else:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] + bias[e]
-        top_k_row(
-            selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
-            best_values, best,
-        )  # fmt: skip
-        for i in range(top_k):
-            counts[segment, best[i]] += 1
+    no_record = np.empty((1, 1), dtype=np.int64)
+    routed_top_k(
+        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
+        no_record, False,
+    )  # fmt: skip
+
+
+@_jit
+def select_top_k(
+    scores: Any,
+    bias: Any,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    selected: Any,
+) -> int:
+    starts = np.zeros(1, dtype=np.int64)
+    counts = np.zeros((1, scores.shape[1]), dtype=np.int64)
+    return routed_top_k(
+        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
+        selected, True,
+    )  # fmt: skip
 
 
 @_jit
@@ -251,6 +343,189 @@ def sign_rule_block(
             error = total - n_experts * counts[0, e]  # sign(c̄ − c_e), in exact integers
             step = np.float32(1.0) if error > 0 else np.float32(-1.0 if error < 0 else 0.0)
             bias[e] += step * gamma
+
+
+# --------------------------------------------------------------------------- full updates
+# The experts' forward and backward passes of moesim.gate.experts, one assignment at a time.
+
+
+@_jit
+def row_products(x: Any, maps_t: Any, which: Any, out: Any) -> None:
+    """``out[t] = maps[which[t]] @ x[t]`` (``maps_t`` the maps transposed, (M, D, O)), each
+    sum in index order from its first product."""
+    n_dim, n_out = maps_t.shape[1], maps_t.shape[2]
+    for t in range(x.shape[0]):
+        m = which[t]
+        row = out[t]
+        x0 = x[t, 0]
+        for o in range(n_out):
+            row[o] = maps_t[m, 0, o] * x0
+        for d in range(1, n_dim):
+            xd = x[t, d]
+            for o in range(n_out):
+                row[o] += maps_t[m, d, o] * xd
+
+
+@_jit
+def sort_by_expert(
+    selected: Any, dropped: Any, counts: Any, starts: Any, slot: Any, owner: Any, rows: Any
+) -> int:
+    """The kept assignments of ``selected`` (T, k) in expert order, each expert's in slot order
+    (a stable counting sort): their slots, experts and tokens; each expert's count and first
+    position. Returns how many are kept."""
+    n_tokens, k = selected.shape
+    counts[:] = 0
+    for t in range(n_tokens):
+        for j in range(k):
+            if not dropped[t, j]:
+                counts[selected[t, j]] += 1
+    total = 0
+    for e in range(counts.size):
+        starts[e] = total
+        total += counts[e]
+    filled = starts.copy()
+    for t in range(n_tokens):
+        for j in range(k):
+            if not dropped[t, j]:
+                e = selected[t, j]
+                at = filled[e]
+                filled[e] = at + 1
+                slot[at] = t * k + j
+                owner[at] = e
+                rows[at] = t
+    return total
+
+
+@_jit
+def gather_add(first: Any, first_rows: Any, second: Any, second_rows: Any, out: Any) -> None:
+    """``out[i] = first[first_rows[i]] + second[second_rows[i]]``, row by row."""
+    n_dim = out.shape[1]
+    for i in range(out.shape[0]):
+        a, b = first[first_rows[i]], second[second_rows[i]]
+        row = out[i]
+        for d in range(n_dim):
+            row[d] = a[d] + b[d]
+
+
+@_jit
+def scaled_step(weights: Any, rates: Any, grad: Any) -> None:
+    """``weights[e] -= rates[e]·grad[e]`` for each leading index ``e``, in place."""
+    for e in range(weights.shape[0]):
+        w, g, rate = weights[e].ravel(), grad[e].ravel(), rates[e]
+        for i in range(w.size):
+            w[i] -= rate * g[i]
+
+
+@_jit
+def hidden_pairs8(x: Any, rows: Any, owner: Any, up: Any, hidden: Any) -> None:
+    """``hidden[a] = U_{owner[a]} x_{rows[a]}`` for eight hidden units (``up`` (E, 8, D)), two
+    assignments at a time: sixteen independent running sums in registers, each added over
+    ``d`` in index order from its first product."""
+    n_dim = up.shape[2]
+    n = rows.size
+    for a in range(0, n - 1, 2):
+        u, v = up[owner[a]], up[owner[a + 1]]
+        t, s = rows[a], rows[a + 1]
+        x0, y0 = x[t, 0], x[s, 0]
+        a0, a1, a2, a3 = u[0, 0] * x0, u[1, 0] * x0, u[2, 0] * x0, u[3, 0] * x0
+        a4, a5, a6, a7 = u[4, 0] * x0, u[5, 0] * x0, u[6, 0] * x0, u[7, 0] * x0
+        b0, b1, b2, b3 = v[0, 0] * y0, v[1, 0] * y0, v[2, 0] * y0, v[3, 0] * y0
+        b4, b5, b6, b7 = v[4, 0] * y0, v[5, 0] * y0, v[6, 0] * y0, v[7, 0] * y0
+        for d in range(1, n_dim):
+            xd, yd = x[t, d], x[s, d]
+            a0 += u[0, d] * xd
+            a1 += u[1, d] * xd
+            a2 += u[2, d] * xd
+            a3 += u[3, d] * xd
+            a4 += u[4, d] * xd
+            a5 += u[5, d] * xd
+            a6 += u[6, d] * xd
+            a7 += u[7, d] * xd
+            b0 += v[0, d] * yd
+            b1 += v[1, d] * yd
+            b2 += v[2, d] * yd
+            b3 += v[3, d] * yd
+            b4 += v[4, d] * yd
+            b5 += v[5, d] * yd
+            b6 += v[6, d] * yd
+            b7 += v[7, d] * yd
+        hidden[a, 0], hidden[a, 1], hidden[a, 2], hidden[a, 3] = a0, a1, a2, a3
+        hidden[a, 4], hidden[a, 5], hidden[a, 6], hidden[a, 7] = a4, a5, a6, a7
+        hidden[a + 1, 0], hidden[a + 1, 1], hidden[a + 1, 2], hidden[a + 1, 3] = b0, b1, b2, b3
+        hidden[a + 1, 4], hidden[a + 1, 5], hidden[a + 1, 6], hidden[a + 1, 7] = b4, b5, b6, b7
+    if n % 2:
+        e, t = owner[n - 1], rows[n - 1]
+        for h in range(8):
+            total = up[e, h, 0] * x[t, 0]
+            for d in range(1, n_dim):
+                total += up[e, h, d] * x[t, d]
+            hidden[n - 1, h] = total
+
+
+@_jit
+def expert_forward(
+    x: Any, rows: Any, owner: Any, up: Any, down: Any, hidden: Any, outs: Any
+) -> None:
+    n_experts, n_hidden, n_dim = up.shape
+    n_out = down.shape[1]
+    zero = hidden.dtype.type(0)
+    if n_hidden == 8:
+        hidden_pairs8(x, rows, owner, up, hidden)
+    else:
+        for a in range(rows.size):
+            e, t = owner[a], rows[a]
+            for h in range(n_hidden):
+                total = up[e, h, 0] * x[t, 0]
+                for d in range(1, n_dim):
+                    total += up[e, h, d] * x[t, d]
+                hidden[a, h] = total
+    act = np.empty(n_hidden, dtype=hidden.dtype)
+    for a in range(rows.size):
+        e = owner[a]
+        for h in range(n_hidden):
+            act[h] = hidden[a, h] if hidden[a, h] > zero else zero
+        for o in range(n_out):
+            total = down[e, o, 0] * act[0]
+            for h in range(1, n_hidden):
+                total += down[e, o, h] * act[h]
+            outs[a, o] = total
+
+
+@_jit
+def expert_backward(
+    x: Any, rows: Any, owner: Any, down: Any, d_out: Any, hidden: Any, grad_up: Any,
+    grad_down: Any,
+) -> None:  # fmt: skip
+    n_hidden, n_dim = grad_up.shape[1], grad_up.shape[2]
+    n_out = down.shape[1]
+    dtype = hidden.dtype
+    zero, one = dtype.type(0), dtype.type(1)
+    act = np.empty(n_hidden, dtype=dtype)
+    d_hidden = np.empty(n_hidden, dtype=dtype)
+    grad_up[:] = zero
+    grad_down[:] = zero
+    for a in range(rows.size):
+        e, t = owner[a], rows[a]
+        for h in range(n_hidden):
+            act[h] = hidden[a, h] if hidden[a, h] > zero else zero
+        for o in range(n_out):
+            g = d_out[a, o]
+            for h in range(n_hidden):
+                grad_down[e, o, h] += g * act[h]
+        for h in range(n_hidden):
+            d_hidden[h] = d_out[a, 0] * down[e, 0, h]
+        for o in range(1, n_out):
+            g = d_out[a, o]
+            for h in range(n_hidden):
+                d_hidden[h] += g * down[e, o, h]
+        for h in range(n_hidden):
+            d_hidden[h] *= one if hidden[a, h] > zero else zero
+            g = d_hidden[h]
+            for d in range(n_dim):
+                grad_up[e, h, d] += g * x[t, d]
+
+
+# --------------------------------------------------------------------------- bias steps (Adam)
 
 
 @_jit
@@ -304,7 +579,7 @@ def sample_counts(
     counts: Any,
     dest: Any,
     node: Any,
-) -> None:
+) -> int:
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
     selection = np.empty(n_experts, dtype=dtype)
@@ -312,6 +587,7 @@ def sample_counts(
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
+    unranked = 0
     for t in range(n_tokens):
         cell = t // tokens_per_cell
         if multiply:
@@ -320,10 +596,13 @@ def sample_counts(
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]
-        top_k_row(
+        found = top_k_row(
             selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
-            best_values, best,
+            best_values, best, False,
         )  # fmt: skip
+        if found < top_k:
+            unranked += 1
+            continue
         w = weights[t]
         for i in range(top_k):
             e = best[i]
@@ -338,3 +617,4 @@ def sample_counts(
                 dest[cell, rank] += w
             if new_host:
                 node[cell, host] += w
+    return unranked

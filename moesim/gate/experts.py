@@ -69,6 +69,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.gate.router import FloatArray, RouteOptions, Routing, gather_rows, row_sum
 
 # Output dimension of the regression: large enough that distinct topic maps are far apart,
@@ -147,26 +148,24 @@ def gate_backward(routing: Routing, dgates: FloatArray, options: RouteOptions) -
 @dataclass
 class _Sorted:
     """The kept assignments of a batch in expert order: ``rows`` the token of each, ``slot``
-    its position in ``selected.ravel()``, ``owner`` the expert of each and ``pos`` its place in
-    that expert's run. The experts' inputs are laid out as a zero-padded (N, longest run, ·)
-    stack, so that one batched product serves every expert: a few rows per expert at a time
-    cost far more in calls than in arithmetic."""
+    its position in ``selected.ravel()``, ``owner`` the expert of each; ``counts`` and
+    ``starts`` each expert's run (an expert's assignments in token order)."""
 
     rows: npt.NDArray[np.int64]
     slot: npt.NDArray[np.int64]
     owner: npt.NDArray[np.int64]
-    pos: npt.NDArray[np.int64]
-    longest: int
-
-    def pad(self, values: FloatArray, n_experts: int) -> FloatArray:
-        """``values`` (one row per assignment, expert order) as an (N, longest, ·) stack."""
-        out = np.zeros((n_experts, self.longest, values.shape[1]), dtype=values.dtype)
-        out[self.owner, self.pos] = values
-        return out
+    counts: npt.NDArray[np.int64]
+    starts: npt.NDArray[np.int64]
 
 
 def _sort_assignments(routing: Routing) -> _Sorted:
     selected = routing.selected
+    if kernels.ENABLED:
+        # The same stable order by a counting sort in one compiled pass.
+        slot, owner, rows, counts, starts = kernels.sort_by_expert(
+            selected, routing.dropped, routing.n_experts
+        )
+        return _Sorted(rows=rows, slot=slot, owner=owner, counts=counts, starts=starts)
     k = selected.shape[1]
     flat = selected.ravel()
     slot = np.argsort(flat, kind="stable").astype(np.int64)
@@ -175,9 +174,76 @@ def _sort_assignments(routing: Routing) -> _Sorted:
     owner = flat[slot]
     counts = np.bincount(owner, minlength=routing.n_experts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    pos = np.arange(slot.size, dtype=np.int64) - starts[owner]
-    longest = int(counts.max()) if counts.size else 0
-    return _Sorted(rows=slot // k, slot=slot, owner=owner, pos=pos, longest=longest)
+    return _Sorted(rows=slot // k, slot=slot, owner=owner, counts=counts, starts=starts)
+
+
+def _compiled(x: FloatArray) -> bool:
+    """Whether the experts' loops run compiled (:mod:`moesim.gate.kernels`): float32 inputs
+    (the float64 gradient checks take the NumPy loops, which give the same values)."""
+    return kernels.ENABLED and x.dtype == np.float32
+
+
+def _expert_forward(
+    x: FloatArray, order: _Sorted, up: FloatArray, down: FloatArray
+) -> tuple[FloatArray, FloatArray]:
+    """Per kept assignment (expert order): the hidden pre-activation ``U_e x_t`` and the
+    expert's output ``V_e relu(h)``, each a sum in index order (``d`` then ``h``), started
+    from the first product — the order :func:`moesim.gate.kernels.expert_forward` keeps, so
+    both give the same values, whatever BLAS library is installed. (This NumPy form, which
+    gathers each assignment's weights, is slower than batched BLAS products; the compiled loop
+    is the fast path.)"""
+    n = order.rows.size
+    hidden = np.empty((n, up.shape[1]), dtype=x.dtype)
+    outs = np.empty((n, down.shape[1]), dtype=x.dtype)
+    if _compiled(x):
+        kernels.expert_forward(x, order.rows, order.owner, up, down, hidden, outs)
+        return hidden, outs
+    xs = x[order.rows]
+    ups = up[order.owner]  # (A, H, D)
+    np.multiply(ups[:, :, 0], xs[:, 0, None], out=hidden)
+    for d in range(1, xs.shape[1]):
+        hidden += ups[:, :, d] * xs[:, d, None]
+    act = np.maximum(hidden, hidden.dtype.type(0))
+    downs = down[order.owner]  # (A, O, H)
+    np.multiply(downs[:, :, 0], act[:, 0, None], out=outs)
+    for h in range(1, act.shape[1]):
+        outs += downs[:, :, h] * act[:, h, None]
+    return hidden, outs
+
+
+def _expert_backward(
+    x: FloatArray,
+    order: _Sorted,
+    down: FloatArray,
+    d_out: FloatArray,
+    hidden: FloatArray,
+    grad_up: FloatArray,
+    grad_down: FloatArray,
+) -> None:
+    """The experts' weight gradients from ``d_out`` (``∂L/∂`` each assignment's output, expert
+    order), into ``grad_up`` and ``grad_down``: per expert, the assignments' outer products
+    added in their order from zero; ``∂L/∂h = (V_eᵀ d_out) ⊙ 1[h > 0]`` summed over ``o`` in
+    index order. The same order as :func:`moesim.gate.kernels.expert_backward`."""
+    if _compiled(x):
+        kernels.expert_backward(x, order.rows, order.owner, down, d_out, hidden, grad_up, grad_down)
+        return
+    zero = hidden.dtype.type(0)
+    act = np.maximum(hidden, zero)
+    downs = down[order.owner]  # (A, O, H)
+    d_hidden = d_out[:, 0, None] * downs[:, 0, :]
+    for o in range(1, d_out.shape[1]):
+        d_hidden += d_out[:, o, None] * downs[:, o, :]
+    d_hidden *= (hidden > zero).astype(hidden.dtype)
+    grad_up.fill(0)
+    grad_down.fill(0)
+    xs = x[order.rows]
+    # The p-th assignment of every expert that has one, for p = 0, 1, …: each expert's
+    # outer products are added in its assignments' order, as the compiled loop does.
+    for p in range(int(order.counts.max(initial=0))):
+        experts = np.flatnonzero(order.counts > p)
+        at = order.starts[experts] + p
+        grad_down[experts] += d_out[at, :, None] * act[at, None, :]
+        grad_up[experts] += d_hidden[at, :, None] * xs[at, None, :]
 
 
 @dataclass
@@ -247,6 +313,8 @@ class ExpertTask:
         self._maps = top_k + (1 if shared else 0)
         self._grads: dict[str, npt.NDArray[np.floating]] | None = None
         self._curvature: dict[str, npt.NDArray[np.float64]] = {}
+        # The target maps transposed for the compiled products (the maps never change).
+        self._targets_t: npt.NDArray[np.floating] | None = None
 
     @property
     def n_experts(self) -> int:
@@ -254,36 +322,39 @@ class ExpertTask:
         return int(self.up.shape[0])
 
     def target(self, x: FloatArray, topics: npt.NDArray[np.int64]) -> FloatArray:
-        """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM)."""
-        out = np.empty((x.shape[0], TASK_DIM), dtype=x.dtype)
-        order = np.argsort(topics, kind="stable")
-        counts = np.bincount(topics, minlength=self.targets.shape[0])
-        start = 0
-        for k in np.flatnonzero(counts):
-            rows = order[start : start + counts[k]]
-            out[rows] = x[rows] @ self.targets[k].T
-            start += counts[k]
+        """``y_t = (B + A_{k(t)}) x_t``, shape (T, TASK_DIM): each sum over the token's
+        dimensions in index order, from the first product (compiled for float32, the same
+        values)."""
+        which = np.asarray(topics, dtype=np.int64).ravel()
+        if _compiled(x) and self.targets.dtype == np.float32:
+            if self._targets_t is None:
+                self._targets_t = np.ascontiguousarray(self.targets.transpose(0, 2, 1))
+            return kernels.row_products(x, self._targets_t, which)
+        maps = self.targets[which]  # (T, TASK_DIM, dim)
+        out = maps[:, :, 0] * x[:, 0, None]
+        for d in range(1, x.shape[1]):
+            out += maps[:, :, d] * x[:, d, None]
         return out
 
     def _forward(
         self, x: FloatArray, routing: Routing
     ) -> tuple[FloatArray, FloatArray, FloatArray, _Sorted, FloatArray]:
         """Layer output (T, TASK_DIM); per kept assignment in expert order, the expert's
-        output and hidden pre-activation; the sort; the gathered inputs in that order."""
+        output and hidden pre-activation; the sort; the assignments' gate values."""
         order = _sort_assignments(routing)
-        xs = x[order.rows]
-        hidden_pad = np.matmul(order.pad(xs, self.n_experts), self.up.transpose(0, 2, 1))
-        outs_pad = np.matmul(np.maximum(hidden_pad, 0), self.down.transpose(0, 2, 1))
-        hidden = hidden_pad[order.owner, order.pos]
-        outs = outs_pad[order.owner, order.pos]
+        hidden, outs = _expert_forward(x, order, self.up, self.down)
         gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
         n_tokens, k = routing.selected.shape
         per_slot = np.zeros((n_tokens * k, TASK_DIM), dtype=x.dtype)
         per_slot[order.slot] = gates[:, None] * outs
-        y_hat = per_slot.reshape(n_tokens, k, TASK_DIM).sum(axis=1)
+        # A token's k outputs added in slot order (a dropped slot adds zero).
+        by_slot = per_slot.reshape(n_tokens, k, TASK_DIM)
+        y_hat = by_slot[:, 0].copy()
+        for j in range(1, k):
+            y_hat += by_slot[:, j]
         if self.shared is not None:
             y_hat += x @ self.shared.T
-        return y_hat, outs, hidden, order, xs
+        return y_hat, outs, hidden, order, gates
 
     def evaluate(
         self,
@@ -312,33 +383,33 @@ class ExpertTask:
         experts' gradient applied to them; ``target``: :meth:`target` of the batch when the
         caller has it."""
         n_tokens = x.shape[0]
-        y_hat, outs, hidden, order, xs = self._forward(x, routing)
+        y_hat, outs, hidden, order, gates = self._forward(x, routing)
         r = y_hat - (self.target(x, topics) if target is None else target)
         loss = float(0.5 * np.einsum("td,td->", r, r, dtype=np.float64) / n_tokens)
         r /= x.dtype.type(n_tokens)  # ∂L/∂ŷ
         r_sorted = r[order.rows]
+        # ⟨r_t, E_j(x_t)⟩ per assignment, added over the outputs in index order.
+        products = r_sorted * outs
+        dgate = products[:, 0].copy()
+        for o in range(1, TASK_DIM):
+            dgate += products[:, o]
         dgates = np.zeros(routing.selected.size, dtype=x.dtype)
-        dgates[order.slot] = np.einsum("ad,ad->a", r_sorted, outs)
+        dgates[order.slot] = dgate
         dlogits = gate_backward(routing, dgates.reshape(routing.selected.shape), options)
         dlogits *= dlogits.dtype.type(TASK_GRADIENT_SCALE)
-        gates = routing.gates.ravel()[order.slot].astype(x.dtype, copy=False)
         r_sorted *= gates[:, None]  # ∂L/∂(expert output) per assignment
         grad_up = np.empty_like(self.up)
         grad_down = np.empty_like(self.down)
-        active = hidden > 0
-        act = np.where(active, hidden, hidden.dtype.type(0))
+        _expert_backward(x, order, self.down, r_sorted, hidden, grad_up, grad_down)
         # Traces of each expert's Hessian blocks (Gauss-Newton), bounds on their largest
         # eigenvalues that cap the steps (apply): Σ g²‖a‖²/T for the second layer and
         # ‖V‖²·Σ g²‖x‖²/T for the first.
         g2 = gates.astype(np.float64) ** 2
-        x_sq = np.einsum("ad,ad->a", xs, xs, dtype=np.float64) * g2
+        act = np.maximum(hidden, hidden.dtype.type(0))
+        # ‖x_t‖² once per token, not per assignment (the same row sums).
+        x_sq = np.einsum("td,td->t", x, x, dtype=np.float64)[order.rows] * g2
         a_sq = np.einsum("ah,ah->a", act, act, dtype=np.float64) * g2
         n = self.n_experts
-        d_out = order.pad(r_sorted, n)
-        np.matmul(d_out.transpose(0, 2, 1), order.pad(act, n), out=grad_down)
-        d_hidden = np.matmul(d_out, self.down)
-        d_hidden *= order.pad(active.astype(x.dtype), n)
-        np.matmul(d_hidden.transpose(0, 2, 1), order.pad(xs, n), out=grad_up)
         curv_down = np.bincount(order.owner, weights=a_sq, minlength=n)
         down_sq = np.sum(np.square(self.down, dtype=np.float64), axis=(1, 2))
         curv_up = np.bincount(order.owner, weights=x_sq, minlength=n) * down_sq
@@ -363,7 +434,9 @@ class ExpertTask:
             with np.errstate(divide="ignore"):
                 cap = _STABLE_STEP / (self._maps * self._curvature[name])
             rate = np.minimum(step, cap).astype(weights.dtype)
-            if rate.ndim:
+            if rate.ndim and _compiled(weights) and weights.flags.c_contiguous:
+                kernels.scaled_step(weights, rate, grad)  # the same values, no temporary
+            elif rate.ndim:
                 weights -= rate[:, None, None] * grad
             else:
                 weights -= rate * grad

@@ -1,10 +1,15 @@
-"""Compiled loops for the coarsened gate's bias steps and the engine samples' counts (numba),
-each with a NumPy twin.
+"""Compiled loops of the gate and of the engine samples' counts (numba), each with a NumPy
+twin.
 
 Contract: every kernel here computes, bit for bit, what a NumPy expression elsewhere in the gate
 computes — the kernels only remove the temporaries and per-call overheads that dominate at the
-gate's small shapes (a few hundred tokens, a few hundred experts). ``tests/gate/
-test_gate_fast_paths.py`` checks each against its twin on random inputs with exact ties.
+gate's small shapes (a few hundred tokens, a few hundred experts). Where a twin's sums would
+otherwise be left to BLAS or to NumPy's pairwise reductions, both sides add in one stated
+order (index order, from the first product), so they agree and the result does not depend on
+a BLAS library's blocking. ``tests/gate/test_gate_fast_paths.py`` checks each against its twin
+on inputs with exact ties.
+
+Bias steps:
 
 - :func:`routed_counts` is :class:`moesim.gate.training.LoadCounter` (selection ``s + b`` or
   ``s·b``, group-limited top-k, per-group expert loads) in one pass per token: the largest
@@ -15,19 +20,30 @@ test_gate_fast_paths.py`` checks each against its twin on random inputs with exa
 - :func:`sign_rule_block` is a block of consecutive bias steps under the sign rule (loads over
   the whole sub-batch, additive float32 bias, no re-centring — DeepSeek-V3's rule): each
   step's :func:`routed_counts` and :func:`moesim.gate.balancing.sign_rule_update`, in one call.
-- :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
-  ``group_topk`` groups with the best sums of their largest scores), row by row.
-- :func:`sample_counts` is the dropless counting of an engine sample
-  (:func:`moesim.gate.sampling.routing_sample`): the same selection per token, then its
-  bootstrap weight added to its experts, and once to each rank and node they are on.
 - :func:`adam_repeat` is the element-wise update of ``moesim.gate.training._Adam.repeat``
   in one pass over the weights, with the same float32 operations in the same order.
 
-They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set (and,
-for the group limit, on float32 scores); the callers keep their NumPy path otherwise. The
-loops themselves live in :mod:`moesim.gate.compiled`, imported at the first call; they are
-compiled once per machine and cached on disk (about 25 s for all four on a busy two-core
-machine, then 1–2 s to load them, numba included, in a new process).
+Full updates:
+
+- :func:`select_top_k` is :func:`moesim.gate.router.select_experts` (the same per-token top-k
+  as the counts), returning each token's experts by decreasing selection score.
+- :func:`group_keep` is the group limit of :func:`moesim.gate.router.select_experts` (the
+  ``group_topk`` groups with the best sums of their largest scores), row by row.
+- :func:`row_products`, :func:`expert_forward` and :func:`expert_backward` are the task's
+  targets and the experts' forward and backward passes (:mod:`moesim.gate.experts`), one
+  token or one (token, expert) assignment at a time.
+
+Engine samples:
+
+- :func:`sample_counts` is the dropless counting of an engine sample
+  (:func:`moesim.gate.sampling.routing_sample`): the same selection per token, then its
+  bootstrap weight added to its experts, and once to each rank and node they are on.
+
+They run only where numba is installed (:data:`AVAILABLE`) and :data:`ENABLED` is set, on
+float32 arrays (the float64 gradient checks take the NumPy twins); the callers keep their NumPy
+path otherwise. The loops themselves live in :mod:`moesim.gate.compiled`, imported at the first
+call; they are compiled once per machine and cached on disk (tens of seconds on a busy
+two-core machine, then 1–2 s to load them, numba included, in a new process).
 """
 
 from __future__ import annotations
@@ -107,6 +123,138 @@ def sign_rule_block(
     )
 
 
+# --------------------------------------------------------------------------- full updates
+
+
+def select_top_k(
+    scores: npt.NDArray[np.float32],
+    bias: npt.NDArray[np.float32] | None,
+    multiply: bool,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+) -> npt.NDArray[np.int64] | None:
+    """Each token's experts under :func:`moesim.gate.router.select_experts` on ``scores +
+    bias`` (``scores·bias`` when ``multiply``; no bias when None), shape (T, top_k): the
+    same experts, by decreasing selection score, an exact tie in index order — the order
+    ``select_experts`` gives them. ``scores`` (T, E) float32, ``1 ≤ top_k ≤ E``; None when
+    a NaN selection score leaves a token without ``top_k`` ranked experts (NumPy's selection
+    then decides)."""
+    n_tokens, n_experts = scores.shape
+    if bias is None:
+        bias = np.full(n_experts, 1.0 if multiply else 0.0, dtype=scores.dtype)
+    if group_topk is None or group_topk >= n_groups:
+        n_groups = group_topk = 1  # no group limit: one group of every expert
+    limit = group_topk
+    per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    selected = np.empty((n_tokens, top_k), dtype=np.int64)
+    unranked = _compiled().select_top_k(
+        scores, bias, multiply, top_k, n_groups, limit, per_group, selected
+    )  # fmt: skip
+    return None if unranked else selected
+
+
+def sort_by_expert(
+    selected: npt.NDArray[np.int64], dropped: npt.NDArray[np.bool_], n_experts: int
+) -> tuple[
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]:
+    """The kept assignments of ``selected`` (T, k) sorted by expert, stably (slot order within
+    an expert): ``(slot, owner, rows, counts, starts)`` — positions in ``selected.ravel()``,
+    experts, tokens, and each expert's count and first position; the arrays of
+    :func:`moesim.gate.experts._sort_assignments`' stable argsort."""
+    size = selected.size
+    slot = np.empty(size, dtype=np.int64)
+    owner = np.empty(size, dtype=np.int64)
+    rows = np.empty(size, dtype=np.int64)
+    counts = np.empty(n_experts, dtype=np.int64)
+    starts = np.empty(n_experts, dtype=np.int64)
+    kept = _compiled().sort_by_expert(
+        np.ascontiguousarray(selected, dtype=np.int64), dropped, counts, starts, slot, owner, rows
+    )
+    return slot[:kept], owner[:kept], rows[:kept], counts, starts
+
+
+def gather_add(
+    first: npt.NDArray[np.float32],
+    first_rows: npt.NDArray[np.int64],
+    second: npt.NDArray[np.float32],
+    second_rows: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float32]:
+    """``first[first_rows] + second[second_rows]`` in one pass (row indices of any shape; the
+    result has their shape plus the rows' width): the token stream's noise plus topic
+    centroid, without the two gathered temporaries."""
+    out = np.empty((*first_rows.shape, first.shape[1]), dtype=first.dtype)
+    _compiled().gather_add(
+        first, first_rows.ravel(), second, second_rows.ravel(), out.reshape(-1, first.shape[1])
+    )
+    return out
+
+
+def scaled_step(
+    weights: npt.NDArray[np.float32],
+    rates: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32],
+) -> None:
+    """``weights -= rates[:, None, …] * grad`` in place without the product's temporary (the
+    same float32 product and difference per element): an SGD step with one rate per leading
+    index. C-contiguous arrays of one shape, ``rates`` one per leading index."""
+    _compiled().scaled_step(weights, rates, grad)
+
+
+def row_products(
+    x: npt.NDArray[np.float32],
+    maps_t: npt.NDArray[np.float32],
+    which: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float32]:
+    """``out[t] = M_{which[t]} x_t`` for maps given transposed, ``maps_t`` (M, D, O): each sum
+    over ``d`` in index order from its first product — the NumPy loop of
+    :meth:`moesim.gate.experts.ExpertTask.target`."""
+    out = np.empty((x.shape[0], maps_t.shape[2]), dtype=x.dtype)
+    _compiled().row_products(x, maps_t, which, out)
+    return out
+
+
+def expert_forward(
+    x: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    owner: npt.NDArray[np.int64],
+    up: npt.NDArray[np.float32],
+    down: npt.NDArray[np.float32],
+    hidden: npt.NDArray[np.float32],
+    outs: npt.NDArray[np.float32],
+) -> None:
+    """For each assignment ``a`` (token ``rows[a]``, expert ``owner[a]``), into ``hidden[a]``
+    and ``outs[a]``: ``h = U_e x_t`` and ``V_e relu(h)``, each sum added in index order from
+    its first product — the NumPy loops of :func:`moesim.gate.experts._expert_forward`."""
+    _compiled().expert_forward(x, rows, owner, up, down, hidden, outs)
+
+
+def expert_backward(
+    x: npt.NDArray[np.float32],
+    rows: npt.NDArray[np.int64],
+    owner: npt.NDArray[np.int64],
+    down: npt.NDArray[np.float32],
+    d_out: npt.NDArray[np.float32],
+    hidden: npt.NDArray[np.float32],
+    grad_up: npt.NDArray[np.float32],
+    grad_down: npt.NDArray[np.float32],
+) -> None:
+    """The experts' weight gradients of :func:`moesim.gate.experts._expert_backward` into
+    ``grad_up`` (E, H, D) and ``grad_down`` (E, O, H): from zero, each assignment's outer
+    products added in assignment order."""
+    _compiled().expert_backward(
+        x, rows, owner, down, np.ascontiguousarray(d_out), hidden, grad_up, grad_down
+    )
+
+
+# --------------------------------------------------------------------------- bias steps (Adam)
+
+
 def adam_repeat(
     weights: npt.NDArray[np.float32],
     m: npt.NDArray[np.float32],
@@ -175,9 +323,14 @@ def sample_counts(
     counts = np.zeros((n_cells, n_experts), dtype=np.int64)
     dest = np.zeros((n_cells, n_ranks), dtype=np.int64)
     node = np.zeros((n_cells, n_nodes), dtype=np.int64)
-    _compiled().sample_counts(
+    unranked = _compiled().sample_counts(
         scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
         per_group, n_tokens // n_cells, weights, n_experts // n_ranks, n_experts // n_nodes,
         counts, dest, node,
     )  # fmt: skip
+    if unranked:
+        raise ValueError(
+            f"sample_counts: {unranked} of {n_tokens} tokens have NaN router scores "
+            "(the gate diverged); a routing sample needs finite scores"
+        )
     return counts, dest, node

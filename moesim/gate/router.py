@@ -171,7 +171,8 @@ class Routing:
     scores : ndarray, shape (T, E), float32
         Affinities ``s = softmax(z)`` over experts, or ``σ(z)`` element-wise.
     selected : ndarray, shape (T, k), int64
-        Chosen experts per token (top-k of ``s + b``, group limits applied), in no particular order.
+        Chosen experts per token (top-k of ``s + b``, group limits applied), by decreasing
+        ``s + b`` (an exact tie: the lower index first).
     gates : ndarray, shape (T, k), float32
         Gate values aligned with ``selected``: unbiased scores, optionally renormalised over the
         selection, times the scaling factor (or a softmax over the selected logits). Values
@@ -512,13 +513,8 @@ def _group_limited(selection: FloatArray, top_k: int, n_groups: int, group_topk:
     // group_topk)``
     sum; the ``max(1, ·)`` keeps a score when ``group_topk > top_k``)."""
     n_tokens, n_experts = selection.shape
-    if n_experts % n_groups:
-        raise ValueError(f"n_groups: {n_groups} does not divide the {n_experts} experts")
+    _check_groups(n_experts, top_k, n_groups, group_topk)
     group_size = n_experts // n_groups
-    if group_topk * group_size < top_k:
-        raise ValueError(
-            f"group_topk: {group_topk} groups of {group_size} experts cannot hold top_k={top_k}"
-        )
     grouped = selection.reshape(n_tokens, n_groups, group_size)
     per_group = min(group_size, max(1, top_k // group_topk))
     if kernels.ENABLED and selection.dtype == np.float32 and selection.flags.c_contiguous:
@@ -560,11 +556,55 @@ def select_experts(
     Returns
     -------
     ndarray, shape (T, top_k), int64
+        Each row's experts by decreasing selection score, an exact tie in index order (a
+        canonical order: the gates, and every sum over a token's experts, follow it).
     """
+    grouped = group_topk is not None and group_topk < n_groups
+    if grouped:
+        assert group_topk is not None
+        _check_groups(scores.shape[1], top_k, n_groups, group_topk)
+    if _compiled_selection(scores, bias, top_k):
+        chosen = kernels.select_top_k(
+            scores, bias, bias_mode == "mul", top_k, n_groups, group_topk if grouped else None
+        )
+        if chosen is not None:
+            return chosen
     selection = apply_bias(scores, bias, bias_mode)
-    if group_topk is not None and group_topk < n_groups:
+    if grouped:
+        assert group_topk is not None
         selection = _group_limited(selection, top_k, n_groups, group_topk)
-    return top_k_indices(selection, top_k)
+    return by_decreasing_value(selection, top_k_indices(selection, top_k))
+
+
+def _compiled_selection(scores: FloatArray, bias: FloatArray | None, top_k: int) -> bool:
+    """Whether :func:`select_experts` runs the compiled selection (the same experts in the same
+    order): float32 C-contiguous scores, a float32 bias or none, a valid ``top_k``."""
+    return (
+        kernels.ENABLED
+        and scores.dtype == np.float32
+        and scores.flags.c_contiguous
+        and (bias is None or bias.dtype == np.float32)
+        and 1 <= top_k <= scores.shape[1]
+    )
+
+
+def by_decreasing_value(values: FloatArray, chosen: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The indices ``chosen`` (T, k) of each row of ``values`` reordered by decreasing value,
+    equal values by increasing index."""
+    ascending = np.sort(chosen, axis=1)
+    picked = np.take_along_axis(values, ascending, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    return np.take_along_axis(ascending, order, axis=1)
+
+
+def _check_groups(n_experts: int, top_k: int, n_groups: int, group_topk: int) -> None:
+    if n_experts % n_groups:
+        raise ValueError(f"n_groups: {n_groups} does not divide the {n_experts} experts")
+    group_size = n_experts // n_groups
+    if group_topk * group_size < top_k:
+        raise ValueError(
+            f"group_topk: {group_topk} groups of {group_size} experts cannot hold top_k={top_k}"
+        )
 
 
 def segment_sizes(segments: int | Sequence[int], n_tokens: int) -> npt.NDArray[np.int64]:

@@ -745,7 +745,8 @@ def train_gate(
     step; blocks of bias steps (``BIAS_BLOCK_STEPS``) score their sub-batches at once
     and draw per block, not per step, which saves about 10 % at DeepSeek-V3 size. Where numba
     is installed the loads, the sign-rule bias updates and Adam's repeated step of the bias
-    steps run as compiled loops (:mod:`moesim.gate.kernels`), with the same values.
+    steps, and the selection, the experts' passes and the token draws of the full updates, run
+    as compiled loops (:mod:`moesim.gate.kernels`), with the same values.
     """
     moe, gate = scenario.model.moe_spec, scenario.gate
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from base_scenario import v3_like
 
-from moesim.gate import kernels, train_gate
+from moesim.gate import TokenStream, kernels, train_gate
 from moesim.gate.balancing import sign_rule_update
-from moesim.gate.router import select_experts, top_k_indices
+from moesim.gate.experts import ExpertTask
+from moesim.gate.router import CapacitySpec, RouterState, route, select_experts, top_k_indices
 from moesim.gate.training import LoadCounter, _Adam
 from moesim.scenario import scenario_from_dict
 from moesim.scenario.strategies import Bias, Composite, LossTerm
@@ -187,3 +188,182 @@ def test_compiled_group_limit_selects_the_same_experts(
     monkeypatch.setattr(kernels, "ENABLED", False)
     reference = select_experts(scores, bias, top_k, n_groups, group_topk)
     np.testing.assert_array_equal(compiled, reference)
+
+
+@needs_numba
+@pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), ROUTINGS)
+@pytest.mark.parametrize("mode", ["add", "mul", "none"])
+def test_compiled_selection_equals_numpy(
+    n_experts: int,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    mode: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """select_experts compiled and in NumPy: the same experts in the same order, by decreasing
+    selection score, an exact tie in index order (tied inputs)."""
+    rng = np.random.default_rng(n_experts * 7 + top_k)
+    scores, bias = _tied_selection(rng, 300, n_experts)
+    if mode == "mul":
+        bias = 1 + bias
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        if mode == "none":
+            chosen.append(select_experts(scores, None, top_k, n_groups, group_topk))
+        else:
+            chosen.append(select_experts(scores, bias, top_k, n_groups, group_topk, mode))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    selection = scores if mode == "none" else (scores * bias if mode == "mul" else scores + bias)
+    values = np.take_along_axis(selection, chosen[0], axis=1)
+    assert (np.diff(values, axis=1) <= 0).all()
+    tied = np.diff(values, axis=1) == 0
+    assert tied.any()  # the lattice makes ties: their order is under test
+    assert (np.diff(chosen[0], axis=1)[tied] > 0).all()
+
+
+def _lattice(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
+    """Small multiples of 1/scale: exact sums, many exact zeros (a hidden unit at the ReLU's
+    kink)."""
+    return (rng.integers(-2, 3, shape) / scale).astype(np.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("n_hidden", [8, 5])
+def test_compiled_experts_equal_numpy(
+    tied: bool, capacity: float | None, n_hidden: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ExpertTask.evaluate and step (loss, logit gradient, expert gradients, updated weights)
+    on the compiled and the NumPy loops: the same values, with hidden units exactly at 0, with
+    capacity drops (an odd number of kept assignments) and with a hidden width other than the
+    compiled loop's eight-lane case."""
+    n_tokens, dim, n_experts, top_k, topics = 96, 16, 32, 4, 5
+    rng = np.random.default_rng(21)
+    x = _lattice(rng, (n_tokens, dim), 4) if tied else rng.standard_normal((n_tokens, dim))
+    x = x.astype(np.float32)
+    topic_ids = rng.integers(0, topics, n_tokens)
+    state = RouterState.initial(n_experts, dim, 0.5, rng)
+    options = {
+        "top_k": top_k, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+        "n_groups": 4, "group_topk": 2,
+    }  # fmt: skip
+    limit = None if capacity is None else CapacitySpec(factor=capacity)
+    routing = route(x, state, **options, capacity=limit)  # type: ignore[arg-type]
+    assert routing.dropped.any() == (capacity is not None)
+    if capacity is not None and int((~routing.dropped).sum()) % 2 == 0:
+        # An odd number of kept assignments: the compiled loop's last one goes unpaired.
+        t, j = np.argwhere(~routing.dropped)[0]
+        routing.dropped[t, j] = True
+    if capacity is not None:
+        assert int((~routing.dropped).sum()) % 2 == 1
+    weights_rng = np.random.default_rng(6)
+    if tied:
+        up = _lattice(weights_rng, (n_experts, n_hidden, dim), 8)
+        down = _lattice(weights_rng, (n_experts, 8, n_hidden), 8)
+    else:
+        up = (weights_rng.standard_normal((n_experts, n_hidden, dim)) / 4).astype(np.float32)
+        down = (weights_rng.standard_normal((n_experts, 8, n_hidden)) / 4).astype(np.float32)
+    if tied:
+        # Hidden units at exactly 0 (the ReLU's kink) occur among the routed pairs.
+        hidden = np.einsum("tkhd,td->tkh", up[routing.selected].astype(np.float64), x)
+        assert (hidden == 0).any()
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        task = ExpertTask(topics, dim, n_experts, top_k, True, np.random.default_rng(5))
+        task.up, task.down = up.copy(), down.copy()
+        plain = task.evaluate(x, topic_ids, routing)
+        result = task.step(x, topic_ids, routing, options, steps=3)  # type: ignore[arg-type]
+        grads = task.expert_gradients()
+        assert grads is not None
+        results.append((plain, result, grads, task))
+    (plain, result, grads, task), (plain0, result0, grads0, task0) = results
+    assert plain == plain0
+    assert result.loss == result0.loss
+    assert result.dlogits is not None
+    assert result0.dlogits is not None
+    np.testing.assert_array_equal(result.dlogits, result0.dlogits)
+    for name in ("up", "down", "shared"):
+        np.testing.assert_array_equal(grads[name], grads0[name])
+        np.testing.assert_array_equal(getattr(task, name), getattr(task0, name))
+    assert np.abs(grads["up"]).max() > 0
+
+
+@needs_numba
+def test_compiled_targets_equal_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ExpertTask.target compiled and in NumPy: the same values (exact zeros included)."""
+    rng = np.random.default_rng(8)
+    x = _lattice(rng, (200, 24), 4)
+    topic_ids = rng.integers(0, 7, 200)
+    targets = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        task = ExpertTask(7, 24, 16, 2, False, np.random.default_rng(3))
+        task.targets = _lattice(np.random.default_rng(4), task.targets.shape, 8)
+        targets.append(task.target(x, topic_ids))
+    np.testing.assert_array_equal(targets[0], targets[1])
+    assert (targets[1] == 0).any()
+    assert (targets[1] != 0).any()
+
+
+@needs_numba
+@pytest.mark.parametrize("packing", ["mixed", "domain"])
+def test_compiled_stream_draw_equals_numpy(packing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TokenStream.sample with the compiled gather and sum, and with NumPy's: the same tokens
+    and topics from the same generator state."""
+    from base_scenario import BASE, derive
+
+    params = scenario_from_dict(derive(BASE, stream={"packing": packing})).stream
+    draws = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        stream = TokenStream(params, np.random.default_rng(2))
+        draws.append(stream.sample(6, 16, np.random.default_rng(3), sequences_per_micro_batch=2))
+    np.testing.assert_array_equal(draws[0][0], draws[1][0])
+    np.testing.assert_array_equal(draws[0][1], draws[1][1])
+    assert draws[0][0].dtype == np.float32
+    assert draws[0][0].shape == (6, 16, params.dim)
+
+
+@needs_numba
+def test_compiled_assignment_sort_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts' assignment order (by expert, stably) by the compiled counting sort and by
+    NumPy's stable argsort: the same arrays, with drops and with experts left empty."""
+    from moesim.gate.experts import _sort_assignments
+    from moesim.gate.router import Routing
+
+    rng = np.random.default_rng(12)
+    selected = np.stack([rng.choice(40, 6, replace=False) for _ in range(50)]).astype(np.int64)
+    scores = rng.random((50, 48), dtype=np.float32)  # experts 40..47 never selected
+    routing = Routing(
+        logits=scores, scores=scores, selected=selected, gates=np.ones((50, 6), np.float32),
+        dropped=rng.random((50, 6)) < 0.2,
+    )  # fmt: skip
+    orders = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        orders.append(_sort_assignments(routing))
+    for name in ("rows", "slot", "owner", "counts", "starts"):
+        np.testing.assert_array_equal(getattr(orders[0], name), getattr(orders[1], name))
+    assert orders[0].slot.size == int((~routing.dropped).sum())
+
+
+@needs_numba
+def test_compiled_selection_leaves_nan_scores_to_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN score (a diverged router) leaves the compiled selection without a full top-k:
+    select_experts then takes NumPy's selection, on both paths the same (without a group
+    limit, whose compiled keep mask assumes finite scores)."""
+    rng = np.random.default_rng(4)
+    scores = rng.random((20, 64), dtype=np.float32)
+    scores[3, :] = np.nan
+    scores[7, 5] = np.nan
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        chosen.append(select_experts(scores, None, 6))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    assert kernels.select_top_k(scores, None, False, 6, 1, None) is None
+    assert kernels.select_top_k(scores[8:], None, False, 6, 1, None) is not None

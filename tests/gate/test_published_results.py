@@ -6,7 +6,8 @@ A small gate (16 routed experts top-2 plus a shared one, 64 sequences × 16 toke
 differences come from the setting alone. α values are the papers' own: the task gradient's
 scale is calibrated once (``moesim.gate.experts.TASK_GRADIENT_SCALE``, on the loss-free paper's
 Table 2 point), not per test. The assertions are on the direction of each effect; the values in
-the docstrings were measured at seed 11.
+the docstrings were measured at seed 11 (R5, whose gap is small against its seed-to-seed spread,
+is stated over four seeds).
 
 Reproduced: R1 (collapse without balancing, the aux-loss dilemma), R2 (loss-free beats the
 aux-loss frontier), R3 (γ too small is slow, too large oscillates), R5 (softmax and the sign
@@ -164,36 +165,50 @@ def test_interference_grows_with_alpha(runs):  # type: ignore[no-untyped-def]
         assert not runs[name].column("interference_ratio").any()
 
 
+# R5 compares two noisy late-training averages whose gap varies from seed to seed (+5 % to
+# +18 % at seeds 11–14), so it is stated over these seeds rather than at one.
+R5_SEEDS = (11, 12, 13, 14)
+
+
 @pytest.fixture(scope="module")
 def softmax_runs(scenario):  # type: ignore[no-untyped-def]
-    """Loss-free on a softmax router. A scenario file refuses softmax with the sign rule
-    (``check_strategies``; arXiv 2408.15664 App. C, Megatron-LM): ``model_copy`` bypasses that check
-    so the refused configuration can be measured."""
+    """The sign rule on a sigmoid router, and on a softmax router with the sign and the
+    proportional rule, at each of ``R5_SEEDS``. A scenario file refuses softmax with the sign
+    rule (``check_strategies``; arXiv 2408.15664 App. C, Megatron-LM): ``model_copy`` bypasses
+    that check so the refused configuration can be measured."""
     softmax = scenario.model_copy(
         update={"router": scenario.router.model_copy(update={"score": "softmax"})}
     )
-    specs = {
-        "sign": LossFree(kind="loss_free", gamma=1e-3),
-        "proportional": Composite(
-            kind="composite", bias=Bias(rule="proportional", gamma=1e-3), name="proportional"
-        ),
+    sign = LossFree(kind="loss_free", gamma=1e-3)
+    proportional = Composite(
+        kind="composite", bias=Bias(rule="proportional", gamma=1e-3), name="proportional"
+    )
+    cases = {
+        "sigmoid_sign": (scenario, sign),
+        "sign": (softmax, sign),
+        "proportional": (softmax, proportional),
     }
     return {
-        name: train_gate(softmax, spec, [], np.random.SeedSequence(11))
-        for name, spec in specs.items()
+        name: [train_gate(sc, spec, [], np.random.SeedSequence(seed)) for seed in R5_SEEDS]
+        for name, (sc, spec) in cases.items()
     }
 
 
-def test_r5_softmax_needs_the_proportional_rule(runs, softmax_runs):  # type: ignore[no-untyped-def]
+def test_r5_softmax_needs_the_proportional_rule(softmax_runs):  # type: ignore[no-untyped-def]
     """R5: at the paper's γ = 1e-3, the sign rule balances a softmax router worse late in
     training than a sigmoid one (softmax scores are ~1/N, so a fixed step is relatively too
     large and the bias dithers more), and the proportional rule restores the balance. (A smaller
-    sign step, γ ≈ 3e-4, also restores it in this model: see the notebook.)"""
-    sigmoid_sign = _tail(runs["lf_1e-3"], "maxvio_batch")
-    softmax_sign = _tail(softmax_runs["sign"], "maxvio_batch")
-    softmax_proportional = _tail(softmax_runs["proportional"], "maxvio_batch")
-    assert softmax_sign > 1.05 * sigmoid_sign
-    assert softmax_proportional < softmax_sign
+    sign step, γ ≈ 3e-4, also restores it in this model: see the notebook.) Over
+    ``R5_SEEDS``: softmax worse at every seed and by at least 5 % on average, the proportional
+    rule better than the sign rule at every seed."""
+    late = {
+        name: np.array([_tail(run, "maxvio_batch") for run in runs])
+        for name, runs in softmax_runs.items()
+    }
+    ratio = late["sign"] / late["sigmoid_sign"]
+    assert (ratio > 1).all(), ratio
+    assert ratio.mean() > 1.05, ratio
+    assert (late["proportional"] < late["sign"]).all(), late
 
 
 @pytest.fixture(scope="module")
