@@ -9,7 +9,7 @@ import multiprocessing
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.queues import Queue
 from queue import Empty
 from typing import Any
@@ -27,7 +27,7 @@ from moesim.estimate.gate_cache import (
 from moesim.estimate.seeds import SeedPlan
 from moesim.estimate.threads import blas_threads
 from moesim.estimate.timeline import trace_run_name
-from moesim.gate import GateTrajectory, RoutingSample, routing_sample, train_gate
+from moesim.gate import GateTrajectory, RoutingSample, merge_layers, routing_sample, train_gate
 from moesim.gate.metrics import SKEW_STATS, expert_counts, load_skew, pooled_load, topic_expert_load
 from moesim.gate.router import route, route_options
 from moesim.gate.sampling import dropless_loads
@@ -187,16 +187,15 @@ class _GateSamples:
 
 @dataclass(frozen=True)
 class _Job:
-    """One gate to train, and where to store it (no cache: ``cache`` None)."""
+    """One gate to train (``layer`` None: every layer; else that layer alone, to be merged with
+    the others, :func:`moesim.gate.merge_layers`)."""
 
     index: int
     scenario: Scenario
     strategy: Strategy
     points: list[int]
     seed: np.random.SeedSequence
-    cache: GateCache | None
-    key: str
-    inputs: dict[str, Any]
+    layer: int | None = None
 
 
 # The queue a gate-training worker process reports its progress on (set by _init_worker).
@@ -208,27 +207,36 @@ def _init_worker(queue: Queue[tuple[int, int]] | None) -> None:
     _worker_queue = queue
 
 
-def _train_one(job: _Job, report: Callable[[int, int], None] | None = None) -> GateTrajectory:
-    """Train one gate (in this or a worker process) and store it in the cache."""
+def _train_one(
+    job: _Job, report: Callable[[int, int], None] | None = None, tag: int = 0
+) -> GateTrajectory:
+    """Train one gate, or one layer of it, in this or a worker process (progress reported
+    under ``tag``)."""
     if report is None and _worker_queue is not None:
         queue = _worker_queue
 
         def report(index: int, steps: int) -> None:
             queue.put((index, steps))
 
-    on_step = None if report is None else functools.partial(report, job.index)
+    on_step = None if report is None else functools.partial(report, tag)
     with blas_threads():  # in a worker process too
-        trajectory = train_gate(job.scenario, job.strategy, job.points, job.seed, on_step)
-    if job.cache is not None:
-        try:
-            job.cache.store(job.key, job.inputs, trajectory)
-        except OSError as err:  # a full or read-only disk costs the reuse, not the run
-            warnings.warn(
-                f"gate cache: could not store in {job.cache.directory}: {err}",
-                GateCacheWarning,
-                stacklevel=1,
-            )
-    return trajectory
+        return train_gate(
+            job.scenario, job.strategy, job.points, job.seed, on_step, layer=job.layer
+        )
+
+
+def _store(cache: GateCache | None, key: str, inputs: dict[str, Any], gate: GateTrajectory) -> None:
+    """Keep a trained gate in the cache; a full or read-only disk costs the reuse, not the run."""
+    if cache is None:
+        return
+    try:
+        cache.store(key, inputs, gate)
+    except OSError as err:
+        warnings.warn(
+            f"gate cache: could not store in {cache.directory}: {err}",
+            GateCacheWarning,
+            stacklevel=1,
+        )
 
 
 def _gates(
@@ -242,72 +250,96 @@ def _gates(
     """Each strategy's gate trajectory, its origin (hit, miss, off) and its cache key ("" with
     no cache), in strategy order.
 
-    Gates in the cache load first; the others train in a process pool when there are several
-    and ``workers > 1`` (the trajectories are independent and seeded alike, so the result does
-    not depend on where they ran), else one after the other."""
+    Gates in the cache load first. With ``workers > 1`` the others train in a process pool, one
+    task per strategy and simulated layer (the layers' routers never interact, and each task
+    draws the tokens of the whole run, so the merged gate is the one trained at once: the
+    result does not depend on where it ran, and the slowest strategy's layers do not queue
+    behind one another); else one gate after the other, every layer at once."""
     names = [s.name for s in scenario.strategies]
     total = scenario.total_steps
-
-    def report(index: int, steps: int) -> None:
-        if progress is not None:
-            progress(names[index], min(1.0, steps / total))
+    n_layers = scenario.gate.layers_simulated
 
     found: dict[int, GateTrajectory] = {}
     jobs: list[_Job] = []
     keys: list[str] = []
+    inputs: dict[int, dict[str, Any]] = {}
     for i, strategy in enumerate(scenario.strategies):
-        key, inputs = "", {}
+        key = ""
         if cache is not None:
-            inputs = gate_key_inputs(scenario, strategy, points, seeds.gate)
-            key = gate_key(inputs)
+            inputs[i] = gate_key_inputs(scenario, strategy, points, seeds.gate)
+            key = gate_key(inputs[i])
         keys.append(key)
         if cache is not None:
             hit = cache.load(key, scenario)
             if hit is not None:
                 found[i] = hit
                 continue
-        jobs.append(_Job(i, scenario, strategy, points, seeds.gate, cache, key, inputs))
+        jobs.append(_Job(i, scenario, strategy, points, seeds.gate))
     origin = "off" if cache is None else "miss"
-    if workers > 1 and len(jobs) > 1:
-        context = multiprocessing.get_context()
-        queue: Queue[tuple[int, int]] | None = None if progress is None else context.Queue()
 
-        def drain(wait: float) -> None:
-            if queue is None:
-                return
-            try:
-                while True:
-                    report(*queue.get(timeout=wait))
-                    wait = 0.0
-            except Empty:
-                return
+    def finished(i: int, gate: GateTrajectory) -> tuple[GateTrajectory, str, str]:
+        if i not in found:
+            _store(cache, keys[i], inputs.get(i, {}), gate)
+        return gate, "hit" if i in found else origin, keys[i]
 
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)),
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(queue,),
-        ) as pool:
-            futures = {job.index: pool.submit(_train_one, job) for job in jobs}
-            for i in range(len(names)):
-                if i in found:
-                    report(i, total)
-                    yield found[i], "hit", keys[i]
-                    continue
-                future = futures[i]
-                while not future.done():
-                    drain(0.1)
-                result = future.result()
-                drain(0.0)
-                yield result, origin, keys[i]
+    # The units of work: one per strategy to train, or one per strategy and layer in a pool.
+    parallel = workers > 1 and len(jobs) * n_layers > 1
+    parts = [replace(job, layer=layer) for job in jobs for layer in range(n_layers)]
+    if not parallel:
+        parts = jobs
+    done = [0] * len(parts)  # steps each part has trained
+
+    def report(tag: int, steps: int) -> None:
+        done[tag] = steps
+        if progress is not None:
+            strategy = parts[tag].index
+            mine = [d for p, d in zip(parts, done, strict=True) if p.index == strategy]
+            progress(names[strategy], min(1.0, sum(mine) / (len(mine) * total)))
+
+    if not parallel:
+        for i in range(len(names)):
+            if i in found:
+                gate = found[i]
+                if progress is not None:
+                    progress(names[i], 1.0)
+            else:
+                tag = next(t for t, part in enumerate(parts) if part.index == i)
+                gate = _train_one(parts[tag], report, tag)
+            yield finished(i, gate)
         return
-    pending = {job.index: job for job in jobs}
-    for i in range(len(names)):
-        if i in found:
-            report(i, total)
-            yield found[i], "hit", keys[i]
-        else:
-            yield _train_one(pending[i], report), origin, keys[i]
+
+    context = multiprocessing.get_context()
+    queue: Queue[tuple[int, int]] | None = None if progress is None else context.Queue()
+
+    def drain(wait: float) -> None:
+        if queue is None:
+            return
+        try:
+            while True:
+                report(*queue.get(timeout=wait))
+                wait = 0.0
+        except Empty:
+            return
+
+    with ProcessPoolExecutor(
+        max_workers=min(workers, len(parts)),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(queue,),
+    ) as pool:
+        futures = [pool.submit(_train_one, part, None, tag) for tag, part in enumerate(parts)]
+        for i in range(len(names)):
+            if i in found:
+                if progress is not None:
+                    progress(names[i], 1.0)
+                yield finished(i, found[i])
+                continue
+            mine = [f for f, part in zip(futures, parts, strict=True) if part.index == i]
+            while not all(f.done() for f in mine):
+                drain(0.1)
+            layers = [f.result() for f in mine]
+            drain(0.0)
+            yield finished(i, layers[0] if n_layers == 1 else merge_layers(layers))
 
 
 def topic_load(

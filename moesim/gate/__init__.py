@@ -42,7 +42,7 @@ from moesim.gate.sampling import (
 )
 from moesim.gate.stream import TokenStream
 from moesim.gate.trace import ExpertTrace, load_trace, scenario_trace, trace_sample, trace_samples
-from moesim.gate.training import GateTrajectory, train_gate
+from moesim.gate.training import GateTrajectory, merge_layers, train_gate
 
 __all__ = [
     "CapacitySpec",
@@ -68,6 +68,7 @@ __all__ = [
     "max_vio_batch",
     "max_vio_compute_batch",
     "max_vio_global",
+    "merge_layers",
     "relative_load",
     "route",
     "routing_sample",

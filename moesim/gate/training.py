@@ -712,8 +712,10 @@ def train_gate(
     sample_steps: Sequence[int],
     seed_seq: np.random.SeedSequence,
     progress: Callable[[int], None] | None = None,
+    layer: int | None = None,
 ) -> GateTrajectory:
-    """Train every simulated layer's router over ``scenario.total_steps`` optimizer steps.
+    """Train every simulated layer's router (or one of them) over ``scenario.total_steps``
+    optimizer steps.
 
     Parameters
     ----------
@@ -728,6 +730,12 @@ def train_gate(
     progress : callable, optional
         Called with the optimizer steps done so far, about every hundredth of the run and
         once at the end (``total_steps``); it cannot change the training.
+    layer : int, optional
+        Train only this layer's router (0-based): the same tokens, the same initial router and
+        task and the same updates as in the run of every layer, whose layers never interact;
+        the trajectory holds this layer alone. :func:`merge_layers` joins such one-layer
+        trajectories into the run of every layer, identical to it, so the layers can train in
+        separate processes.
 
     Returns
     -------
@@ -752,6 +760,8 @@ def train_gate(
     n_experts, top_k, dim = moe.routed_experts, moe.top_k, scenario.stream.dim
     n_layers, total_steps = gate.layers_simulated, scenario.total_steps
     every, block = gate.steps_per_update, BIAS_BLOCK_STEPS
+    if layer is not None and not 0 <= layer < n_layers:
+        raise ValueError(f"layer: {layer} outside 0..{n_layers - 1} (gate.layers_simulated)")
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
@@ -792,6 +802,13 @@ def train_gate(
     ]
     optimizers = [_Adam((n_experts, dim), gate.learning_rate) for _ in range(n_layers)]
     data_rng = np.random.default_rng(data_seed)
+    # Every layer's router, task and teacher above are drawn, so that each generator is at
+    # the same place whichever layers train; only the trained ones are kept.
+    trained = range(n_layers) if layer is None else [layer]
+    states = [states[i] for i in trained]
+    optimizers = [optimizers[i] for i in trained]
+    tasks = [tasks[i] for i in trained] if tasks else []
+    teachers = [teachers[i] for i in trained] if teachers else []
 
     options = route_options(scenario)
     grouped = options["group_topk"] is not None and options["group_topk"] < options["n_groups"]
@@ -809,7 +826,7 @@ def train_gate(
     n_records = -(-total_steps // every)
     trajectory.tail_updates = max(1, n_records // 10)
     tail_from = n_records - trajectory.tail_updates
-    trajectory.tail_loads = np.zeros((n_layers, n_experts), dtype=np.int64)
+    trajectory.tail_loads = np.zeros((len(states), n_experts), dtype=np.int64)
     stops = sorted(wanted)
 
     def block_end(start: int, period_end: int) -> int:
@@ -857,7 +874,7 @@ def train_gate(
         # Optimizer steps this full update stands for (the experts take them at once).
         period = min(every, total_steps - step)
         metrics: list[UpdateMetrics] = []
-        for layer, (state, adam) in enumerate(zip(states, optimizers, strict=True)):
+        for i, (state, adam) in enumerate(zip(states, optimizers, strict=True)):
             routing = route(
                 x,
                 state,
@@ -883,7 +900,7 @@ def train_gate(
                 )
             moved = _moved_fraction(routing.selected, plain_routing.selected, n_experts)
             if tasks:
-                task_model = tasks[layer]
+                task_model = tasks[i]
                 target = task_model.target(x, topic_ids)  # shared by both passes
                 task_plain = (
                     None
@@ -899,7 +916,7 @@ def train_gate(
                 if task_plain is None:
                     task_plain = task
             else:
-                teacher = teachers[layer]
+                teacher = teachers[i]
                 choice = teacher.choice(x, top_k)
                 target = choice.at(routing.selected)
                 sq = row_sum(choice.weights**2)
@@ -921,7 +938,7 @@ def train_gate(
             adam.step(state.weights, grad)
             counts = routing.loads()  # as processed: after any capacity drops
             if step // every >= tail_from:
-                trajectory.tail_loads[layer] += counts
+                trajectory.tail_loads[i] += counts
             if scope_sizes is not None:
                 scoped = grouped_counts(routing.selected, n_experts, scope_sizes, routing.dropped)
                 balancer.after_step(state, scoped, tokens_before)
@@ -965,3 +982,50 @@ def train_gate(
     if progress is not None:
         progress(total_steps)
     return trajectory
+
+
+# Record fields that are the same for every layer (not averaged over layers).
+_SHARED_FIELDS = ("step", "tokens", "gamma")
+
+
+def merge_layers(parts: Sequence[GateTrajectory]) -> GateTrajectory:
+    """The trajectory of every layer from one-layer trajectories (``train_gate(...,
+    layer=i)``, given in layer order): identical to training every layer at once, record for
+    record — a record's fields are the means over layers of the same values, in the same
+    order, and an undefined interference ratio becomes NaN as there."""
+    if not parts:
+        raise ValueError("merge_layers: no trajectories")
+    first = parts[0]
+    for part in parts:
+        if len(part.final) != 1:
+            raise ValueError(
+                f"merge_layers: a trajectory of {len(part.final)} layers (one-layer ones only)"
+            )
+        if (part.strategy, len(part.records), sorted(part.states)) != (
+            first.strategy,
+            len(first.records),
+            sorted(first.states),
+        ):
+            raise ValueError("merge_layers: the trajectories are not of one training run")
+    records = []
+    for i, record in enumerate(first.records):
+        merged = {}
+        for key, value in record.items():
+            if key in _SHARED_FIELDS:
+                merged[key] = value
+            else:
+                merged[key] = float(np.mean([part.records[i][key] for part in parts]))
+        if "interference_ratio" in merged and not np.isfinite(merged["interference_ratio"]):
+            merged["interference_ratio"] = float("nan")
+        records.append(merged)
+    assert first.tail_loads is not None
+    return GateTrajectory(
+        strategy=first.strategy,
+        stream=first.stream,
+        records=records,
+        states={step: [part.states[step][0] for part in parts] for step in first.states},
+        final=[part.final[0] for part in parts],
+        steps_per_update=first.steps_per_update,
+        tail_loads=np.concatenate([part.tail_loads for part in parts]),
+        tail_updates=first.tail_updates,
+    )
