@@ -18,9 +18,9 @@ def _jit(fn: Any) -> Any:
 def _jit_inline(fn: Any) -> Any:
     """:func:`_jit`, inlined into its callers' per-token loops (a call per token cost about a
     tenth of a block of bias steps)."""
-    return numba.njit(
-        cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always"
-    )(fn)
+    return numba.njit(cache=True, nogil=True, fastmath=False, error_model="numpy", inline="always")(
+        fn
+    )
 
 
 @_jit
