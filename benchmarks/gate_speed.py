@@ -17,7 +17,9 @@
     compared with a j = 1 run (the same records, bit for bit), with a run on the NumPy twins
     of the compiled kernels (``moesim.gate.kernels``: bias steps, selection, the experts'
     passes, the stream's gathers; the same records, bit for bit, and its time) and with a k = 1
-    run (its time is that of the full updates alone).
+    run (its time is that of the full updates alone). It runs with ``train_gate(threads=2)``
+    (``--threads``): the sign-rule bias steps pipelined on two threads, the same records bit
+    for bit as one thread (checked on the first steps, with both times).
 
 Run ``python benchmarks/gate_speed.py`` (``--steps N`` shortens (b) for a quick look).
 
@@ -172,14 +174,15 @@ def v3_scenario(steps: int = V3_STEPS) -> dict[str, Any]:
     }
 
 
-def v3_trajectory(steps: int) -> None:
-    """(b): time ``train_gate`` over every step of the V3-sized run, then compare its first
-    ``REFERENCE_STEPS`` steps with a j = 1 and a k = 1 run of the same scenario and seed."""
+def v3_trajectory(steps: int, threads: int) -> None:
+    """(b): time ``train_gate`` over every step of the V3-sized run on ``threads`` threads, then
+    compare its first ``REFERENCE_STEPS`` steps with a one-thread run (when ``threads > 1``),
+    a j = 1 and a k = 1 run of the same scenario and seed."""
     scenario = scenario_from_dict(v3_scenario(steps))
     gate = scenario.gate
     strategy = scenario.strategies[0]
     start, cpu = time.perf_counter(), time.process_time()
-    trajectory = train_gate(scenario, strategy, [], np.random.SeedSequence(0))
+    trajectory = train_gate(scenario, strategy, [], np.random.SeedSequence(0), threads=threads)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     maxvio = trajectory.column("maxvio_batch")
     tail = maxvio[-max(1, maxvio.size // 10) :]
@@ -189,7 +192,7 @@ def v3_trajectory(steps: int) -> None:
         f"{gate.steps_per_update}, {gate.batch_sequences}×{gate.tokens_per_sequence} tokens; "
         f"bias batches {bias_batch_sequences(scenario)}×{gate.tokens_per_sequence} tokens in "
         f"blocks of j = {training.BIAS_BLOCK_STEPS}), 1 layer, learning "
-        f"rate {gate.learning_rate:g}"
+        f"rate {gate.learning_rate:g}, threads={threads}"
     )
     print(
         f"  {wall:7.1f} s wall ({cpu:.1f} s CPU), {wall / scenario.total_steps * 1e6:6.1f} µs per "
@@ -202,6 +205,24 @@ def v3_trajectory(steps: int) -> None:
         scenario_from_dict(v3_scenario(prefix)), strategy, [], np.random.SeedSequence(0)
     )
     raw = v3_scenario(prefix)
+    if threads > 1:
+        start = time.perf_counter()
+        threaded = train_gate(
+            scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0), threads=threads
+        )
+        threaded_wall = time.perf_counter() - start
+        start = time.perf_counter()
+        head = train_gate(scenario_from_dict(raw), strategy, [], np.random.SeedSequence(0))
+        alone_wall = time.perf_counter() - start
+        same = threaded.records == head.records and all(
+            np.array_equal(a.bias, b.bias) and np.array_equal(a.weights, b.weights)
+            for a, b in zip(threaded.final, head.final, strict=True)
+        )
+        print(
+            f"  steps 0..{prefix}: threads={threads} and 1 give the same records and routers: "
+            f"{same}; {threaded_wall / prefix * 1e6:.1f} against "
+            f"{alone_wall / prefix * 1e6:.1f} µs per step"
+        )
     block, training.BIAS_BLOCK_STEPS = training.BIAS_BLOCK_STEPS, 1
     try:
         start = time.perf_counter()
@@ -255,12 +276,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=V3_STEPS, help="steps of (b)")
     parser.add_argument("--repeats", type=int, default=7, help="repeats of each (a) timing")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="train_gate threads of (b) (2: both cores)"
+    )
     args = parser.parse_args()
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     print(f"{os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={threads}")
     for dim in (7168, 64):
         route_forward(dim, args.repeats)
-    v3_trajectory(args.steps)
+    v3_trajectory(args.steps, args.threads)
 
 
 if __name__ == "__main__":

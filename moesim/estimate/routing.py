@@ -196,6 +196,7 @@ class _Job:
     points: list[int]
     seed: np.random.SeedSequence
     layer: int | None = None
+    threads: int = 1  # train_gate's threads: 2 where a core would otherwise idle
 
 
 # The queue a gate-training worker process reports its progress on (set by _init_worker).
@@ -221,8 +222,9 @@ def _train_one(
     on_step = None if report is None else functools.partial(report, tag)
     with blas_threads():  # in a worker process too
         return train_gate(
-            job.scenario, job.strategy, job.points, job.seed, on_step, layer=job.layer
-        )
+            job.scenario, job.strategy, job.points, job.seed, on_step, layer=job.layer,
+            threads=job.threads,
+        )  # fmt: skip
 
 
 def _store(cache: GateCache | None, key: str, inputs: dict[str, Any], gate: GateTrajectory) -> None:
@@ -287,6 +289,10 @@ def _gates(
     parts = [replace(job, layer=layer) for job in jobs for layer in range(n_layers)]
     if not parallel:
         parts = jobs
+    # Gates that train alone or beside fewer gates than cores pipeline their bias steps on
+    # two threads (the same trajectory, sooner).
+    if workers >= 2 * len(parts):
+        parts = [replace(part, threads=2) for part in parts]
     done = [0] * len(parts)  # steps each part has trained
 
     def report(tag: int, steps: int) -> None:

@@ -231,11 +231,28 @@ def selection_scratch(
     )
 
 
+@_jit_inline
+def sigmoid_of_exp(value: Any, low: Any, high: Any, one: Any) -> Any:
+    """The sigmoid score ``1 / (1 + e)`` from ``e = exp(−logit)`` taken without the clip of the
+    logit at ``±80``: clamping ``e`` to ``[low, high] = [exp(−80), exp(80)]`` (NumPy's own
+    values) is that clip, since ``exp`` is increasing and its result for a logit beyond the
+    clip is dozens of ulps past the bound; a NaN stays NaN. Then the float32 operations of the
+    gate's sigmoid (``+ 1``, a correctly rounded reciprocal; ``one`` is 1 in the scores'
+    type)."""
+    if value > high:
+        value = high
+    if value < low:
+        value = low
+    return one / (one + value)
+
+
 @_jit
 def routed_top_k(
     scores: Any,
     bias: Any,
-    multiply: bool,
+    mode: int,
+    low: Any,
+    high: Any,
     top_k: int,
     n_groups: int,
     group_topk: int,
@@ -245,13 +262,16 @@ def routed_top_k(
     selected: Any,
     record: bool,
 ) -> int:
-    """Every token's group-limited top-k on ``scores + bias`` (``scores·bias``, see
-    :func:`top_k_row`), counted into ``counts`` per token group (``starts``), and with
-    ``record`` written to ``selected`` largest first (an equal score: the lower index first).
-    A token with NaN scores that leave fewer than ``top_k`` candidates is skipped and counted
-    in the return value, so that a caller can take another path."""
+    """Every token's group-limited top-k (:func:`top_k_row`) on ``scores + bias`` (``mode``
+    0), ``scores·bias`` (1) or ``1 / (1 + clamp(scores, low, high)) + bias`` (2: ``scores``
+    holds unclipped ``exp(−logits)``, see :func:`sigmoid_of_exp`), counted into ``counts``
+    per token group (``starts``), and with ``record`` written to ``selected`` largest first
+    (an equal score: the lower index first). A token with NaN scores that leave fewer than
+    ``top_k`` candidates is skipped and counted in the return value, so that a caller can take
+    another path."""
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
+    one = dtype.type(1.0)
     selection = np.empty(n_experts, dtype=dtype)
     scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
     candidates = np.empty(n_experts, dtype=np.int64)
@@ -262,9 +282,12 @@ def routed_top_k(
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
             segment += 1
-        if multiply:
+        if mode == 1:
             for e in range(n_experts):
                 selection[e] = scores[t, e] * bias[e]
+        elif mode == 2:
+            for e in range(n_experts):
+                selection[e] = sigmoid_of_exp(scores[t, e], low, high, one) + bias[e]
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]
@@ -296,9 +319,10 @@ def routed_counts(
     counts: Any,
 ) -> None:
     no_record = np.empty((1, 1), dtype=np.int64)
+    none = scores.dtype.type(0)
     routed_top_k(
-        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
-        no_record, False,
+        scores, bias, 1 if multiply else 0, none, none, top_k, n_groups, group_topk,
+        per_group, starts, counts, no_record, False,
     )  # fmt: skip
 
 
@@ -315,9 +339,10 @@ def select_top_k(
 ) -> int:
     starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((1, scores.shape[1]), dtype=np.int64)
+    none = scores.dtype.type(0)
     return routed_top_k(
-        scores, bias, multiply, top_k, n_groups, group_topk, per_group, starts, counts,
-        selected, True,
+        scores, bias, 1 if multiply else 0, none, none, top_k, n_groups, group_topk,
+        per_group, starts, counts, selected, True,
     )  # fmt: skip
 
 
@@ -331,15 +356,20 @@ def sign_rule_block(
     n_groups: int,
     group_topk: int,
     per_group: int,
+    from_exp: bool,
+    low: Any,
+    high: Any,
 ) -> None:
     n_experts = scores.shape[1]
     starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((1, n_experts), dtype=np.int64)
+    no_record = np.empty((1, 1), dtype=np.int64)
     for r in range(gammas.size):
         counts[:] = 0
         rows = scores[r * tokens : (r + 1) * tokens]
-        routed_counts(
-            rows, bias, False, top_k, n_groups, group_topk, per_group, starts, counts
+        routed_top_k(
+            rows, bias, 2 if from_exp else 0, low, high, top_k, n_groups, group_topk,
+            per_group, starts, counts, no_record, False,
         )  # fmt: skip
         gamma = gammas[r]
         if not gamma > 0:

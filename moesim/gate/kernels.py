@@ -58,6 +58,8 @@ import numpy as np
 import numpy.typing as npt
 
 AVAILABLE = importlib.util.find_spec("numba") is not None
+# Largest |logit| the router's scores pass to exp (moesim.gate.router.scores_from_logits).
+EXP_LIMIT = 80.0
 # Off with MOESIM_GATE_KERNELS=numpy (the NumPy twins then run; results are the same).
 ENABLED = AVAILABLE and os.environ.get("MOESIM_GATE_KERNELS", "numba") != "numpy"
 
@@ -106,21 +108,38 @@ def sign_rule_block(
     top_k: int,
     n_groups: int,
     group_topk: int | None,
+    from_exp: bool = False,
 ) -> None:
     """Consecutive sign-rule bias steps on an additive float32 bias, in place: step ``r``
     selects on ``scores[r·T:(r+1)·T] + bias`` (``T`` = rows / steps), counts the loads over
     the whole sub-batch as :func:`routed_counts` does, and moves ``bias`` by
     ``γ_r·sign(c̄ − c)`` as :func:`moesim.gate.balancing.sign_rule_update` does (nothing where
-    ``γ_r`` is 0) — the same values as one :func:`routed_counts` and one update per step."""
+    ``γ_r`` is 0) — the same values as one :func:`routed_counts` and one update per step.
+
+    With ``from_exp``, ``scores`` holds ``exp(−logits)`` taken without clipping the logits,
+    and each selection score is the sigmoid :func:`moesim.gate.router.scores_from_logits`
+    gives for them, computed in the loop (the same float32 values: the clip becomes a clamp
+    of the exponential to NumPy's ``exp(±80)``), so that the scores need no pass of their
+    own."""
     n_rows, n_experts = scores.shape
     steps = gammas.size
     if steps == 0 or n_rows % steps:
         raise ValueError(f"gammas: {steps} steps do not split {n_rows} rows")
     limit = n_groups if group_topk is None else min(group_topk, n_groups)
     per_group = min(n_experts // n_groups, max(1, top_k // limit))
+    low, high = exp_clip_bounds(scores.dtype)
     _compiled().sign_rule_block(
-        scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group
-    )
+        scores, bias, gammas, n_rows // steps, top_k, n_groups, limit, per_group, from_exp,
+        low, high,
+    )  # fmt: skip
+
+
+@functools.cache
+def exp_clip_bounds(dtype: np.dtype[Any]) -> tuple[np.floating[Any], np.floating[Any]]:
+    """``exp(−80)`` and ``exp(80)`` in ``dtype`` as NumPy's ``exp`` computes them on an array
+    (the values a sigmoid's clipped logits give)."""
+    limit = np.full(64, EXP_LIMIT, dtype=dtype)
+    return np.exp(-limit)[0], np.exp(limit)[0]
 
 
 # --------------------------------------------------------------------------- full updates

@@ -72,7 +72,7 @@ CapacityLevel = Literal["expert", "device"]
 FloatArray = npt.NDArray[np.floating]
 
 # Largest |argument| passed to exp when scoring (see scores_from_logits).
-_EXP_LIMIT = 80.0
+_EXP_LIMIT = kernels.EXP_LIMIT
 
 
 @dataclass(eq=False)

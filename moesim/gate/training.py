@@ -44,6 +44,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -81,7 +82,9 @@ _BETA1 = 0.9
 _BETA2 = 0.999
 _EPS = 1e-8
 # |argument| bound of exp in the sigmoid, as moesim.gate.router's.
-_EXP_LIMIT = np.float32(80.0)
+_EXP_LIMIT = np.float32(kernels.EXP_LIMIT)
+# Sub-batches a pipelined block hands from the scoring thread to the selecting one at a time.
+_PIPELINE_STEPS = 2
 # Bias-step tokens drawn and scored at once (the scores of one chunk are kept for every layer).
 _BIAS_CHUNK_TOKENS = 1 << 16
 # Longest block of bias steps run together (docs/decisions/2026-12-04-gate-coarsening.md): the
@@ -522,8 +525,12 @@ class _BiasSteps:
         self.chunk: npt.NDArray[np.float32] = np.zeros((0, scenario.stream.dim), np.float32)
         self.left = 0
         self.used = 0
+        # A chunk being drawn on the pipeline's worker: (its step and steps, its future).
+        self.ahead: tuple[tuple[int, int], Future[FloatArray]] | None = None
         # Each layer's scores of a block, in buffers kept from block to block.
         self.buffers: list[FloatArray] = []
+        n_experts = scenario.model.moe_spec.routed_experts
+        self.negated = np.empty((n_experts, scenario.stream.dim), dtype=np.float32)
         self.counter = None
         if options["capacity"] is None:
             # One load counter, reused by every layer and step.
@@ -550,6 +557,45 @@ class _BiasSteps:
             and all(s.bias.dtype == np.float32 and s.bias_mode == "add" for s in states)
         )
 
+    def _chunk_steps(self, step: int, period_end: int) -> int:
+        """Bias steps of the chunk drawn at ``step``."""
+        return min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
+
+    def _draw(self, step: int, n_steps: int) -> FloatArray:
+        """The chunk of ``n_steps`` sub-batches drawn at ``step``, one row per token."""
+        scenario = self.scenario
+        drawn, _ = self.stream.sample(
+            n_steps * self.sequences,
+            scenario.gate.tokens_per_sequence,
+            self.rng,
+            tokens_trained=scenario.tokens_before(step),
+            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+        )
+        return drawn.reshape(-1, scenario.stream.dim)
+
+    def draw_ahead(
+        self, step: int, period_end: int, balancer: BalancingStrategy, worker: ThreadPoolExecutor
+    ) -> None:
+        """Start drawing, on ``worker``, the chunk that :meth:`plan` draws at ``step``, the first
+        bias step of the next period, while this thread takes the full update (nothing else
+        draws from the bias steps' generator in between, so the values are the same)."""
+        tokens = self.scenario.tokens_before(step)
+        if step >= period_end or not balancer.gamma_at(tokens) > 0:
+            return  # that period's first block draws nothing
+        n_steps = self._chunk_steps(step, period_end)
+        self.ahead = ((step, n_steps), worker.submit(self._draw, step, n_steps))
+
+    def exp_form(self, balancer: BalancingStrategy, states: Sequence[RouterState]) -> bool:
+        """Whether the block's scores are left as ``exp(−logits)``, the sigmoid taken inside
+        the compiled sign-rule steps (:func:`moesim.gate.kernels.sign_rule_block`): two
+        passes fewer over the scores, and no check of the logits' range."""
+        return (
+            kernels.ENABLED
+            and self.options["score"] == "sigmoid"
+            and self.options["capacity"] is None
+            and self.fused_sign_rule(balancer, states)
+        )
+
     def invalidate(self) -> None:
         """Forget the rest of the chunk (at a full update: chunks never span one)."""
         self.left = 0
@@ -570,16 +616,19 @@ class _BiasSteps:
         if not active:
             return _Block(step, end, trained, None)
         if self.left == 0:
-            gate = scenario.gate
-            n_steps = min(period_end - step, max(1, _BIAS_CHUNK_TOKENS // self.tokens))
-            drawn, _ = self.stream.sample(
-                n_steps * self.sequences,
-                gate.tokens_per_sequence,
-                self.rng,
-                tokens_trained=trained[0],
-                sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
-            )
-            self.chunk = drawn.reshape(-1, scenario.stream.dim)
+            n_steps = self._chunk_steps(step, period_end)
+            if self.ahead is not None:
+                (ahead_step, ahead_steps), drawing = self.ahead
+                self.ahead = None
+                if (ahead_step, ahead_steps) != (step, n_steps):
+                    # The generator has moved on: any other draw would break the trajectory.
+                    raise RuntimeError(
+                        f"bias chunk drawn ahead for step {ahead_step} ({ahead_steps} steps), "
+                        f"needed at step {step} ({n_steps} steps)"
+                    )
+                self.chunk = drawing.result()
+            else:
+                self.chunk = self._draw(step, n_steps)
             self.left, self.used = n_steps, 0
         n = min(end - step, self.left)
         x = self.chunk[self.used * self.tokens : (self.used + n) * self.tokens]
@@ -588,11 +637,18 @@ class _BiasSteps:
         return _Block(step, step + n, trained[:n], x)
 
     def advance(
-        self, block: _Block, states: Sequence[RouterState], optimizers: Sequence[_Adam]
+        self,
+        block: _Block,
+        states: Sequence[RouterState],
+        optimizers: Sequence[_Adam],
+        exp_form: bool = False,
     ) -> list[FloatArray] | None:
         """The block's weights path and every layer's scores of its sub-batches (the bias read
         nowhere): sub-batch r's logits with the weights step ``block.start + r`` starts from,
-        then that step's Adam update. Leaves routing with a capacity to :meth:`select`."""
+        then that step's Adam update. Leaves routing with a capacity to :meth:`select`. With
+        ``exp_form`` (:meth:`exp_form`) the scores are left as ``exp(−logits)``: the logits
+        come negated from the negated weights (negation is exact, so ``x·(−W)ᵀ = −(x·Wᵀ)`` bit
+        for bit, on half as many values) and only the exponential is taken."""
         n = block.end - block.start
         if block.x is None:
             for state, adam in zip(states, optimizers, strict=True):
@@ -602,18 +658,85 @@ class _BiasSteps:
         if self.options["capacity"] is not None:
             return None
         size = self.tokens
-        out = []
-        for layer, (state, adam) in enumerate(zip(states, optimizers, strict=True)):
-            if layer == len(self.buffers) or len(self.buffers[layer]) < n * size:
-                buffer = np.empty((n * size, state.n_experts), dtype=np.float32)
-                self.buffers[layer : layer + 1] = [buffer]
-            logits = self.buffers[layer][: n * size]
+        out = self._buffers(states, n)
+        if exp_form:
+            self._exp_rows(block, states, optimizers, 0, n)
+            return out
+        for logits, state, adam in zip(out, states, optimizers, strict=True):
             for r in range(n):
                 rows = slice(r * size, (r + 1) * size)
                 np.matmul(block.x[rows], state.weights.T, out=logits[rows])
                 adam.repeat(state.weights)
-            out.append(_scores(logits, self.options["score"]))
+            _scores(logits, self.options["score"])
         return out
+
+    def _buffers(self, states: Sequence[RouterState], n: int) -> list[FloatArray]:
+        """Each layer's buffer for the scores of ``n`` sub-batches."""
+        rows = n * self.tokens
+        for layer, state in enumerate(states):
+            if layer == len(self.buffers) or len(self.buffers[layer]) < rows:
+                buffer = np.empty((rows, state.n_experts), dtype=np.float32)
+                self.buffers[layer : layer + 1] = [buffer]
+        return [buffer[:rows] for buffer in self.buffers[: len(states)]]
+
+    def _exp_rows(
+        self,
+        block: _Block,
+        states: Sequence[RouterState],
+        optimizers: Sequence[_Adam],
+        start: int,
+        end: int,
+    ) -> None:
+        """Sub-batches ``start..end − 1`` of the block in exp form (:meth:`advance`), into the
+        layers' buffers, with their steps' Adam updates."""
+        assert block.x is not None
+        size, negated = self.tokens, self.negated
+        for logits, state, adam in zip(self.buffers, states, optimizers, strict=True):
+            for r in range(start, end):
+                rows = slice(r * size, (r + 1) * size)
+                np.negative(state.weights, out=negated)
+                np.matmul(block.x[rows], negated.T, out=logits[rows])
+                adam.repeat(state.weights)
+            taken = logits[start * size : end * size]
+            np.exp(taken, out=taken)
+
+    def pipelined(
+        self,
+        block: _Block,
+        states: Sequence[RouterState],
+        optimizers: Sequence[_Adam],
+        balancer: BalancingStrategy,
+        worker: ThreadPoolExecutor,
+    ) -> None:
+        """:meth:`advance` and :meth:`select` of a block in exp form whose bias moves, on two
+        threads: ``worker`` scores the sub-batches ``_PIPELINE_STEPS`` at a time while this
+        thread takes the sign-rule steps of those already scored. Each thread does its part's
+        operations in the same order as one thread would, and neither reads what the other
+        writes (weights and Adam state there, biases here), so the result is the same bit for
+        bit."""
+        assert block.x is not None
+        n, size = block.end - block.start, self.tokens
+        scores = self._buffers(states, n)
+        gammas = np.array([balancer.gamma_at(t) for t in block.trained], dtype=np.float32)
+        pieces = [(lo, min(n, lo + _PIPELINE_STEPS)) for lo in range(0, n, _PIPELINE_STEPS)]
+        scored = [
+            worker.submit(self._exp_rows, block, states, optimizers, lo, hi) for lo, hi in pieces
+        ]
+        try:
+            for (lo, hi), piece in zip(pieces, scored, strict=True):
+                piece.result()
+                for state, layer_scores in zip(states, scores, strict=True):
+                    kernels.sign_rule_block(
+                        layer_scores[lo * size : hi * size],
+                        state.bias,
+                        gammas[lo:hi],
+                        self.options["top_k"],
+                        self.options["n_groups"],
+                        self.options["group_topk"],
+                        True,
+                    )
+        finally:
+            wait(scored)  # the weights are not left half-way along the block's path
 
     def select(
         self,
@@ -654,6 +777,7 @@ class _BiasSteps:
         if kernels.ENABLED and self.fused_sign_rule(balancer, states):
             # The whole block's selections, counts and sign-rule steps in one compiled call.
             gammas = np.array([balancer.gamma_at(t) for t in block.trained], dtype=np.float32)
+            from_exp = self.exp_form(balancer, states)
             for state, layer_scores in zip(states, scores, strict=True):
                 kernels.sign_rule_block(
                     layer_scores[: n * size],
@@ -662,6 +786,7 @@ class _BiasSteps:
                     self.options["top_k"],
                     self.options["n_groups"],
                     self.options["group_topk"],
+                    from_exp,
                 )
             return
         if kernels.ENABLED:
@@ -713,6 +838,7 @@ def train_gate(
     seed_seq: np.random.SeedSequence,
     progress: Callable[[int], None] | None = None,
     layer: int | None = None,
+    threads: int = 1,
 ) -> GateTrajectory:
     """Train every simulated layer's router (or one of them) over ``scenario.total_steps``
     optimizer steps.
@@ -736,6 +862,11 @@ def train_gate(
         the trajectory holds this layer alone. :func:`merge_layers` joins such one-layer
         trajectories into the run of every layer, identical to it, so the layers can train in
         separate processes.
+    threads : int, default 1
+        With 2 or more, blocks of sign-rule bias steps run pipelined on two threads (one
+        scores the next sub-batches while the other selects): the same trajectory bit for
+        bit, sooner when a second core is free. No effect on other strategies, or without the
+        compiled kernels.
 
     Returns
     -------
@@ -762,6 +893,8 @@ def train_gate(
     every, block = gate.steps_per_update, BIAS_BLOCK_STEPS
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer: {layer} outside 0..{n_layers - 1} (gate.layers_simulated)")
+    if threads < 1:
+        raise ValueError(f"threads: {threads} (need at least 1)")
     wanted = {int(s) for s in sample_steps}
     bad = sorted(s for s in wanted if not 0 <= s <= total_steps)
     if bad:
@@ -821,6 +954,9 @@ def train_gate(
     bias_steps = None
     if every > 1 and scope is not None:
         bias_steps = _BiasSteps(scenario, stream, np.random.default_rng(bias_seed), options, scope)
+    exp_form = bias_steps is not None and bias_steps.exp_form(balancer, states)
+    # The scoring thread of pipelined blocks (idle between them; it ends with the executor).
+    worker = ThreadPoolExecutor(1, "moesim-gate-scores") if threads > 1 and exp_form else None
 
     trajectory = GateTrajectory(strategy=balancer.name, stream=stream, steps_per_update=every)
     n_records = -(-total_steps // every)
@@ -836,6 +972,18 @@ def train_gate(
         after = bisect.bisect_right(stops, start)
         return min(end, stops[after]) if after < len(stops) else end
 
+    def draw_batch(at: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """The gate batch of the full update at step ``at``."""
+        return stream.sample(
+            gate.batch_sequences,
+            gate.tokens_per_sequence,
+            data_rng,
+            tokens_trained=scenario.tokens_before(at),
+            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
+        )
+
+    batch_ahead: tuple[int, Future[tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]]] | None
+    batch_ahead = None
     report_every, next_report = max(1, total_steps // 100), 0
     step = 0
     while step < total_steps:
@@ -858,17 +1006,33 @@ def train_gate(
                 step = end
                 continue
             current = bias_steps.plan(step, block_end(step, period_end), period_end, balancer)
-            scores = bias_steps.advance(current, states, optimizers)
+            if worker is not None and current.x is not None:
+                last = current.end == period_end < total_steps
+                bias_steps.pipelined(current, states, optimizers, balancer, worker)
+                if last:
+                    # Drawn on the worker after the block's scores (only the full updates
+                    # draw from data_rng, so the values are the same).
+                    batch_ahead = (period_end, worker.submit(draw_batch, period_end))
+                step = current.end
+                if step == period_end < total_steps:
+                    # The next period's bias steps start after its full update at period_end.
+                    next_end = min(total_steps, period_end + every)
+                    bias_steps.draw_ahead(period_end + 1, next_end, balancer, worker)
+                continue
+            scores = bias_steps.advance(
+                current, states, optimizers, bias_steps.exp_form(balancer, states)
+            )
             bias_steps.select(current, scores, states, optimizers, balancer)
             step = current.end
             continue
-        tokens, topics = stream.sample(
-            gate.batch_sequences,
-            gate.tokens_per_sequence,
-            data_rng,
-            tokens_trained=tokens_before,
-            sequences_per_micro_batch=scenario.parallelism.micro_batch_size,
-        )
+        if batch_ahead is not None:
+            ahead_step, drawing = batch_ahead
+            batch_ahead = None
+            if ahead_step != step:  # the generator has moved on (a bug, not a choice)
+                raise RuntimeError(f"gate batch drawn for step {ahead_step}, needed at {step}")
+            tokens, topics = drawing.result()
+        else:
+            tokens, topics = draw_batch(step)
         x = tokens.reshape(-1, dim)
         topic_ids = topics.ravel()
         # Optimizer steps this full update stands for (the experts take them at once).
@@ -902,14 +1066,24 @@ def train_gate(
             if tasks:
                 task_model = tasks[i]
                 target = task_model.target(x, topic_ids)  # shared by both passes
-                task_plain = (
-                    None
-                    if plain_routing is routing
-                    else task_model.evaluate(x, topic_ids, plain_routing, target)
-                )
-                result = task_model.step(
-                    x, topic_ids, routing, options, steps=period, target=target
-                )
+                task_plain = None
+                if plain_routing is not routing and worker is not None:
+                    # On the worker, beside the step's passes: the experts change only at
+                    # apply, after it (the same values as one after the other).
+                    evaluating = worker.submit(
+                        task_model.evaluate, x, topic_ids, plain_routing, target
+                    )
+                    result = task_model.step(
+                        x, topic_ids, routing, options, steps=period, update=False, target=target
+                    )
+                    task_plain = evaluating.result()
+                    task_model.apply(period)
+                else:
+                    if plain_routing is not routing:
+                        task_plain = task_model.evaluate(x, topic_ids, plain_routing, target)
+                    result = task_model.step(
+                        x, topic_ids, routing, options, steps=period, target=target
+                    )
                 task, dtask = result.loss, result.dlogits
                 assert dtask is not None
                 capture = float("nan")
@@ -976,6 +1150,8 @@ def train_gate(
             }
         )
         step += 1
+    if worker is not None:
+        worker.shutdown()
     if total_steps in wanted:
         trajectory.states[total_steps] = [s.copy() for s in states]
     trajectory.final = [s.copy() for s in states]

@@ -16,7 +16,7 @@ from moesim.gate import TokenStream, kernels, train_gate
 from moesim.gate.balancing import sign_rule_update
 from moesim.gate.experts import ExpertTask
 from moesim.gate.router import CapacitySpec, RouterState, route, select_experts, top_k_indices
-from moesim.gate.training import LoadCounter, _Adam
+from moesim.gate.training import LoadCounter, _Adam, _scores
 from moesim.scenario import scenario_from_dict
 from moesim.scenario.strategies import Bias, Composite, LossTerm
 
@@ -112,7 +112,7 @@ def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> N
 STEPS = 320
 
 
-def _v3_like(seed: int, bias: Bias) -> tuple[list, list]:
+def _v3_like(seed: int, bias: Bias, threads: int = 1) -> tuple[list, list]:
     """A short DeepSeek-V3-like coarsened run (benchmarks/gate_speed.py (b)): 256 experts,
     top-8 sigmoid, node-limited to 4 of 8 nodes, sequence loss plus loss-free bias, gradients
     every 16 steps; returns its records and final routers."""
@@ -124,7 +124,7 @@ def _v3_like(seed: int, bias: Bias) -> tuple[list, list]:
         losses=[LossTerm(kind="sequence", alpha=1e-4)],
         bias=bias,
     )
-    trajectory = train_gate(scenario, spec, [], np.random.SeedSequence(seed))
+    trajectory = train_gate(scenario, spec, [], np.random.SeedSequence(seed), threads=threads)
     return trajectory.records, [(s.weights.copy(), s.bias.copy()) for s in trajectory.final]
 
 
@@ -154,6 +154,51 @@ def test_coarsened_trajectory_is_the_same_on_both_paths(
             np.testing.assert_array_equal(b, b0)
     # The bias moved at the bias steps (the path under test did something).
     assert float(np.abs(compiled[1][0][1]).max()) > 16 * 1e-3
+
+
+@needs_numba
+@pytest.mark.parametrize(
+    "bias", [Bias(gamma=1e-3), Bias(gamma=1e-3, recenter=True)], ids=["fused", "recentred"]
+)
+def test_pipelined_bias_steps_give_the_same_trajectory(bias: Bias) -> None:
+    """threads=2 (scores on a second thread while the sign rule selects) changes nothing; a
+    strategy the pipeline does not cover (re-centred bias) runs as before."""
+    alone = _v3_like(4, bias)
+    pipelined = _v3_like(4, bias, threads=2)
+    assert pipelined[0] == alone[0]
+    for (w, b), (w0, b0) in zip(pipelined[1], alone[1], strict=True):
+        np.testing.assert_array_equal(w, w0)
+        np.testing.assert_array_equal(b, b0)
+
+
+def test_train_gate_rejects_zero_threads() -> None:
+    scenario = scenario_from_dict(v3_like(STEPS))
+    with pytest.raises(ValueError, match="threads: 0"):
+        train_gate(scenario, scenario.strategies[0], [], np.random.SeedSequence(0), threads=0)
+
+
+@needs_numba
+def test_sign_rule_block_from_exp_equals_the_sigmoid_scores() -> None:
+    """The exp form (the sigmoid inside the loop, the logits' clip as a clamp of exp) against
+    the scores of the gate's sigmoid, on logits beyond ±80 (both signs, inf included), a NaN
+    (that token selects nothing on both paths) and scores on a lattice (ties)."""
+    rng = np.random.default_rng(3)
+    logits = (rng.integers(-40, 40, (6 * 40, 256)) / 8).astype(np.float32)
+    logits[3, 7], logits[50, 0], logits[51, 255] = 85.0, -81.5, np.inf
+    logits[100, :64] = -1e4
+    logits[120, 9] = np.nan
+    bias = (rng.integers(-8, 8, 256) / 64).astype(np.float32)
+    gammas = np.array([1e-3, 2e-3, 0.0, 1e-3, 5e-4, 1e-3], dtype=np.float32)
+    from_scores = bias.copy()
+    kernels.sign_rule_block(_scores(logits.copy(), "sigmoid"), from_scores, gammas, 8, 8, 4)
+    with np.errstate(over="ignore"):
+        exponentials = np.exp(-logits)
+    from_exp = bias.copy()
+    kernels.sign_rule_block(exponentials, from_exp, gammas, 8, 8, 4, from_exp=True)
+    np.testing.assert_array_equal(from_exp, from_scores)
+    assert not np.array_equal(from_exp, bias)
+    low, high = kernels.exp_clip_bounds(np.dtype(np.float32))
+    assert (low, high) == (np.float32(np.exp(np.float32(-80.0))), np.exp(np.float32(80.0)))
 
 
 @needs_numba
