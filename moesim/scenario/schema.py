@@ -19,6 +19,7 @@ attention-data-parallel replicas. A dense model (no ``model.moe``) has ``expert 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Annotated, Literal
 
@@ -853,6 +854,12 @@ class Scenario(Frozen):
             tokens += batch * self.model.seq_len
         return tuple(batches)
 
+    @functools.cached_property
+    def _ramp_sequences_before(self) -> tuple[int, ...]:
+        """Sequences trained before each step of the ramp and after it (exact prefix sums:
+        :meth:`tokens_before` is called for every step of a gate trajectory)."""
+        return tuple(itertools.accumulate(self._ramp_batches, initial=0))
+
     @property
     def ramp_steps(self) -> int:
         """Optimizer steps taken during the batch ramp (0 without one)."""
@@ -871,12 +878,14 @@ class Scenario(Frozen):
         """Tokens trained before optimizer step ``step``."""
         ramp = self._ramp_batches
         ramped = min(step, len(ramp))
-        tokens = float(sum(ramp[:ramped])) * self.model.seq_len
+        tokens = float(self._ramp_sequences_before[ramped]) * self.model.seq_len
         return tokens + float(step - ramped) * self.tokens_per_step
 
     @property
     def total_steps(self) -> int:
         """Optimizer steps in the run (the last partial batch counts as a step)."""
         ramp = self._ramp_batches
-        rest = self.training.total_tokens - float(sum(ramp)) * self.model.seq_len
+        rest = (
+            self.training.total_tokens - float(self._ramp_sequences_before[-1]) * self.model.seq_len
+        )
         return max(1, len(ramp) + max(0, math.ceil(rest / self.tokens_per_step)))
