@@ -84,6 +84,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from moesim.gate import kernels
 from moesim.gate.router import (
     FloatArray,
     RouterState,
@@ -508,7 +509,12 @@ def combined_loss_and_grad(
     loss, grad = 0.0, None
     if balance:
         # Only the set matters to the losses: without the caller's indices, a mask (cheaper).
-        plain = top_k_mask(s, ctx.top_k) if selected is None else selected
+        plain = selected
+        if plain is None and kernels.ENABLED and s.dtype == np.float32 and s.flags.c_contiguous:
+            # The same set by the compiled selection (None when NaN scores leave it to NumPy).
+            plain = kernels.select_top_k(s, None, False, ctx.top_k, 1, None)
+        if plain is None:
+            plain = top_k_mask(s, ctx.top_k)
         parts = [_loss_coefficients(t, plain, n_experts, ctx) for t in balance]
         if len(parts) == 1:
             coef, sizes = parts[0]

@@ -310,7 +310,9 @@ def routed_top_k(
 def routed_counts(
     scores: Any,
     bias: Any,
-    multiply: bool,
+    mode: int,
+    low: Any,
+    high: Any,
     top_k: int,
     n_groups: int,
     group_topk: int,
@@ -319,10 +321,9 @@ def routed_counts(
     counts: Any,
 ) -> None:
     no_record = np.empty((1, 1), dtype=np.int64)
-    none = scores.dtype.type(0)
     routed_top_k(
-        scores, bias, 1 if multiply else 0, none, none, top_k, n_groups, group_topk,
-        per_group, starts, counts, no_record, False,
+        scores, bias, mode, low, high, top_k, n_groups, group_topk, per_group, starts, counts,
+        no_record, False,
     )  # fmt: skip
 
 
@@ -589,6 +590,33 @@ def adam_repeat(
 
 
 @_jit
+def adam_repeats(
+    weights: Any,
+    m: Any,
+    v: Any,
+    first: Any,
+    second: Any,
+    beta1: Any,
+    beta2: Any,
+    eps: Any,
+    step_sizes: Any,
+) -> None:
+    """:func:`adam_repeat` once per entry of ``eps`` and ``step_sizes``, in their order: one
+    vectorised pass over the elements per repeat (a loop over the repeats inside would chain
+    each element's square roots and divisions)."""
+    w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
+    f, s = first.ravel(), second.ravel()
+    for r in range(step_sizes.size):
+        eps_r, step_r = eps[r], step_sizes[r]
+        for i in range(w.size):
+            mi = mm[i] * beta1 + f[i]
+            vi = vv[i] * beta2 + s[i]
+            mm[i] = mi
+            vv[i] = vi
+            w[i] -= (mi / (np.sqrt(vi) + eps_r)) * step_r
+
+
+@_jit
 def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, keep: Any) -> None:
     n_tokens, n_experts = selection.shape
     first, second, tops, top_index, group_score, group_rank, kept, _ = selection_scratch(
@@ -605,7 +633,9 @@ def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, k
 def sample_counts(
     scores: Any,
     bias: Any,
-    multiply: bool,
+    mode: int,
+    low: Any,
+    high: Any,
     top_k: int,
     n_groups: int,
     group_topk: int,
@@ -620,6 +650,7 @@ def sample_counts(
 ) -> int:
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
+    one = dtype.type(1.0)
     selection = np.empty(n_experts, dtype=dtype)
     scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
     candidates = np.empty(n_experts, dtype=np.int64)
@@ -628,9 +659,12 @@ def sample_counts(
     unranked = 0
     for t in range(n_tokens):
         cell = t // tokens_per_cell
-        if multiply:
+        if mode == 1:
             for e in range(n_experts):
                 selection[e] = scores[t, e] * bias[e]
+        elif mode == 2:
+            for e in range(n_experts):
+                selection[e] = sigmoid_of_exp(scores[t, e], low, high, one) + bias[e]
         else:
             for e in range(n_experts):
                 selection[e] = scores[t, e] + bias[e]

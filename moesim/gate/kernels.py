@@ -79,6 +79,7 @@ def routed_counts(
     n_groups: int,
     group_topk: int | None,
     starts: npt.NDArray[np.int64] | None = None,
+    from_exp: bool = False,
 ) -> npt.NDArray[np.int64]:
     """Expert loads of the top-k selection on ``scores + bias`` (``scores·bias`` when
     ``multiply``), group-limited when ``group_topk < n_groups``: shape (G, E) for the token
@@ -86,17 +87,22 @@ def routed_counts(
 
     The values are those of :class:`moesim.gate.training.LoadCounter` on the selection scores
     (whose ties take :func:`moesim.gate.router.select_experts`' choice: the lower index); the
-    scores must be finite (no NaN). ``scores`` and ``bias`` share one float dtype.
+    scores must be finite (no NaN). ``scores`` and ``bias`` share one float dtype. With
+    ``from_exp`` (additive bias only) ``scores`` holds a sigmoid router's ``exp(−logits)``, as
+    in :func:`sample_counts`.
     """
+    if from_exp and multiply:
+        raise ValueError("routed_counts: from_exp needs an additive bias")
     n_tokens, n_experts = scores.shape
     limit = n_groups if group_topk is None else min(group_topk, n_groups)
     per_group = min(n_experts // n_groups, max(1, top_k // limit))
     if starts is None:
         starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((starts.size, n_experts), dtype=np.int64)
+    low, high = exp_clip_bounds(scores.dtype)
     _compiled().routed_counts(
-        scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
-        per_group, starts, counts,
+        scores, bias.astype(scores.dtype, copy=False), 2 if from_exp else int(multiply), low,
+        high, top_k, n_groups, limit, per_group, starts, counts,
     )  # fmt: skip
     return counts
 
@@ -295,6 +301,23 @@ def adam_repeat(
     )
 
 
+def adam_repeats(
+    weights: npt.NDArray[np.float32],
+    m: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    first: npt.NDArray[np.float32],
+    second: npt.NDArray[np.float32],
+    beta1: float,
+    beta2: float,
+    eps: npt.NDArray[np.float32],
+    step_sizes: npt.NDArray[np.float32],
+) -> None:
+    """:func:`adam_repeat` with ``eps[r]`` and ``step_sizes[r]`` for r = 0, 1, … in one call
+    (the same values as one call each)."""
+    f32 = np.float32
+    _compiled().adam_repeats(weights, m, v, first, second, f32(beta1), f32(beta2), eps, step_sizes)
+
+
 def group_keep(
     selection: npt.NDArray[np.float32], n_groups: int, group_topk: int, per_group: int
 ) -> npt.NDArray[np.bool_]:
@@ -318,6 +341,7 @@ def sample_counts(
     n_cells: int,
     n_ranks: int,
     n_nodes: int,
+    from_exp: bool = False,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """An engine sample's dropless counts in one pass over its routed tokens: the top-k
     selection on ``scores + bias`` (``scores·bias`` when ``multiply``), group-limited when
@@ -328,10 +352,15 @@ def sample_counts(
     values of :func:`moesim.gate.sampling.routing_sample`'s NumPy path (``bincount`` of the
     routed assignments and of the distinct ranks and nodes per token).
 
+    With ``from_exp`` (additive bias only) ``scores`` holds ``exp(−logits)`` of a sigmoid
+    router, the sigmoid taken in the loop (:func:`sign_rule_block`'s form: the same scores).
+
     Returns ``counts`` (n_cells, E), ``dest`` (n_cells, n_ranks) and ``node`` (n_cells,
     n_nodes), int64.
     """
     n_tokens, n_experts = scores.shape
+    if from_exp and multiply:
+        raise ValueError("sample_counts: from_exp needs an additive bias")
     if n_tokens % n_cells or n_experts % n_ranks or n_experts % n_nodes:
         raise ValueError(
             f"sample_counts: {n_tokens} tokens, {n_experts} experts do not split into "
@@ -342,10 +371,11 @@ def sample_counts(
     counts = np.zeros((n_cells, n_experts), dtype=np.int64)
     dest = np.zeros((n_cells, n_ranks), dtype=np.int64)
     node = np.zeros((n_cells, n_nodes), dtype=np.int64)
+    low, high = exp_clip_bounds(scores.dtype)
     unranked = _compiled().sample_counts(
-        scores, bias.astype(scores.dtype, copy=False), multiply, top_k, n_groups, limit,
-        per_group, n_tokens // n_cells, weights, n_experts // n_ranks, n_experts // n_nodes,
-        counts, dest, node,
+        scores, bias.astype(scores.dtype, copy=False), 2 if from_exp else int(multiply), low,
+        high, top_k, n_groups, limit, per_group, n_tokens // n_cells, weights,
+        n_experts // n_ranks, n_experts // n_nodes, counts, dest, node,
     )  # fmt: skip
     if unranked:
         raise ValueError(

@@ -257,13 +257,30 @@ def _compiled_counts(x: npt.NDArray[np.floating], state: RouterState) -> bool:
 
 
 def _score_blocks(
-    x: npt.NDArray[np.float32], state: RouterState, options: dict[str, object], rows: int
+    x: npt.NDArray[np.float32],
+    state: RouterState,
+    options: dict[str, object],
+    rows: int,
+    exp_form: bool = False,
 ) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
     """The router's scores of ``x`` (the product and score function of
-    :func:`~moesim.gate.router.route`) in blocks of ``rows`` rows: (first row, scores)."""
+    :func:`~moesim.gate.router.route`) in blocks of ``rows`` rows: (first row, scores). With
+    ``exp_form`` (a sigmoid router) the blocks hold ``exp(−logits)`` instead, the logits taken
+    with the negated weights (exactly the negated logits), for the compiled counts to finish
+    the sigmoid: one pass over the block instead of five."""
+    weights = -state.weights if exp_form else state.weights
     for r0 in range(0, x.shape[0], rows):
-        logits = x[r0 : r0 + rows] @ state.weights.T
-        yield r0, scores_from_logits(logits, options["score"])  # type: ignore[arg-type]
+        logits = x[r0 : r0 + rows] @ weights.T
+        if exp_form:
+            yield r0, np.exp(logits, out=logits)
+        else:
+            yield r0, scores_from_logits(logits, options["score"])  # type: ignore[arg-type]
+
+
+def _exp_form(state: RouterState, options: dict[str, object]) -> bool:
+    """Whether the compiled counts take the scores in exp form (:func:`_score_blocks`): a
+    sigmoid router with an additive bias."""
+    return options["score"] == "sigmoid" and state.bias_mode == "add"
 
 
 def _selection_options(
@@ -300,7 +317,8 @@ def _dropless_counts(
     ranks, hosts = dest.reshape(cells.shape[0], -1), node.reshape(cells.shape[0], -1)
     block = max(1, _SCORE_BLOCK_ROWS // tokens_per_cell) * tokens_per_cell
     selection = _selection_options(state, options)
-    for r0, scores in _score_blocks(x, state, options, block):
+    exp_form = _exp_form(state, options)
+    for r0, scores in _score_blocks(x, state, options, block, exp_form):
         n_rows = scores.shape[0]
         c, d, n = kernels.sample_counts(
             scores,
@@ -309,6 +327,7 @@ def _dropless_counts(
             n_rows // tokens_per_cell,
             ranks.shape[1],
             hosts.shape[1],
+            from_exp=exp_form,
         )
         first = r0 // tokens_per_cell
         cells[first : first + c.shape[0]] = c
@@ -331,8 +350,11 @@ def dropless_loads(
         return expert_counts(routing.selected, state.n_experts)
     loads = np.zeros(state.n_experts, dtype=np.int64)
     bias, multiply, top_k, n_groups, group_topk = _selection_options(state, opts)
-    for _, scores in _score_blocks(x, state, opts, _SCORE_BLOCK_ROWS):
-        loads += kernels.routed_counts(scores, bias, multiply, top_k, n_groups, group_topk)[0]
+    exp_form = _exp_form(state, opts)
+    for _, scores in _score_blocks(x, state, opts, _SCORE_BLOCK_ROWS, exp_form):
+        loads += kernels.routed_counts(
+            scores, bias, multiply, top_k, n_groups, group_topk, from_exp=exp_form
+        )[0]
     return loads
 
 

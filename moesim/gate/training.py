@@ -42,6 +42,7 @@ are in ``docs/decisions/2026-12-04-gate-coarsening.md``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -216,6 +217,24 @@ class _Adam:
         # Bias-corrected update lr·m̂/(√v̂ + ε), with the corrections folded into the step size.
         denom = np.sqrt(self.v) + np.float32(_EPS * np.sqrt(1 - _BETA2**self.t))
         weights -= np.float32(step_size) * self.m / denom
+
+    def repeat_many(self, weights: npt.NDArray[np.float32], n: int) -> None:
+        """``n`` calls of :meth:`repeat` (compiled: one pass, the same values)."""
+        if not (kernels.ENABLED and weights.flags.c_contiguous and n > 1):
+            for _ in range(n):
+                self.repeat(weights)
+            return
+        roots = [math.sqrt(1 - _BETA2 ** (self.t + r)) for r in range(1, n + 1)]
+        steps = [
+            self.learning_rate * root / (1 - _BETA1 ** (self.t + r))
+            for r, root in enumerate(roots, 1)
+        ]
+        self.t += n
+        kernels.adam_repeats(
+            weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2,
+            np.array([_EPS * root for root in roots], dtype=np.float32),
+            np.array(steps, dtype=np.float32),
+        )  # fmt: skip
 
     def repeat(self, weights: npt.NDArray[np.float32]) -> None:
         """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
@@ -652,8 +671,7 @@ class _BiasSteps:
         n = block.end - block.start
         if block.x is None:
             for state, adam in zip(states, optimizers, strict=True):
-                for _ in range(n):
-                    adam.repeat(state.weights)
+                adam.repeat_many(state.weights, n)
             return None
         if self.options["capacity"] is not None:
             return None
@@ -718,7 +736,9 @@ class _BiasSteps:
         n, size = block.end - block.start, self.tokens
         scores = self._buffers(states, n)
         gammas = np.array([balancer.gamma_at(t) for t in block.trained], dtype=np.float32)
-        pieces = [(lo, min(n, lo + _PIPELINE_STEPS)) for lo in range(0, n, _PIPELINE_STEPS)]
+        # The first piece is one sub-batch: this thread waits for it alone.
+        cuts = [0, *range(min(1, n), n, _PIPELINE_STEPS), n]
+        pieces = list(itertools.pairwise(cuts))
         scored = [
             worker.submit(self._exp_rows, block, states, optimizers, lo, hi) for lo, hi in pieces
         ]
@@ -815,6 +835,14 @@ class _BiasSteps:
                     else:
                         selection += state.bias
                 balancer.after_step(state, self.counter(selection), block.trained[r])
+
+
+def _mean(values: list[float]) -> float:
+    """``np.mean(values)``, without its overhead for one value (a one-layer gate task; adding
+    0.0 turns −0.0 into 0.0 as NumPy's sum does)."""
+    if len(values) == 1:
+        return float(values[0]) + 0.0
+    return float(np.mean(values))
 
 
 def _moved_fraction(
@@ -1001,8 +1029,7 @@ def train_gate(
             if bias_steps is None:
                 end = block_end(step, period_end)
                 for state, adam in zip(states, optimizers, strict=True):
-                    for _ in range(end - step):
-                        adam.repeat(state.weights)
+                    adam.repeat_many(state.weights, end - step)
                 step = end
                 continue
             current = bias_steps.plan(step, block_end(step, period_end), period_end, balancer)
@@ -1134,7 +1161,7 @@ def train_gate(
         if bias_steps is not None:
             bias_steps.invalidate()  # the next bias steps draw for the new period
         means = {
-            key: float(np.mean([getattr(m, key) for m in metrics]))
+            key: _mean([getattr(m, key) for m in metrics])
             for key in UpdateMetrics._fields
             if tasks == [] or key != "teacher_capture"  # no teacher: no capture
         }

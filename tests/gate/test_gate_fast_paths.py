@@ -18,7 +18,7 @@ from moesim.gate.experts import ExpertTask
 from moesim.gate.router import CapacitySpec, RouterState, route, select_experts, top_k_indices
 from moesim.gate.training import LoadCounter, _Adam, _scores
 from moesim.scenario import scenario_from_dict
-from moesim.scenario.strategies import Bias, Composite, LossTerm
+from moesim.scenario.strategies import AuxLoss, Bias, Composite, LossTerm
 
 needs_numba = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba is not installed")
 
@@ -105,8 +105,17 @@ def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> N
         for _ in range(20):
             adam.repeat(w)
         paths.append((w, adam.m, adam.v))
-    for compiled, reference in zip(*paths, strict=True):
+    # Many repeats in one compiled call (after one single repeat: t does not start at 1).
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    w, adam = weights.copy(), _Adam(shape, 3e-4)
+    adam.step(w, grad)
+    adam.repeat(w)
+    adam.repeat_many(w, 19)
+    assert adam.t == 21
+    paths.append((w, adam.m, adam.v))
+    for compiled, reference, fused in zip(*paths, strict=True):
         np.testing.assert_array_equal(compiled, reference)
+        np.testing.assert_array_equal(fused, reference)
 
 
 STEPS = 320
@@ -154,6 +163,25 @@ def test_coarsened_trajectory_is_the_same_on_both_paths(
             np.testing.assert_array_equal(b, b0)
     # The bias moved at the bias steps (the path under test did something).
     assert float(np.abs(compiled[1][0][1]).max()) > 16 * 1e-3
+
+
+@needs_numba
+def test_coarsened_aux_loss_trajectory_is_the_same_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loss without a bias: the in-between steps are Adam repeats alone (one compiled call
+    per block), the loss's plain top-k the compiled selection."""
+    scenario = scenario_from_dict(v3_like(STEPS))
+    spec = AuxLoss(kind="aux_loss", name="seq", alpha=1e-3, scope="sequence")
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        trajectory = train_gate(scenario, spec, [], np.random.SeedSequence(6))
+        runs.append((trajectory.records, [s.weights.copy() for s in trajectory.final]))
+    assert runs[0][0] == runs[1][0]
+    for w, w0 in zip(runs[0][1], runs[1][1], strict=True):
+        np.testing.assert_array_equal(w, w0)
+    assert runs[0][0][-1]["aux_loss"] > 0
 
 
 @needs_numba

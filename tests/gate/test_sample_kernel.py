@@ -83,7 +83,11 @@ def test_sample_counts_equal_brute_force(
 
 
 def _both_paths(
-    scenario: Scenario, monkeypatch: pytest.MonkeyPatch, n_src: int, n_dest: int
+    scenario: Scenario,
+    monkeypatch: pytest.MonkeyPatch,
+    n_src: int,
+    n_dest: int,
+    weight_std: float = 0.5,
 ) -> list[object]:
     """The sample of biased random routers on the compiled and on the NumPy path."""
     samples = []
@@ -94,7 +98,7 @@ def _both_paths(
         moe, dim = scenario.model.moe_spec, scenario.stream.dim
         states = [
             RouterState(
-                weights=rng.normal(0, 0.5, (moe.routed_experts, dim)).astype(np.float32),
+                weights=rng.normal(0, weight_std, (moe.routed_experts, dim)).astype(np.float32),
                 bias=rng.normal(0, 0.05, moe.routed_experts).astype(np.float32),
             )
             for _ in range(scenario.gate.layers_simulated)
@@ -104,9 +108,14 @@ def _both_paths(
 
 
 @needs_numba
-def test_routing_sample_is_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("weight_std", [0.5, 300.0], ids=["usual", "logits-past-the-clip"])
+def test_routing_sample_is_the_same_on_both_paths(
+    monkeypatch: pytest.MonkeyPatch, weight_std: float
+) -> None:
+    """The compiled counts (the sigmoid finished in the loop from exp(−logits), the clip of
+    the logits at ±80 as a clamp) against the NumPy path's route and bincount."""
     scenario = scenario_from_dict(v3_like(200))
-    fast, slow = _both_paths(scenario, monkeypatch, n_src=64, n_dest=64)
+    fast, slow = _both_paths(scenario, monkeypatch, n_src=64, n_dest=64, weight_std=weight_std)
     np.testing.assert_array_equal(fast.counts, slow.counts)
     np.testing.assert_array_equal(fast.dest_tokens, slow.dest_tokens)
     np.testing.assert_array_equal(fast.node_tokens, slow.node_tokens)
