@@ -567,6 +567,18 @@ def expert_backward(
 # --------------------------------------------------------------------------- bias steps (Adam)
 
 
+@_jit_inline
+def adam_pass(w: Any, mm: Any, vv: Any, f: Any, s: Any, beta1: Any, beta2: Any, eps: Any,
+              step_size: Any) -> None:  # fmt: skip
+    """One repeated Adam update over flat arrays, element by element (vectorised)."""
+    for i in range(w.size):
+        mi = mm[i] * beta1 + f[i]
+        vi = vv[i] * beta2 + s[i]
+        mm[i] = mi
+        vv[i] = vi
+        w[i] -= (mi / (np.sqrt(vi) + eps)) * step_size
+
+
 @_jit
 def adam_repeat(
     weights: Any,
@@ -579,14 +591,10 @@ def adam_repeat(
     eps: Any,
     step_size: Any,
 ) -> None:
-    w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
-    f, s = first.ravel(), second.ravel()
-    for i in range(w.size):
-        mi = mm[i] * beta1 + f[i]
-        vi = vv[i] * beta2 + s[i]
-        mm[i] = mi
-        vv[i] = vi
-        w[i] -= (mi / (np.sqrt(vi) + eps)) * step_size
+    adam_pass(
+        weights.ravel(), m.ravel(), v.ravel(), first.ravel(), second.ravel(), beta1, beta2, eps,
+        step_size,
+    )  # fmt: skip
 
 
 @_jit
@@ -607,13 +615,7 @@ def adam_repeats(
     w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
     f, s = first.ravel(), second.ravel()
     for r in range(step_sizes.size):
-        eps_r, step_r = eps[r], step_sizes[r]
-        for i in range(w.size):
-            mi = mm[i] * beta1 + f[i]
-            vi = vv[i] * beta2 + s[i]
-            mm[i] = mi
-            vv[i] = vi
-            w[i] -= (mi / (np.sqrt(vi) + eps_r)) * step_r
+        adam_pass(w, mm, vv, f, s, beta1, beta2, eps[r], step_sizes[r])
 
 
 @_jit
