@@ -246,6 +246,23 @@ def sigmoid_of_exp(value: Any, low: Any, high: Any, one: Any) -> Any:
     return one / (one + value)
 
 
+@_jit_inline
+def selection_row(row: Any, bias: Any, mode: int, low: Any, high: Any, one: Any,
+                  selection: Any) -> None:  # fmt: skip
+    """A token's selection scores into ``selection``: ``row + bias`` (``mode`` 0),
+    ``row·bias`` (1) or ``1 / (1 + clamp(row, low, high)) + bias`` (2, ``row`` in exp form:
+    :func:`sigmoid_of_exp`)."""
+    if mode == 1:
+        for e in range(row.size):
+            selection[e] = row[e] * bias[e]
+    elif mode == 2:
+        for e in range(row.size):
+            selection[e] = sigmoid_of_exp(row[e], low, high, one) + bias[e]
+    else:
+        for e in range(row.size):
+            selection[e] = row[e] + bias[e]
+
+
 @_jit
 def routed_top_k(
     scores: Any,
@@ -282,15 +299,7 @@ def routed_top_k(
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
             segment += 1
-        if mode == 1:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] * bias[e]
-        elif mode == 2:
-            for e in range(n_experts):
-                selection[e] = sigmoid_of_exp(scores[t, e], low, high, one) + bias[e]
-        else:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] + bias[e]
+        selection_row(scores[t], bias, mode, low, high, one, selection)
         found = top_k_row(
             selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
             best_values, best, record,
@@ -661,15 +670,7 @@ def sample_counts(
     unranked = 0
     for t in range(n_tokens):
         cell = t // tokens_per_cell
-        if mode == 1:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] * bias[e]
-        elif mode == 2:
-            for e in range(n_experts):
-                selection[e] = sigmoid_of_exp(scores[t, e], low, high, one) + bias[e]
-        else:
-            for e in range(n_experts):
-                selection[e] = scores[t, e] + bias[e]
+        selection_row(scores[t], bias, mode, low, high, one, selection)
         found = top_k_row(
             selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
             best_values, best, False,

@@ -71,6 +71,14 @@ def _compiled() -> Any:
     return importlib.import_module("moesim.gate.compiled")
 
 
+def _selection_mode(multiply: bool, from_exp: bool, caller: str) -> int:
+    """The compiled loops' selection mode: 0 ``scores + bias``, 1 ``scores·bias``, 2 a
+    sigmoid's ``exp(−logits)`` plus the bias (additive only)."""
+    if from_exp and multiply:
+        raise ValueError(f"{caller}: from_exp needs an additive bias")
+    return 2 if from_exp else int(multiply)
+
+
 def routed_counts(
     scores: npt.NDArray[np.floating],
     bias: npt.NDArray[np.floating],
@@ -91,8 +99,7 @@ def routed_counts(
     ``from_exp`` (additive bias only) ``scores`` holds a sigmoid router's ``exp(−logits)``, as
     in :func:`sample_counts`.
     """
-    if from_exp and multiply:
-        raise ValueError("routed_counts: from_exp needs an additive bias")
+    mode = _selection_mode(multiply, from_exp, "routed_counts")
     n_tokens, n_experts = scores.shape
     limit = n_groups if group_topk is None else min(group_topk, n_groups)
     per_group = min(n_experts // n_groups, max(1, top_k // limit))
@@ -101,7 +108,7 @@ def routed_counts(
     counts = np.zeros((starts.size, n_experts), dtype=np.int64)
     low, high = exp_clip_bounds(scores.dtype)
     _compiled().routed_counts(
-        scores, bias.astype(scores.dtype, copy=False), 2 if from_exp else int(multiply), low,
+        scores, bias.astype(scores.dtype, copy=False), mode, low,
         high, top_k, n_groups, limit, per_group, starts, counts,
     )  # fmt: skip
     return counts
@@ -359,8 +366,7 @@ def sample_counts(
     n_nodes), int64.
     """
     n_tokens, n_experts = scores.shape
-    if from_exp and multiply:
-        raise ValueError("sample_counts: from_exp needs an additive bias")
+    mode = _selection_mode(multiply, from_exp, "sample_counts")
     if n_tokens % n_cells or n_experts % n_ranks or n_experts % n_nodes:
         raise ValueError(
             f"sample_counts: {n_tokens} tokens, {n_experts} experts do not split into "
@@ -373,7 +379,7 @@ def sample_counts(
     node = np.zeros((n_cells, n_nodes), dtype=np.int64)
     low, high = exp_clip_bounds(scores.dtype)
     unranked = _compiled().sample_counts(
-        scores, bias.astype(scores.dtype, copy=False), 2 if from_exp else int(multiply), low,
+        scores, bias.astype(scores.dtype, copy=False), mode, low,
         high, top_k, n_groups, limit, per_group, n_tokens // n_cells, weights,
         n_experts // n_ranks, n_experts // n_nodes, counts, dest, node,
     )  # fmt: skip

@@ -224,30 +224,30 @@ class _Adam:
             for _ in range(n):
                 self.repeat(weights)
             return
-        roots = [math.sqrt(1 - _BETA2 ** (self.t + r)) for r in range(1, n + 1)]
-        steps = [
-            self.learning_rate * root / (1 - _BETA1 ** (self.t + r))
-            for r, root in enumerate(roots, 1)
-        ]
+        eps, steps = zip(*(self._repeat_terms(self.t + r) for r in range(1, n + 1)), strict=True)
         self.t += n
         kernels.adam_repeats(
             weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2,
-            np.array([_EPS * root for root in roots], dtype=np.float32),
-            np.array(steps, dtype=np.float32),
+            np.array(eps, dtype=np.float32), np.array(steps, dtype=np.float32),
         )  # fmt: skip
+
+    def _repeat_terms(self, t: int) -> tuple[float, float]:
+        """The ε term and step size of the repeated update at Adam step ``t``: the bias
+        corrections folded in (plain floats: math.sqrt rounds as np.sqrt does, without its
+        call cost)."""
+        root = math.sqrt(1 - _BETA2**t)
+        return _EPS * root, self.learning_rate * root / (1 - _BETA1**t)
 
     def repeat(self, weights: npt.NDArray[np.float32]) -> None:
         """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
         reused, the update computed in place (a coarsened gate's bias steps)."""
         self.t += 1
-        # Scalars in plain floats (math.sqrt rounds as np.sqrt does, without its call cost).
-        root = math.sqrt(1 - _BETA2**self.t)
-        step_size = self.learning_rate * root / (1 - _BETA1**self.t)
+        eps, step_size = self._repeat_terms(self.t)
         if kernels.ENABLED and weights.flags.c_contiguous:
             # The same float32 operations as below, in one pass without temporaries.
             kernels.adam_repeat(
-                weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2,
-                _EPS * root, step_size,
+                weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2, eps,
+                step_size,
             )  # fmt: skip
             return
         self.m *= _BETA1
@@ -255,7 +255,7 @@ class _Adam:
         self.v *= _BETA2
         self.v += self._second
         buffer = np.sqrt(self.v, out=self._buffer)
-        buffer += np.float32(_EPS * root)
+        buffer += np.float32(eps)
         np.divide(self.m, buffer, out=buffer)
         buffer *= np.float32(step_size)
         weights -= buffer
