@@ -54,14 +54,26 @@ def group_pass(
     group_rank: Any,
     kept: Any,
     keep: Any,
+    lanes_hi: Any,
+    lanes_lo: Any,
 ) -> None:
     """One token's group limit: ``keep[g]`` for the ``group_topk`` best groups of the row
     ``selection`` (a group's score the sum of its ``per_group`` largest values, largest first;
     an equal score loses to the lower group index), ``kept`` their indices, and for
-    ``per_group <= 2`` each group's largest and second largest values in ``first``, ``second``."""
+    ``per_group <= 2`` each group's largest and second largest values in ``first``, ``second``.
+    ``lanes_hi`` and ``lanes_lo`` are work arrays of half the row's length."""
     group_size = selection.size // n_groups
     lowest = selection.dtype.type(-np.inf)
-    if per_group <= 2 and group_size % 4 == 0:
+    power_of_two = group_size >= 2 and group_size & (group_size - 1) == 0
+    if (
+        per_group <= 2
+        and power_of_two
+        and group_top2(selection, n_groups, first, second, lanes_hi, lanes_lo)
+    ):
+        for g in range(n_groups):
+            # Largest first, as a sorted row is summed.
+            group_score[g] = first[g] + second[g] if per_group == 2 else first[g]
+    elif per_group <= 2 and group_size % 4 == 0:
         for g in range(n_groups):
             # The two largest of the group's values: four interleaved running pairs
             # (independent chains), merged pairwise (max and min are exact: the same values).
@@ -116,12 +128,74 @@ def group_pass(
             for i in range(1, per_group):
                 total += tops[i]
             group_score[g] = total
+    nans = 0
+    for g in range(n_groups):
+        nans += group_score[g] != group_score[g]
+    if nans == 0:
+        rank_groups(group_score, group_topk, keep, kept)
+        return
+    # A NaN group score (a NaN value, or +inf and −inf summed): the sorted insertion's order.
     filled = 0
     for g in range(n_groups):
         filled = insert(group_rank, kept, filled, group_topk, group_score[g], g)
     keep[:] = False
     for i in range(group_topk):
         keep[kept[i]] = True
+
+
+@_jit_inline
+def group_top2(
+    selection: Any, n_groups: int, first: Any, second: Any, lanes_hi: Any, lanes_lo: Any
+) -> bool:
+    """Each group's largest and second largest value into ``first``, ``second`` (groups of a
+    power-of-two size, at least 2), or False when the row holds a NaN (then they are not set).
+
+    A tournament the compiler vectorises: neighbours ``2i``, ``2i + 1`` (always in one group)
+    give the larger to ``lanes_hi[i]`` and the smaller to ``lanes_lo[i]``; then neighbouring
+    pairs merge in place, halving the lanes, until each group has one. Every loop is flat over
+    the row (a loop over one group's few lanes is too short to vectorise), and uses
+    comparisons and selects, not ``max``/``min``: without NaNs they give the same values,
+    since the largest and second largest of a set do not depend on the order they are taken
+    in."""
+    n = selection.size // 2
+    nans = 0
+    for i in range(n):
+        u, v = selection[2 * i], selection[2 * i + 1]
+        lanes_hi[i] = u if u > v else v
+        lanes_lo[i] = v if u > v else u
+        nans += (u != u) | (v != v)
+    if nans:
+        return False
+    while n > n_groups:
+        n //= 2
+        for i in range(n):
+            a1, b1 = lanes_hi[2 * i], lanes_hi[2 * i + 1]
+            a2, b2 = lanes_lo[2 * i], lanes_lo[2 * i + 1]
+            beaten = a1 if a1 < b1 else b1
+            rest = a2 if a2 > b2 else b2
+            lanes_hi[i] = a1 if a1 > b1 else b1
+            lanes_lo[i] = beaten if beaten > rest else rest
+    for g in range(n_groups):
+        first[g], second[g] = lanes_hi[g], lanes_lo[g]
+    return True
+
+
+@_jit_inline
+def rank_groups(group_score: Any, group_topk: int, keep: Any, kept: Any) -> None:
+    """``keep[g]`` for the ``group_topk`` best group scores (an equal score: the lower index
+    wins), and ``kept`` their indices in index order: each group's rank counted against every
+    other, without the unpredictable branches of a sorted insertion. For scores without NaN."""
+    n_groups = group_score.size
+    filled = 0
+    for g in range(n_groups):
+        score = group_score[g]
+        rank = 0
+        for h in range(n_groups):
+            other = group_score[h]
+            rank += (other > score) | ((other == score) & (h < g))
+        keep[g] = rank < group_topk
+        kept[filled] = g
+        filled += rank < group_topk
 
 
 @_jit_inline
@@ -135,15 +209,14 @@ def top_k_row(
     candidates: Any,
     best_values: Any,
     best: Any,
-    ordered: bool,
 ) -> int:
     """One token's experts, in ``best``: the top ``top_k`` of the row ``selection`` among the
     ``group_topk`` best of its ``n_groups`` groups (all of them when ``group_topk ==
-    n_groups``); exact ties go to the lower index. With ``ordered`` they are written largest
-    first (an equal value: the lower index first), else in no particular order. Returns how
-    many were found: ``top_k``, fewer only when NaN scores leave too few candidates.
-    ``scratch`` holds :func:`group_pass`' work arrays."""
-    first, second, tops, top_index, group_score, group_rank, kept, keep = scratch
+    n_groups``); exact ties go to the lower index. They are written largest first (an equal
+    value: the lower index first). Returns how many were found: ``top_k``, fewer only when
+    NaN scores leave too few candidates. ``scratch`` holds :func:`group_pass`' work arrays."""
+    first, second, tops, top_index, group_score, group_rank, kept, keep = scratch[:8]
+    lanes_hi, lanes_lo, candidate_values = scratch[8:]
     n_experts = selection.size
     group_size = n_experts // n_groups
     lowest, highest = selection.dtype.type(-np.inf), selection.dtype.type(np.inf)
@@ -153,7 +226,7 @@ def top_k_row(
     if group_topk < n_groups:
         group_pass(
             selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep,
+            group_score, group_rank, kept, keep, lanes_hi, lanes_lo,
         )  # fmt: skip
         if per_group <= 2 and group_topk * per_group >= top_k:
             floor = highest
@@ -180,32 +253,23 @@ def top_k_row(
                 candidates[n_candidates] = e
                 n_candidates += selection[e] >= floor
     if n_candidates <= 2 * top_k:
-        # Few candidates (the usual case): drop the smallest until top_k are left, the higher
-        # index first among equal values, keeping index order — fewer unpredictable branches
-        # than inserting each one into a sorted run.
-        n = n_candidates
-        while n > top_k:
-            worst, worst_value = 0, selection[candidates[0]]
-            for i in range(1, n):
-                value = selection[candidates[i]]
-                smaller = value <= worst_value
-                worst = i if smaller else worst
-                worst_value = value if smaller else worst_value
-            for i in range(worst, n - 1):
-                candidates[i] = candidates[i + 1]
-            n -= 1
-        if n < top_k:
-            return n
-        if ordered:
-            # Index order, so a stable insertion by value gives the lower index first on ties.
-            filled = 0
-            for i in range(top_k):
-                e = candidates[i]
-                filled = insert(best_values, best, filled, top_k, selection[e], e)
-        else:
-            for i in range(top_k):
-                best[i] = candidates[i]
-        return top_k
+        # Few candidates (the usual case): each one's rank among them (how many have a larger
+        # value, or an equal one at a lower index) counted against every other — independent
+        # comparisons, no unpredictable branches — and the top_k ranks placed by rank, so
+        # that they come largest first (an equal value: the lower index first).
+        for i in range(n_candidates):
+            candidate_values[i] = selection[candidates[i]]
+        found = 0
+        for i in range(n_candidates):
+            value = candidate_values[i]
+            rank = 0
+            for j in range(n_candidates):
+                other = candidate_values[j]
+                rank += (other > value) | ((other == value) & (j < i))
+            if rank < top_k:
+                best[rank] = candidates[i]
+                found += 1
+        return found
     # A running top-k, largest first; an equal value stays behind the earlier (lower) index.
     filled = 0
     for i in range(n_candidates):
@@ -226,8 +290,11 @@ def selection_scratch(
         np.empty(per_group, dtype=np.int64),
         np.empty(n_groups, dtype=dtype),  # group scores
         np.empty(group_topk, dtype=dtype),
-        np.empty(group_topk, dtype=np.int64),  # kept groups
+        np.empty(n_groups, dtype=np.int64),  # kept groups (the first group_topk)
         np.ones(n_groups, dtype=np.bool_),  # keep mask
+        np.empty(n_experts // 2, dtype=dtype),  # group_top2's lanes: the larger values
+        np.empty(n_experts // 2, dtype=dtype),  # and the smaller
+        np.empty(n_experts, dtype=dtype),  # candidates' values
     )
 
 
@@ -302,7 +369,7 @@ def routed_top_k(
         selection_row(scores[t], bias, mode, low, high, one, selection)
         found = top_k_row(
             selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
-            best_values, best, record,
+            best_values, best,
         )  # fmt: skip
         if found < top_k:
             unranked += 1
@@ -630,13 +697,13 @@ def adam_repeats(
 @_jit
 def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, keep: Any) -> None:
     n_tokens, n_experts = selection.shape
-    first, second, tops, top_index, group_score, group_rank, kept, _ = selection_scratch(
-        n_experts, n_groups, group_topk, per_group, selection.dtype
-    )
+    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, selection.dtype)
+    first, second, tops, top_index, group_score, group_rank, kept, _ = scratch[:8]
+    lanes_hi, lanes_lo = scratch[8], scratch[9]
     for t in range(n_tokens):
         group_pass(
             selection[t], n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep[t],
+            group_score, group_rank, kept, keep[t], lanes_hi, lanes_lo,
         )  # fmt: skip
 
 
@@ -667,13 +734,18 @@ def sample_counts(
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k, dtype=np.int64)
+    # Each expert's rank and node, looked up rather than divided per token.
+    rank_of = np.arange(n_experts) // experts_per_rank
+    node_of = np.arange(n_experts) // experts_per_node
+    ranks = np.empty(top_k, dtype=np.int64)
+    hosts = np.empty(top_k, dtype=np.int64)
     unranked = 0
     for t in range(n_tokens):
         cell = t // tokens_per_cell
         selection_row(scores[t], bias, mode, low, high, one, selection)
         found = top_k_row(
             selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
-            best_values, best, False,
+            best_values, best,
         )  # fmt: skip
         if found < top_k:
             unranked += 1
@@ -683,11 +755,12 @@ def sample_counts(
             e = best[i]
             counts[cell, e] += w
             # A token reaches each rank (node) once, however many of its experts are there.
-            rank, host = e // experts_per_rank, e // experts_per_node
+            rank, host = rank_of[e], node_of[e]
+            ranks[i], hosts[i] = rank, host
             new_rank, new_host = True, True
             for j in range(i):
-                new_rank = new_rank and best[j] // experts_per_rank != rank
-                new_host = new_host and best[j] // experts_per_node != host
+                new_rank &= ranks[j] != rank
+                new_host &= hosts[j] != host
             if new_rank:
                 dest[cell, rank] += w
             if new_host:

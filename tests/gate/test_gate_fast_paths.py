@@ -296,6 +296,40 @@ def test_compiled_selection_equals_numpy(
     assert (np.diff(chosen[0], axis=1)[tied] > 0).all()
 
 
+# Group-limited routings of two (or one) summed per group on groups of a power-of-two size: the
+# compiled tournament's path (moesim/gate/compiled.py group_top2), with several merge rounds,
+# one, and none (groups of two).
+TOURNAMENTS = [(256, 8, 8, 4), (128, 6, 8, 3), (64, 4, 16, 4), (32, 4, 16, 2)]
+
+
+@needs_numba
+@pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), TOURNAMENTS)
+@pytest.mark.parametrize("infinite", [False, True])
+def test_compiled_group_tournament_selects_the_same_experts(
+    n_experts: int,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    infinite: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The compiled group limit's tournament and rank counting against NumPy's selection: the
+    same experts in the same order on tied inputs, with and without infinite scores (which
+    compare like any other value: only NaN leaves the tournament)."""
+    rng = np.random.default_rng(n_experts + 3 * top_k + group_topk)
+    scores, bias = _tied_selection(rng, 400, n_experts)
+    if infinite:
+        cells = rng.random(scores.shape) < 0.02
+        scores[cells] = np.where(rng.random(int(cells.sum())) < 0.5, np.inf, -np.inf)
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        chosen.append(select_experts(scores, bias, top_k, n_groups, group_topk))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    loads = kernels.routed_counts(scores, bias, False, top_k, n_groups, group_topk)[0]
+    np.testing.assert_array_equal(loads, np.bincount(chosen[1].ravel(), minlength=n_experts))
+
+
 def _lattice(rng: np.random.Generator, shape: tuple[int, ...], scale: int) -> np.ndarray:
     """Small multiples of 1/scale: exact sums, many exact zeros (a hidden unit at the ReLU's
     kink)."""
