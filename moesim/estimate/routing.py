@@ -279,10 +279,12 @@ def _gates(
         jobs.append(_Job(i, scenario, strategy, points, seeds.gate))
     origin = "off" if cache is None else "miss"
 
-    def finished(i: int, gate: GateTrajectory) -> tuple[GateTrajectory, str, str]:
+    def finished(i: int, gate: GateTrajectory) -> Iterator[tuple[GateTrajectory, str, str]]:
+        """The gate, then (once the caller asks for the next one, having started on this
+        one's steps) its store in the cache."""
+        yield gate, "hit" if i in found else origin, keys[i]
         if i not in found:
             _store(cache, keys[i], inputs.get(i, {}), gate)
-        return gate, "hit" if i in found else origin, keys[i]
 
     # The units of work: one per strategy to train, or one per strategy and layer in a pool.
     parallel = workers > 1 and len(jobs) * n_layers > 1
@@ -311,7 +313,7 @@ def _gates(
             else:
                 tag = next(t for t, part in enumerate(parts) if part.index == i)
                 gate = _train_one(parts[tag], report, tag)
-            yield finished(i, gate)
+            yield from finished(i, gate)
         return
 
     context = multiprocessing.get_context()
@@ -338,14 +340,14 @@ def _gates(
             if i in found:
                 if progress is not None:
                     progress(names[i], 1.0)
-                yield finished(i, found[i])
+                yield from finished(i, found[i])
                 continue
             mine = [f for f, part in zip(futures, parts, strict=True) if part.index == i]
             while not all(f.done() for f in mine):
                 drain(0.1)
             layers = [f.result() for f in mine]
             drain(0.0)
-            yield finished(i, layers[0] if n_layers == 1 else merge_layers(layers))
+            yield from finished(i, layers[0] if n_layers == 1 else merge_layers(layers))
 
 
 def topic_load(

@@ -324,10 +324,6 @@ def _simulate_run(
         name = source.name
         if source.cache is not None:
             gate_cache[name] = source.cache
-        if source.gate is not None:
-            specialisation[name] = topic_load(scenario, source.gate, seeds)
-            gate_windows[name] = source.gate.tail_summary()
-            by_domain.extend(domain_skew(scenario, name, source.gate, seeds))
         gate_records[name] = source.records
         if source.gate is not None:  # all of it, whatever the gate reported
             gate_tick(name, 1.0)
@@ -364,6 +360,11 @@ def _simulate_run(
                     tick(f"{row.strategy}: step {step}", step_work(scenario, step))
             else:
                 pending.append(pool.submit(_simulate_point, task))
+        if source.gate is not None:
+            # After the points are on their way: the pool's workers need not wait for these.
+            specialisation[name] = topic_load(scenario, source.gate, seeds)
+            gate_windows[name] = source.gate.tail_summary()
+            by_domain.extend(domain_skew(scenario, name, source.gate, seeds))
     for future in pending:  # in submission order: the same order as one after the other
         for row in future.result():
             simulated.append(row)

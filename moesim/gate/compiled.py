@@ -645,8 +645,19 @@ def expert_backward(
 
 @_jit_inline
 def adam_pass(w: Any, mm: Any, vv: Any, f: Any, s: Any, beta1: Any, beta2: Any, eps: Any,
-              step_size: Any) -> None:  # fmt: skip
-    """One repeated Adam update over flat arrays, element by element (vectorised)."""
+              step_size: Any, negated: Any, negate: bool) -> None:  # fmt: skip
+    """One repeated Adam update over flat arrays, element by element (vectorised); with
+    ``negate`` the new weights negated into ``negated`` too (negation is exact)."""
+    if negate:
+        for i in range(w.size):
+            mi = mm[i] * beta1 + f[i]
+            vi = vv[i] * beta2 + s[i]
+            mm[i] = mi
+            vv[i] = vi
+            wi = w[i] - (mi / (np.sqrt(vi) + eps)) * step_size
+            w[i] = wi
+            negated[i] = -wi
+        return
     for i in range(w.size):
         mi = mm[i] * beta1 + f[i]
         vi = vv[i] * beta2 + s[i]
@@ -666,10 +677,12 @@ def adam_repeat(
     beta2: Any,
     eps: Any,
     step_size: Any,
+    negated: Any,
+    negate: bool,
 ) -> None:
     adam_pass(
         weights.ravel(), m.ravel(), v.ravel(), first.ravel(), second.ravel(), beta1, beta2, eps,
-        step_size,
+        step_size, negated.ravel(), negate,
     )  # fmt: skip
 
 
@@ -691,7 +704,7 @@ def adam_repeats(
     w, mm, vv = weights.ravel(), m.ravel(), v.ravel()
     f, s = first.ravel(), second.ravel()
     for r in range(step_sizes.size):
-        adam_pass(w, mm, vv, f, s, beta1, beta2, eps[r], step_sizes[r])
+        adam_pass(w, mm, vv, f, s, beta1, beta2, eps[r], step_sizes[r], w, False)
 
 
 @_jit

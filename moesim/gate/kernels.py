@@ -297,15 +297,17 @@ def adam_repeat(
     beta2: float,
     eps: float,
     step_size: float,
+    negated: npt.NDArray[np.float32] | None = None,
 ) -> None:
     """In place, per element: ``m ← β1·m + first``, ``v ← β2·v + second``,
     ``w ← w − (m / (√v + eps))·step_size`` — every operation in float32 (the scalars rounded to
-    float32 first), as ``moesim.gate.training._Adam.repeat`` does. All arrays C-contiguous and
-    of one shape."""
+    float32 first), as ``moesim.gate.training._Adam.repeat`` does; with ``negated``, ``−w``
+    into it as well. All arrays C-contiguous and of one shape."""
     f32 = np.float32
     _compiled().adam_repeat(
-        weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size)
-    )
+        weights, m, v, first, second, f32(beta1), f32(beta2), f32(eps), f32(step_size),
+        weights if negated is None else negated, negated is not None,
+    )  # fmt: skip
 
 
 def adam_repeats(

@@ -238,16 +238,19 @@ class _Adam:
         root = math.sqrt(1 - _BETA2**t)
         return _EPS * root, self.learning_rate * root / (1 - _BETA1**t)
 
-    def repeat(self, weights: npt.NDArray[np.float32]) -> None:
+    def repeat(
+        self, weights: npt.NDArray[np.float32], negated: npt.NDArray[np.float32] | None = None
+    ) -> None:
         """One more Adam update with the gradient of the last :meth:`step`: its scaled terms
-        reused, the update computed in place (a coarsened gate's bias steps)."""
+        reused, the update computed in place (a coarsened gate's bias steps); with ``negated``,
+        the new weights negated into it too."""
         self.t += 1
         eps, step_size = self._repeat_terms(self.t)
         if kernels.ENABLED and weights.flags.c_contiguous:
             # The same float32 operations as below, in one pass without temporaries.
             kernels.adam_repeat(
                 weights, self.m, self.v, self._first, self._second, _BETA1, _BETA2, eps,
-                step_size,
+                step_size, negated,
             )  # fmt: skip
             return
         self.m *= _BETA1
@@ -259,6 +262,8 @@ class _Adam:
         np.divide(self.m, buffer, out=buffer)
         buffer *= np.float32(step_size)
         weights -= buffer
+        if negated is not None:
+            np.negative(weights, out=negated)
 
 
 def child_seeds(seed_seq: np.random.SeedSequence, n: int) -> list[np.random.SeedSequence]:
@@ -710,11 +715,11 @@ class _BiasSteps:
         assert block.x is not None
         size, negated = self.tokens, self.negated
         for logits, state, adam in zip(self.buffers, states, optimizers, strict=True):
+            np.negative(state.weights, out=negated)
             for r in range(start, end):
                 rows = slice(r * size, (r + 1) * size)
-                np.negative(state.weights, out=negated)
                 np.matmul(block.x[rows], negated.T, out=logits[rows])
-                adam.repeat(state.weights)
+                adam.repeat(state.weights, negated)  # and the next sub-batch's −weights
             taken = logits[start * size : end * size]
             np.exp(taken, out=taken)
 

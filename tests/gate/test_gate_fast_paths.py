@@ -116,6 +116,16 @@ def test_compiled_adam_repeat_equals_numpy(monkeypatch: pytest.MonkeyPatch) -> N
     for compiled, reference, fused in zip(*paths, strict=True):
         np.testing.assert_array_equal(compiled, reference)
         np.testing.assert_array_equal(fused, reference)
+    # A repeat that also writes the negated weights (the bias steps' exp form), on both paths.
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        w, adam = weights.copy(), _Adam(shape, 3e-4)
+        adam.step(w, grad)
+        negated = np.zeros(shape, dtype=np.float32)
+        for _ in range(20):
+            adam.repeat(w, negated)
+        np.testing.assert_array_equal(w, paths[1][0])
+        np.testing.assert_array_equal(negated, -paths[1][0])
 
 
 STEPS = 320
