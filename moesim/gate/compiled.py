@@ -512,6 +512,29 @@ def sort_by_expert(
 
 
 @_jit
+def draw_topics(mixtures: Any, uniforms: Any, topic_ids: Any) -> None:
+    """``topic_ids[s, t]``: the inverse-CDF draw of uniform ``uniforms[s, t]`` from sequence
+    ``s``'s mixture, as :meth:`moesim.gate.stream.TokenStream.sample` takes it with NumPy — the
+    cumulative sum shifted by ``s`` and the uniform shifted by ``s`` (the same float64 sums),
+    the count of cumulative values at or below it (``searchsorted(..., side="right")`` in a
+    non-decreasing row), clipped to the last topic."""
+    n_topics = mixtures.shape[1]
+    cdf = np.empty(n_topics, dtype=np.float64)
+    for s in range(mixtures.shape[0]):
+        offset = np.float64(s)
+        total = 0.0
+        for k in range(n_topics):
+            total += mixtures[s, k]
+            cdf[k] = total + offset
+        for t in range(uniforms.shape[1]):
+            key = uniforms[s, t] + offset
+            below = 0
+            for k in range(n_topics):
+                below += cdf[k] <= key
+            topic_ids[s, t] = below if below < n_topics else n_topics - 1
+
+
+@_jit
 def gather_add(first: Any, first_rows: Any, second: Any, second_rows: Any, out: Any) -> None:
     """``out[i] = first[first_rows[i]] + second[second_rows[i]]``, row by row."""
     n_dim = out.shape[1]

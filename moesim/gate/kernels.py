@@ -211,6 +211,17 @@ def sort_by_expert(
     return slot[:kept], owner[:kept], rows[:kept], counts, starts
 
 
+def draw_topics(
+    mixtures: npt.NDArray[np.float64], uniforms: npt.NDArray[np.float64]
+) -> npt.NDArray[np.int64]:
+    """Each token's topic, shape of ``uniforms`` (sequences, tokens): the inverse-CDF draw of
+    :meth:`moesim.gate.stream.TokenStream.sample` from each sequence's topic mixture
+    (sequences, topics; non-negative), the same indices as its NumPy lines."""
+    topic_ids = np.empty(uniforms.shape, dtype=np.int64)
+    _compiled().draw_topics(mixtures, uniforms, topic_ids)
+    return topic_ids
+
+
 def gather_add(
     first: npt.NDArray[np.float32],
     first_rows: npt.NDArray[np.int64],

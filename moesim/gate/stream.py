@@ -235,22 +235,30 @@ class TokenStream:
             mixtures = self._domain_mixtures(
                 n_sequences, rng, tokens_trained, sequences_per_micro_batch, domain
             )
-        # Inverse-CDF draw of each token's topic, vectorised over sequences by shifting sequence
-        # s's cumulative mixture and its uniforms into the interval [s, s + 1).
-        offsets = np.arange(n_sequences, dtype=np.float64)[:, None]
-        cdf = np.cumsum(mixtures, axis=1) + offsets
-        uniforms = rng.random((n_sequences, tokens_per_sequence)) + offsets
-        flat = np.searchsorted(cdf.ravel(), uniforms.ravel(), side="right")
-        topic_ids = (
-            flat.reshape(n_sequences, tokens_per_sequence)
-            - n_topics * np.arange(n_sequences, dtype=np.int64)[:, None]
-        )
-        # cumsum can end a hair below 1; such uniforms belong to the last topic.
-        np.clip(topic_ids, 0, n_topics - 1, out=topic_ids)
-        topic_ids = topic_ids.astype(np.int64, copy=False)
+        compiled = kernels.ENABLED and self.topics.dtype == self._noise_pool.dtype == np.float32
+        uniforms = rng.random((n_sequences, tokens_per_sequence))
+        if compiled:
+            # The lines below in one compiled pass, sequence by sequence (the same topics: the
+            # flattened cumulative sums below rise from row to row, so searching them all at
+            # once finds each uniform in its own row).
+            topic_ids = kernels.draw_topics(mixtures, uniforms)
+        else:
+            # Inverse-CDF draw of each token's topic, vectorised over sequences by shifting
+            # sequence s's cumulative mixture and its uniforms into the interval [s, s + 1).
+            offsets = np.arange(n_sequences, dtype=np.float64)[:, None]
+            cdf = np.cumsum(mixtures, axis=1) + offsets
+            uniforms += offsets
+            flat = np.searchsorted(cdf.ravel(), uniforms.ravel(), side="right")
+            topic_ids = (
+                flat.reshape(n_sequences, tokens_per_sequence)
+                - n_topics * np.arange(n_sequences, dtype=np.int64)[:, None]
+            )
+            # cumsum can end a hair below 1; such uniforms belong to the last topic.
+            np.clip(topic_ids, 0, n_topics - 1, out=topic_ids)
+            topic_ids = topic_ids.astype(np.int64, copy=False)
 
         picks = rng.integers(0, NOISE_POOL, (n_sequences, tokens_per_sequence))
-        if kernels.ENABLED and self.topics.dtype == self._noise_pool.dtype == np.float32:
+        if compiled:
             # Both gathers and the sum in one compiled pass (the same float32 sums).
             tokens = kernels.gather_add(self._noise_pool, picks, self.topics, topic_ids)
             return tokens, topic_ids

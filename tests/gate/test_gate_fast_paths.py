@@ -426,23 +426,47 @@ def test_compiled_targets_equal_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (targets[1] != 0).any()
 
 
+# Streams whose mixtures hold exact zeros (a domain's sequences have no mass outside its
+# topics), with and without a shared part over all topics.
+_DOMAINS = [
+    {"name": "web", "share": 0.5, "topics": 32},
+    {"name": "code", "share": 0.3, "topics": 16},
+    {"name": "papers", "share": 0.2, "topics": 16},
+]
+
+
 @needs_numba
-@pytest.mark.parametrize("packing", ["mixed", "domain"])
-def test_compiled_stream_draw_equals_numpy(packing: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """TokenStream.sample with the compiled gather and sum, and with NumPy's: the same tokens
-    and topics from the same generator state."""
+@pytest.mark.parametrize(
+    "stream",
+    [
+        {"packing": "mixed"},
+        {"packing": "domain"},
+        {"packing": "mixed", "domains": _DOMAINS, "domain_overlap": 0.0, "topics": 64},
+        {"packing": "domain", "domains": _DOMAINS, "domain_overlap": 0.3, "topics": 64},
+    ],
+    ids=["mixed", "domain", "domains", "domains-overlap"],
+)
+def test_compiled_stream_draw_equals_numpy(
+    stream: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TokenStream.sample with the compiled topic draw, gather and sum, and with NumPy's: the
+    same tokens and topics from the same generator state, over many sequences (the compiled
+    draw searches each sequence's row, NumPy all rows at once)."""
     from base_scenario import BASE, derive
 
-    params = scenario_from_dict(derive(BASE, stream={"packing": packing})).stream
-    draws = []
-    for enabled in (True, False):
-        monkeypatch.setattr(kernels, "ENABLED", enabled)
-        stream = TokenStream(params, np.random.default_rng(2))
-        draws.append(stream.sample(6, 16, np.random.default_rng(3), sequences_per_micro_batch=2))
-    np.testing.assert_array_equal(draws[0][0], draws[1][0])
-    np.testing.assert_array_equal(draws[0][1], draws[1][1])
-    assert draws[0][0].dtype == np.float32
-    assert draws[0][0].shape == (6, 16, params.dim)
+    params = scenario_from_dict(derive(BASE, stream=stream)).stream
+    for n_sequences, tokens in ((6, 16), (700, 48)):
+        draws = []
+        for enabled in (True, False):
+            monkeypatch.setattr(kernels, "ENABLED", enabled)
+            source = TokenStream(params, np.random.default_rng(2))
+            rng = np.random.default_rng(n_sequences)
+            draws.append(source.sample(n_sequences, tokens, rng, sequences_per_micro_batch=2))
+        np.testing.assert_array_equal(draws[0][0], draws[1][0])
+        np.testing.assert_array_equal(draws[0][1], draws[1][1])
+        assert draws[0][0].dtype == np.float32
+        assert draws[0][0].shape == (n_sequences, tokens, params.dim)
+    assert np.unique(draws[0][1]).size > params.topics // 2  # the large draw spans the topics
 
 
 @needs_numba
