@@ -15,6 +15,7 @@ so differences between strategies come from the strategies, not from sampling no
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -223,7 +224,13 @@ def _estimate_run(
     seeds = SeedPlan(scenario.seed)
     # With several workers the simulated steps run in a process pool (each is independent of
     # the others given its inputs, so the rows are the same); their rows keep the run order.
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    # Its workers run at a lower priority: the gates' training, which the last steps wait
+    # for, keeps the cores while it runs, and the steps fill the cores it leaves idle.
+    pool = (
+        ProcessPoolExecutor(max_workers=workers, initializer=_behind_training)
+        if workers > 1
+        else None
+    )
     try:
         return _simulate_run(
             scenario, ctx, context_at, memory, points, lengths, seeds, pool, tick, gate_tick,
@@ -232,6 +239,17 @@ def _estimate_run(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+STEP_NICENESS = 10
+"""How much the sampled steps' worker processes lower their priority (Unix ``nice``)."""
+
+
+def _behind_training() -> None:
+    """A sampled-step worker's initializer: a lower scheduling priority where the system has
+    one (raising one's own niceness needs no privilege)."""
+    if hasattr(os, "nice"):
+        os.nice(STEP_NICENESS)
 
 
 def _reference_step(scenario: Scenario, step: int, ctx: StepContext | None = None) -> SimulatedStep:
