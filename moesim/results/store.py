@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -32,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -206,6 +208,48 @@ def clean_stale_partials(parent: Path) -> list[Path]:
     return removed
 
 
+def _write_plots(out_dir: Path, frames: dict[str, pd.DataFrame]) -> None:
+    """Every figure of a run directory (:func:`moesim.results.plots.write_all`, and the routing
+    by domain when there is one)."""
+    plots.write_all(
+        out_dir,
+        frames["timeline"],
+        frames["bands"],
+        frames["stages"],
+        frames["gpus"],
+        frames["experts"],
+    )
+    if not frames["routing_by_domain"].empty:
+        plots.write_routing_by_domain(frames["routing_by_domain"], out_dir)
+
+
+def _start_plots(
+    out_dir: Path, frames: dict[str, pd.DataFrame]
+) -> multiprocessing.process.BaseProcess | None:
+    """Draw the figures in a forked process while this one writes the tables and the trace
+    (a second of a DeepSeek-V3 run's end, when the cores are otherwise idle); None when they
+    were drawn here instead. Only a single-threaded process forks (another thread may hold a
+    lock the child would need: a notebook's kernel, for one); elsewhere, and where fork does
+    not exist, the figures are drawn here, the same files."""
+    if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
+        _write_plots(out_dir, frames)
+        return None
+    child = multiprocessing.get_context("fork").Process(
+        target=_write_plots, args=(out_dir, frames), name="moesim-plots"
+    )
+    child.start()
+    return child
+
+
+def _finish_plots(child: multiprocessing.process.BaseProcess | None) -> None:
+    """Wait for the figures' process; its failure fails the run (its traceback is above)."""
+    if child is None:
+        return
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"drawing the run's figures failed (exit code {child.exitcode})")
+
+
 def write_run(
     est: RunEstimate,
     run_dir: str | Path,
@@ -235,6 +279,7 @@ def write_run(
     prefix = f".{target.name[:100]}{PARTIAL}{socket.gethostname()}-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a run directory is for sharing
+    plotting = None
     try:
         (tmp / "scenario.resolved.yaml").write_text(dump_scenario(sc))
         meta = {
@@ -250,18 +295,9 @@ def write_run(
             "gate_cache": est.gate_cache,
         }
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+        plotting = _start_plots(tmp, frames)
         for name, df in frames.items():
             df.to_parquet(tmp / f"{name}.parquet", index=False)
-        plots.write_all(
-            tmp,
-            frames["timeline"],
-            frames["bands"],
-            frames["stages"],
-            frames["gpus"],
-            frames["experts"],
-        )
-        if not frames["routing_by_domain"].empty:
-            plots.write_routing_by_domain(frames["routing_by_domain"], tmp)
         traced = [s for s in est.steps if s.result.trace]
         if traced:
             step = traced[0]
@@ -273,6 +309,8 @@ def write_run(
             }
             context = {"strategy": step.strategy, "step": step.step, "point": step.point}
             write_trace(tmp / "trace.json.gz", step.result.trace, labels, context)
+        _finish_plots(plotting)
+        plotting = None
         # summary.json last: a directory with it is complete (load() looks for it).
         (tmp / "summary.json").write_text(summary_text)
         try:
@@ -288,6 +326,9 @@ def write_run(
                 label, f"cannot create {show(str(target), 120)} ({exc.strerror})"
             ) from None
     except BaseException:
+        if plotting is not None:  # stopped before it writes into the directory removed here
+            plotting.terminate()
+            plotting.join()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target

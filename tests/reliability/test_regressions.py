@@ -556,6 +556,48 @@ def test_a_violation_writes_nothing(tmp_path, small_estimate, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_figures_drawn_in_a_forked_process_are_the_files_drawn_here(
+    tmp_path, small_estimate, monkeypatch
+):
+    """write_run draws the figures in a forked process when it can: byte for byte the files
+    it writes when it draws them itself (another thread alive), every table and the trace
+    too. Not compared: metadata.json (its timestamp) and SVG files (matplotlib names an
+    SVG's clip paths by hashing, among others, the objects' addresses)."""
+    from moesim.results import store
+
+    forks = []
+    real_context = store.multiprocessing.get_context
+
+    def counting(method):  # type: ignore[no-untyped-def]
+        forks.append(method)
+        return real_context(method)
+
+    monkeypatch.setattr(store.multiprocessing, "get_context", counting)
+    forked = write_run(small_estimate, tmp_path / "forked")
+    assert forks == ["fork"]
+    monkeypatch.setattr(store.threading, "active_count", lambda: 2)
+    here = write_run(small_estimate, tmp_path / "here")
+    assert forks == ["fork"]  # the second run drew its figures itself
+    names = sorted(p.name for p in forked.iterdir())
+    assert names == sorted(p.name for p in here.iterdir())
+    assert {"gpu_hours.png", "wait_heatmap.png", "steps.parquet"} <= set(names)
+    for name in names:
+        if name != "metadata.json" and not name.endswith(".svg"):
+            assert (forked / name).read_bytes() == (here / name).read_bytes(), name
+
+
+def test_a_figure_that_fails_in_its_process_fails_the_run(tmp_path, small_estimate, monkeypatch):
+    from moesim.results import plots
+
+    def broken(*_args: object) -> None:
+        raise ValueError("no figure")
+
+    monkeypatch.setattr(plots, "write_all", broken)  # the forked process inherits it
+    with pytest.raises(RuntimeError, match="figures failed"):
+        write_run(small_estimate, tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_eplb_with_an_expert_group_smaller_than_a_node():
     doc = _small(
         cluster__gpus_per_node=4,
