@@ -135,6 +135,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from moesim.results.store import check_output_dir
     from moesim.scenario import load_scenario
 
+    # No tqdm monitor thread: the bar is updated often enough without it, and a process with a
+    # single thread can draw the run's figures in a forked process (moesim.results.store).
+    tqdm.monitor_interval = 0
     overrides = {"seed": args.seed} if args.seed is not None else None
     scenario = load_scenario(args.scenario, overrides, sets=args.sets)
     if args.out is not None:
