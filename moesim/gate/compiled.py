@@ -181,18 +181,27 @@ def group_top2(
 
 
 @_jit_inline
+def rank_among(values: Any, n: int, i: int) -> int:
+    """The rank of ``values[i]`` among ``values[:n]``, largest first: how many are larger, or
+    equal at a lower index. Independent comparisons, without the unpredictable branches of a
+    sorted insertion; the ranks of ``n`` values without NaN are ``0 … n − 1``."""
+    value = values[i]
+    rank = 0
+    for j in range(n):
+        other = values[j]
+        rank += (other > value) | ((other == value) & (j < i))
+    return rank
+
+
+@_jit_inline
 def rank_groups(group_score: Any, group_topk: int, keep: Any, kept: Any) -> None:
     """``keep[g]`` for the ``group_topk`` best group scores (an equal score: the lower index
-    wins), and ``kept`` their indices in index order: each group's rank counted against every
-    other, without the unpredictable branches of a sorted insertion. For scores without NaN."""
+    wins), and ``kept`` their indices in index order, by :func:`rank_among`. For scores
+    without NaN."""
     n_groups = group_score.size
     filled = 0
     for g in range(n_groups):
-        score = group_score[g]
-        rank = 0
-        for h in range(n_groups):
-            other = group_score[h]
-            rank += (other > score) | ((other == score) & (h < g))
+        rank = rank_among(group_score, n_groups, g)
         keep[g] = rank < group_topk
         kept[filled] = g
         filled += rank < group_topk
@@ -253,19 +262,14 @@ def top_k_row(
                 candidates[n_candidates] = e
                 n_candidates += selection[e] >= floor
     if n_candidates <= 2 * top_k:
-        # Few candidates (the usual case): each one's rank among them (how many have a larger
-        # value, or an equal one at a lower index) counted against every other — independent
-        # comparisons, no unpredictable branches — and the top_k ranks placed by rank, so
-        # that they come largest first (an equal value: the lower index first).
+        # Few candidates (the usual case): each one's rank among them (rank_among; they are
+        # in index order), the top_k ranks placed by rank, so that they come largest first
+        # (an equal value: the lower index first).
         for i in range(n_candidates):
             candidate_values[i] = selection[candidates[i]]
         found = 0
         for i in range(n_candidates):
-            value = candidate_values[i]
-            rank = 0
-            for j in range(n_candidates):
-                other = candidate_values[j]
-                rank += (other > value) | ((other == value) & (j < i))
+            rank = rank_among(candidate_values, n_candidates, i)
             if rank < top_k:
                 best[rank] = candidates[i]
                 found += 1

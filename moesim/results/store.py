@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +224,20 @@ def _write_plots(out_dir: Path, frames: dict[str, pd.DataFrame]) -> None:
         plots.write_routing_by_domain(frames["routing_by_domain"], out_dir)
 
 
-def _start_plots(
-    out_dir: Path, frames: dict[str, pd.DataFrame]
-) -> multiprocessing.process.BaseProcess | None:
+def _plots_child(out_dir: Path, frames: dict[str, pd.DataFrame], report: Connection) -> None:
+    """The forked process's work: the figures, or its error as one line to the parent (no
+    traceback on the terminal: the command line's errors are one line each)."""
+    try:
+        _write_plots(out_dir, frames)
+    except BaseException as exc:
+        report.send(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+
+
+_Plotting = tuple[multiprocessing.process.BaseProcess, Connection]
+
+
+def _start_plots(out_dir: Path, frames: dict[str, pd.DataFrame]) -> _Plotting | None:
     """Draw the figures in a forked process while this one writes the tables and the trace
     (a second of a DeepSeek-V3 run's end, when the cores are otherwise idle); None when they
     were drawn here instead. Only a single-threaded process forks (another thread may hold a
@@ -234,20 +246,30 @@ def _start_plots(
     if threading.active_count() > 1 or "fork" not in multiprocessing.get_all_start_methods():
         _write_plots(out_dir, frames)
         return None
-    child = multiprocessing.get_context("fork").Process(
-        target=_write_plots, args=(out_dir, frames), name="moesim-plots"
-    )
+    fork = multiprocessing.get_context("fork")
+    receive, report = fork.Pipe(duplex=False)
+    child = fork.Process(target=_plots_child, args=(out_dir, frames, report), name="moesim-plots")
     child.start()
-    return child
+    report.close()  # the child's copy stays open until it ends
+    return child, receive
 
 
-def _finish_plots(child: multiprocessing.process.BaseProcess | None) -> None:
-    """Wait for the figures' process; its failure fails the run (its traceback is above)."""
-    if child is None:
+def _finish_plots(plotting: _Plotting | None) -> None:
+    """Wait for the figures' process; its failure fails the run with the child's error."""
+    if plotting is None:
         return
+    child, receive = plotting
     child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"drawing the run's figures failed (exit code {child.exitcode})")
+    if child.exitcode == 0:
+        receive.close()
+        return
+    try:
+        message = receive.recv()
+    except EOFError:  # it died before it could say why (killed)
+        message = f"exit code {child.exitcode}"
+    finally:
+        receive.close()
+    raise RuntimeError(f"drawing the run's figures failed: {message}")
 
 
 def write_run(
@@ -327,8 +349,8 @@ def write_run(
             ) from None
     except BaseException:
         if plotting is not None:  # stopped before it writes into the directory removed here
-            plotting.terminate()
-            plotting.join()
+            plotting[0].terminate()
+            plotting[0].join()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target

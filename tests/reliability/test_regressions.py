@@ -593,7 +593,7 @@ def test_a_figure_that_fails_in_its_process_fails_the_run(tmp_path, small_estima
         raise ValueError("no figure")
 
     monkeypatch.setattr(plots, "write_all", broken)  # the forked process inherits it
-    with pytest.raises(RuntimeError, match="figures failed"):
+    with pytest.raises(RuntimeError, match="figures failed: ValueError: no figure"):
         write_run(small_estimate, tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
 
