@@ -1218,16 +1218,15 @@ def merge_layers(parts: Sequence[GateTrajectory]) -> GateTrajectory:
     keys = list(first.records[0]) if first.records else []
     means: dict[str, list[float]] = {}
     if len(parts) < 8:
-        # Column by column: np.mean of fewer than eight values adds them in order and divides
-        # by their count, as the running sum below does (the same floats); a record at a
-        # time, np.mean costs most of a second on a long run.
+        # Column by column: np.mean of fewer than eight values adds them in order to 0.0 and
+        # divides by their count, as the running sum below does (the same floats, −0.0
+        # included); a record at a time, np.mean costs most of a second on a long run.
         for key in keys:
             if key in _SHARED_FIELDS:
                 continue
-            columns = [np.array([r[key] for r in part.records], np.float64) for part in parts]
-            total = columns[0].copy()
-            for column in columns[1:]:
-                total += column
+            total = np.zeros(len(first.records))
+            for part in parts:
+                total += np.array([r[key] for r in part.records], np.float64)
             means[key] = (total / len(parts)).tolist()
     records = []
     for i, record in enumerate(first.records):

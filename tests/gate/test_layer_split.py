@@ -128,3 +128,22 @@ def test_bad_layer_and_bad_merges_are_refused(make_scenario) -> None:  # type: i
                 train_gate(longer, spec, [], np.random.SeedSequence(SEED), layer=1),
             ]
         )
+
+
+def test_merged_records_are_numpys_means_signed_zeros_included(make_scenario) -> None:  # type: ignore[no-untyped-def]
+    """merge_layers' column sums give each record np.mean's float over the layers, a −0.0 in
+    every layer too (NumPy adds to 0.0, so the mean is +0.0), for one layer and for two."""
+    scenario = make_scenario(gate={"layers_simulated": 2}, training={"total_tokens": 4 * 64 * 1024})
+    spec = NoBalancing(kind="none")
+    parts = [train_gate(scenario, spec, [], np.random.SeedSequence(SEED), layer=i) for i in (0, 1)]
+    for part in parts:
+        part.records[0]["task_loss"] = -0.0
+    for chosen in (parts[:1], parts):
+        merged = merge_layers(chosen).records
+        for i, record in enumerate(merged):
+            for key, value in record.items():
+                if key in ("step", "tokens", "gamma"):
+                    continue
+                expected = float(np.mean([p.records[i][key] for p in chosen]))
+                assert value == expected or (value != value and expected != expected), key
+                assert math.copysign(1.0, value) == math.copysign(1.0, expected), key
