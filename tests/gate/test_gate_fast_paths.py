@@ -258,6 +258,60 @@ def test_fused_sign_rule_block_equals_step_by_step() -> None:
 
 
 @needs_numba
+@pytest.mark.parametrize(
+    ("n_experts", "top_k", "n_groups", "group_topk"),
+    # The group-limited counting loop (the kept groups' largest one or two values reach top_k):
+    # groups of 32, of an odd size, of two, one summed per group; then the general loop.
+    [
+        (256, 8, 8, 4),
+        (21, 4, 3, 2),
+        (32, 4, 16, 2),
+        (64, 4, 16, 4),
+        (64, 6, 8, 1),
+        (64, 6, 1, None),
+    ],
+)
+@pytest.mark.parametrize("extreme", [False, True])
+def test_sign_rule_block_counts_equal_numpy_selection(
+    n_experts: int,
+    top_k: int,
+    n_groups: int,
+    group_topk: int | None,
+    extreme: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each sign-rule step's loads against NumPy's selection of the same step (select_experts,
+    kernels off) on tied inputs; ``extreme`` adds infinite scores, rows tied across a whole
+    group (many candidates: the insertion path) and a NaN row, which selects nothing on the
+    compiled path (its other rows are compared)."""
+    rng = np.random.default_rng(5 * n_experts + top_k)
+    steps, tokens = 5, 60
+    scores, bias = _tied_selection(rng, steps * tokens, n_experts)
+    nan_row = -1
+    if extreme:
+        cells = rng.random(scores.shape) < 0.02
+        scores[cells] = np.where(rng.random(int(cells.sum())) < 0.5, np.inf, -np.inf)
+        scores[10::tokens] = 0.5 - bias  # the first step's row: every expert tied
+        nan_row = 2 * tokens + 7
+        scores[nan_row, 3] = np.nan
+    gammas = np.array([1e-3, 2e-3, 0.0, 1e-3, 5e-4], dtype=np.float32)
+    fused = bias.copy()
+    kernels.sign_rule_block(scores, fused, gammas, top_k, n_groups, group_topk)
+    stepped = bias.copy()
+    for r, gamma in enumerate(gammas):
+        rows = np.arange(r * tokens, (r + 1) * tokens)
+        rows = rows[rows != nan_row]
+        monkeypatch.setattr(kernels, "ENABLED", False)
+        chosen = select_experts(scores[rows], stepped, top_k, n_groups, group_topk)
+        monkeypatch.setattr(kernels, "ENABLED", True)
+        if gamma > 0:
+            loads = np.bincount(chosen.ravel(), minlength=n_experts)
+            sign_rule_update(stepped, loads, float(gamma))
+    np.testing.assert_array_equal(fused, stepped)
+    assert not np.array_equal(fused, bias)
+
+
+@needs_numba
 @pytest.mark.parametrize(("n_experts", "top_k", "n_groups", "group_topk"), ROUTINGS[:4])
 def test_compiled_group_limit_selects_the_same_experts(
     n_experts: int, top_k: int, n_groups: int, group_topk: int, monkeypatch: pytest.MonkeyPatch
