@@ -51,7 +51,6 @@ def group_pass(
     tops: Any,
     top_index: Any,
     group_score: Any,
-    group_rank: Any,
     kept: Any,
     keep: Any,
     lanes_hi: Any,
@@ -134,18 +133,22 @@ def group_pass(
     if nans == 0:
         rank_groups(group_score, group_topk, keep, kept)
         return
-    # A NaN group score (a NaN value, or +inf and −inf summed): the sorted insertion's order.
+    # A NaN group score (a NaN value, or +inf and −inf summed) ranks below every other, as in
+    # NumPy's selection (top_k_mask sorts NaN last); equal scores, NaN or not: the lower index
+    # first. ``kept`` in index order, as rank_groups leaves it.
     filled = 0
     for g in range(n_groups):
-        filled = insert(group_rank, kept, filled, group_topk, group_score[g], g)
-    keep[:] = False
-    for i in range(group_topk):
-        keep[kept[i]] = True
-    # ``kept`` in index order, as rank_groups leaves it.
-    filled = 0
-    for g in range(n_groups):
+        score = group_score[g]
+        rank = 0
+        for j in range(n_groups):
+            other = group_score[j]
+            if score != score:
+                rank += (other == other) | (j < g)
+            else:
+                rank += (other > score) | ((other == score) & (j < g))
+        keep[g] = rank < group_topk
         kept[filled] = g
-        filled += keep[g]
+        filled += rank < group_topk
 
 
 @_jit_inline
@@ -230,8 +233,8 @@ def top_k_row(
     value: the lower index first); ``best`` has ``top_k + 1`` slots, the last a spare one.
     Returns how many were found: ``top_k``, fewer only when NaN scores leave too few
     candidates. ``scratch`` holds :func:`group_pass`' work arrays."""
-    first, second, tops, top_index, group_score, group_rank, kept, keep = scratch[:8]
-    lanes_hi, lanes_lo, candidate_values = scratch[8:]
+    first, second, tops, top_index, group_score, kept, keep = scratch[:7]
+    lanes_hi, lanes_lo, candidate_values = scratch[7:]
     n_experts = selection.size
     group_size = n_experts // n_groups
     lowest, highest = selection.dtype.type(-np.inf), selection.dtype.type(np.inf)
@@ -241,7 +244,7 @@ def top_k_row(
     if group_topk < n_groups:
         group_pass(
             selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep, lanes_hi, lanes_lo,
+            group_score, kept, keep, lanes_hi, lanes_lo,
         )  # fmt: skip
         if per_group <= 2 and group_topk * per_group >= top_k:
             floor = highest
@@ -303,7 +306,6 @@ def selection_scratch(
         np.empty(per_group, dtype=dtype),
         np.empty(per_group, dtype=np.int64),
         np.empty(n_groups, dtype=dtype),  # group scores
-        np.empty(group_topk, dtype=dtype),
         np.empty(n_groups, dtype=np.int64),  # kept groups (the first group_topk)
         np.ones(n_groups, dtype=np.bool_),  # keep mask
         np.empty(n_experts // 2, dtype=dtype),  # group_top2's lanes: the larger values
@@ -345,6 +347,85 @@ def selection_row(row: Any, bias: Any, mode: int, low: Any, high: Any, one: Any,
 
 
 @_jit
+def floored_top_k(
+    scores: Any,
+    bias: Any,
+    mode: int,
+    low: Any,
+    high: Any,
+    top_k: int,
+    n_groups: int,
+    group_topk: int,
+    per_group: int,
+    starts: Any,
+    counts: Any,
+    selected: Any,
+    record: bool,
+) -> int:
+    """:func:`routed_top_k` for a group limit whose kept groups' ``per_group <= 2`` largest
+    values number at least ``top_k`` (DeepSeek-V3's node limit): :func:`top_k_row`'s floor,
+    candidates and ranks, the same experts in the same order, written out in the token loop
+    (measured about a fifth faster than through :func:`top_k_row`, for reasons not found:
+    docs/decisions/2026-12-05-gate-speed.md, part 6). Without ``record`` each candidate adds
+    ``rank < top_k`` to its expert's count, and no token's experts are listed."""
+    n_tokens, n_experts = scores.shape
+    dtype = scores.dtype
+    one = dtype.type(1.0)
+    selection = np.empty(n_experts, dtype=dtype)
+    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
+    first, second, tops, top_index, group_score, kept, keep = scratch[:7]
+    lanes_hi, lanes_lo, candidate_values = scratch[7:]
+    candidates = np.empty(n_experts, dtype=np.int64)
+    best_values = np.empty(top_k, dtype=dtype)
+    best = np.empty(top_k + 1, dtype=np.int64)  # a spare slot at the end, as top_k_row's
+    group_size = n_experts // n_groups
+    unranked = 0
+    segment = 0
+    for t in range(n_tokens):
+        while segment + 1 < starts.size and t >= starts[segment + 1]:
+            segment += 1
+        selection_row(scores[t], bias, mode, low, high, one, selection)
+        group_pass(
+            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+            group_score, kept, keep, lanes_hi, lanes_lo,
+        )  # fmt: skip
+        floor = dtype.type(np.inf)
+        for i in range(group_topk):
+            g = kept[i]
+            floor = min(floor, second[g] if per_group == 2 else first[g])
+        n = 0
+        for i in range(group_topk):
+            base = kept[i] * group_size
+            for e in range(base, base + group_size):
+                candidates[n] = e
+                n += selection[e] >= floor
+        if n < top_k:  # NaN scores left too few candidates
+            unranked += 1
+            continue
+        if n <= 4 * top_k:
+            for i in range(n):
+                candidate_values[i] = selection[candidates[i]]
+            if not record:
+                for i in range(n):
+                    counts[segment, candidates[i]] += rank_among(candidate_values, n, i) < top_k
+                continue
+            for i in range(n):
+                rank = rank_among(candidate_values, n, i)
+                best[rank if rank < top_k else top_k] = candidates[i]
+        else:
+            filled = 0
+            for i in range(n):
+                e = candidates[i]
+                filled = insert(best_values, best, filled, top_k, selection[e], e)
+        for i in range(top_k):
+            counts[segment, best[i]] += 1
+        if record:
+            for i in range(top_k):
+                selected[t, i] = best[i]
+    return unranked
+
+
+@_jit
 def routed_top_k(
     scores: Any,
     bias: Any,
@@ -367,6 +448,11 @@ def routed_top_k(
     (an equal score: the lower index first). A token with NaN scores that leave fewer than
     ``top_k`` candidates is skipped and counted in the return value, so that a caller can take
     another path."""
+    if group_topk < n_groups and per_group <= 2 and group_topk * per_group >= top_k:
+        return floored_top_k(
+            scores, bias, mode, low, high, top_k, n_groups, group_topk, per_group, starts,
+            counts, selected, record,
+        )  # fmt: skip
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
     one = dtype.type(1.0)
@@ -438,68 +524,6 @@ def select_top_k(
 
 
 @_jit
-def group_limited_counts(
-    scores: Any,
-    bias: Any,
-    mode: int,
-    low: Any,
-    high: Any,
-    top_k: int,
-    n_groups: int,
-    group_topk: int,
-    per_group: int,
-    counts: Any,
-) -> None:
-    """:func:`routed_top_k`'s counts, without recording, for a group limit whose kept groups'
-    ``per_group <= 2`` largest values number at least ``top_k`` (DeepSeek-V3's node limit):
-    the same selections (:func:`top_k_row`'s floor, candidates and ranks), but each candidate
-    counted where it is ranked, with no ordered list of experts, and a token whose NaN scores
-    leave fewer than ``top_k`` candidates skipped. Written out in one loop, it ran about a
-    fifth faster than the same steps through :func:`top_k_row`."""
-    n_tokens, n_experts = scores.shape
-    dtype = scores.dtype
-    one = dtype.type(1.0)
-    selection = np.empty(n_experts, dtype=dtype)
-    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
-    first, second, tops, top_index, group_score, group_rank, kept, keep = scratch[:8]
-    lanes_hi, lanes_lo, candidate_values = scratch[8:]
-    candidates = np.empty(n_experts, dtype=np.int64)
-    best_values = np.empty(top_k, dtype=dtype)
-    best = np.empty(top_k, dtype=np.int64)
-    group_size = n_experts // n_groups
-    for t in range(n_tokens):
-        selection_row(scores[t], bias, mode, low, high, one, selection)
-        group_pass(
-            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep, lanes_hi, lanes_lo,
-        )  # fmt: skip
-        floor = dtype.type(np.inf)
-        for i in range(group_topk):
-            g = kept[i]
-            floor = min(floor, second[g] if per_group == 2 else first[g])
-        n = 0
-        for i in range(group_topk):
-            base = kept[i] * group_size
-            for e in range(base, base + group_size):
-                candidates[n] = e
-                n += selection[e] >= floor
-        if n < top_k:
-            continue
-        if n <= 4 * top_k:
-            for i in range(n):
-                candidate_values[i] = selection[candidates[i]]
-            for i in range(n):
-                counts[candidates[i]] += rank_among(candidate_values, n, i) < top_k
-        else:
-            filled = 0
-            for i in range(n):
-                e = candidates[i]
-                filled = insert(best_values, best, filled, top_k, selection[e], e)
-            for i in range(top_k):
-                counts[best[i]] += 1
-
-
-@_jit
 def sign_rule_block(
     scores: Any,
     bias: Any,
@@ -517,20 +541,13 @@ def sign_rule_block(
     starts = np.zeros(1, dtype=np.int64)
     counts = np.zeros((1, n_experts), dtype=np.int64)
     no_record = np.empty((1, 1), dtype=np.int64)
-    mode = 2 if from_exp else 0
-    floored = group_topk < n_groups and per_group <= 2 and group_topk * per_group >= top_k
     for r in range(gammas.size):
         counts[:] = 0
         rows = scores[r * tokens : (r + 1) * tokens]
-        if floored:
-            group_limited_counts(
-                rows, bias, mode, low, high, top_k, n_groups, group_topk, per_group, counts[0]
-            )
-        else:
-            routed_top_k(
-                rows, bias, mode, low, high, top_k, n_groups, group_topk, per_group, starts,
-                counts, no_record, False,
-            )  # fmt: skip
+        routed_top_k(
+            rows, bias, 2 if from_exp else 0, low, high, top_k, n_groups, group_topk,
+            per_group, starts, counts, no_record, False,
+        )  # fmt: skip
         gamma = gammas[r]
         if not gamma > 0:
             continue
@@ -817,12 +834,12 @@ def adam_repeats(
 def group_keep(selection: Any, n_groups: int, group_topk: int, per_group: int, keep: Any) -> None:
     n_tokens, n_experts = selection.shape
     scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, selection.dtype)
-    first, second, tops, top_index, group_score, group_rank, kept, _ = scratch[:8]
-    lanes_hi, lanes_lo = scratch[8], scratch[9]
+    first, second, tops, top_index, group_score, kept, _ = scratch[:7]
+    lanes_hi, lanes_lo = scratch[7], scratch[8]
     for t in range(n_tokens):
         group_pass(
             selection[t], n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, group_rank, kept, keep[t], lanes_hi, lanes_lo,
+            group_score, kept, keep[t], lanes_hi, lanes_lo,
         )  # fmt: skip
 
 

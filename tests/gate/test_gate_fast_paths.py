@@ -272,7 +272,7 @@ def test_fused_sign_rule_block_equals_step_by_step() -> None:
     ],
 )
 @pytest.mark.parametrize("extreme", [False, True])
-def test_sign_rule_block_counts_equal_numpy_selection(
+def test_compiled_top_k_equals_numpy_on_extreme_rows(
     n_experts: int,
     top_k: int,
     n_groups: int,
@@ -281,9 +281,10 @@ def test_sign_rule_block_counts_equal_numpy_selection(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each sign-rule step's loads against NumPy's selection of the same step (select_experts,
-    kernels off) on tied inputs; ``extreme`` adds infinite scores, rows tied across a whole
-    group (many candidates: the insertion path) and a NaN row, which selects nothing on the
-    compiled path (its other rows are compared)."""
+    kernels off) on tied inputs; ``extreme`` adds infinite scores, a row with every expert
+    tied (many candidates: the insertion path) and a NaN row, which selects nothing on the
+    compiled path (its other rows are compared). The compiled select_experts (the experts in
+    order) on the rows without NaN too."""
     rng = np.random.default_rng(5 * n_experts + top_k)
     steps, tokens = 5, 60
     scores, bias = _tied_selection(rng, steps * tokens, n_experts)
@@ -309,6 +310,12 @@ def test_sign_rule_block_counts_equal_numpy_selection(
             sign_rule_update(stepped, loads, float(gamma))
     np.testing.assert_array_equal(fused, stepped)
     assert not np.array_equal(fused, bias)
+    finite_rows = np.delete(scores, nan_row, axis=0) if extreme else scores
+    chosen = []
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        chosen.append(select_experts(finite_rows, bias, top_k, n_groups, group_topk))
+    np.testing.assert_array_equal(chosen[0], chosen[1])
 
 
 @needs_numba
