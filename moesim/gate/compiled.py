@@ -216,6 +216,21 @@ def rank_groups(group_score: Any, group_topk: int, keep: Any, kept: Any) -> None
 
 
 @_jit_inline
+def at_or_above(
+    selection: Any, kept: Any, n_kept: int, group_size: int, floor: Any, candidates: Any
+) -> int:
+    """The experts of the groups ``kept[:n_kept]`` (in index order) whose value is at least
+    ``floor``, into ``candidates`` in index order (a branch-free compaction); how many."""
+    n = 0
+    for i in range(n_kept):
+        base = kept[i] * group_size
+        for e in range(base, base + group_size):
+            candidates[n] = e
+            n += selection[e] >= floor
+    return n
+
+
+@_jit_inline
 def top_k_row(
     selection: Any,
     top_k: int,
@@ -266,14 +281,7 @@ def top_k_row(
                 for e in range(lo + 1, hi):
                     peak = max(peak, selection[e])
                 floor = min(floor, peak)
-    # Eligible experts at or above the floor, in index order (branch-free compaction over
-    # the kept groups, which ``kept`` lists in index order).
-    n_candidates = 0
-    for i in range(group_topk):
-        base = kept[i] * group_size
-        for e in range(base, base + group_size):
-            candidates[n_candidates] = e
-            n_candidates += selection[e] >= floor
+    n_candidates = at_or_above(selection, kept, group_topk, group_size, floor, candidates)
     if n_candidates <= 4 * top_k:
         # Few candidates (the usual case): each one's rank among them (rank_among; they are
         # in index order), placed by rank, so that the top_k come largest first (an equal
@@ -347,85 +355,6 @@ def selection_row(row: Any, bias: Any, mode: int, low: Any, high: Any, one: Any,
 
 
 @_jit
-def floored_top_k(
-    scores: Any,
-    bias: Any,
-    mode: int,
-    low: Any,
-    high: Any,
-    top_k: int,
-    n_groups: int,
-    group_topk: int,
-    per_group: int,
-    starts: Any,
-    counts: Any,
-    selected: Any,
-    record: bool,
-) -> int:
-    """:func:`routed_top_k` for a group limit whose kept groups' ``per_group <= 2`` largest
-    values number at least ``top_k`` (DeepSeek-V3's node limit): :func:`top_k_row`'s floor,
-    candidates and ranks, the same experts in the same order, written out in the token loop
-    (measured about a fifth faster than through :func:`top_k_row`, for reasons not found:
-    docs/decisions/2026-12-05-gate-speed.md, part 6). Without ``record`` each candidate adds
-    ``rank < top_k`` to its expert's count, and no token's experts are listed."""
-    n_tokens, n_experts = scores.shape
-    dtype = scores.dtype
-    one = dtype.type(1.0)
-    selection = np.empty(n_experts, dtype=dtype)
-    scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
-    first, second, tops, top_index, group_score, kept, keep = scratch[:7]
-    lanes_hi, lanes_lo, candidate_values = scratch[7:]
-    candidates = np.empty(n_experts, dtype=np.int64)
-    best_values = np.empty(top_k, dtype=dtype)
-    best = np.empty(top_k + 1, dtype=np.int64)  # a spare slot at the end, as top_k_row's
-    group_size = n_experts // n_groups
-    unranked = 0
-    segment = 0
-    for t in range(n_tokens):
-        while segment + 1 < starts.size and t >= starts[segment + 1]:
-            segment += 1
-        selection_row(scores[t], bias, mode, low, high, one, selection)
-        group_pass(
-            selection, n_groups, per_group, group_topk, first, second, tops, top_index,
-            group_score, kept, keep, lanes_hi, lanes_lo,
-        )  # fmt: skip
-        floor = dtype.type(np.inf)
-        for i in range(group_topk):
-            g = kept[i]
-            floor = min(floor, second[g] if per_group == 2 else first[g])
-        n = 0
-        for i in range(group_topk):
-            base = kept[i] * group_size
-            for e in range(base, base + group_size):
-                candidates[n] = e
-                n += selection[e] >= floor
-        if n < top_k:  # NaN scores left too few candidates
-            unranked += 1
-            continue
-        if n <= 4 * top_k:
-            for i in range(n):
-                candidate_values[i] = selection[candidates[i]]
-            if not record:
-                for i in range(n):
-                    counts[segment, candidates[i]] += rank_among(candidate_values, n, i) < top_k
-                continue
-            for i in range(n):
-                rank = rank_among(candidate_values, n, i)
-                best[rank if rank < top_k else top_k] = candidates[i]
-        else:
-            filled = 0
-            for i in range(n):
-                e = candidates[i]
-                filled = insert(best_values, best, filled, top_k, selection[e], e)
-        for i in range(top_k):
-            counts[segment, best[i]] += 1
-        if record:
-            for i in range(top_k):
-                selected[t, i] = best[i]
-    return unranked
-
-
-@_jit
 def routed_top_k(
     scores: Any,
     bias: Any,
@@ -447,30 +376,64 @@ def routed_top_k(
     per token group (``starts``), and with ``record`` written to ``selected`` largest first
     (an equal score: the lower index first). A token with NaN scores that leave fewer than
     ``top_k`` candidates is skipped and counted in the return value, so that a caller can take
-    another path."""
-    if group_topk < n_groups and per_group <= 2 and group_topk * per_group >= top_k:
-        return floored_top_k(
-            scores, bias, mode, low, high, top_k, n_groups, group_topk, per_group, starts,
-            counts, selected, record,
-        )  # fmt: skip
+    another path.
+
+    A group limit whose kept groups' ``per_group <= 2`` largest values number at least
+    ``top_k`` (DeepSeek-V3's node limit) takes :func:`top_k_row`'s floor, candidates and ranks
+    written out in this loop: the same experts in the same order, about a fifth faster than
+    through :func:`top_k_row`, for reasons not found (docs/decisions/2026-12-05-gate-speed.md,
+    part 6). There, without ``record``, each candidate adds ``rank < top_k`` to its expert's
+    count, and no token's experts are listed."""
     n_tokens, n_experts = scores.shape
     dtype = scores.dtype
     one = dtype.type(1.0)
     selection = np.empty(n_experts, dtype=dtype)
     scratch = selection_scratch(n_experts, n_groups, group_topk, per_group, dtype)
+    first, second, tops, top_index, group_score, kept, keep = scratch[:7]
+    lanes_hi, lanes_lo, candidate_values = scratch[7:]
     candidates = np.empty(n_experts, dtype=np.int64)
     best_values = np.empty(top_k, dtype=dtype)
     best = np.empty(top_k + 1, dtype=np.int64)  # top_k_row's spare slot at the end
+    floored = group_topk < n_groups and per_group <= 2 and group_topk * per_group >= top_k
+    group_size = n_experts // n_groups
     unranked = 0
     segment = 0
     for t in range(n_tokens):
         while segment + 1 < starts.size and t >= starts[segment + 1]:
             segment += 1
         selection_row(scores[t], bias, mode, low, high, one, selection)
-        found = top_k_row(
-            selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
-            best_values, best,
-        )  # fmt: skip
+        if not floored:
+            found = top_k_row(
+                selection, top_k, n_groups, group_topk, per_group, scratch, candidates,
+                best_values, best,
+            )  # fmt: skip
+        else:
+            group_pass(
+                selection, n_groups, per_group, group_topk, first, second, tops, top_index,
+                group_score, kept, keep, lanes_hi, lanes_lo,
+            )  # fmt: skip
+            floor = dtype.type(np.inf)
+            for i in range(group_topk):
+                g = kept[i]
+                floor = min(floor, second[g] if per_group == 2 else first[g])
+            n = at_or_above(selection, kept, group_topk, group_size, floor, candidates)
+            found = min(n, top_k)  # fewer only when NaN scores left too few candidates
+            if top_k <= n <= 4 * top_k:
+                for i in range(n):
+                    candidate_values[i] = selection[candidates[i]]
+                if not record:
+                    for i in range(n):
+                        rank = rank_among(candidate_values, n, i)
+                        counts[segment, candidates[i]] += rank < top_k
+                    continue
+                for i in range(n):
+                    rank = rank_among(candidate_values, n, i)
+                    best[rank if rank < top_k else top_k] = candidates[i]
+            elif n > 4 * top_k:
+                filled = 0
+                for i in range(n):
+                    e = candidates[i]
+                    filled = insert(best_values, best, filled, top_k, selection[e], e)
         if found < top_k:
             unranked += 1
             continue
