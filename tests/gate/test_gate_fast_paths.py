@@ -260,7 +260,7 @@ def test_fused_sign_rule_block_equals_step_by_step() -> None:
 @needs_numba
 @pytest.mark.parametrize(
     ("n_experts", "top_k", "n_groups", "group_topk"),
-    # The group-limited counting loop (the kept groups' largest one or two values reach top_k):
+    # routed_top_k's written-out loop (the kept groups' largest one or two values reach top_k):
     # groups of 32, of an odd size, of two, one summed per group; then the general loop.
     [
         (256, 8, 8, 4),
@@ -310,11 +310,11 @@ def test_compiled_top_k_equals_numpy_on_extreme_rows(
             sign_rule_update(stepped, loads, float(gamma))
     np.testing.assert_array_equal(fused, stepped)
     assert not np.array_equal(fused, bias)
-    finite_rows = np.delete(scores, nan_row, axis=0) if extreme else scores
+    without_nan = np.delete(scores, nan_row, axis=0) if extreme else scores
     chosen = []
     for enabled in (True, False):
         monkeypatch.setattr(kernels, "ENABLED", enabled)
-        chosen.append(select_experts(finite_rows, bias, top_k, n_groups, group_topk))
+        chosen.append(select_experts(without_nan, bias, top_k, n_groups, group_topk))
     np.testing.assert_array_equal(chosen[0], chosen[1])
 
 
