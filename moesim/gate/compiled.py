@@ -127,28 +127,7 @@ def group_pass(
             for i in range(1, per_group):
                 total += tops[i]
             group_score[g] = total
-    nans = 0
-    for g in range(n_groups):
-        nans += group_score[g] != group_score[g]
-    if nans == 0:
-        rank_groups(group_score, group_topk, keep, kept)
-        return
-    # A NaN group score (a NaN value, or +inf and −inf summed) ranks below every other, as in
-    # NumPy's selection (top_k_mask sorts NaN last); equal scores, NaN or not: the lower index
-    # first. ``kept`` in index order, as rank_groups leaves it.
-    filled = 0
-    for g in range(n_groups):
-        score = group_score[g]
-        rank = 0
-        for j in range(n_groups):
-            other = group_score[j]
-            if score != score:
-                rank += (other == other) | (j < g)
-            else:
-                rank += (other > score) | ((other == score) & (j < g))
-        keep[g] = rank < group_topk
-        kept[filled] = g
-        filled += rank < group_topk
+    rank_groups(group_score, group_topk, keep, kept)
 
 
 @_jit_inline
@@ -204,12 +183,20 @@ def rank_among(values: Any, n: int, i: int) -> int:
 @_jit_inline
 def rank_groups(group_score: Any, group_topk: int, keep: Any, kept: Any) -> None:
     """``keep[g]`` for the ``group_topk`` best group scores (an equal score: the lower index
-    wins), and ``kept`` their indices in index order, by :func:`rank_among`. For scores
-    without NaN."""
+    wins), and ``kept`` their indices in index order, by :func:`rank_among`. A NaN score (a
+    NaN value, or +inf and −inf summed) ranks below every other, as in NumPy's selection
+    (top_k_mask sorts NaN last), NaN scores among themselves by index."""
     n_groups = group_score.size
     filled = 0
     for g in range(n_groups):
-        rank = rank_among(group_score, n_groups, g)
+        score = group_score[g]
+        if score == score:  # NaN scores are never ahead of it (comparisons with NaN are false)
+            rank = rank_among(group_score, n_groups, g)
+        else:
+            rank = 0
+            for j in range(n_groups):
+                other = group_score[j]
+                rank += (other == other) | (j < g)
         keep[g] = rank < group_topk
         kept[filled] = g
         filled += rank < group_topk
